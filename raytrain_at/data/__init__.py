@@ -1,0 +1,1 @@
+"""Data: sources (ImageNet folders, RobustBench ids, bundled small datasets)."""

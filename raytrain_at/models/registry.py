@@ -1,0 +1,147 @@
+"""The project's timm model names: ConvStem variants of ConvNeXt and ViT, and Isotropic ConvNeXt.
+
+After ``import raytrain_at`` these build through ``timm.create_model(name, num_classes=...,
+pretrained=False, stem=SPEC)``. Each entry builds timm's own backbone (so every non-stem layer is
+timm's and loads timm checkpoints) and swaps in the ConvStem of the paper (App. B), or any stem
+spec given with ``stem=``. ``pretrained=True`` loads the clean ImageNet-1k weights of Table 18 into
+every non-stem parameter; the stem stays freshly initialised, as in the paper's clean pre-training.
+``pretrained_cfg_overlay=dict(file=PATH)`` takes those weights from a local file instead of the hub.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import register_model
+
+from raytrain_at.errors import UserError
+from raytrain_at.models.backbones import replace_stem, use_small_input_strides
+from raytrain_at.models.isotropic import IsotropicConvNeXt
+
+# Keys timm passes to every entry function that our builders consume themselves.
+_TIMM_CFG_KEYS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+
+
+def _pretrained_cfg(name: str, base: dict[str, Any], hub_weights: str | None) -> dict[str, Any]:
+    cfg = dict(base)
+    cfg.update(architecture=name, tag=None, hf_hub_id=None, url=None, file=None,
+               clean_weights=hub_weights)
+    return cfg
+
+
+def _build(name: str, base_arch: str, default_stem: str | None, hub_weights: str | None,
+           pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+    """Build ``base_arch`` from timm, swap the stem, and optionally load clean weights."""
+    overlay = kwargs.pop("pretrained_cfg_overlay", None) or {}
+    for key in _TIMM_CFG_KEYS:
+        kwargs.pop(key, None)
+    stem = kwargs.pop("stem", None) or default_stem
+    small_input = bool(kwargs.pop("small_input", False))
+    model = timm.create_model(base_arch, pretrained=False, **kwargs)
+    base_cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
+    if stem is not None:
+        replace_stem(model, stem, name)
+    if small_input:
+        use_small_input_strides(model)
+    model.pretrained_cfg = model.default_cfg = _pretrained_cfg(name, base_cfg, hub_weights)
+    if pretrained:
+        from raytrain_at.models.weights import load_backbone_weights
+
+        source = overlay.get("file") or (f"hub:{hub_weights}" if hub_weights else None)
+        load_backbone_weights(model, source, model_name=name)
+    return model
+
+
+def _iso_model(name: str, stem: str | None, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+    overlay = kwargs.pop("pretrained_cfg_overlay", None) or {}
+    for key in _TIMM_CFG_KEYS:
+        kwargs.pop(key, None)
+    stem = kwargs.pop("stem", None) or stem
+    if kwargs.pop("small_input", False):
+        raise UserError(f"small_input is only defined for ConvNeXt backbones, not {name} "
+                        "(paper App. D.6)")
+    params = dict(depth=18, dim=384, patch_size=16)
+    params.update(kwargs)
+    model = IsotropicConvNeXt(**params)
+    if stem is not None:
+        replace_stem(model, stem, name)
+    model.pretrained_cfg = model.default_cfg = dict(
+        architecture=name, input_size=(3, 224, 224), crop_pct=0.875, interpolation="bicubic",
+        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, num_classes=model.num_classes,
+        first_conv="stem.0" if stem else "stem", classifier="head",
+        # The paper's clean weights come from the ConvNeXt repository, not the hub.
+        clean_weights=None)
+    if pretrained:
+        from raytrain_at.models.weights import load_backbone_weights
+
+        load_backbone_weights(model, overlay.get("file"), model_name=name)
+    return model
+
+
+# ConvNeXt + ConvStem (Fig. 2; Table 8 C2 for ConvNeXt-B). Clean weights: Table 18.
+@register_model
+def convnext_tiny_cvst(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """ConvNeXt-T + ConvStem: two 3x3 stride-2 convolutions 3->48->96, each with LN and GELU."""
+    return _build("convnext_tiny_cvst", "convnext_tiny", "table7:6", "convnext_tiny.fb_in1k",
+                  pretrained, kwargs)
+
+
+@register_model
+def convnext_small_cvst(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """ConvNeXt-S + ConvStem: the ConvNeXt-T stem (3->48->96)."""
+    return _build("convnext_small_cvst", "convnext_small", "table7:6", "convnext_small.fb_in1k",
+                  pretrained, kwargs)
+
+
+@register_model
+def convnext_base_cvst(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """ConvNeXt-B + ConvStem: design C2 of Table 8 (64 s2, 96 s2, 128 s1)."""
+    return _build("convnext_base_cvst", "convnext_base", "table8:C2", "convnext_base.fb_in1k",
+                  pretrained, kwargs)
+
+
+# ViT + ConvStem: Table 9 C1 (48-96-192-384, 3x3 stride 2) and a 1x1 projection to the width.
+@register_model
+def vit_small_cvst(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """ViT-S/16 + ConvStem C1 (width 384); clean weights deit_small_patch16_224."""
+    return _build("vit_small_cvst", "deit_small_patch16_224", "table9:C1",
+                  "deit_small_patch16_224.fb_in1k", pretrained, kwargs)
+
+
+@register_model
+def vit_medium_cvst(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """ViT-M/16 + ConvStem C1 with a 1x1 projection to 512; clean weights deit3_medium."""
+    return _build("vit_medium_cvst", "deit3_medium_patch16_224", "table9:C1",
+                  "deit3_medium_patch16_224.fb_in1k", pretrained, kwargs)
+
+
+@register_model
+def vit_base_cvst(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """ViT-B/16 + ConvStem C1 with a 1x1 projection to 768; clean weights augreg_in1k."""
+    return _build("vit_base_cvst", "vit_base_patch16_224", "table9:C1",
+                  "vit_base_patch16_224.augreg_in1k", pretrained, kwargs)
+
+
+# Isotropic ConvNeXt-S (18 blocks, width 384, 16x16 PatchStem) and its ConvStem variant (Table 9 C1).
+@register_model
+def convnext_iso_small(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Isotropic ConvNeXt-S: 22.3M parameters."""
+    return _iso_model("convnext_iso_small", None, pretrained, kwargs)
+
+
+@register_model
+def convnext_iso_small_cvst(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Isotropic ConvNeXt-S + ConvStem (the ViT-S ConvStem, C1 of Table 9)."""
+    return _iso_model("convnext_iso_small_cvst", "table9:C1", pretrained, kwargs)
+
+
+# The project's own names, and the PatchStem baselines of Table 14 (timm's own models).
+CONVSTEM_MODELS: tuple[str, ...] = (
+    "convnext_tiny_cvst", "convnext_small_cvst", "convnext_base_cvst", "vit_small_cvst",
+    "vit_medium_cvst", "vit_base_cvst", "convnext_iso_small_cvst")
+PATCHSTEM_BASELINES: tuple[str, ...] = (
+    "convnext_tiny", "convnext_small", "convnext_base", "vit_small_patch16_224",
+    "deit3_medium_patch16_224", "vit_base_patch16_224", "convnext_iso_small")
