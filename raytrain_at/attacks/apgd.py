@@ -1,0 +1,302 @@
+"""APGD (Croce & Hein, 2020) for l_inf, l_2 and l_1 (Croce & Hein, 2021), in evaluation and training use.
+
+Units: ``eps`` is the radius in [0, 1] pixel scale over the whole image, e.g. l_inf 4/255,
+l_2 2.0, l_1 75 at 224x224 (the paper's evaluation radii).
+
+Algorithm, as in the reference AutoAttack implementation (this is an independent implementation
+that matches its robust accuracy, see tests/test_attack_reference.py):
+
+* start from a random point of the ball (or the clean input with ``random_start=False``);
+* step size ``2 * eps`` for l_inf and l_2, ``eps`` for l_1; heavy-ball momentum 0.75 after the
+  first step (l_inf, l_2); l_1 steps move ``step`` of l_1 mass along the signs of the largest
+  ``topk`` fraction of gradient coordinates;
+* checkpoints: for l_inf / l_2 after 22% of the iterations, then every window shrinking by 3% to
+  at least 6%: halve the step (and restart from the best point) where the loss rose in at most
+  ``rho`` of the window's steps, or where the step was not reduced last time and the best loss did
+  not improve since. For l_1 every 4% of the iterations the sparsity ``topk`` follows the best
+  point's support and the step is reset (support shrank) or divided by 1.5 (within [eps/10, eps]);
+* restarts only attack the points still classified correctly; the targeted DLR loss runs over the
+  ``n_target_classes`` most likely wrong classes.
+
+Two uses:
+
+* evaluation (default): returns an adversarial example where one was found, else the clean input,
+  so ``accuracy(model(perturb(x, y)), y)`` is the robust accuracy;
+* training (``APGD.for_training``): 1-3 iterations, returns the highest-loss point among the
+  clean input and all iterates (APGD-AT of the paper), and accepts MixUp/CutMix soft targets.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn as nn
+
+from raytrain_at.attacks.base import attack_mode, check_inputs, input_gradient, predictions_correct
+from raytrain_at.attacks.losses import cross_entropy, dlr, dlr_targeted, hard_labels
+from raytrain_at.attacks.threat_models import NORMS, Norm, normalize, project, random_start
+
+Loss = Literal["ce", "dlr", "dlr-targeted"]
+LOSSES: tuple[str, ...] = ("ce", "dlr", "dlr-targeted")
+
+
+class APGD:
+    """Auto-PGD.
+
+    Args:
+        model: classifier taking [0, 1] images.
+        norm: "linf", "l2" or "l1".
+        eps: radius in [0, 1] pixel scale (e.g. 4/255 for l_inf).
+        n_iter: iterations per restart (100 in evaluation, 1-3 in training).
+        loss: "ce", "dlr" (>= 3 classes) or "dlr-targeted" (>= 4 classes).
+        n_restarts: random restarts (each only on points not yet broken).
+        seed: seed of the random starts.
+        rho: oscillation threshold of the step-size checkpoints.
+        n_target_classes: target classes tried by "dlr-targeted".
+        random_start: start from a random point of the ball, else from the clean input.
+        return_max_loss: training mode: return the highest-loss point, clean input included.
+        large_radius_schedule: l_1 only: run 30% / 30% / 40% of the iterations at 3, 2 and 1 times
+            ``eps``, each stage started from the previous best point (AutoAttack's l_1 setting).
+        eval_mode: attack with the model in eval mode (the paper's choice), restored afterwards.
+    """
+
+    def __init__(self, model: nn.Module, *, norm: Norm = "linf", eps: float = 4 / 255,
+                 n_iter: int = 100, loss: Loss = "ce", n_restarts: int = 1, seed: int = 0,
+                 rho: float = 0.75, n_target_classes: int = 9, random_start: bool = True,
+                 return_max_loss: bool = False, large_radius_schedule: bool = False,
+                 eval_mode: bool = True) -> None:
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0 (pixel scale, e.g. 4/255), got {eps!r}")
+        if n_iter < 1 or n_restarts < 1 or n_target_classes < 1:
+            raise ValueError("n_iter, n_restarts and n_target_classes must be >= 1")
+        if large_radius_schedule and norm != "l1":
+            raise ValueError("large_radius_schedule is defined for l1 only")
+        self.model = model
+        self.norm: Norm = norm
+        self.eps = float(eps)
+        self.n_iter = int(n_iter)
+        self.loss: Loss = loss
+        self.n_restarts = int(n_restarts)
+        self.seed = int(seed)
+        self.rho = float(rho)
+        self.n_target_classes = int(n_target_classes)
+        self.random_start = random_start
+        self.return_max_loss = return_max_loss
+        self.large_radius_schedule = large_radius_schedule
+        self.eval_mode = eval_mode
+
+    @classmethod
+    def for_training(cls, model: nn.Module, *, norm: Norm = "linf", eps: float = 4 / 255,
+                     n_iter: int = 2, seed: int = 0, random_start: bool = True) -> "APGD":
+        """APGD-AT: few CE iterations returning the highest-loss point (clean input included)."""
+        return cls(model, norm=norm, eps=eps, n_iter=n_iter, loss="ce", seed=seed,
+                   random_start=random_start, return_max_loss=True)
+
+    # ------------------------------------------------------------------ public API
+    def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Adversarial examples for ``x`` (in [0, 1]) with labels or soft targets ``y``."""
+        check_inputs(x, y)
+        x = x.detach()
+        y = y.detach()
+        generator = torch.Generator(device=x.device).manual_seed(self.seed)
+        with attack_mode(self.model, self.eval_mode):
+            with torch.no_grad():
+                clean_logits = self.model(x).float()
+            self._check_classes(clean_logits.shape[1])
+            if self.return_max_loss:
+                return self._max_loss_point(x, y, clean_logits, generator)
+            return self._adversarial_examples(x, y, clean_logits, generator)
+
+    # ------------------------------------------------------------------ drivers
+    def _check_classes(self, n_classes: int) -> None:
+        needed = {"ce": 2, "dlr": 3, "dlr-targeted": 4}[self.loss]
+        if n_classes < needed:
+            raise ValueError(f"loss {self.loss!r} needs at least {needed} classes, model has "
+                             f"{n_classes}")
+        if self.loss == "dlr-targeted" and self.n_target_classes > n_classes - 1:
+            raise ValueError(f"n_target_classes={self.n_target_classes} exceeds the {n_classes - 1} "
+                             "wrong classes")
+
+    def _max_loss_point(self, x: torch.Tensor, y: torch.Tensor, clean_logits: torch.Tensor,
+                        generator: torch.Generator) -> torch.Tensor:
+        best_x = x.clone()
+        best_loss = self._loss(clean_logits, y, None)
+        for _ in range(self.n_restarts):
+            x_run, loss_run, _, _ = self._run_schedule(x, y, None, generator)
+            better = loss_run > best_loss
+            best_x[better] = x_run[better]
+            best_loss = torch.where(better, loss_run, best_loss)
+        return best_x
+
+    def _adversarial_examples(self, x: torch.Tensor, y: torch.Tensor, clean_logits: torch.Tensor,
+                              generator: torch.Generator) -> torch.Tensor:
+        adv = x.clone()
+        robust = predictions_correct(clean_logits, y)
+        ranks = range(2, self.n_target_classes + 2) if self.loss == "dlr-targeted" else [None]
+        for rank in ranks:
+            for _ in range(self.n_restarts):
+                idx = robust.nonzero().squeeze(1)
+                if idx.numel() == 0:
+                    return adv
+                target = None
+                if rank is not None:
+                    target = clean_logits[idx].argsort(dim=1)[:, -rank]
+                _, _, fooled, x_fooled = self._run_schedule(x[idx], y[idx], target, generator)
+                adv[idx[fooled]] = x_fooled[fooled]
+                robust[idx[fooled]] = False
+        return adv
+
+    def _run_schedule(self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None,
+                      generator: torch.Generator):
+        if not self.large_radius_schedule:
+            return self._run(x, y, target, generator, self.eps, self.n_iter, x_init=None)
+        # l_1 large-radius schedule: 3, 2, 1 x eps, each stage from the previous best point.
+        radii = [3 * self.eps, 2 * self.eps, self.eps]
+        iters = [math.ceil(0.3 * self.n_iter), math.ceil(0.3 * self.n_iter)]
+        iters.append(max(self.n_iter - sum(iters), 1))
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x_init = x + noise
+        result = None
+        for radius, n in zip(radii, iters):
+            x_init = project(x, x_init, "l1", radius)
+            result = self._run(x, y, target, generator, radius, n, x_init=x_init)
+            x_init = result[0]
+        return result
+
+    # ------------------------------------------------------------------ one run
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None
+              ) -> torch.Tensor:
+        if self.loss == "ce":
+            return cross_entropy(logits, y)
+        if self.loss == "dlr":
+            return dlr(logits, y)
+        return dlr_targeted(logits, y, target)
+
+    def _run(self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None,
+             generator: torch.Generator, eps: float, n_iter: int, x_init: torch.Tensor | None):
+        """One APGD run. Returns (highest-loss point, its loss, fooled mask, fooling point)."""
+        batch = x.shape[0]
+        n_features = x[0].numel()
+        norm = self.norm
+
+        def loss_fn(logits: torch.Tensor) -> torch.Tensor:
+            return self._loss(logits, y, target)
+
+        if x_init is not None:
+            x_cur = x_init.clone()
+        elif self.random_start:
+            x_cur = random_start(x, norm, eps, generator)
+        else:
+            x_cur = x.clone()
+        loss_cur, logits, grad = input_gradient(self.model, x_cur, loss_fn)
+        fooled = ~predictions_correct(logits, y)
+        x_fooled = x_cur.clone()
+        best_loss, x_best, grad_best = loss_cur.clone(), x_cur.clone(), grad.clone()
+
+        alpha = 1.0 if norm == "l1" else 2.0
+        full_step = alpha * eps
+        step = torch.full((batch,), full_step, device=x.device, dtype=x.dtype)
+        x_prev = x_cur.clone()
+
+        # Checkpoint bookkeeping.
+        if norm == "l1":
+            window = max(int(0.04 * n_iter), 1)
+            support = _l0(x_cur - x) if x_init is not None else torch.full(
+                (batch,), float(n_features), device=x.device)
+            topk = support / n_features / 1.5 if x_init is not None else torch.full(
+                (batch,), 0.2, device=x.device)
+        else:
+            window = max(int(0.22 * n_iter), 1)
+            shrink_by, min_window = max(int(0.03 * n_iter), 1), max(int(0.06 * n_iter), 1)
+            increases = torch.zeros(batch, device=x.device)
+            last_loss = loss_cur.clone()
+            best_at_check = best_loss.clone()
+            reduced_at_check = torch.ones(batch, dtype=torch.bool, device=x.device)
+        since_check = 0
+
+        for i in range(n_iter):
+            with torch.no_grad():
+                if norm == "l1":
+                    direction = _sparse_sign_direction(grad, topk)
+                    x_new = project(x, x_cur + _col(step, x) * direction, "l1", eps)
+                else:
+                    momentum = 1.0 if i == 0 else 0.75
+                    z = project(x, x_cur + _col(step, x) * _ascent_direction(grad, norm), norm, eps)
+                    x_new = project(x, x_cur + momentum * (z - x_cur)
+                                    + (1 - momentum) * (x_cur - x_prev), norm, eps)
+                x_prev, x_cur = x_cur, x_new
+
+            loss_cur, logits, grad = input_gradient(self.model, x_cur, loss_fn)
+            with torch.no_grad():
+                now_fooled = ~predictions_correct(logits, y)
+                x_fooled[now_fooled] = x_cur[now_fooled]
+                fooled |= now_fooled
+                improved = loss_cur > best_loss
+                x_best[improved] = x_cur[improved]
+                grad_best[improved] = grad[improved]
+                best_loss = torch.where(improved, loss_cur, best_loss)
+                if norm != "l1":
+                    increases += (loss_cur > last_loss).float()
+                    last_loss = loss_cur
+                since_check += 1
+                if since_check < window:
+                    continue
+                since_check = 0
+                if norm == "l1":
+                    new_support = _l0(x_best - x)
+                    shrank = new_support / support < 0.95
+                    topk = new_support / n_features / 1.5
+                    step = torch.where(shrank, torch.full_like(step, full_step), step / 1.5)
+                    step = step.clamp(full_step / 10, full_step)
+                    support = new_support
+                    restart = shrank
+                else:
+                    oscillating = increases <= window * self.rho
+                    stalled = ~reduced_at_check & (best_at_check >= best_loss)
+                    restart = oscillating | stalled
+                    reduced_at_check = restart
+                    best_at_check = best_loss.clone()
+                    step = torch.where(restart, step / 2, step)
+                    increases.zero_()
+                    window = max(window - shrink_by, min_window)
+                x_cur[restart] = x_best[restart]
+                grad[restart] = grad_best[restart]
+        return x_best, best_loss, fooled, x_fooled
+
+
+def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _l0(delta: torch.Tensor) -> torch.Tensor:
+    return (delta != 0).reshape(delta.shape[0], -1).sum(dim=1).float()
+
+
+def _ascent_direction(grad: torch.Tensor, norm: Norm) -> torch.Tensor:
+    """Steepest-ascent direction of unit norm: sign for l_inf, normalised gradient for l_2."""
+    return grad.sign() if norm == "linf" else normalize(grad, "l2")
+
+
+def _sparse_sign_direction(grad: torch.Tensor, topk: torch.Tensor) -> torch.Tensor:
+    """Signs of the largest ``topk`` fraction of |grad| per sample, scaled to unit l_1 norm."""
+    flat = grad.reshape(grad.shape[0], -1).abs()
+    n = flat.shape[1]
+    position = torch.clamp((1.0 - topk) * n, 0, n - 1).long()
+    threshold = flat.sort(dim=1).values.gather(1, position[:, None])
+    mask = (flat >= threshold).float()
+    signs = grad.reshape(grad.shape[0], -1).sign() * mask
+    signs = signs / (signs.abs().sum(dim=1, keepdim=True) + 1e-10)
+    return signs.view_as(grad)
+
+
+def robust_accuracy(model: nn.Module, attack: "APGD", x: torch.Tensor, y: torch.Tensor) -> float:
+    """Fraction of ``x`` still classified correctly after ``attack`` (evaluation mode)."""
+    x_adv = attack.perturb(x, y)
+    with torch.no_grad(), attack_mode(model):
+        return (model(x_adv).argmax(dim=1) == hard_labels(y)).float().mean().item()

@@ -1,0 +1,157 @@
+"""The attack contract: inside the eps-ball and [0, 1], works under bf16 autocast, and never changes
+the model's parameters, their .grad, or any module's train/eval flag."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raytrain_at.attacks import APGD, FGSM, PGD, lp_norm
+from raytrain_at.attacks.losses import cross_entropy
+from raytrain_at.attacks.threat_models import project
+
+RADII = {"linf": 0.05, "l2": 0.5, "l1": 4.0}
+
+
+def _attacks(model):
+    for norm, eps in RADII.items():
+        for loss in ("ce", "dlr", "dlr-targeted"):
+            yield f"apgd-{norm}-{loss}", APGD(model, norm=norm, eps=eps, n_iter=10, loss=loss,
+                                              n_target_classes=2)
+        yield f"apgd-train-{norm}", APGD.for_training(model, norm=norm, eps=eps, n_iter=2)
+    yield "apgd-l1-large-radii", APGD(model, norm="l1", eps=4.0, n_iter=10,
+                                      large_radius_schedule=True)
+    for norm in ("linf", "l2"):
+        yield f"pgd-{norm}", PGD(model, norm=norm, eps=RADII[norm], n_iter=3)
+        yield f"fgsm-{norm}", FGSM(model, norm=norm, eps=RADII[norm])
+
+
+def _check_feasible(x, x_adv, norm, eps):
+    assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
+    assert torch.isfinite(x_adv).all()
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert (lp_norm(x_adv - x, norm) <= eps * (1 + 1e-5) + 1e-6).all()
+
+
+def test_every_attack_stays_in_ball_and_box(trained_digits_net, digits) -> None:
+    x, y = digits[0][:64], digits[1][:64]
+    for name, attack in _attacks(trained_digits_net):
+        x_adv = attack.perturb(x, y)
+        _check_feasible(x, x_adv, attack.norm, attack.eps)
+        assert not torch.equal(x_adv, x), f"{name} did not move any point"
+
+
+def test_attacks_leave_model_state_alone(trained_digits_net, digits) -> None:
+    model = trained_digits_net
+    x, y = digits[0][:32], digits[1][:32]
+    # Caller's state: train mode with one submodule in eval (e.g. frozen BN), some grads set.
+    model.train()
+    model.bn.eval()
+    model.fc.weight.grad = torch.full_like(model.fc.weight, 0.25)
+    model.conv1.weight.grad = None
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
+    try:
+        for name, attack in _attacks(model):
+            attack.perturb(x, y)
+            assert model.training and model.conv1.training and not model.bn.training, name
+            assert torch.equal(model.fc.weight.grad, torch.full_like(model.fc.weight, 0.25)), name
+            assert model.conv1.weight.grad is None, name
+            for k, v in model.named_parameters():
+                assert torch.equal(v, params[k]), f"{name} changed {k}"
+            for k, v in model.named_buffers():
+                assert torch.equal(v, buffers[k]), f"{name} changed buffer {k}"
+    finally:
+        model.fc.weight.grad = None
+        model.eval()
+
+
+def test_attacks_work_under_bf16_autocast(trained_digits_net, digits) -> None:
+    x, y = digits[0][:32], digits[1][:32]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for name, attack in _attacks(trained_digits_net):
+            x_adv = attack.perturb(x, y)
+            _check_feasible(x, x_adv, attack.norm, attack.eps)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
+def test_training_mode_never_returns_less_loss_than_clean(trained_digits_net, digits, norm) -> None:
+    """APGD-AT keeps the clean input among the candidates: per-sample loss >= clean loss."""
+    model = trained_digits_net
+    x, y = digits[0][:128], digits[1][:128]
+    x_adv = APGD.for_training(model, norm=norm, eps=RADII[norm], n_iter=2).perturb(x, y)
+    with torch.no_grad():
+        clean, adv = cross_entropy(model(x), y), cross_entropy(model(x_adv), y)
+    assert (adv >= clean - 1e-6).all()
+    assert (adv > clean).float().mean() > 0.8  # and it does find a higher loss for most points
+
+
+def test_soft_targets_are_accepted(trained_digits_net, digits) -> None:
+    x, y = digits[0][:16], digits[1][:16]
+    soft = 0.8 * torch.nn.functional.one_hot(y, 10).float() + 0.2 * torch.nn.functional.one_hot(
+        y.roll(1), 10).float()
+    x_adv = APGD.for_training(trained_digits_net, eps=0.05, n_iter=2).perturb(x, soft)
+    _check_feasible(x, x_adv, "linf", 0.05)
+
+
+def test_evaluation_mode_finds_adversarial_examples(trained_digits_net, digits) -> None:
+    model = trained_digits_net
+    x, y = digits[0][1500:1700], digits[1][1500:1700]
+    with torch.no_grad():
+        clean_correct = model(x).argmax(1) == y
+    x_adv = APGD(model, norm="linf", eps=0.05, n_iter=20).perturb(x, y)
+    with torch.no_grad():
+        adv_correct = model(x_adv).argmax(1) == y
+    assert adv_correct.float().mean() < clean_correct.float().mean() - 0.1
+    assert not (adv_correct & ~clean_correct).any()  # robust <= clean, point by point
+    # Points the model already got wrong are returned unchanged.
+    assert torch.equal(x_adv[~clean_correct], x[~clean_correct])
+
+
+def test_same_seed_same_result(trained_digits_net, digits) -> None:
+    x, y = digits[0][:32], digits[1][:32]
+    a = APGD(trained_digits_net, norm="l2", eps=0.5, n_iter=5, seed=3).perturb(x, y)
+    b = APGD(trained_digits_net, norm="l2", eps=0.5, n_iter=5, seed=3).perturb(x, y)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    (dict(norm="l3"), "norm must be one of"),
+    (dict(eps=0.0), "eps must be > 0"),
+    (dict(loss="hinge"), "loss must be one of"),
+    (dict(n_iter=0), "must be >= 1"),
+    (dict(norm="linf", large_radius_schedule=True), "l1 only"),
+])
+def test_bad_attack_settings_are_refused(trained_digits_net, kwargs, fragment) -> None:
+    with pytest.raises(ValueError, match=fragment):
+        APGD(trained_digits_net, **kwargs)
+
+
+def test_inputs_outside_unit_box_are_refused(trained_digits_net) -> None:
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        APGD(trained_digits_net).perturb(torch.full((2, 3, 16, 16), 2.0), torch.tensor([0, 1]))
+
+
+def test_l1_projection_matches_reference_projection() -> None:
+    from pyautoattack.autopgd_base import L1_projection
+
+    torch.manual_seed(0)
+    x = torch.rand(16, 3, 8, 8)
+    delta = torch.randn(16, 3, 8, 8) * torch.rand(16, 1, 1, 1) * 2
+    for eps in (0.5, 3.0, 12.0):
+        ours = project(x, x + delta, "l1", eps) - x
+        reference = delta + L1_projection(x, delta, eps)
+        assert torch.allclose(ours, reference, atol=1e-4), eps
+        assert (lp_norm(ours, "l1") <= eps * (1 + 1e-6)).all()
+        assert ((x + ours) >= 0).all() and ((x + ours) <= 1).all()
+
+
+def test_l1_projection_is_the_nearest_feasible_point() -> None:
+    """Variational inequality of a projection: <u - p, c - p> <= 0 for feasible c."""
+    torch.manual_seed(1)
+    x = torch.rand(4, 300)
+    u = x + torch.randn(4, 300)
+    p = project(x, u, "l1", 5.0)
+    for _ in range(50):
+        c = project(x, x + torch.randn(4, 300) * torch.rand(1), "l1", 5.0)
+        assert (((u - p) * (c - p)).sum(dim=1) <= 1e-4).all()
