@@ -1,0 +1,5 @@
+"""Training: adversarial objectives (pure functions); engine, loop and launch come with Ray Train."""
+
+from raytrain_at.training.objectives import ObjectiveConfig, training_step_loss
+
+__all__ = ["ObjectiveConfig", "training_step_loss"]
