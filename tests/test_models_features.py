@@ -131,6 +131,7 @@ class _NotWeights:
         return (print, ("unpickled!",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pickled_code_is_never_executed(tmp_path, capsys) -> None:
     path = tmp_path / "evil.pth"
     with open(path, "wb") as handle:

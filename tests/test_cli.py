@@ -1,0 +1,66 @@
+"""The console script end to end: the quickstart, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CLI = [str(Path(sys.executable).with_name("raytrain-at"))]
+
+
+def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_quickstart_prints_sizes_and_a_training_loss() -> None:
+    result = _run("quickstart")
+    assert result.returncode == 0, result.stderr
+    for name in ("convnext_tiny_cvst", "vit_base_cvst", "convnext_iso_small", "table8:C2"):
+        assert name in result.stdout
+    line = next(l for l in result.stdout.splitlines() if l.startswith("adversarial training step"))
+    fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
+    assert fields["model"] == "convnext_tiny_cvst" and fields["stem"] == "table7:6"
+    assert 0 < float(fields["loss"]) < 10
+    # The step trained: the same batch's adversarial loss went down.
+    assert float(fields["loss_after_step"]) < float(fields["loss"])
+
+
+def test_inspect_reports_a_stem_variant() -> None:
+    result = _run("inspect", "convnext_tiny", "--stem", "table7:5", "--resolution", "64",
+                  "--num-classes", "10")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["stem"] == "table7:5" and info["stem_spec"] == "k5s2c48LG-k3s2cDLG"
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (("inspect", "convnext_tiny_cvst", "--stem", "k3s2c48LG-k3s3cDLG"), "total stride 6"),
+    (("inspect", "convnxt_tiny"), "unknown model name 'convnxt_tiny'"),
+    (("inspect", "convnext_tiny_cvst", "--weights", "/no/such/file.pth"), "does not exist"),
+    (("inspect", "vit_small_cvst", "--resolution", "250"), "not a multiple"),
+    (("models", "--resolution", "8"), "--resolution 8"),
+])
+def test_bad_input_gives_one_line_error(args, fragment) -> None:
+    result = _run(*args, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], lines
+    assert "Traceback" not in result.stderr
+
+
+def test_checkpoint_that_does_not_fit_gives_one_line_error(tmp_path) -> None:
+    import timm
+    from safetensors.torch import save_file
+
+    other = timm.create_model("resnet18", num_classes=10)
+    path = tmp_path / "resnet.safetensors"
+    save_file(other.state_dict(), str(path))
+    result = _run("inspect", "convnext_tiny_cvst", "--weights", str(path), "--resolution", "32")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "no parameters in common" in result.stderr
