@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 import warnings
 
 import click
@@ -13,6 +14,9 @@ from raytrain_at.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Adversarially robust ImageNet classifiers: train, evaluate, register.")
+data_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                       help="Write and inspect FFCV datasets.")
+app.add_typer(data_app, name="data")
 
 
 @app.command()
@@ -50,6 +54,50 @@ def inspect(
         raise UserError(f"--num-classes {num_classes} must be >= 1")
     print(json.dumps(describe_model(name, stem=stem, weights=weights, resolution=resolution,
                                     num_classes=num_classes), indent=2))
+
+
+@data_app.command("write-ffcv")
+def write_ffcv(
+    source: str = typer.Argument(..., help="ImageNet-style folder (or its root), a CIFAR or "
+                                 "Flowers-102 folder, or 'digits'"),
+    out: Path = typer.Argument(..., help="output .beton file"),
+    subset: str = typer.Option(None, help="robustbench5k (ImageNet val) or heldout4k (ImageNet "
+                               "train)"),
+    split: str = typer.Option("train", help="train / val / test, for roots and bundled data"),
+    exclude_heldout: bool = typer.Option(False, help="leave the heldout4k images out (train)"),
+    max_res: int = typer.Option(None, help="longest side after resizing [default: 500; "
+                                "robustbench5k keeps original pixels]"),
+    write_mode: str = typer.Option(None, help="raw | jpg | smart | proportion [default: "
+                                   "proportion; raw for robustbench5k]"),
+    jpeg_quality: int = typer.Option(90, help="JPEG quality 1..100"),
+    compress_probability: float = typer.Option(0.5, help="JPEG share in proportion mode"),
+    num_workers: int = typer.Option(2, help="writer processes"),
+    digits_side: int = typer.Option(32, help="side of the upscaled digits"),
+) -> None:
+    """Convert a dataset to FFCV format (atomic: a failed write leaves no file)."""
+    from dataclasses import replace
+
+    from raytrain_at.data.write import default_options, write_dataset
+
+    options = default_options(subset)
+    options = replace(options, jpeg_quality=jpeg_quality, compress_probability=compress_probability,
+                      num_workers=num_workers,
+                      max_resolution=options.max_resolution if max_res is None else max_res,
+                      write_mode=options.write_mode if write_mode is None else write_mode)
+    path = write_dataset(source, out, split=split, subset=subset,
+                         exclude_heldout=exclude_heldout, options=options,
+                         digits_side=digits_side)
+    print(f"wrote {path}")
+
+
+@data_app.command("info")
+def data_info(path: Path = typer.Argument(..., help=".beton file")) -> None:
+    """Validate a .beton file and print its size, fields and label counts as JSON."""
+    import json
+
+    from raytrain_at.data.inspection import describe_beton
+
+    print(json.dumps(describe_beton(path), indent=2))
 
 
 def main() -> None:

@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from raytrain_at.data.sources import digits_tensors
+
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
 
 
@@ -33,19 +35,10 @@ class TinyDigitsNet(nn.Module):
         return self.fc(x.flatten(1))
 
 
-def digits_tensors(side: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """All 1,797 sklearn digits as (N, 3, side, side) floats in [0, 1] and labels."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
-    x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False).clamp(0, 1)
-    return x.repeat(1, 3, 1, 1), torch.tensor(digits.target, dtype=torch.long)
-
-
 @pytest.fixture(scope="session")
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
-    return digits_tensors()
+    """All 1,797 digits at 3x16x16 in [0, 1] (the package's bundled-data reader)."""
+    return digits_tensors(side=16)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,81 @@
+"""``raytrain-at data write-ffcv``: pick the samples of a source (and subset), then write them.
+
+Sources: ``digits`` (bundled), a CIFAR-10/100 python-batches folder, a Flowers-102 folder, or an
+ImageFolder tree (ImageNet ``train/`` / ``val/``, or any class-per-folder dataset). For an ImageNet
+root (holding ``train/`` and ``val/``), subsets pick their split: ``robustbench5k`` reads ``val/``,
+``heldout4k`` reads ``train/``. Class folders named by ImageNet synsets get the standard ImageNet
+index; other trees are labelled in sorted folder order.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+from raytrain_at.data import imagenet_subsets as subsets
+from raytrain_at.data.ffcv_writer import FULL_QUALITY, WriteOptions, write_beton
+from raytrain_at.data.sources import (Sample, cifar_samples, detect_format, digits_samples,
+                                      flowers102_samples, image_folder_samples, list_class_folders)
+from raytrain_at.errors import UserError
+
+log = logging.getLogger(__name__)
+
+Subset = Literal["robustbench5k", "heldout4k"]
+SUBSETS: tuple[str, ...] = ("robustbench5k", "heldout4k")
+
+
+def _split_dir(root: Path, split: str) -> Path:
+    """``root/split`` for an ImageNet root, else ``root`` itself."""
+    return root / split if (root / split).is_dir() else root
+
+
+def _imagenet_index_if_synsets(root: Path) -> dict[str, int] | None:
+    index = subsets.imagenet_class_index()
+    names = [p.name for p in list_class_folders(root)]
+    return index if all(name in index for name in names) else None
+
+
+def collect_samples(source: str, *, split: str = "train", subset: str | None = None,
+                    exclude_heldout: bool = False, digits_side: int = 32) -> list[Sample]:
+    """The samples a write would store, validated (nothing is decoded yet)."""
+    if subset is not None and subset not in SUBSETS:
+        raise UserError(f"--subset {subset!r} is not one of {', '.join(SUBSETS)}")
+    fmt = detect_format(source)
+    if fmt != "imagefolder" and (subset or exclude_heldout):
+        raise UserError(f"--subset / --exclude-heldout apply to ImageNet folders, not {fmt} "
+                        f"source {source!r}")
+    if fmt == "digits":
+        return digits_samples(split, digits_side)
+    if fmt == "cifar":
+        return cifar_samples(source, split)
+    if fmt == "flowers102":
+        return flowers102_samples(source, split)
+    root = Path(source)
+    if subset == "robustbench5k":
+        return subsets.robustbench5k_samples(_split_dir(root, "val"))
+    if subset == "heldout4k":
+        return subsets.heldout4k_samples(_split_dir(root, "train"))
+    folder = _split_dir(root, split) if (root / "train").is_dir() else root
+    if exclude_heldout:
+        return subsets.imagenet_train_samples(folder, exclude_heldout=True)
+    return image_folder_samples(folder, _imagenet_index_if_synsets(folder))
+
+
+def default_options(subset: str | None) -> WriteOptions:
+    """FFCV's ImageNet recipe; the RobustBench test set at full quality (original pixels)."""
+    return FULL_QUALITY if subset == "robustbench5k" else WriteOptions()
+
+
+def write_dataset(source: str, out: str | Path, *, split: str = "train",
+                  subset: str | None = None, exclude_heldout: bool = False,
+                  options: WriteOptions | None = None, digits_side: int = 32) -> Path:
+    """Collect the samples of ``source`` (and ``subset``) and write them to ``out``."""
+    out = Path(out)
+    if out.suffix != ".beton":
+        raise UserError(f"output {str(out)!r} must end in .beton")
+    if not out.parent.exists():
+        raise UserError(f"output folder {str(out.parent)!r} does not exist")
+    samples = collect_samples(source, split=split, subset=subset,
+                              exclude_heldout=exclude_heldout, digits_side=digits_side)
+    return write_beton(samples, out, options or default_options(subset))
