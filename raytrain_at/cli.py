@@ -56,6 +56,30 @@ def inspect(
                                     num_classes=num_classes), indent=2))
 
 
+@app.command()
+def train(
+    recipe: str = typer.Argument(..., help="recipe name (e.g. quickstart) or YAML file"),
+    set_: list[str] = typer.Option(None, "--set", help="override, e.g. --set optim.lr=5e-4"),
+    num_workers: int = typer.Option(None, help="Ray Train workers (scaling.num_workers)"),
+    address: str = typer.Option(None, help="Ray cluster address ('auto' on a cluster)"),
+    run_name: str = typer.Option(None, help="stable name: re-running it resumes"),
+    storage_path: str = typer.Option(None, help="where Ray keeps checkpoints"),
+) -> None:
+    """Adversarially train a model with Ray Train + DeepSpeed, tracked in MLflow."""
+    from raytrain_at.config import load_config
+    from raytrain_at.training.launch import launch, prepare_run
+
+    overrides = list(set_ or [])
+    if num_workers is not None:
+        overrides.append(f"scaling.num_workers={num_workers}")
+    prepared = prepare_run(load_config(recipe, overrides), run_name=run_name,
+                           storage_path=storage_path)
+    result = launch(prepared, address=address)
+    print(f"run {prepared.run_name}: {result.metrics}")
+    if result.checkpoint is not None:
+        print(f"latest checkpoint: {result.checkpoint.path}")
+
+
 @data_app.command("write-ffcv")
 def write_ffcv(
     source: str = typer.Argument(..., help="ImageNet-style folder (or its root), a CIFAR or "

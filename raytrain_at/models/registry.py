@@ -103,6 +103,13 @@ def convnext_base_cvst(pretrained: bool = False, **kwargs: Any) -> nn.Module:
                   pretrained, kwargs)
 
 
+@register_model
+def convnext_atto_cvst(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """ConvNeXt-atto (3.7M) + a two-layer ConvStem 3->20->40: the small model of CPU runs."""
+    return _build("convnext_atto_cvst", "convnext_atto", "k3s2c20LG-k3s2cDLG",
+                  "convnext_atto.d2_in1k", pretrained, kwargs)
+
+
 # ViT + ConvStem: Table 9 C1 (48-96-192-384, 3x3 stride 2) and a 1x1 projection to the width.
 @register_model
 def vit_small_cvst(pretrained: bool = False, **kwargs: Any) -> nn.Module:
@@ -140,7 +147,7 @@ def convnext_iso_small_cvst(pretrained: bool = False, **kwargs: Any) -> nn.Modul
 
 # The project's own names, and the PatchStem baselines of Table 14 (timm's own models).
 CONVSTEM_MODELS: tuple[str, ...] = (
-    "convnext_tiny_cvst", "convnext_small_cvst", "convnext_base_cvst", "vit_small_cvst",
+    "convnext_atto_cvst", "convnext_tiny_cvst", "convnext_small_cvst", "convnext_base_cvst", "vit_small_cvst",
     "vit_medium_cvst", "vit_base_cvst", "convnext_iso_small_cvst")
 PATCHSTEM_BASELINES: tuple[str, ...] = (
     "convnext_tiny", "convnext_small", "convnext_base", "vit_small_patch16_224",

@@ -90,7 +90,7 @@ def _hub_state_dict(name: str) -> dict[str, torch.Tensor]:
 
 
 def load_backbone_weights(model: nn.Module, source: str | Path | None, *, model_name: str = "",
-                          skip_head: bool = False) -> LoadReport:
+                          skip_head: bool = False, include_stem: bool = False) -> LoadReport:
     """Copy matching tensors from ``source`` into ``model`` (in place).
 
     Args:
@@ -98,6 +98,8 @@ def load_backbone_weights(model: nn.Module, source: str | Path | None, *, model_
         source: local file or ``hub:name.tag``.
         model_name: for messages.
         skip_head: leave the classifier out (fine-tuning to a new label set).
+        include_stem: load the stem too (a checkpoint of the same ConvStem model, e.g. to continue
+            from a clean or robust run), instead of keeping it freshly initialised.
 
     Returns:
         A :class:`LoadReport`; missing and unexpected keys are also logged.
@@ -112,7 +114,7 @@ def load_backbone_weights(model: nn.Module, source: str | Path | None, *, model_
         raise UserError(f"{name} has no downloadable clean weights: pass a local checkpoint "
                         "(pretrained_cfg_overlay=dict(file=PATH))")
     adapter = adapter_for(body)
-    has_conv_stem = stem_spec_of(body) is not None
+    has_conv_stem = stem_spec_of(body) is not None and not include_stem
     state = read_state_dict(source)
     own = body.state_dict()
     head_prefixes = _head_prefixes(body)

@@ -1,0 +1,1 @@
+"""Tracking: the only package that imports mlflow (runs, logged models, registry, leaderboard)."""

@@ -1,0 +1,88 @@
+"""One MLflow run per training run, written by rank 0 through ``MlflowClient``.
+
+The client API is used instead of MLflow's fluent globals on purpose: fluent ``set_experiment`` in a
+Ray driver exports ``MLFLOW_EXPERIMENT_ID`` to every process and misroutes runs, and fluent runs
+stay RUNNING when a worker dies. A run is found again by its ``raytrain_at.run_name`` tag, so a
+resumed training run (same name) keeps writing to the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+
+RUN_NAME_TAG = "raytrain_at.run_name"
+
+
+def default_tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else MLflow's own default (a SQLite file in the current
+    folder, so ``mlflow ui`` started here shows the runs), as an absolute URI."""
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
+class TrainingRun:
+    """An MLflow run for one training run: params, per-epoch metrics, artifacts."""
+
+    def __init__(self, tracking_uri: str, experiment: str, run_name: str) -> None:
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        found = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(
+            experiment)
+        existing = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+            max_results=1)
+        if existing:
+            self.run_id = existing[0].info.run_id
+            self.client.update_run(self.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        else:
+            self.run_id = self.client.create_run(
+                self.experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name}).info.run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Log params once (a resumed run already has them: MLflow refuses changed values)."""
+        logged = self.client.get_run(self.run_id).data.params
+        fresh = [Param(k, _param_text(v)) for k, v in params.items() if k not in logged]
+        for start in range(0, len(fresh), 100):
+            self.client.log_batch(self.run_id, params=fresh[start:start + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        import time
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                 if isinstance(v, (int, float))]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_file(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_text(self, text: str, name: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            target = Path(tmp) / name
+            target.write_text(text)
+            self.client.log_artifact(self.run_id, str(target))
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value))
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def _param_text(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return text[:6000]
+
+
+def tracking_env_uri() -> str | None:
+    return os.environ.get("MLFLOW_TRACKING_URI")

@@ -1,0 +1,232 @@
+"""Launch a run on Ray Train: validate everything on the driver, then start the workers.
+
+The driver resolves dataset paths (``$RAYTRAIN_AT_DATA`` style variables, the bundled ``digits``
+written once to FFCV files), validates them and the initial weights, fixes the MLflow tracking URI
+to an absolute one, and starts a ``TorchTrainer`` (Ray Train V2) with failure handling and
+checkpoint retention. A bad key, dataset or checkpoint therefore stops the run before any worker
+starts. Re-running with the same run name and storage resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raytrain_at.config import RunConfig, flatten
+from raytrain_at.errors import UserError
+
+log = logging.getLogger(__name__)
+
+_VAR = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?")
+
+
+def expand_path(value: str, key: str) -> str:
+    """Expand ``$VAR`` in a config path, naming the key when a variable is not set."""
+    for name in _VAR.findall(value):
+        if name not in os.environ:
+            raise UserError(f"{key} refers to ${name}, which is not set in the environment")
+    return os.path.expandvars(value)
+
+
+@dataclass(frozen=True)
+class PreparedRun:
+    """What the workers receive: the config and resolved, validated paths."""
+
+    config: RunConfig
+    train_path: str
+    heldout_path: str | None
+    tracking_uri: str
+    run_name: str
+    storage_path: str
+
+    def worker_payload(self) -> dict[str, Any]:
+        return {"run": self.config.model_dump(mode="json"), "train_path": self.train_path,
+                "heldout_path": self.heldout_path, "tracking_uri": self.tracking_uri,
+                "run_name": self.run_name}
+
+
+def default_storage() -> Path:
+    return Path(os.environ.get("RAYTRAIN_AT_HOME", Path.home() / ".raytrain_at"))
+
+
+def _bundled(name: str, split: str, storage: Path) -> str:
+    """Write the bundled digits split once (cached under the storage folder)."""
+    from raytrain_at.data.write import write_dataset
+
+    target = storage / "datasets" / f"{name}_{split}.beton"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_dataset(name, target, split=split)
+    return str(target)
+
+
+def prepare_data(config: RunConfig, storage: Path) -> tuple[str, str | None]:
+    """Resolve and validate the train and held-out files."""
+    from raytrain_at.data.ffcv_loaders import inspect_beton
+    from raytrain_at.data.inspection import beton_labels
+
+    if config.data.train == "digits":
+        train = _bundled("digits", "train", storage)
+        heldout = _bundled("digits", "test", storage) if config.data.heldout in (None, "digits") \
+            else expand_path(config.data.heldout, "data.heldout")
+    else:
+        train = expand_path(config.data.train, "data.train")
+        heldout = None if config.data.heldout is None else (
+            _bundled("digits", "test", storage) if config.data.heldout == "digits"
+            else expand_path(config.data.heldout, "data.heldout"))
+    for path, key in ((train, "data.train"), (heldout, "data.heldout")):
+        if path is None:
+            continue
+        info = inspect_beton(path)
+        top = int(beton_labels(path).max())
+        if top >= config.model.num_classes:
+            raise UserError(f"{key} {path!r} has label {top}, but model.num_classes is "
+                            f"{config.model.num_classes}")
+        if key == "data.train" and info.num_samples // config.scaling.num_workers \
+                < config.per_worker_batch_size:
+            raise UserError(f"data.train {path!r} has {info.num_samples} samples: too few for a "
+                            f"global batch of {config.schedule.global_batch_size}")
+    return train, heldout
+
+
+def _check_weights(config: RunConfig) -> None:
+    """Build the model once on the driver, so a bad stem or checkpoint fails here."""
+    from raytrain_at.training.loop import build_model
+
+    m = config.model
+    for field in ("pretrained", "init"):
+        value = getattr(m, field)
+        if value is not None and not value.startswith(("hub:", "models:/", "runs:/")):
+            setattr(m, field, expand_path(value, f"model.{field}"))
+    build_model(config)
+
+
+def default_run_name(config: RunConfig) -> str:
+    digest = hashlib.sha1(repr(sorted(flatten(config).items())).encode()).hexdigest()[:8]
+    return f"{config.recipe or 'run'}-{digest}"
+
+
+def prepare_run(config: RunConfig, *, run_name: str | None = None,
+                storage_path: str | None = None) -> PreparedRun:
+    """Validate a run on the driver (datasets, weights, tracking) before any worker starts."""
+    from raytrain_at.tracking.runs import default_tracking_uri
+
+    config = config.model_copy(deep=True)
+    storage = Path(storage_path or config.tracking.storage_path or default_storage()).resolve()
+    storage.mkdir(parents=True, exist_ok=True)
+    train, heldout = prepare_data(config, storage)
+    _check_weights(config)
+    name = run_name or config.tracking.run_name or default_run_name(config)
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+        raise UserError(f"run name {name!r} may only use letters, digits, '.', '_' and '-'")
+    uri = config.tracking.tracking_uri or default_tracking_uri()
+    return PreparedRun(config=config, train_path=train, heldout_path=heldout, tracking_uri=uri,
+                       run_name=name, storage_path=str(storage / "runs"))
+
+
+def train_loop_per_worker(payload: dict[str, Any]) -> None:
+    """Ray Train worker entry: build the loop, resume if Ray hands a checkpoint, train, report."""
+    import ray.train
+    import ray.train.torch
+
+    from raytrain_at.training.loop import WorkerLoop, WorkerPlace
+
+    context = ray.train.get_context()
+    place = WorkerPlace(rank=context.get_world_rank(), world_size=context.get_world_size(),
+                        device=ray.train.torch.get_device())
+    # DeepSpeed reads these even when Ray has already initialised the process group.
+    os.environ.setdefault("RANK", str(place.rank))
+    os.environ.setdefault("WORLD_SIZE", str(place.world_size))
+    os.environ.setdefault("LOCAL_RANK", str(context.get_local_rank()))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    config = RunConfig.model_validate(payload["run"])
+    loop = WorkerLoop(config, place, payload["train_path"], payload["heldout_path"])
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            loop.load(Path(directory))
+    tracker = None
+    if place.rank == 0:
+        from raytrain_at.tracking.runs import TrainingRun
+
+        tracker = TrainingRun(payload["tracking_uri"], config.tracking.experiment,
+                              payload["run_name"])
+        tracker.log_params(flatten(config))
+    scratch = Path(tempfile.mkdtemp(prefix="raytrain-at-ckpt-"))
+
+    def report(metrics: dict[str, float], directory: Path | None) -> None:
+        if tracker is not None:
+            tracker.log_metrics(metrics, step=int(metrics["epoch"]))
+            log.info("epoch %d %s", metrics["epoch"], " ".join(
+                f"{k}={v:.4f}" for k, v in metrics.items() if k != "epoch"))
+        ckpt = ray.train.Checkpoint.from_directory(str(directory)) if directory else None
+        ray.train.report(metrics, checkpoint=ckpt)
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    try:
+        loop.run(report, scratch)
+        if tracker is not None:
+            _log_final_artifacts(tracker, loop, config)
+            tracker.finish()
+    except BaseException:
+        if tracker is not None:
+            tracker.finish("FAILED")
+        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _log_final_artifacts(tracker, loop, config: RunConfig) -> None:
+    """The final EMA weights (safetensors) and the resolved config (YAML)."""
+    import yaml
+    from safetensors.torch import save_file
+
+    model = loop.ema.module if loop.ema is not None else loop.engine.module
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "model.safetensors"
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                  str(weights))
+        tracker.log_file(weights, "model")
+    tracker.log_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False),
+                     "config.yaml")
+
+
+def launch(prepared: PreparedRun, *, address: str | None = None):
+    """Run the prepared job on Ray Train; returns Ray's ``Result``."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    config = prepared.config
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=True,
+                 ignore_reinit_error=True)
+    if config.scaling.use_gpu and not torch.cuda.is_available() and address is None:
+        raise UserError("scaling.use_gpu is true but this machine has no GPU (use --address "
+                        "for a cluster, or --set scaling.use_gpu=false)")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=prepared.worker_payload(),
+        scaling_config=ScalingConfig(num_workers=config.scaling.num_workers,
+                                     use_gpu=config.scaling.use_gpu,
+                                     resources_per_worker={"CPU": config.scaling.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if config.scaling.use_gpu else "gloo"),
+        run_config=RayRunConfig(
+            name=prepared.run_name, storage_path=prepared.storage_path,
+            failure_config=FailureConfig(max_failures=config.scaling.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute="heldout_robust_accuracy"
+                if prepared.heldout_path else "epoch", checkpoint_score_order="max")),
+    )
+    return trainer.fit()

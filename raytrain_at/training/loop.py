@@ -1,0 +1,252 @@
+"""The per-worker training loop: one class that runs with or without Ray.
+
+Per step: sharded FFCV batch -> on-device augmentation -> inner maximisation (model in eval mode)
+-> objective -> DeepSpeed backward/step -> EMA update. Per epoch: held-out clean and APGD robust
+accuracy of the EMA weights (summed over ranks), a checkpoint (each rank writes its DeepSpeed
+shard; rank 0 adds the EMA and the loop state) and one report. The loop knows nothing about Ray or
+MLflow: it calls the ``report`` function it is given (Ray's in ``train_loop_per_worker``, a plain
+one in single-process runs and benchmarks).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from raytrain_at.attacks import APGD, FGSM, PGD
+from raytrain_at.config import RunConfig
+from raytrain_at.data.device_augment import DeviceAugment
+from raytrain_at.data.ffcv_loaders import eval_loader, train_loader
+from raytrain_at.models import create_robust_model, load_backbone_weights
+from raytrain_at.training.engine import build_ema, build_engine, resolve_precision
+from raytrain_at.training.objectives import ObjectiveConfig, training_step_loss
+from raytrain_at.training.schedules import radius_factor
+
+log = logging.getLogger(__name__)
+
+DS_TAG = "state"
+EMA_FILE = "ema.safetensors"
+STATE_FILE = "loop_state.json"
+# Test hook: a worker writes its PID here so a test can kill it mid-epoch.
+PID_DIR_ENV = "RAYTRAIN_AT_PID_DIR"
+
+Report = Callable[[dict[str, float], Path | None], None]
+
+
+@dataclass(frozen=True)
+class WorkerPlace:
+    """Where this worker sits in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+
+class _Unperturbed:
+    """Stands in for the attack while the radius schedule is at 0."""
+
+    def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def build_attack(model: nn.Module, config: RunConfig, eps: float, seed: int):
+    """The training attack at radius ``eps`` (None for clean objectives)."""
+    attack = config.attack
+    if attack.kind == "none" or config.objective.kind == "clean":
+        return None
+    if eps <= 0:
+        return _Unperturbed()
+    if attack.kind == "apgd":
+        return APGD.for_training(model, norm=attack.norm, eps=eps, n_iter=attack.steps, seed=seed)
+    if attack.kind == "pgd":
+        return PGD(model, norm=attack.norm, eps=eps, n_iter=attack.steps, seed=seed)
+    return FGSM(model, norm=attack.norm, eps=eps, seed=seed)
+
+
+def build_model(config: RunConfig) -> nn.Module:
+    """The model of a run, with its clean weights or full initial checkpoint."""
+    m = config.model
+    extra = {"drop_path_rate": m.drop_path_rate} if m.drop_path_rate else {}
+    model = create_robust_model(m.name, num_classes=m.num_classes, stem=m.stem,
+                                weights=m.pretrained, small_input=m.small_input,
+                                skip_head=True, **extra)
+    if m.init is not None:
+        load_backbone_weights(model, m.init, model_name=m.name, skip_head=m.new_head,
+                              include_stem=True)
+    return model
+
+
+class WorkerLoop:
+    """Everything one worker needs to train: model, engine, EMA, loaders, augmentation."""
+
+    def __init__(self, config: RunConfig, place: WorkerPlace, train_path: str,
+                 heldout_path: str | None) -> None:
+        self.config = config
+        self.place = place
+        self.precision = resolve_precision(config, place.device)
+        torch.manual_seed(config.seed)  # identical initial weights on every rank
+        self.train_data = train_loader(
+            train_path, batch_size=config.per_worker_batch_size,
+            resolution=config.data.resolution, rank=place.rank, world_size=place.world_size,
+            seed=config.seed, num_workers=config.data.loader_workers,
+            flip=config.aug.preset != "basic", device=place.device)
+        self.heldout_path = heldout_path
+        model = build_model(config).to(place.device)
+        if config.scaling.channels_last and place.device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        self.engine, self.optimizer, self.scheduler = build_engine(
+            model, config, len(self.train_data), place.device)
+        self.ema = build_ema(self.engine.module, config.optim.ema_decay)
+        self.augment = DeviceAugment(
+            config.aug.preset, config.model.num_classes, seed=config.seed + 1000 * place.rank,
+            label_smoothing=config.objective.label_smoothing,
+            mixup_alpha=config.aug.mixup_alpha, cutmix_alpha=config.aug.cutmix_alpha,
+            erase_prob=config.aug.erase_prob)
+        self.objective = ObjectiveConfig(**config.objective.model_dump())
+        self.epoch = 0  # epochs completed
+        self.best_heldout: float | None = None
+
+    # ------------------------------------------------------------------ helpers
+    def _autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.place.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _all_reduce(self, values: list[float]) -> list[float]:
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.place.device)
+        if self.place.world_size > 1 and dist.is_initialized():
+            dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def current_eps(self, epoch_progress: float) -> float:
+        attack = self.config.attack
+        return attack.eps * radius_factor(epoch_progress, schedule=attack.eps_schedule,
+                                          t1=attack.eps_t1, t2=attack.eps_t2)
+
+    # ------------------------------------------------------------------ one epoch
+    def train_epoch(self) -> dict[str, float]:
+        """Train one epoch; returns metrics averaged over ranks."""
+        self.engine.module.train()
+        self.train_data.set_epoch(self.epoch)
+        eps = self.current_eps(float(self.epoch))
+        attack = build_attack(self.engine.module, self.config, eps,
+                              seed=self.config.seed + 7919 * self.epoch + self.place.rank)
+        totals = torch.zeros(3, dtype=torch.float64, device=self.place.device)
+        self._write_pid()
+        start = time.perf_counter()
+        for images, labels in self.train_data:
+            images, targets = self.augment(images, labels)
+            with self._autocast():
+                out = training_step_loss(self.engine.module, attack, images, targets,
+                                         self.objective)
+            self.engine.backward(out["loss"])
+            self.engine.step()
+            if self.ema is not None:
+                self.ema.update(self.engine.module)
+            batch = images.shape[0]
+            totals += torch.stack([out["metrics"]["loss"].double() * batch,
+                                   out["metrics"]["accuracy"].double() * batch,
+                                   torch.tensor(float(batch), dtype=torch.float64,
+                                                device=totals.device)])
+        loss_sum, correct, count = self._all_reduce(totals.tolist())
+        self.epoch += 1
+        return {"train_loss": loss_sum / count, "train_accuracy": correct / count,
+                "train_eps": eps, "lr": float(self.optimizer.param_groups[0]["lr"]),
+                "epoch_seconds": time.perf_counter() - start}
+
+    def evaluate_heldout(self) -> dict[str, float]:
+        """Clean and APGD robust accuracy of the EMA weights on this rank's held-out shard,
+        summed over ranks (the paper's checkpoint-selection signal)."""
+        if self.heldout_path is None:
+            return {}
+        model = self.ema.module if self.ema is not None else self.engine.module
+        attack = APGD(model, norm=self.config.attack.norm, eps=self.config.attack.eps,
+                      n_iter=self.config.attack.heldout_steps, loss="ce", seed=self.config.seed)
+        indices = None
+        if self.config.data.heldout_size is not None:
+            import numpy as np
+
+            from raytrain_at.data.ffcv_loaders import inspect_beton
+
+            n = min(self.config.data.heldout_size, inspect_beton(self.heldout_path).num_samples)
+            indices = np.arange(n)
+        loader = eval_loader(self.heldout_path, batch_size=self.config.per_worker_batch_size,
+                             resolution=self.config.data.resolution, rank=self.place.rank,
+                             world_size=self.place.world_size, device=self.place.device,
+                             num_workers=self.config.data.loader_workers, indices=indices)
+        clean = robust = count = 0.0
+        was_training = model.training
+        model.eval()
+        for images, labels in loader:
+            with self._autocast():
+                with torch.no_grad():
+                    clean += (model(images).argmax(1) == labels).sum().item()
+                x_adv = attack.perturb(images, labels) if self.config.objective.kind != "clean" \
+                    or self.config.attack.kind != "none" else images
+                with torch.no_grad():
+                    robust += (model(x_adv).argmax(1) == labels).sum().item()
+            count += labels.shape[0]
+        model.train(was_training)
+        clean, robust, count = self._all_reduce([clean, robust, count])
+        return {"heldout_clean_accuracy": clean / count, "heldout_robust_accuracy": robust / count}
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, directory: Path) -> None:
+        """Write this rank's part of a checkpoint into ``directory``."""
+        directory.mkdir(parents=True, exist_ok=True)
+        self.engine.save_checkpoint(str(directory), tag=DS_TAG)
+        if self.place.rank == 0:
+            if self.ema is not None:
+                save_file({k: v.detach().cpu().contiguous()
+                           for k, v in self.ema.module.state_dict().items()},
+                          str(directory / EMA_FILE))
+            state = {"epoch": self.epoch, "best_heldout": self.best_heldout,
+                     "config": self.config.model_dump(mode="json")}
+            (directory / STATE_FILE).write_text(json.dumps(state))
+
+    def load(self, directory: Path) -> None:
+        """Restore weights, optimiser, LR schedule, EMA and epoch from a checkpoint."""
+        path, _ = self.engine.load_checkpoint(str(directory), tag=DS_TAG,
+                                              load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"no DeepSpeed checkpoint under {directory}")
+        if self.ema is not None:
+            self.ema.module.load_state_dict(load_file(str(directory / EMA_FILE)))
+        state = json.loads((directory / STATE_FILE).read_text())
+        self.epoch = int(state["epoch"])
+        self.best_heldout = state.get("best_heldout")
+
+    def _write_pid(self) -> None:
+        pid_dir = os.environ.get(PID_DIR_ENV)
+        if pid_dir:
+            Path(pid_dir, f"rank{self.place.rank}-epoch{self.epoch}.pid").write_text(
+                str(os.getpid()))
+
+    # ------------------------------------------------------------------ the run
+    def run(self, report: Report, checkpoint_root: Path) -> None:
+        """Train the remaining epochs, reporting metrics and a checkpoint after each."""
+        schedule = self.config.schedule
+        while self.epoch < schedule.epochs:
+            metrics = self.train_epoch()
+            metrics.update(self.evaluate_heldout())
+            robust = metrics.get("heldout_robust_accuracy")
+            if robust is not None and (self.best_heldout is None or robust > self.best_heldout):
+                self.best_heldout = robust
+            metrics["epoch"] = self.epoch
+            checkpoint = None
+            if self.epoch % schedule.checkpoint_every == 0 or self.epoch == schedule.epochs:
+                checkpoint = checkpoint_root / f"epoch-{self.epoch:04d}-rank{self.place.rank}"
+                self.save(checkpoint)
+            report(metrics, checkpoint)
