@@ -154,3 +154,16 @@ def test_isotropic_convnext_structure() -> None:
     assert backbone.stem.kernel_size == (16, 16) and backbone.stem.stride == (16, 16)
     cvst = timm.create_model("convnext_iso_small_cvst", num_classes=7)
     assert cvst(torch.rand(1, 3, 64, 64)).shape == (1, 7)
+
+
+def test_head_is_kept_when_it_fits_and_skipped_when_it_does_not(tmp_path) -> None:
+    clean = timm.create_model("convnext_tiny", num_classes=10, **TINY_CONVNEXT)
+    path = tmp_path / "ten.safetensors"
+    save_file(clean.state_dict(), str(path))
+    same = create_robust_model("convnext_tiny_cvst", num_classes=10, **TINY_CONVNEXT)
+    report = load_backbone_weights(same, path, skip_head="if_mismatched")
+    assert report.skipped_head == []
+    assert torch.equal(unwrap(same).head.fc.weight, clean.head.fc.weight)
+    other = create_robust_model("convnext_tiny_cvst", num_classes=7, **TINY_CONVNEXT)
+    report = load_backbone_weights(other, path, skip_head="if_mismatched")
+    assert sorted(report.skipped_head) == ["head.fc.bias", "head.fc.weight"]

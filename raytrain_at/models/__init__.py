@@ -32,7 +32,7 @@ __all__ = [
 
 
 def create_robust_model(name: str, *, num_classes: int = 1000, stem: str | None = None,
-                        weights: str | Path | None = None, skip_head: bool = False,
+                        weights: str | Path | None = None, skip_head: bool | str = False,
                         small_input: bool = False, resolution: int | None = None,
                         **timm_kwargs: Any) -> PixelSpaceClassifier:
     """Build a model by timm name that takes images in [0, 1].

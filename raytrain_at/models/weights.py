@@ -90,14 +90,15 @@ def _hub_state_dict(name: str) -> dict[str, torch.Tensor]:
 
 
 def load_backbone_weights(model: nn.Module, source: str | Path | None, *, model_name: str = "",
-                          skip_head: bool = False, include_stem: bool = False) -> LoadReport:
+                          skip_head: bool | str = False, include_stem: bool = False) -> LoadReport:
     """Copy matching tensors from ``source`` into ``model`` (in place).
 
     Args:
         model: the model (a :class:`PixelSpaceClassifier` is unwrapped).
         source: local file or ``hub:name.tag``.
         model_name: for messages.
-        skip_head: leave the classifier out (fine-tuning to a new label set).
+        skip_head: leave the classifier out (fine-tuning to a new label set); ``"if_mismatched"``
+            keeps it when its shape fits (same label set) and leaves it out otherwise.
         include_stem: load the stem too (a checkpoint of the same ConvStem model, e.g. to continue
             from a clean or robust run), instead of keeping it freshly initialised.
 
@@ -125,7 +126,9 @@ def load_backbone_weights(model: nn.Module, source: str | Path | None, *, model_
         if has_conv_stem and key.startswith(adapter.stem_prefix):
             report.skipped_stem.append(key)
             continue
-        if skip_head and key.startswith(head_prefixes):
+        if key.startswith(head_prefixes) and (skip_head is True or (
+                skip_head == "if_mismatched" and key in own
+                and tuple(own[key].shape) != tuple(tensor.shape))):
             report.skipped_head.append(key)
             continue
         if key not in own:
@@ -140,7 +143,7 @@ def load_backbone_weights(model: nn.Module, source: str | Path | None, *, model_
         raise UserError(f"checkpoint {str(source)!r} has no parameters in common with {name}")
     missing = [k for k in own if k not in to_load and not (
         has_conv_stem and k.startswith(adapter.stem_prefix))
-        and not (skip_head and k.startswith(head_prefixes))]
+        and k not in report.skipped_head]
     body.load_state_dict(to_load, strict=False)
     report.loaded = len(to_load)
     report.missing = missing
