@@ -452,6 +452,18 @@ class DeviceAugment:
         self.color_jitter = ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.0, p=1.0)
 
     @property
+    def calls(self) -> int:
+        """Calls made so far: each call's randomness derives from (seed, call index), so a
+        resumed run restores this to continue the same augmentation stream."""
+        return self._calls
+
+    @calls.setter
+    def calls(self, value: int) -> None:
+        if value < 0:
+            raise ValueError(f"calls must be >= 0, got {value}")
+        self._calls = int(value)
+
+    @property
     def loader_flip(self) -> bool:
         """Whether the FFCV loader should flip horizontally (the paper's basic has no flip)."""
         return self.preset != "basic"

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -27,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from raytrain_at.attacks import APGD, FGSM, PGD
 from raytrain_at.config import RunConfig
 from raytrain_at.data.device_augment import DeviceAugment
-from raytrain_at.data.ffcv_loaders import eval_loader, train_loader
+from raytrain_at.data.ffcv_loaders import eval_loader, inspect_beton, train_loader
 from raytrain_at.models import create_robust_model, load_backbone_weights
 from raytrain_at.training.engine import build_ema, build_engine, resolve_precision
 from raytrain_at.training.objectives import ObjectiveConfig, training_step_loss
@@ -51,6 +52,13 @@ class WorkerPlace:
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+
+
+def _first(count: int | None, path: str) -> np.ndarray | None:
+    """Indices of the first ``count`` samples of ``path`` (all when None)."""
+    if count is None:
+        return None
+    return np.arange(min(count, inspect_beton(path).num_samples))
 
 
 class _Unperturbed:
@@ -80,10 +88,10 @@ def build_model(config: RunConfig) -> nn.Module:
     extra = {"drop_path_rate": m.drop_path_rate} if m.drop_path_rate else {}
     model = create_robust_model(m.name, num_classes=m.num_classes, stem=m.stem,
                                 weights=m.pretrained, small_input=m.small_input,
-                                skip_head=True, **extra)
+                                skip_head="if_mismatched", **extra)
     if m.init is not None:
-        load_backbone_weights(model, m.init, model_name=m.name, skip_head=m.new_head,
-                              include_stem=True)
+        load_backbone_weights(model, m.init, model_name=m.name,
+                              skip_head=True if m.new_head else "if_mismatched", include_stem=True)
     return model
 
 
@@ -97,16 +105,22 @@ class WorkerLoop:
         self.precision = resolve_precision(config, place.device)
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         self.train_data = train_loader(
-            train_path, batch_size=config.per_worker_batch_size,
+            train_path, indices=_first(config.data.train_size, train_path),
+            batch_size=config.per_worker_batch_size,
             resolution=config.data.resolution, rank=place.rank, world_size=place.world_size,
             seed=config.seed, num_workers=config.data.loader_workers,
             flip=config.aug.preset != "basic", device=place.device)
         self.heldout_path = heldout_path
+        self._heldout_data = None
         model = build_model(config).to(place.device)
         if config.scaling.channels_last and place.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         self.engine, self.optimizer, self.scheduler = build_engine(
             model, config, len(self.train_data), place.device)
+        if config.scaling.compile:
+            # DeepSpeed compiles the wrapped module in place (torch.compile); attacks and the
+            # training step then run the compiled graph.
+            self.engine.compile()
         self.ema = build_ema(self.engine.module, config.optim.ema_decay)
         self.augment = DeviceAugment(
             config.aug.preset, config.model.num_classes, seed=config.seed + 1000 * place.rank,
@@ -173,18 +187,14 @@ class WorkerLoop:
         model = self.ema.module if self.ema is not None else self.engine.module
         attack = APGD(model, norm=self.config.attack.norm, eps=self.config.attack.eps,
                       n_iter=self.config.attack.heldout_steps, loss="ce", seed=self.config.seed)
-        indices = None
-        if self.config.data.heldout_size is not None:
-            import numpy as np
-
-            from raytrain_at.data.ffcv_loaders import inspect_beton
-
-            n = min(self.config.data.heldout_size, inspect_beton(self.heldout_path).num_samples)
-            indices = np.arange(n)
-        loader = eval_loader(self.heldout_path, batch_size=self.config.per_worker_batch_size,
-                             resolution=self.config.data.resolution, rank=self.place.rank,
-                             world_size=self.place.world_size, device=self.place.device,
-                             num_workers=self.config.data.loader_workers, indices=indices)
+        if self._heldout_data is None:  # built once: FFCV compiles a pipeline per loader
+            self._heldout_data = eval_loader(
+                self.heldout_path, batch_size=self.config.per_worker_batch_size,
+                resolution=self.config.data.resolution, rank=self.place.rank,
+                world_size=self.place.world_size, device=self.place.device,
+                num_workers=self.config.data.loader_workers,
+                indices=_first(self.config.data.heldout_size, self.heldout_path))
+        loader = self._heldout_data
         clean = robust = count = 0.0
         was_training = model.training
         model.eval()
@@ -192,8 +202,8 @@ class WorkerLoop:
             with self._autocast():
                 with torch.no_grad():
                     clean += (model(images).argmax(1) == labels).sum().item()
-                x_adv = attack.perturb(images, labels) if self.config.objective.kind != "clean" \
-                    or self.config.attack.kind != "none" else images
+                # Robust accuracy at the target radius also for clean runs (to compare them).
+                x_adv = attack.perturb(images, labels)
                 with torch.no_grad():
                     robust += (model(x_adv).argmax(1) == labels).sum().item()
             count += labels.shape[0]
@@ -211,12 +221,14 @@ class WorkerLoop:
                 save_file({k: v.detach().cpu().contiguous()
                            for k, v in self.ema.module.state_dict().items()},
                           str(directory / EMA_FILE))
+            # The augmentation draws depend on its call count: a resumed run must go on from it.
             state = {"epoch": self.epoch, "best_heldout": self.best_heldout,
+                     "augment_calls": self.augment.calls,
                      "config": self.config.model_dump(mode="json")}
             (directory / STATE_FILE).write_text(json.dumps(state))
 
     def load(self, directory: Path) -> None:
-        """Restore weights, optimiser, LR schedule, EMA and epoch from a checkpoint."""
+        """Restore weights, optimiser, LR schedule, EMA, epoch and augmentation count."""
         path, _ = self.engine.load_checkpoint(str(directory), tag=DS_TAG,
                                               load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
@@ -227,6 +239,7 @@ class WorkerLoop:
         state = json.loads((directory / STATE_FILE).read_text())
         self.epoch = int(state["epoch"])
         self.best_heldout = state.get("best_heldout")
+        self.augment.calls = int(state["augment_calls"])
 
     def _write_pid(self) -> None:
         pid_dir = os.environ.get(PID_DIR_ENV)
