@@ -20,11 +20,13 @@ app.add_typer(data_app, name="data")
 
 
 @app.command()
-def quickstart() -> None:
-    """Run the main job on the embedded default (CPU, bundled data)."""
+def quickstart(
+    set_: list[str] = typer.Option(None, "--set", help="override the quickstart recipe"),
+) -> None:
+    """Adversarial vs clean training on the embedded default (local CPUs, bundled digits)."""
     from raytrain_at.quickstart import run_quickstart
 
-    run_quickstart()
+    run_quickstart(list(set_ or []))
 
 
 @app.command()
@@ -64,16 +66,20 @@ def train(
     address: str = typer.Option(None, help="Ray cluster address ('auto' on a cluster)"),
     run_name: str = typer.Option(None, help="stable name: re-running it resumes"),
     storage_path: str = typer.Option(None, help="where Ray keeps checkpoints"),
+    single_process: bool = typer.Option(False, help="run one worker in this process, no Ray"),
 ) -> None:
     """Adversarially train a model with Ray Train + DeepSpeed, tracked in MLflow."""
     from raytrain_at.config import load_config
-    from raytrain_at.training.launch import launch, prepare_run
+    from raytrain_at.training.launch import launch, prepare_run, run_single_process
 
     overrides = list(set_ or [])
     if num_workers is not None:
         overrides.append(f"scaling.num_workers={num_workers}")
     prepared = prepare_run(load_config(recipe, overrides), run_name=run_name,
                            storage_path=storage_path)
+    if single_process:
+        print(f"run {prepared.run_name}: {run_single_process(prepared)}")
+        return
     result = launch(prepared, address=address)
     print(f"run {prepared.run_name}: {result.metrics}")
     if result.checkpoint is not None:

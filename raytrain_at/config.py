@@ -60,7 +60,8 @@ class DataSection(_Section):
     train: str = "digits"
     heldout: str | None = None
     resolution: int = Field(224, ge=16, le=2048)
-    heldout_size: int | None = Field(None, ge=1)
+    train_size: int | None = Field(None, ge=1)  # use only the first N training samples
+    heldout_size: int | None = Field(None, ge=1)  # use only the first N held-out samples
     loader_workers: int = Field(2, ge=1)
 
 

@@ -67,6 +67,12 @@ def inspect_beton(path: str | Path) -> BetonInfo:
     return BetonInfo(path=path, num_samples=num_samples, fields=fields)
 
 
+def _check_indices(indices: np.ndarray | None, info: BetonInfo) -> None:
+    if indices is not None and (len(indices) == 0 or np.max(indices) >= info.num_samples):
+        raise UserError(f"sample indices do not fit {str(info.path)!r} with {info.num_samples} "
+                        "samples")
+
+
 def _check_resolution(resolution: int) -> None:
     if not isinstance(resolution, int) or resolution < 16 or resolution > 2048:
         raise UserError(f"resolution {resolution!r} is not an integer in [16, 2048]")
@@ -124,7 +130,8 @@ def _image_tail(device: torch.device) -> list:
 def train_loader(path: str | Path, *, batch_size: int, resolution: int = 224, rank: int = 0,
                  world_size: int = 1, seed: int = 0, num_workers: int = 2, flip: bool = True,
                  scale: tuple[float, float] = (0.08, 1.0), device: str | torch.device = "cpu",
-                 drop_last: bool = True, os_cache: bool = True) -> DeviceBatches:
+                 drop_last: bool = True, os_cache: bool = True,
+                 indices: np.ndarray | None = None) -> DeviceBatches:
     """The training loader of one rank.
 
     Args:
@@ -139,6 +146,7 @@ def train_loader(path: str | Path, *, batch_size: int, resolution: int = 224, ra
         device: where batches go.
         drop_last: drop the last incomplete batch (keeps ranks in step).
         os_cache: keep the file in the page cache (FFCV's RANDOM order needs RAM for the file).
+        indices: restrict training to these samples (e.g. the first n).
     """
     from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
     from ffcv.loader import Loader
@@ -149,13 +157,14 @@ def train_loader(path: str | Path, *, batch_size: int, resolution: int = 224, ra
     if batch_size < 1:
         raise UserError(f"batch size {batch_size} must be >= 1")
     device = torch.device(device)
+    _check_indices(indices, info)
     image_ops = [RandomResizedCropRGBImageDecoder((resolution, resolution), scale=scale,
                                                   ratio=(3 / 4, 4 / 3))]
     if flip:
         image_ops.append(RandomHorizontalFlip())
     loader = Loader(str(info.path), batch_size=batch_size, num_workers=num_workers,
                     order=ShardedOrder(rank, world_size, shuffle=True), seed=seed,
-                    os_cache=os_cache, drop_last=drop_last,
+                    os_cache=os_cache, drop_last=drop_last, indices=indices,
                     pipelines={"image": image_ops + _image_tail(device),
                                "label": _label_pipeline(device)})
     if len(loader) == 0:
@@ -181,9 +190,7 @@ def eval_loader(path: str | Path, *, batch_size: int, resolution: int = 224,
     if not 0.0 < crop_pct <= 1.0:
         raise UserError(f"crop_pct {crop_pct} is not in (0, 1]")
     device = torch.device(device)
-    if indices is not None and (len(indices) == 0 or np.max(indices) >= info.num_samples):
-        raise UserError(f"sample indices do not fit {str(info.path)!r} with {info.num_samples} "
-                        "samples")
+    _check_indices(indices, info)
     loader = Loader(str(info.path), batch_size=batch_size, num_workers=num_workers,
                     order=ShardedOrder(rank, world_size, shuffle=False), drop_last=False,
                     indices=indices,

@@ -9,7 +9,9 @@ starts. Re-running with the same run name and storage resumes from the latest ch
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import logging
 import os
 import re
@@ -59,30 +61,40 @@ def default_storage() -> Path:
 
 
 def _bundled(name: str, split: str, storage: Path) -> str:
-    """Write the bundled digits split once (cached under the storage folder)."""
+    """Write the bundled digits split once (cached under the storage folder), quietly: it takes
+    a second and its progress bar would only clutter the run's output."""
     from raytrain_at.data.write import write_dataset
 
     target = storage / "datasets" / f"{name}_{split}.beton"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        write_dataset(name, target, split=split)
+        with contextlib.redirect_stderr(io.StringIO()):
+            write_dataset(name, target, split=split)
     return str(target)
 
 
+def _dataset_path(value: str | None, key: str, split: str, storage: Path) -> str | None:
+    if value is None:
+        return None
+    if value == "digits":
+        return _bundled("digits", split, storage)
+    return expand_path(value, key)
+
+
 def prepare_data(config: RunConfig, storage: Path) -> tuple[str, str | None]:
-    """Resolve and validate the train and held-out files."""
+    """Resolve and validate the train and held-out files (user files first, then the bundled
+    data is written if needed)."""
     from raytrain_at.data.ffcv_loaders import inspect_beton
     from raytrain_at.data.inspection import beton_labels
 
-    if config.data.train == "digits":
-        train = _bundled("digits", "train", storage)
-        heldout = _bundled("digits", "test", storage) if config.data.heldout in (None, "digits") \
-            else expand_path(config.data.heldout, "data.heldout")
-    else:
-        train = expand_path(config.data.train, "data.train")
-        heldout = None if config.data.heldout is None else (
-            _bundled("digits", "test", storage) if config.data.heldout == "digits"
-            else expand_path(config.data.heldout, "data.heldout"))
+    heldout_value = config.data.heldout
+    if config.data.train == "digits" and heldout_value is None:
+        heldout_value = "digits"
+    for value, key in ((config.data.train, "data.train"), (heldout_value, "data.heldout")):
+        if value not in (None, "digits"):
+            inspect_beton(expand_path(value, key))
+    train = _dataset_path(config.data.train, "data.train", "train", storage)
+    heldout = _dataset_path(heldout_value, "data.heldout", "test", storage)
     for path, key in ((train, "data.train"), (heldout, "data.heldout")):
         if path is None:
             continue
@@ -91,10 +103,11 @@ def prepare_data(config: RunConfig, storage: Path) -> tuple[str, str | None]:
         if top >= config.model.num_classes:
             raise UserError(f"{key} {path!r} has label {top}, but model.num_classes is "
                             f"{config.model.num_classes}")
-        if key == "data.train" and info.num_samples // config.scaling.num_workers \
+        usable = min(info.num_samples, config.data.train_size or info.num_samples)
+        if key == "data.train" and usable // config.scaling.num_workers \
                 < config.per_worker_batch_size:
-            raise UserError(f"data.train {path!r} has {info.num_samples} samples: too few for a "
-                            f"global batch of {config.schedule.global_batch_size}")
+            raise UserError(f"data.train {path!r} gives {usable} samples: too few for a global "
+                            f"batch of {config.schedule.global_batch_size}")
     return train, heldout
 
 
@@ -122,9 +135,9 @@ def prepare_run(config: RunConfig, *, run_name: str | None = None,
 
     config = config.model_copy(deep=True)
     storage = Path(storage_path or config.tracking.storage_path or default_storage()).resolve()
+    _check_weights(config)
     storage.mkdir(parents=True, exist_ok=True)
     train, heldout = prepare_data(config, storage)
-    _check_weights(config)
     name = run_name or config.tracking.run_name or default_run_name(config)
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise UserError(f"run name {name!r} may only use letters, digits, '.', '_' and '-'")
@@ -200,6 +213,34 @@ def _log_final_artifacts(tracker, loop, config: RunConfig) -> None:
         tracker.log_file(weights, "model")
     tracker.log_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False),
                      "config.yaml")
+
+
+def run_single_process(prepared: PreparedRun) -> dict[str, float]:
+    """The same worker loop in this process, without Ray (world size 1): for benchmarks on a
+    machine without Ray and for debugging. Checkpoints go to the storage folder; no resume."""
+    import deepspeed
+
+    from raytrain_at.training.loop import WorkerLoop, WorkerPlace
+
+    if prepared.config.scaling.num_workers != 1:
+        raise UserError("--single-process runs one worker: set scaling.num_workers=1 "
+                        "(or --num-workers 1)")
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511")):
+        os.environ.setdefault(key, value)
+    device = torch.device("cuda" if prepared.config.scaling.use_gpu else "cpu")
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    loop = WorkerLoop(prepared.config, WorkerPlace(0, 1, device), prepared.train_path,
+                      prepared.heldout_path)
+    last: dict[str, float] = {}
+
+    def report(metrics: dict[str, float], directory: Path | None) -> None:
+        last.update(metrics)
+        print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                       for k, v in metrics.items()), flush=True)
+
+    loop.run(report, Path(prepared.storage_path) / prepared.run_name / "single-process")
+    return last
 
 
 def launch(prepared: PreparedRun, *, address: str | None = None):

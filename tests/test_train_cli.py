@@ -1,0 +1,51 @@
+"""`raytrain-at train` refuses bad input with one line, before Ray or any worker starts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+CLI = str(Path(sys.executable).with_name("raytrain-at"))
+
+
+def _train(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, RAYTRAIN_AT_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1")
+    env.pop("NOPE_DATA", None)
+    return subprocess.run([CLI, "train", *args], capture_output=True, text=True, timeout=180,
+                          env=env, cwd=tmp_path)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (("quickstart", "--set", "optim.lrr=1"), "unknown config key 'optim.lrr'"),
+    (("quickstart", "--set", "optim.lr=-1"), "config key 'optim.lr'"),
+    (("quickstart", "--set", "attack.norm=l3"), "config key 'attack.norm'"),
+    (("quickstart", "--set", "schedule.global_batch_size=63"), "not divisible"),
+    (("no_such_recipe",), "unknown recipe 'no_such_recipe'"),
+    (("missing.yaml",), "recipe file 'missing.yaml' does not exist"),
+    (("quickstart", "--set", "data.train=/no/such/train.beton"), "does not exist"),
+    (("quickstart", "--set", "data.train=$NOPE_DATA/train.beton"), "$NOPE_DATA"),
+    (("quickstart", "--set", "model.stem=k3s2c20LG-k3s3cDLG"), "total stride 6"),
+    (("quickstart", "--set", "model.num_classes=5"), "has label 9"),
+])
+def test_bad_input_stops_before_workers(tmp_path, args, fragment) -> None:
+    started = time.perf_counter()
+    result = _train(tmp_path, *args)
+    assert result.returncode == 2, result.stderr[-500:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in result.stderr, lines
+    assert not (tmp_path / "home" / "runs").exists()  # no run was started
+    assert time.perf_counter() - started < 120
+
+
+def test_unreadable_checkpoint_stops_before_workers(tmp_path) -> None:
+    garbage = tmp_path / "init.safetensors"
+    garbage.write_bytes(b"\x00\x01 not safetensors")
+    result = _train(tmp_path, "quickstart", "--set", f"model.init={garbage}")
+    assert result.returncode == 2
+    assert "cannot be read as weights" in result.stderr and result.stderr.count("\n") == 1
+    assert not (tmp_path / "home" / "runs").exists()
