@@ -243,6 +243,14 @@ def run_single_process(prepared: PreparedRun) -> dict[str, float]:
     return last
 
 
+def quiet_ray_internals() -> None:
+    """Ray worker-process setup hook: Ray Train's placement-group cleaner polls the State API,
+    which is not running when Ray starts without its dashboard (as here), and logs a warning on
+    every poll; keep its errors only."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner"
+                      ).setLevel(logging.ERROR)
+
+
 def launch(prepared: PreparedRun, *, address: str | None = None):
     """Run the prepared job on Ray Train; returns Ray's ``Result``."""
     import ray
@@ -252,7 +260,9 @@ def launch(prepared: PreparedRun, *, address: str | None = None):
     config = prepared.config
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=True,
-                 ignore_reinit_error=True)
+                 ignore_reinit_error=True,
+                 runtime_env={"worker_process_setup_hook":
+                              "raytrain_at.training.launch.quiet_ray_internals"})
     if config.scaling.use_gpu and not torch.cuda.is_available() and address is None:
         raise UserError("scaling.use_gpu is true but this machine has no GPU (use --address "
                         "for a cluster, or --set scaling.use_gpu=false)")
