@@ -292,8 +292,3 @@ def flatten(config: BaseModel, prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = list(value) if isinstance(value, tuple) else value
     return flat
-
-
-def config_keys() -> set[str]:
-    """Every dotted key a run config accepts (to validate Tune spaces before any trial)."""
-    return set(flatten(RunConfig()))

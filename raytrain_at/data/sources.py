@@ -18,7 +18,6 @@ import io
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch
@@ -221,7 +220,3 @@ def detect_format(source: str) -> str:
     if (root / "imagelabels.mat").exists():
         return "flowers102"
     return "imagefolder"
-
-
-def labels_of(samples: Iterable[Sample]) -> list[int]:
-    return [s.label for s in samples]

@@ -9,7 +9,6 @@ resumed training run (same name) keeps writing to the same MLflow run.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -82,7 +81,3 @@ class TrainingRun:
 def _param_text(value: Any) -> str:
     text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
     return text[:6000]
-
-
-def tracking_env_uri() -> str | None:
-    return os.environ.get("MLFLOW_TRACKING_URI")
