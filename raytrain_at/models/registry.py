@@ -32,53 +32,57 @@ def _pretrained_cfg(name: str, base: dict[str, Any], hub_weights: str | None) ->
     return cfg
 
 
-def _build(name: str, base_arch: str, default_stem: str | None, hub_weights: str | None,
-           pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
-    """Build ``base_arch`` from timm, swap the stem, and optionally load clean weights."""
+def _own_options(kwargs: dict[str, Any], default_stem: str | None
+                 ) -> tuple[str | None, str | None, bool]:
+    """Take our options out of the entry-function kwargs: (local weights file, stem spec,
+    small_input). timm's own cfg keys are dropped: these models get their cfg set below."""
     overlay = kwargs.pop("pretrained_cfg_overlay", None) or {}
     for key in _TIMM_CFG_KEYS:
         kwargs.pop(key, None)
     stem = kwargs.pop("stem", None) or default_stem
-    small_input = bool(kwargs.pop("small_input", False))
-    model = timm.create_model(base_arch, pretrained=False, **kwargs)
-    base_cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
+    return overlay.get("file"), stem, bool(kwargs.pop("small_input", False))
+
+
+def _finish(model: nn.Module, name: str, stem: str | None, cfg: dict[str, Any],
+            pretrained: bool, source: str | None) -> nn.Module:
+    """Swap in the stem, record the cfg, and load clean weights into the non-stem parameters."""
     if stem is not None:
         replace_stem(model, stem, name)
-    if small_input:
-        use_small_input_strides(model)
-    model.pretrained_cfg = model.default_cfg = _pretrained_cfg(name, base_cfg, hub_weights)
+    model.pretrained_cfg = model.default_cfg = cfg
     if pretrained:
         from raytrain_at.models.weights import load_backbone_weights
 
-        source = overlay.get("file") or (f"hub:{hub_weights}" if hub_weights else None)
         load_backbone_weights(model, source, model_name=name)
     return model
 
 
-def _iso_model(name: str, stem: str | None, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
-    overlay = kwargs.pop("pretrained_cfg_overlay", None) or {}
-    for key in _TIMM_CFG_KEYS:
-        kwargs.pop(key, None)
-    stem = kwargs.pop("stem", None) or stem
-    if kwargs.pop("small_input", False):
+def _build(name: str, base_arch: str, default_stem: str | None, hub_weights: str | None,
+           pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+    """Build ``base_arch`` from timm, swap the stem, and optionally load clean weights."""
+    weights_file, stem, small_input = _own_options(kwargs, default_stem)
+    model = timm.create_model(base_arch, pretrained=False, **kwargs)
+    cfg = _pretrained_cfg(name, dict(getattr(model, "pretrained_cfg", {}) or {}), hub_weights)
+    source = weights_file or (f"hub:{hub_weights}" if hub_weights else None)
+    model = _finish(model, name, stem, cfg, pretrained, source)
+    if small_input:
+        use_small_input_strides(model)
+    return model
+
+
+def _iso_model(name: str, default_stem: str | None, pretrained: bool, kwargs: dict[str, Any]
+               ) -> nn.Module:
+    weights_file, stem, small_input = _own_options(kwargs, default_stem)
+    if small_input:
         raise UserError(f"small_input is only defined for ConvNeXt backbones, not {name} "
                         "(paper App. D.6)")
-    params = dict(depth=18, dim=384, patch_size=16)
-    params.update(kwargs)
-    model = IsotropicConvNeXt(**params)
-    if stem is not None:
-        replace_stem(model, stem, name)
-    model.pretrained_cfg = model.default_cfg = dict(
-        architecture=name, input_size=(3, 224, 224), crop_pct=0.875, interpolation="bicubic",
-        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, num_classes=model.num_classes,
-        first_conv="stem.0" if stem else "stem", classifier="head",
-        # The paper's clean weights come from the ConvNeXt repository, not the hub.
-        clean_weights=None)
-    if pretrained:
-        from raytrain_at.models.weights import load_backbone_weights
-
-        load_backbone_weights(model, overlay.get("file"), model_name=name)
-    return model
+    model = IsotropicConvNeXt(**dict(dict(depth=18, dim=384, patch_size=16), **kwargs))
+    cfg = dict(architecture=name, input_size=(3, 224, 224), crop_pct=0.875,
+               interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+               num_classes=model.num_classes, first_conv="stem.0" if stem else "stem",
+               classifier="head",
+               # The paper's clean weights come from the ConvNeXt repository, not the hub.
+               clean_weights=None)
+    return _finish(model, name, stem, cfg, pretrained, weights_file)
 
 
 # ConvNeXt + ConvStem (Fig. 2; Table 8 C2 for ConvNeXt-B). Clean weights: Table 18.

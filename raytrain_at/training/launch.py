@@ -73,42 +73,39 @@ def _bundled(name: str, split: str, storage: Path) -> str:
     return str(target)
 
 
-def _dataset_path(value: str | None, key: str, split: str, storage: Path) -> str | None:
-    if value is None:
-        return None
-    if value == "digits":
-        return _bundled("digits", split, storage)
-    return expand_path(value, key)
-
-
-def prepare_data(config: RunConfig, storage: Path) -> tuple[str, str | None]:
-    """Resolve and validate the train and held-out files (user files first, then the bundled
-    data is written if needed)."""
+def _validate_dataset(path: str, key: str, config: RunConfig) -> None:
+    """The file is FFCV, its labels fit the model, and (train) it fills a global batch."""
     from raytrain_at.data.ffcv_loaders import inspect_beton
     from raytrain_at.data.inspection import beton_labels
 
-    heldout_value = config.data.heldout
-    if config.data.train == "digits" and heldout_value is None:
-        heldout_value = "digits"
-    for value, key in ((config.data.train, "data.train"), (heldout_value, "data.heldout")):
+    info = inspect_beton(path)
+    top = int(beton_labels(path).max())
+    if top >= config.model.num_classes:
+        raise UserError(f"{key} {path!r} has label {top}, but model.num_classes is "
+                        f"{config.model.num_classes}")
+    usable = min(info.num_samples, config.data.train_size or info.num_samples)
+    if key == "data.train" and usable // config.scaling.num_workers < config.per_worker_batch_size:
+        raise UserError(f"data.train {path!r} gives {usable} samples: too few for a global "
+                        f"batch of {config.schedule.global_batch_size}")
+
+
+def prepare_data(config: RunConfig, storage: Path) -> tuple[str, str | None]:
+    """Resolve and validate the train and held-out files: the user's files first, so their
+    errors come before the bundled data is written (once, cached)."""
+    heldout = config.data.heldout
+    if config.data.train == "digits" and heldout is None:
+        heldout = "digits"
+    splits = {"data.train": (config.data.train, "train"), "data.heldout": (heldout, "test")}
+    paths: dict[str, str | None] = {}
+    for key, (value, _) in splits.items():
         if value not in (None, "digits"):
-            inspect_beton(expand_path(value, key))
-    train = _dataset_path(config.data.train, "data.train", "train", storage)
-    heldout = _dataset_path(heldout_value, "data.heldout", "test", storage)
-    for path, key in ((train, "data.train"), (heldout, "data.heldout")):
-        if path is None:
-            continue
-        info = inspect_beton(path)
-        top = int(beton_labels(path).max())
-        if top >= config.model.num_classes:
-            raise UserError(f"{key} {path!r} has label {top}, but model.num_classes is "
-                            f"{config.model.num_classes}")
-        usable = min(info.num_samples, config.data.train_size or info.num_samples)
-        if key == "data.train" and usable // config.scaling.num_workers \
-                < config.per_worker_batch_size:
-            raise UserError(f"data.train {path!r} gives {usable} samples: too few for a global "
-                            f"batch of {config.schedule.global_batch_size}")
-    return train, heldout
+            paths[key] = expand_path(value, key)
+            _validate_dataset(paths[key], key, config)
+    for key, (value, split) in splits.items():
+        if value == "digits":
+            paths[key] = _bundled("digits", split, storage)
+            _validate_dataset(paths[key], key, config)
+    return paths["data.train"], paths.get("data.heldout")
 
 
 def _check_weights(config: RunConfig) -> None:

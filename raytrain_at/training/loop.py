@@ -156,7 +156,8 @@ class WorkerLoop:
         eps = self.current_eps(float(self.epoch))
         attack = build_attack(self.engine.module, self.config, eps,
                               seed=self.config.seed + 7919 * self.epoch + self.place.rank)
-        totals = torch.zeros(3, dtype=torch.float64, device=self.place.device)
+        totals = torch.zeros(2, dtype=torch.float64, device=self.place.device)
+        seen = 0  # batch sizes are known on the host: no device tensor per step for the count
         self._write_pid()
         start = time.perf_counter()
         for images, labels in self.train_data:
@@ -169,11 +170,10 @@ class WorkerLoop:
             if self.ema is not None:
                 self.ema.update(self.engine.module)
             batch = images.shape[0]
-            totals += torch.stack([out["metrics"]["loss"].double() * batch,
-                                   out["metrics"]["accuracy"].double() * batch,
-                                   torch.tensor(float(batch), dtype=torch.float64,
-                                                device=totals.device)])
-        loss_sum, correct, count = self._all_reduce(totals.tolist())
+            seen += batch
+            totals += torch.stack([out["metrics"]["loss"].double(),
+                                   out["metrics"]["accuracy"].double()]) * batch
+        loss_sum, correct, count = self._all_reduce(totals.tolist() + [float(seen)])
         self.epoch += 1
         return {"train_loss": loss_sum / count, "train_accuracy": correct / count,
                 "train_eps": eps, "lr": float(self.optimizer.param_groups[0]["lr"]),
