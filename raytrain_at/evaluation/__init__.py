@@ -1,0 +1,1 @@
+"""Evaluation: AutoAttack, sweeps, corruptions, guards."""
