@@ -86,6 +86,66 @@ def train(
         print(f"latest checkpoint: {result.checkpoint.path}")
 
 
+@app.command()
+def evaluate(
+    model_ref: str = typer.Argument(..., help="model.safetensors, checkpoint folder, runs:/ID/model "
+                                    "or models:/NAME@ALIAS"),
+    data: str = typer.Option(..., help=".beton file (e.g. robustbench5k.beton) or 'digits'"),
+    norms: str = typer.Option("linf,l2,l1", help="comma-separated threat models"),
+    eps_linf: str = typer.Option(None, help="l_inf radius in [0,1] pixels [4/255]"),
+    eps_l2: str = typer.Option(None, help="l_2 radius [2, scaled with the side from 224]"),
+    eps_l1: str = typer.Option(None, help="l_1 radius [75, scaled with the area from 224]"),
+    version: str = typer.Option("standard", help="standard | fast | apgdt"),
+    n: int = typer.Option(None, help="evaluate the first N images [all]"),
+    resolution: int = typer.Option(None, help="test-time side [the training side]"),
+    workers: int = typer.Option(1, help="Ray workers, each on its own shard"),
+    batch_size: int = typer.Option(250, help="images per chunk and attack batch"),
+    seed: int = typer.Option(0, help="AutoAttack seed"),
+    out: Path = typer.Option(None, help="result JSON [evaluation-<hash>.json]"),
+    state_dir: Path = typer.Option(None, help="resume state root [~/.raytrain_at/eval-state]"),
+    address: str = typer.Option(None, help="Ray cluster address (auto on a cluster node)"),
+    gpu: bool = typer.Option(False, help="one GPU per worker"),
+    eps_sweep: str = typer.Option(None, help="also sweep radii, e.g. 2/255,4/255,6/255,8/255"),
+    sweep_norm: str = typer.Option("linf", help="norm of the eps sweep"),
+    sweep_version: str = typer.Option("apgdt", help="attack version of the sweeps"),
+    resolution_sweep: str = typer.Option(None, help="also sweep sides, e.g. 192,224,256,288"),
+    corruptions: bool = typer.Option(False, help="also ImageNet-C accuracy (one type per image)"),
+    severity: int = typer.Option(3, help="corruption severity 1..5"),
+) -> None:
+    """AutoAttack a model in l_inf / l_2 / l_1 (sharded, resumable); optional sweeps and
+    corruptions; writes a result JSON and prints the summary."""
+    from raytrain_at.evaluation.evaluate import EvaluationRequest, evaluate as run_evaluation
+    from raytrain_at.evaluation.result import summary_table
+    from raytrain_at.evaluation.threats import parse_eps, parse_eps_list, parse_norms
+    from raytrain_at.quickstart import make_console
+
+    radii = {norm: parse_eps(text, f"--eps-{norm}")
+             for norm, text in (("linf", eps_linf), ("l2", eps_l2), ("l1", eps_l1)) if text}
+    request = EvaluationRequest(
+        model_ref=model_ref, data=data, norms=parse_norms(norms), eps=radii, version=version,
+        n=n, resolution=resolution, workers=workers, batch_size=batch_size, seed=seed, out=out,
+        state_root=state_dir, address=address, use_gpu=gpu,
+        eps_sweep=parse_eps_list(eps_sweep, "--eps-sweep") if eps_sweep else None,
+        sweep_norm=parse_norms(sweep_norm)[0], sweep_version=sweep_version,
+        resolution_sweep=_int_list(resolution_sweep, "--resolution-sweep")
+        if resolution_sweep else None,
+        corruptions=corruptions, severity=severity)
+    result, path = run_evaluation(request)
+    console = make_console()
+    console.print(summary_table(result))
+    console.print(f"result: {path}")
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"{what} {text!r} is not a comma-separated list of integers") from None
+    if not values:
+        raise UserError(f"{what} names no value")
+    return values
+
+
 @data_app.command("write-ffcv")
 def write_ffcv(
     source: str = typer.Argument(..., help="ImageNet-style folder (or its root), a CIFAR or "

@@ -59,3 +59,56 @@ def trained_digits_net(digits) -> nn.Module:
             opt.step()
     model.eval()
     return model
+
+
+@pytest.fixture(scope="session")
+def eval_home(tmp_path_factory) -> str:
+    """A private RAYTRAIN_AT_HOME for evaluation tests (bundled test split written once)."""
+    from raytrain_at.data.write import bundled_beton
+
+    home = tmp_path_factory.mktemp("eval-home")
+    old = os.environ.get("RAYTRAIN_AT_HOME")
+    os.environ["RAYTRAIN_AT_HOME"] = str(home)
+    bundled_beton("digits", "test", home)
+    yield str(home)
+    if old is None:
+        os.environ.pop("RAYTRAIN_AT_HOME", None)
+    else:
+        os.environ["RAYTRAIN_AT_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def robust_model_file(eval_home, tmp_path_factory) -> str:
+    """timm's ``test_resnet`` adversarially trained on digits at 16x16 (l_inf 8/255, 2-step
+    APGD, about 10 s on CPU), saved as a model file with its spec (what `evaluate` reads)."""
+    from pathlib import Path
+
+    from raytrain_at.attacks import APGD
+    from raytrain_at.data.write import bundled_beton
+    from raytrain_at.evaluation.runner import load_images
+    from raytrain_at.models.model_files import ModelSpec, save_model_file
+
+    torch.manual_seed(0)
+    train = bundled_beton("digits", "train", Path(eval_home))
+    x, y = load_images(train, list(range(1500)), resolution=16, crop_pct=1.0, batch_size=500,
+                       device=torch.device("cpu"))
+    spec = ModelSpec(name="test_resnet", num_classes=10, resolution=16, crop_pct=1.0)
+    model = spec.build()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for epoch in range(6):
+        order = torch.randperm(len(x))
+        for start in range(0, len(x), 100):
+            xb, yb = x[order[start:start + 100]], y[order[start:start + 100]]
+            if epoch >= 2:  # two clean epochs first, then adversarial training
+                model.eval()
+                xb = APGD.for_training(model, norm="linf", eps=8 / 255, n_iter=2,
+                                       seed=epoch).perturb(xb, yb)
+                model.train()
+            loss = F.cross_entropy(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    path = tmp_path_factory.mktemp("robust-model") / "model.safetensors"
+    save_model_file(path, model, spec)
+    return str(path)

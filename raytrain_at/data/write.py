@@ -79,3 +79,24 @@ def write_dataset(source: str, out: str | Path, *, split: str = "train",
     samples = collect_samples(source, split=split, subset=subset,
                               exclude_heldout=exclude_heldout, digits_side=digits_side)
     return write_beton(samples, out, options or default_options(subset))
+
+
+BUNDLED: tuple[str, ...] = ("digits",)
+
+
+def bundled_beton(name: str, split: str, storage: Path) -> str:
+    """The bundled dataset ``name`` (split ``train`` or ``test``) as a .beton under ``storage``,
+    written once and then reused; quietly, as it takes a second and a progress bar would only
+    clutter the output of the command that needs it."""
+    import contextlib
+    import io
+
+    if name not in BUNDLED:
+        raise UserError(f"unknown bundled dataset {name!r} (bundled: {', '.join(BUNDLED)})")
+    target = Path(storage) / "datasets" / f"{name}_{split}.beton"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.redirect_stderr(io.StringIO()):
+            write_dataset(name, target, split=split)
+    return str(target)
+

@@ -114,6 +114,8 @@ def set_test_resolution(model: nn.Module, resolution: int) -> None:
     Raises:
         UserError: if the side is too small or not a multiple of the ViT's patch grid.
     """
+    if not any(cls in _ADAPTERS for cls in type(model).__mro__):
+        return  # another convolutional network: it takes any side
     adapter = adapter_for(model)
     if resolution < adapter.min_side:
         raise UserError(f"resolution {resolution} is below the minimum {adapter.min_side} for "

@@ -57,20 +57,9 @@ class PreparedRun:
 
 
 def default_storage() -> Path:
-    return Path(os.environ.get("RAYTRAIN_AT_HOME", Path.home() / ".raytrain_at"))
+    from raytrain_at.storage import default_home
 
-
-def _bundled(name: str, split: str, storage: Path) -> str:
-    """Write the bundled digits split once (cached under the storage folder), quietly: it takes
-    a second and its progress bar would only clutter the run's output."""
-    from raytrain_at.data.write import write_dataset
-
-    target = storage / "datasets" / f"{name}_{split}.beton"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.redirect_stderr(io.StringIO()):
-            write_dataset(name, target, split=split)
-    return str(target)
+    return default_home()
 
 
 def _validate_dataset(path: str, key: str, config: RunConfig) -> None:
@@ -92,6 +81,8 @@ def _validate_dataset(path: str, key: str, config: RunConfig) -> None:
 def prepare_data(config: RunConfig, storage: Path) -> tuple[str, str | None]:
     """Resolve and validate the train and held-out files: the user's files first, so their
     errors come before the bundled data is written (once, cached)."""
+    from raytrain_at.data.write import bundled_beton
+
     heldout = config.data.heldout
     if config.data.train == "digits" and heldout is None:
         heldout = "digits"
@@ -103,7 +94,7 @@ def prepare_data(config: RunConfig, storage: Path) -> tuple[str, str | None]:
             _validate_dataset(paths[key], key, config)
     for key, (value, split) in splits.items():
         if value == "digits":
-            paths[key] = _bundled("digits", split, storage)
+            paths[key] = bundled_beton("digits", split, storage)
             _validate_dataset(paths[key], key, config)
     return paths["data.train"], paths.get("data.heldout")
 
@@ -198,15 +189,16 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
 
 
 def _log_final_artifacts(tracker, loop, config: RunConfig) -> None:
-    """The final EMA weights (safetensors) and the resolved config (YAML)."""
+    """The final evaluated weights with their model spec, and the resolved config (YAML)."""
     import yaml
-    from safetensors.torch import save_file
 
-    model = loop.ema.module if loop.ema is not None else loop.engine.module
+    from raytrain_at.models.model_files import MODEL_FILE, ModelSpec, save_model_file
+
     with tempfile.TemporaryDirectory() as tmp:
-        weights = Path(tmp) / "model.safetensors"
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                  str(weights))
+        weights = save_model_file(Path(tmp) / MODEL_FILE, loop.eval_model,
+                                  ModelSpec.from_run_config(config),
+                                  {"raytrain_at.source_run": tracker.run_id,
+                                   "raytrain_at.epoch": str(loop.epoch)})
         tracker.log_file(weights, "model")
     tracker.log_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False),
                      "config.yaml")
@@ -254,12 +246,10 @@ def launch(prepared: PreparedRun, *, address: str | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from raytrain_at.ray_runtime import init_ray
+
     config = prepared.config
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=True,
-                 ignore_reinit_error=True,
-                 runtime_env={"worker_process_setup_hook":
-                              "raytrain_at.training.launch.quiet_ray_internals"})
+    init_ray(address)
     if config.scaling.use_gpu and not torch.cuda.is_available() and address is None:
         raise UserError("scaling.use_gpu is true but this machine has no GPU (use --address "
                         "for a cluster, or --set scaling.use_gpu=false)")

@@ -23,13 +23,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from raytrain_at.attacks import APGD, FGSM, PGD
 from raytrain_at.config import RunConfig
 from raytrain_at.data.device_augment import DeviceAugment
 from raytrain_at.data.ffcv_loaders import eval_loader, inspect_beton, train_loader
 from raytrain_at.models import create_robust_model, load_backbone_weights
+from raytrain_at.models.model_files import MODEL_FILE, ModelSpec, save_model_file
 from raytrain_at.training.engine import build_ema, build_engine, resolve_precision
 from raytrain_at.training.objectives import ObjectiveConfig, training_step_loss
 from raytrain_at.training.schedules import radius_factor
@@ -37,7 +38,6 @@ from raytrain_at.training.schedules import radius_factor
 log = logging.getLogger(__name__)
 
 DS_TAG = "state"
-EMA_FILE = "ema.safetensors"
 STATE_FILE = "loop_state.json"
 # Test hook: a worker writes its PID here so a test can kill it mid-epoch.
 PID_DIR_ENV = "RAYTRAIN_AT_PID_DIR"
@@ -132,6 +132,11 @@ class WorkerLoop:
         self.best_heldout: float | None = None
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights that are evaluated and shipped: the EMA when kept, else the live model."""
+        return self.ema.module if self.ema is not None else self.engine.module
+
     def _autocast(self):
         if self.precision == "bf16":
             return torch.autocast(self.place.device.type, dtype=torch.bfloat16)
@@ -184,7 +189,7 @@ class WorkerLoop:
         summed over ranks (the paper's checkpoint-selection signal)."""
         if self.heldout_path is None:
             return {}
-        model = self.ema.module if self.ema is not None else self.engine.module
+        model = self.eval_model
         attack = APGD(model, norm=self.config.attack.norm, eps=self.config.attack.eps,
                       n_iter=self.config.attack.heldout_steps, loss="ce", seed=self.config.seed)
         if self._heldout_data is None:  # built once: FFCV compiles a pipeline per loader
@@ -217,10 +222,11 @@ class WorkerLoop:
         directory.mkdir(parents=True, exist_ok=True)
         self.engine.save_checkpoint(str(directory), tag=DS_TAG)
         if self.place.rank == 0:
-            if self.ema is not None:
-                save_file({k: v.detach().cpu().contiguous()
-                           for k, v in self.ema.module.state_dict().items()},
-                          str(directory / EMA_FILE))
+            # The evaluated weights (EMA when kept) with their model spec: what `evaluate` and
+            # `register` read, and where a resumed run gets its EMA back from.
+            save_model_file(directory / MODEL_FILE, self.eval_model,
+                            ModelSpec.from_run_config(self.config),
+                            {"raytrain_at.epoch": str(self.epoch)})
             # The augmentation draws depend on its call count: a resumed run must go on from it.
             state = {"epoch": self.epoch, "best_heldout": self.best_heldout,
                      "augment_calls": self.augment.calls,
@@ -235,7 +241,7 @@ class WorkerLoop:
         if path is None:
             raise RuntimeError(f"no DeepSpeed checkpoint under {directory}")
         if self.ema is not None:
-            self.ema.module.load_state_dict(load_file(str(directory / EMA_FILE)))
+            self.ema.module.load_state_dict(load_file(str(directory / MODEL_FILE)))
         state = json.loads((directory / STATE_FILE).read_text())
         self.epoch = int(state["epoch"])
         self.best_heldout = state.get("best_heldout")

@@ -1,0 +1,303 @@
+"""``raytrain-at evaluate``: everything one evaluation does, from references to the result file.
+
+Validate the request (model, data, radii, sizes) before any attack runs; then AutoAttack per norm
+(sharded, resumable), the optional eps sweep, resolution sweep and corruption accuracy; the
+guards; and one result JSON with its plots next to it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import raytrain_at
+from raytrain_at.errors import UserError
+from raytrain_at.evaluation import guards as checks
+from raytrain_at.evaluation.autoattack import check_version
+from raytrain_at.evaluation.result import (CorruptionResult, DataInfo, EpsSweep,
+                                           EvaluationResult, GuardOutcome, ModelInfo,
+                                           ResolutionPoint, ResolutionSweep, SweepPoint,
+                                           ThreatResult, write_result)
+from raytrain_at.evaluation.runner import EvalJob, ThreatOutcome, load_images, merge, run_job
+from raytrain_at.evaluation.sweeps import (expected_robustness, plot_eps_sweep,
+                                           plot_resolution_sweep)
+from raytrain_at.evaluation.threats import NORMS, PAPER_EPS, ThreatModel, scaled_eps
+from raytrain_at.models.model_files import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvaluationRequest:
+    """What to evaluate and how (the CLI's options, parsed).
+
+    Radii are in [0, 1] pixel units (l_inf 4/255 = 4 grey levels); ``eps`` maps a norm to its
+    radius and defaults to the paper's (4/255, 2, 75) at the model's resolution.
+    """
+
+    model_ref: str
+    data: str
+    norms: list[str] = field(default_factory=lambda: list(NORMS))
+    eps: dict[str, float] = field(default_factory=dict)
+    version: str = "standard"
+    n: int | None = None
+    resolution: int | None = None
+    workers: int = 1
+    batch_size: int = 250
+    seed: int = 0
+    out: Path | None = None
+    state_root: Path | None = None
+    address: str | None = None
+    use_gpu: bool = False
+    eps_sweep: list[float] | None = None
+    sweep_norm: str = "linf"
+    sweep_version: str = "apgdt"
+    resolution_sweep: list[int] | None = None
+    corruptions: bool = False
+    severity: int = 3
+    tracking_uri: str | None = None
+
+
+def resolve_data(data: str, storage: Path) -> str:
+    """A .beton path, or a bundled dataset's test split written once under ``storage``."""
+    from raytrain_at.data.ffcv_loaders import inspect_beton
+    from raytrain_at.data.write import BUNDLED, bundled_beton
+
+    if data in BUNDLED:
+        return bundled_beton(data, "test", storage)
+    path = Path(data).expanduser()
+    inspect_beton(path)  # one-line errors for missing, foreign or truncated files
+    return str(path.resolve())
+
+
+def _validate(request: EvaluationRequest) -> None:
+    check_version(request.version)
+    check_version(request.sweep_version)
+    for norm in list(request.norms) + [request.sweep_norm]:
+        if norm not in NORMS:
+            raise UserError(f"unknown norm {norm!r} (known: {', '.join(NORMS)})")
+    for norm, eps in request.eps.items():
+        if not (math.isfinite(eps) and eps > 0):
+            raise UserError(f"--eps-{norm} {eps} must be a positive radius")
+    for name, value, low in (("--n", request.n, 1), ("--workers", request.workers, 1),
+                             ("--batch-size", request.batch_size, 1),
+                             ("--resolution", request.resolution, 8)):
+        if value is not None and value < low:
+            raise UserError(f"{name} {value} must be at least {low}")
+    if not 1 <= request.severity <= 5:
+        raise UserError(f"--severity {request.severity} must be in 1..5")
+    for side in request.resolution_sweep or []:
+        if side < 8:
+            raise UserError(f"resolution {side} in --resolution-sweep is below 8 pixels")
+
+
+def _threat_result(outcome: ThreatOutcome) -> ThreatResult:
+    return ThreatResult(norm=outcome.threat.norm, eps=outcome.threat.eps,
+                        clean_accuracy=outcome.clean_accuracy,
+                        robust_accuracy=outcome.robust_accuracy,
+                        after_attack=outcome.after_attack, broken_by=outcome.broken_by,
+                        max_perturbation=outcome.max_perturbation, status=outcome.status)
+
+
+def _outcome_guards(outcomes: list[ThreatOutcome]) -> list[checks.Guard]:
+    found: list[checks.Guard] = []
+    seen: dict[str, str] = {}
+    for outcome in outcomes:
+        label = outcome.threat.label()
+        seen.update(outcome.warnings)
+        found.append(checks.robust_not_above_clean(label, outcome.clean_accuracy,
+                                                   outcome.robust_accuracy))
+        found.append(checks.perturbation_inside_ball(label, outcome.threat.eps,
+                                                     outcome.max_perturbation))
+        if "square" in outcome.broken_by:
+            found.append(checks.square_found_little(label, outcome.broken_by["square"],
+                                                    outcome.n))
+    return checks.autoattack_guards(seen) + found
+
+
+@torch.no_grad()
+def corruption_accuracy(model: torch.nn.Module, data_path: str, ids: list[int], *,
+                        resolution: int, crop_pct: float, severity: int, seed: int,
+                        batch_size: int, device: torch.device) -> CorruptionResult:
+    """Accuracy on ImageNet-C corruptions, one type per image drawn from (seed, image id)."""
+    from tqdm import tqdm
+
+    from raytrain_at.evaluation.corruptions import corrupt_batch
+
+    correct: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    for start in tqdm(range(0, len(ids), batch_size), desc=f"corruptions s{severity}",
+                      unit="batch", dynamic_ncols=True):
+        chunk = ids[start:start + batch_size]
+        x, y = load_images(data_path, chunk, resolution=resolution, crop_pct=crop_pct,
+                           batch_size=batch_size, device=device)
+        corrupted, names = corrupt_batch(x, chunk, severity=severity, seed=seed)
+        hits = model(corrupted).argmax(1).eq(y).cpu().tolist()
+        for name, hit in zip(names, hits):
+            counts[name] = counts.get(name, 0) + 1
+            correct[name] = correct.get(name, 0) + int(hit)
+    total = sum(counts.values())
+    return CorruptionResult(severity=severity, seed=seed, accuracy=sum(correct.values()) / total,
+                            per_corruption={k: correct[k] / counts[k] for k in sorted(counts)},
+                            counts=dict(sorted(counts.items())))
+
+
+class Evaluation:
+    """One evaluation request, validated at construction and run by :meth:`run`."""
+
+    def __init__(self, request: EvaluationRequest) -> None:
+        from raytrain_at.data.ffcv_loaders import inspect_beton
+        from raytrain_at.data.inspection import beton_labels
+        from raytrain_at.model_refs import resolve_model
+        from raytrain_at.storage import default_home
+
+        _validate(request)
+        self.request = request
+        home = default_home()
+        self.state_root = Path(request.state_root or home / "eval-state")
+        self.loaded: LoadedModel = resolve_model(request.model_ref,
+                                                 tracking_uri=request.tracking_uri)
+        self.spec = self.loaded.spec
+        self.data_path = resolve_data(request.data, home)
+        available = inspect_beton(self.data_path).num_samples
+        n = request.n or available
+        if n > available:
+            raise UserError(f"--n {n} exceeds the {available} images of {request.data!r}")
+        self.ids = list(range(n))
+        top = int(beton_labels(self.data_path)[:n].max())
+        if top >= self.spec.num_classes:
+            raise UserError(f"{request.data!r} has label {top}, but the model has "
+                            f"{self.spec.num_classes} classes")
+        self.resolution = request.resolution or self.spec.resolution
+        # Validate the resolutions on the model itself (ViT patch grid, minimum side) now.
+        for side in {self.resolution, *(request.resolution_sweep or [])}:
+            if side != self.spec.resolution:
+                from raytrain_at.models import set_test_resolution, unwrap
+
+                set_test_resolution(unwrap(self.spec.build()), side)
+        self.out = Path(request.out or f"evaluation-{self.loaded.weights_sha256[:10]}.json")
+
+    def threat(self, norm: str, resolution: int) -> ThreatModel:
+        """The norm's radius: the user's, else the paper's scaled from 224 to ``resolution``."""
+        if norm in self.request.eps:
+            return ThreatModel(norm, self.request.eps[norm])
+        return scaled_eps(ThreatModel(norm, PAPER_EPS[norm]), resolution, 224)
+
+    def job(self, threats: list[ThreatModel], version: str, resolution: int) -> EvalJob:
+        r = self.request
+        return EvalJob(model_ref=r.model_ref, weights_sha256=self.loaded.weights_sha256,
+                       data_path=self.data_path, ids=tuple(self.ids), resolution=resolution,
+                       crop_pct=self.spec.crop_pct, threats=tuple(threats), version=version,
+                       seed=r.seed, batch_size=r.batch_size, num_classes=self.spec.num_classes,
+                       state_root=str(self.state_root), tracking_uri=r.tracking_uri)
+
+    def _run(self, job: EvalJob, label: str) -> dict[ThreatModel, ThreatOutcome]:
+        r = self.request
+        run_job(job, workers=r.workers, address=r.address, use_gpu=r.use_gpu, description=label)
+        return merge(job)
+
+    def run(self) -> EvaluationResult:
+        r = self.request
+        start = time.perf_counter()
+        threats = [self.threat(norm, self.resolution) for norm in r.norms]
+        outcomes = self._run(self.job(threats, r.version, self.resolution),
+                             f"AutoAttack {r.version}")
+        all_outcomes = list(outcomes.values())
+        guard_list: list[checks.Guard] = []
+        eps_sweep = resolution_sweep = corruption = None
+        if r.eps_sweep:
+            eps_sweep, sweep_outcomes, monotone = self._eps_sweep()
+            all_outcomes += sweep_outcomes
+            guard_list.append(monotone)
+        if r.resolution_sweep:
+            resolution_sweep, res_outcomes = self._resolution_sweep()
+            all_outcomes += res_outcomes
+        if r.corruptions:
+            device = torch.device("cuda" if r.use_gpu else "cpu")
+            model = self.loaded.module.to(device)
+            if self.resolution != self.spec.resolution:
+                from raytrain_at.model_refs import resolve_model
+
+                model = resolve_model(r.model_ref, resolution=self.resolution, device=device,
+                                      tracking_uri=r.tracking_uri).module
+            corruption = corruption_accuracy(
+                model, self.data_path, self.ids, resolution=self.resolution,
+                crop_pct=self.spec.crop_pct, severity=r.severity, seed=r.seed,
+                batch_size=r.batch_size, device=device)
+        guard_list = _outcome_guards(all_outcomes) + guard_list
+        first = next(iter(outcomes.values()))
+        result = EvaluationResult(
+            model=ModelInfo(reference=r.model_ref, weights_sha256=self.loaded.weights_sha256,
+                            name=self.spec.name, stem=self.spec.stem,
+                            num_classes=self.spec.num_classes,
+                            trained_resolution=self.spec.resolution,
+                            source_run=self.loaded.metadata.get("raytrain_at.source_run")),
+            data=DataInfo(path=self.data_path, n=len(self.ids), resolution=self.resolution,
+                          crop_pct=self.spec.crop_pct),
+            version=r.version, seed=r.seed, batch_size=r.batch_size, workers=r.workers,
+            clean_accuracy=first.clean_accuracy,
+            threats={o.threat.norm: _threat_result(o) for o in outcomes.values()},
+            eps_sweep=eps_sweep, resolution_sweep=resolution_sweep, corruptions=corruption,
+            guards=[GuardOutcome(**g.as_dict()) for g in guard_list],
+            trustworthy=all(g.passed for g in guard_list),
+            wall_seconds=time.perf_counter() - start,
+            code_version=raytrain_at.__version__,
+            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+        write_result(result, self.out)
+        return result
+
+    def _eps_sweep(self) -> tuple[EpsSweep, list[ThreatOutcome], checks.Guard]:
+        r = self.request
+        threats = [ThreatModel(r.sweep_norm, eps) for eps in r.eps_sweep]
+        outcomes = self._run(self.job(threats, r.sweep_version, self.resolution),
+                             f"eps sweep {r.sweep_version}")
+        robust = [outcomes[t].robust_accuracy for t in threats]
+        clean = outcomes[threats[0]].clean_accuracy
+        plot = plot_eps_sweep(self.out.with_name(self.out.stem + "_eps.png"), r.sweep_norm,
+                              clean, r.eps_sweep, robust,
+                              f"{self.spec.name} ({r.sweep_version}, n={len(self.ids)})")
+        sweep = EpsSweep(norm=r.sweep_norm, version=r.sweep_version, clean_accuracy=clean,
+                         points=[SweepPoint(eps=e, robust_accuracy=a)
+                                 for e, a in zip(r.eps_sweep, robust)],
+                         expected_robustness=expected_robustness(clean, r.eps_sweep, robust),
+                         plot=str(plot))
+        monotone = checks.non_increasing(r.sweep_norm, [0.0, *r.eps_sweep], [clean, *robust])
+        return sweep, list(outcomes.values()), monotone
+
+    def _resolution_sweep(self) -> tuple[ResolutionSweep, list[ThreatOutcome]]:
+        r = self.request
+        points, every = [], []
+        for side in r.resolution_sweep:
+            # l_2 / l_1 radii grow with the side (constant budget per pixel, App. D.5).
+            threats = [scaled_eps(self.threat(norm, self.resolution), side, self.resolution)
+                       for norm in r.norms]
+            outcomes = self._run(self.job(threats, r.sweep_version, side),
+                                 f"resolution {side}")
+            every += outcomes.values()
+            points.append(ResolutionPoint(
+                resolution=side, clean_accuracy=outcomes[threats[0]].clean_accuracy,
+                robust_accuracy={t.norm: outcomes[t].robust_accuracy for t in threats},
+                eps={t.norm: t.eps for t in threats}))
+        main = r.norms[0]
+        best = max(points, key=lambda p: p.robust_accuracy[main]).resolution
+        plot = plot_resolution_sweep(
+            self.out.with_name(self.out.stem + "_resolution.png"),
+            [p.resolution for p in points], [p.clean_accuracy for p in points],
+            {norm: [p.robust_accuracy[norm] for p in points] for norm in r.norms},
+            self.spec.resolution, f"{self.spec.name} ({r.sweep_version}, n={len(self.ids)})")
+        return ResolutionSweep(version=r.sweep_version, points=points, best_resolution=best,
+                               plot=str(plot)), every
+
+
+def evaluate(request: EvaluationRequest) -> tuple[EvaluationResult, Path]:
+    """Validate, run and write one evaluation (see :class:`EvaluationRequest`); returns the
+    result and the path of its JSON file."""
+    evaluation = Evaluation(request)
+    return evaluation.run(), evaluation.out
+

@@ -1,0 +1,197 @@
+"""The evaluation result: a validated JSON document, its summary table, and reading it back.
+
+One file holds everything an evaluation measured, so that ``register`` can log it and a person can
+read it: per norm clean and robust accuracy with the per-attack breakdown and per-image outcome,
+the eps and resolution sweeps, corruption accuracy, the guards, and what was evaluated (model
+reference and weights hash, data, n, resolution, version, seed, wall time).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from raytrain_at.errors import UserError
+
+FORMAT = "raytrain_at.evaluation/1"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelInfo(_Strict):
+    reference: str
+    weights_sha256: str
+    name: str
+    stem: str | None = None
+    num_classes: int
+    trained_resolution: int
+    source_run: str | None = None
+
+
+class DataInfo(_Strict):
+    path: str
+    n: int = Field(gt=0)
+    resolution: int = Field(gt=0)
+    crop_pct: float
+
+
+class ThreatResult(_Strict):
+    norm: str
+    eps: float = Field(gt=0)
+    clean_accuracy: float = Field(ge=0, le=1)
+    robust_accuracy: float = Field(ge=0, le=1)
+    after_attack: dict[str, float]
+    broken_by: dict[str, int]
+    max_perturbation: float
+    status: list[str] = Field(description="per image: misclassified, the breaking attack, or robust")
+
+
+class SweepPoint(_Strict):
+    eps: float
+    robust_accuracy: float
+
+
+class EpsSweep(_Strict):
+    norm: str
+    version: str
+    clean_accuracy: float
+    points: list[SweepPoint]
+    expected_robustness: float
+    plot: str | None = None
+
+
+class ResolutionPoint(_Strict):
+    resolution: int
+    clean_accuracy: float
+    robust_accuracy: dict[str, float]
+    eps: dict[str, float]
+
+
+class ResolutionSweep(_Strict):
+    version: str
+    points: list[ResolutionPoint]
+    best_resolution: int
+    plot: str | None = None
+
+
+class CorruptionResult(_Strict):
+    severity: int
+    seed: int
+    accuracy: float
+    per_corruption: dict[str, float]
+    counts: dict[str, int]
+
+
+class GuardOutcome(_Strict):
+    name: str
+    passed: bool
+    detail: str
+
+
+class EvaluationResult(_Strict):
+    format: str = FORMAT
+    model: ModelInfo
+    data: DataInfo
+    version: str
+    seed: int
+    batch_size: int
+    workers: int
+    clean_accuracy: float
+    threats: dict[str, ThreatResult]
+    eps_sweep: EpsSweep | None = None
+    resolution_sweep: ResolutionSweep | None = None
+    corruptions: CorruptionResult | None = None
+    guards: list[GuardOutcome]
+    trustworthy: bool
+    wall_seconds: float
+    code_version: str
+    created: str
+
+    def metrics(self) -> dict[str, float]:
+        """Flat metrics, as the registry logs them (fractions)."""
+        out = {"clean_acc": self.clean_accuracy}
+        for norm, threat in self.threats.items():
+            out[f"robust_acc_{norm}"] = threat.robust_accuracy
+        if self.corruptions is not None:
+            out["corruption_acc"] = self.corruptions.accuracy
+        if self.eps_sweep is not None:
+            out[f"expected_robustness_{self.eps_sweep.norm}"] = self.eps_sweep.expected_robustness
+        return out
+
+
+def write_result(result: EvaluationResult, path: str | Path) -> Path:
+    """Write atomically (a reader never sees half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(handle, "w") as out:
+        out.write(result.model_dump_json(indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def read_result(path: str | Path) -> EvaluationResult:
+    """Read and validate a result file; one-line errors for a missing or malformed file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UserError(f"evaluation result {str(path)!r}: {exc.strerror or exc}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"evaluation result {str(path)!r} is not JSON ({exc.msg} at line "
+                        f"{exc.lineno})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise UserError(f"evaluation result {str(path)!r} is not a raytrain-at evaluation "
+                        f"(format {data.get('format') if isinstance(data, dict) else None!r}, "
+                        f"expected {FORMAT!r})")
+    try:
+        return EvaluationResult.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise UserError(f"evaluation result {str(path)!r}: {where}: {first['msg']}") from None
+
+
+def summary_table(result: EvaluationResult):
+    """A rich table of the result (one screen)."""
+    from rich.table import Table
+
+    from raytrain_at.evaluation.threats import ThreatModel
+
+    table = Table(title=f"AutoAttack ({result.version}) - {result.model.reference} - "
+                  f"n={result.data.n} at {result.data.resolution}px")
+    table.add_column("threat")
+    table.add_column("clean", justify="right")
+    table.add_column("robust", justify="right")
+    table.add_column("after each attack", justify="left")
+    for threat in result.threats.values():
+        steps = ", ".join(f"{a} {v:.1%}" for a, v in threat.after_attack.items())
+        table.add_row(ThreatModel(threat.norm, threat.eps).label(), f"{threat.clean_accuracy:.1%}",
+                      f"{threat.robust_accuracy:.1%}", steps)
+    if result.eps_sweep is not None:
+        sweep = result.eps_sweep
+        points = ", ".join(f"{ThreatModel(sweep.norm, p.eps).label().split()[1]} "
+                           f"{p.robust_accuracy:.1%}" for p in sweep.points)
+        table.add_row(f"{sweep.norm} sweep ({sweep.version})", f"{sweep.clean_accuracy:.1%}",
+                      f"E={sweep.expected_robustness:.1%}", points)
+    if result.resolution_sweep is not None:
+        res = result.resolution_sweep
+        points = ", ".join(f"{p.resolution}: " + "/".join(f"{v:.1%}" for v in
+                                                          p.robust_accuracy.values())
+                           for p in res.points)
+        table.add_row(f"resolution ({res.version})", "", f"best {res.best_resolution}", points)
+    if result.corruptions is not None:
+        c = result.corruptions
+        table.add_row(f"corruptions s{c.severity}", f"{c.accuracy:.1%}", "", "")
+    failed = [g.name for g in result.guards if not g.passed]
+    table.caption = ("all guards passed" if not failed
+                     else "UNTRUSTWORTHY - failed guards: " + ", ".join(failed))
+    return table

@@ -1,0 +1,287 @@
+"""Sharded, resumable AutoAttack: chunks of images, spread over workers, saved on disk.
+
+The evaluated images (ids in the dataset file) are cut into consecutive chunks of one attack batch
+each. Every (threat model, chunk) pair has a JSON record in the job's state folder, rewritten after
+each attack (:mod:`raytrain_at.evaluation.autoattack`). Workers (Ray tasks, a GPU each on a
+cluster, CPU processes locally; or this process when there is one) take disjoint chunk sets, skip
+finished records and resume unfinished ones after their last finished attack. A chunk's result
+depends only on its images, the model and the seed, never on which worker ran it or whether it
+was interrupted, so the merged result equals a single-process run.
+
+The state folder is keyed by everything that changes the result (weights hash, data file, image
+ids, resolution, preprocessing, version, seed, batch size), so a re-run of the same evaluation
+resumes and a different one starts afresh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from raytrain_at.errors import UserError
+from raytrain_at.evaluation.autoattack import (MISCLASSIFIED, ROBUST, VERSIONS, ChunkRecord,
+                                               attack_chunk, build_autoattack)
+from raytrain_at.evaluation.guards import capture_autoattack_warnings
+from raytrain_at.evaluation.threats import ThreatModel
+
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    """One sharded evaluation: a model on some images at one resolution, several threat models.
+
+    Attributes:
+        model_ref: what workers load (a path or MLflow reference).
+        weights_sha256: the hash the driver saw; workers refuse other weights.
+        data_path: the .beton file.
+        ids: the evaluated sample ids, in order.
+        resolution: input side; ``crop_pct`` the eval preprocessing crop ratio.
+        threats: the threat models (all attacked on the same chunks).
+        version: ``standard | fast | apgdt`` (see :mod:`raytrain_at.evaluation.autoattack`).
+        seed: AutoAttack's seed (every chunk uses it, as every batch in the reference does).
+        batch_size: images per chunk and per attack batch.
+        num_classes: the model's outputs (caps the number of target classes).
+        state_root: folder under which the job's state folder is made.
+        tracking_uri: MLflow tracking URI for ``runs:/`` / ``models:/`` references.
+    """
+
+    model_ref: str
+    weights_sha256: str
+    data_path: str
+    ids: tuple[int, ...]
+    resolution: int
+    crop_pct: float
+    threats: tuple[ThreatModel, ...]
+    version: str
+    seed: int
+    batch_size: int
+    num_classes: int
+    state_root: str
+    tracking_uri: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EvalJob":
+        data = dict(data, ids=tuple(data["ids"]),
+                    threats=tuple(ThreatModel(**t) for t in data["threats"]))
+        return cls(**data)
+
+    def chunks(self) -> list[tuple[int, ...]]:
+        return [self.ids[i:i + self.batch_size] for i in range(0, len(self.ids), self.batch_size)]
+
+    @property
+    def state_dir(self) -> Path:
+        data = Path(self.data_path).resolve()
+        stat = data.stat()
+        identity = {
+            "format": FORMAT, "weights": self.weights_sha256,
+            "data": [str(data), stat.st_size, stat.st_mtime_ns],
+            "ids": hashlib.sha256(np.asarray(self.ids, dtype=np.int64).tobytes()).hexdigest(),
+            "resolution": self.resolution, "crop_pct": self.crop_pct, "version": self.version,
+            "seed": self.seed, "batch_size": self.batch_size,
+        }
+        key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+        return Path(self.state_root) / key
+
+    def record_path(self, threat: ThreatModel, chunk: int) -> Path:
+        return self.state_dir / threat.key / f"chunk-{chunk:05d}.json"
+
+
+def read_record(path: Path) -> ChunkRecord | None:
+    if not path.is_file():
+        return None
+    return ChunkRecord(**json.loads(path.read_text()))
+
+
+def write_record(path: Path, record: ChunkRecord) -> None:
+    """Atomically: a worker killed mid-write leaves the previous record, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record.as_dict()))
+    os.replace(tmp, path)
+
+
+def pending_chunks(job: EvalJob) -> list[int]:
+    """Chunks with at least one unfinished threat record."""
+    done = []
+    for number in range(len(job.chunks())):
+        records = [read_record(job.record_path(t, number)) for t in job.threats]
+        if not all(r is not None and r.complete for r in records):
+            done.append(number)
+    return done
+
+
+def count_finished(job: EvalJob) -> int:
+    finished = 0
+    for threat in job.threats:
+        for path in (job.state_dir / threat.key).glob("chunk-*.json"):
+            record = read_record(path)
+            finished += bool(record and record.complete)
+    return finished
+
+
+def load_images(data_path: str, ids: list[int], *, resolution: int, crop_pct: float,
+                batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images ``ids`` (sorted) with the paper's eval preprocessing, as one tensor."""
+    from raytrain_at.data.ffcv_loaders import eval_loader
+
+    loader = eval_loader(data_path, batch_size=batch_size, resolution=resolution,
+                         crop_pct=crop_pct, num_workers=1, device=device,
+                         indices=np.asarray(sorted(ids), dtype=np.int64))
+    xs, ys = zip(*[(x, y) for x, y in loader])
+    # Channels-first memory: pyautoattack views gradients as (n, -1), which a channels-last
+    # (FFCV's layout) gradient does not allow.
+    return torch.cat(xs).contiguous(), torch.cat(ys)
+
+
+def evaluate_chunks(job: EvalJob, chunk_numbers: list[int], *, device: str = "cpu",
+                    on_record: Callable[[], None] = lambda: None) -> None:
+    """Attack the given chunks under every threat model, resuming saved records."""
+    from raytrain_at.model_refs import resolve_model
+
+    chunks = job.chunks()
+    todo = [c for c in chunk_numbers
+            if not all((r := read_record(job.record_path(t, c))) is not None and r.complete
+                       for t in job.threats)]
+    if not todo:
+        return
+    torch_device = torch.device(device)
+    loaded = resolve_model(job.model_ref, resolution=job.resolution, device=torch_device,
+                           tracking_uri=job.tracking_uri)
+    if loaded.weights_sha256 != job.weights_sha256:
+        raise UserError(f"{job.model_ref!r} changed while it was evaluated (weights hash "
+                        f"{loaded.weights_sha256[:12]} != {job.weights_sha256[:12]})")
+    model = loaded.module
+    wanted = sorted(i for c in todo for i in chunks[c])
+    x_all, y_all = load_images(job.data_path, wanted, resolution=job.resolution,
+                               crop_pct=job.crop_pct, batch_size=job.batch_size,
+                               device=torch_device)
+    position = {sample: k for k, sample in enumerate(wanted)}
+    attackers = {t: build_autoattack(model, t, job.version, job.seed, torch_device,
+                                     job.num_classes) for t in job.threats}
+    for number in todo:
+        rows = torch.tensor([position[i] for i in chunks[number]], device=torch_device)
+        x, y = x_all[rows], y_all[rows]
+        for threat in job.threats:
+            path = job.record_path(threat, number)
+            record = read_record(path)
+            if record is not None and record.complete:
+                continue
+            with capture_autoattack_warnings() as seen:
+                attack_chunk(model, attackers[threat], x, y, list(chunks[number]), threat.norm,
+                             batch_size=job.batch_size, record=record,
+                             save=lambda r, p=path: write_record(p, r), warnings=seen)
+            on_record()
+
+
+def _ray_evaluate_chunks(job_data: dict, chunk_numbers: list[int], device: str,
+                         threads: int) -> None:
+    """Body of one Ray evaluation worker."""
+    torch.set_num_threads(threads)
+    evaluate_chunks(EvalJob.from_dict(job_data), chunk_numbers, device=device)
+
+
+def run_job(job: EvalJob, *, workers: int = 1, address: str | None = None,
+            use_gpu: bool = False, description: str = "AutoAttack") -> None:
+    """Evaluate every chunk of ``job`` (resuming), on ``workers`` Ray workers or in this process
+    (one worker and no cluster address), with a progress bar over (threat, chunk) records."""
+    from tqdm import tqdm
+
+    if job.version not in VERSIONS:
+        raise UserError(f"unknown attack version {job.version!r}")
+    total = len(job.threats) * len(job.chunks())
+    bar = tqdm(total=total, initial=count_finished(job), desc=description, unit="chunk",
+               dynamic_ncols=True)
+    try:
+        if workers == 1 and address is None:
+            evaluate_chunks(job, list(range(len(job.chunks()))),
+                            device="cuda" if use_gpu else "cpu", on_record=lambda: bar.update())
+            return
+        _run_on_ray(job, workers, address, use_gpu, bar)
+    finally:
+        bar.close()
+
+
+def _run_on_ray(job: EvalJob, workers: int, address: str | None, use_gpu: bool, bar) -> None:
+    import ray
+
+    from raytrain_at.ray_runtime import init_ray
+
+    init_ray(address)
+    pending = pending_chunks(job)
+    if not pending:
+        return
+    workers = min(workers, len(pending))
+    cpus = max(1, int(ray.cluster_resources().get("CPU", workers)) // workers)
+    if use_gpu:
+        cpus = 1
+    task = ray.remote(_ray_evaluate_chunks).options(
+        num_cpus=cpus, num_gpus=1 if use_gpu else 0, max_retries=0)
+    refs = [task.remote(job.to_dict(), pending[w::workers], "cuda" if use_gpu else "cpu", cpus)
+            for w in range(workers)]
+    remaining = list(refs)
+    while remaining:
+        _, remaining = ray.wait(remaining, timeout=1.0)
+        bar.n = count_finished(job)
+        bar.refresh()
+    try:
+        ray.get(refs)
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause if hasattr(exc, "cause") else exc
+        if isinstance(cause, UserError):
+            raise cause from None
+        raise
+
+
+@dataclass
+class ThreatOutcome:
+    """The merged result of one threat model over all images."""
+
+    threat: ThreatModel
+    n: int
+    clean_accuracy: float
+    robust_accuracy: float
+    after_attack: dict[str, float]
+    broken_by: dict[str, int]
+    max_perturbation: float
+    warnings: dict[str, str] = field(default_factory=dict)
+    status: list[str] = field(default_factory=list)
+
+
+def merge(job: EvalJob) -> dict[ThreatModel, ThreatOutcome]:
+    """Per threat: the chunk records joined in image order, with the per-attack breakdown."""
+    outcomes = {}
+    attacks = VERSIONS[job.version]
+    for threat in job.threats:
+        status: list[str] = []
+        largest, warnings = 0.0, {}
+        for number in range(len(job.chunks())):
+            record = read_record(job.record_path(threat, number))
+            if record is None or not record.complete:
+                raise RuntimeError(f"chunk {number} of {threat.key} is unfinished")
+            status.extend(record.status)
+            largest = max(largest, record.max_perturbation)
+            warnings.update(record.warnings)
+        n = len(status)
+        wrong = status.count(MISCLASSIFIED)
+        broken = {a: status.count(a) for a in attacks}
+        after, fallen = {}, wrong
+        for attack in attacks:
+            fallen += broken[attack]
+            after[attack] = (n - fallen) / n
+        outcomes[threat] = ThreatOutcome(
+            threat=threat, n=n, clean_accuracy=(n - wrong) / n,
+            robust_accuracy=status.count(ROBUST) / n, after_attack=after, broken_by=broken,
+            max_perturbation=largest, warnings=warnings, status=status)
+    return outcomes

@@ -1,0 +1,59 @@
+"""MODEL_REF: the one way commands name a model.
+
+A reference is a model file (``model.safetensors`` with its spec), a folder holding one (a
+training checkpoint), ``runs:/RUN_ID/model`` (a training run's final weights in MLflow) or
+``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` (the registry). Every form ends in the same
+safetensors file and is rebuilt through the timm registry, never by unpickling.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from raytrain_at.errors import UserError
+from raytrain_at.models.model_files import MODEL_FILE, LoadedModel, load_model_file
+
+
+def local_model_file(reference: str, tracking_uri: str | None = None) -> Path:
+    """The local model file ``reference`` names (MLflow references are downloaded first)."""
+    from raytrain_at.tracking.artifacts import download, is_mlflow_reference
+
+    if is_mlflow_reference(reference):
+        path = download(reference, tracking_uri)
+    else:
+        path = Path(reference).expanduser()
+        if not path.exists():
+            raise UserError(f"model reference {reference!r}: no such file or folder (expected "
+                            "a model.safetensors, a checkpoint folder, runs:/... or models:/...)")
+    if path.is_dir():
+        found = path / MODEL_FILE
+        if not found.is_file():
+            nested = sorted(path.rglob(MODEL_FILE))
+            if len(nested) != 1:
+                raise UserError(f"model reference {reference!r}: no {MODEL_FILE} in the folder"
+                                if not nested else f"model reference {reference!r}: "
+                                f"{len(nested)} model files below it; name one")
+            found = nested[0]
+        path = found
+    return path
+
+
+def resolve_model(reference: str, *, resolution: int | None = None,
+                  device: str | torch.device = "cpu",
+                  tracking_uri: str | None = None) -> LoadedModel:
+    """The model ``reference`` names, in eval mode on ``device``, with its spec and hash."""
+    path = local_model_file(reference, tracking_uri)
+    return load_model_file(path, reference=reference, resolution=resolution, device=device)
+
+
+def load_model(reference: str, *, resolution: int | None = None,
+               device: str | torch.device = "cpu") -> nn.Module:
+    """The module ``reference`` names, ready for evaluation (eval mode, [0, 1] inputs).
+
+    Example:
+        >>> model = raytrain_at.load_model("models:/convnext-tiny-cvst@champion-linf")
+    """
+    return resolve_model(reference, resolution=resolution, device=device).module

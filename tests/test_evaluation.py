@@ -1,0 +1,232 @@
+"""Evaluation: AutoAttack through the CLI equals pyautoattack; sharded equals single-process;
+killed runs resume to the same result; sweeps, corruptions, guards; one-line input errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from typer.testing import CliRunner
+
+from raytrain_at.cli import app, main
+from raytrain_at.errors import UserError
+from raytrain_at.evaluation.autoattack import attack_chunk, build_autoattack
+from raytrain_at.evaluation.guards import autoattack_guards, capture_autoattack_warnings
+from raytrain_at.evaluation.result import read_result
+from raytrain_at.evaluation.runner import load_images
+from raytrain_at.evaluation.sweeps import expected_robustness
+from raytrain_at.evaluation.threats import ThreatModel, parse_eps, parse_norms, scaled_eps
+from raytrain_at.models.model_files import load_model_file
+
+LINF = 8 / 255
+
+
+def _cli(args: list[str]):
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def _digits(home: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    path = Path(home) / "datasets" / "digits_test.beton"
+    return load_images(str(path), list(range(n)), resolution=16, crop_pct=1.0, batch_size=64,
+                       device=torch.device("cpu"))
+
+
+def test_cli_standard_linf_equals_direct_pyautoattack(robust_model_file, eval_home, tmp_path):
+    from pyautoattack import AutoAttack
+
+    n = 12
+    out = tmp_path / "standard.json"
+    _cli(["evaluate", robust_model_file, "--data", "digits", "--norms", "linf", "--eps-linf",
+          "8/255", "--n", str(n), "--batch-size", str(n), "--seed", "3", "--out", str(out),
+          "--state-dir", str(tmp_path / "state")])
+    ours = read_result(out).threats["linf"]
+
+    model = load_model_file(robust_model_file).module
+    x, y = _digits(eval_home, n)
+    reference = AutoAttack(model, norm="Linf", eps=LINF, version="standard", seed=3,
+                           device="cpu")
+    x_adv, y_adv = reference.run_standard_evaluation(x, y, batch_size=n)
+    robust = y_adv.eq(y).tolist()
+    assert [s == "robust" for s in ours.status] == robust
+    assert ours.robust_accuracy == pytest.approx(sum(robust) / n)
+    assert 0 < ours.robust_accuracy < ours.clean_accuracy  # the attacks did something
+    assert list(ours.after_attack) == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert ours.max_perturbation <= LINF * (1 + 1e-4)
+
+
+@pytest.fixture(scope="module")
+def single_process_fast(robust_model_file, eval_home, tmp_path_factory):
+    """A fast (APGD-CE + APGD-T) l_inf + l_2 evaluation of 20 images in 4 chunks, 1 process."""
+    tmp = tmp_path_factory.mktemp("single")
+    out = tmp / "single.json"
+    _cli(["evaluate", robust_model_file, "--data", "digits", "--norms", "linf,l2", "--version",
+          "fast", "--n", "20", "--batch-size", "5", "--out", str(out), "--state-dir",
+          str(tmp / "state")])
+    return read_result(out)
+
+
+def test_two_ray_workers_equal_one_process(single_process_fast, robust_model_file, tmp_path):
+    out = tmp_path / "sharded.json"
+    _cli(["evaluate", robust_model_file, "--data", "digits", "--norms", "linf,l2", "--version",
+          "fast", "--n", "20", "--batch-size", "5", "--workers", "2", "--out", str(out),
+          "--state-dir", str(tmp_path / "state")])
+    sharded = read_result(out)
+    for norm in ("linf", "l2"):
+        assert sharded.threats[norm].status == single_process_fast.threats[norm].status
+        assert sharded.threats[norm].after_attack == single_process_fast.threats[norm].after_attack
+    assert sharded.workers == 2
+    # The l_2 radius defaults to the paper's 2.0 scaled from 224 to 16 pixels.
+    assert sharded.threats["l2"].eps == pytest.approx(2.0 * 16 / 224)
+
+
+def test_killed_evaluation_resumes_to_the_same_result(single_process_fast, robust_model_file,
+                                                     tmp_path):
+    state = tmp_path / "state"
+    out = tmp_path / "resumed.json"
+    args = [sys.executable, "-m", "raytrain_at.cli", "evaluate", robust_model_file, "--data",
+            "digits", "--norms", "linf,l2", "--version", "fast", "--n", "20", "--batch-size",
+            "5", "--out", str(out), "--state-dir", str(state)]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=dict(os.environ))
+    deadline = time.time() + 120
+    finished: list[Path] = []
+    while time.time() < deadline and len(finished) < 2:
+        finished = [p for p in state.rglob("chunk-*.json") if json.loads(p.read_text())["complete"]]
+        time.sleep(0.2)
+    assert process.poll() is None, "the evaluation ended before it could be interrupted"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not out.exists()
+    records = len(list(state.rglob("chunk-*.json")))
+    assert 2 <= records < 8  # some chunks done, not all: the kill came midway
+
+    _cli(args[3:])  # the same command again resumes
+    resumed = read_result(out)
+    for norm in ("linf", "l2"):
+        assert resumed.threats[norm].status == single_process_fast.threats[norm].status
+
+
+def test_eps_sweep_is_monotone_with_expected_robustness(robust_model_file, tmp_path):
+    out = tmp_path / "sweep.json"
+    _cli(["evaluate", robust_model_file, "--data", "digits", "--norms", "linf", "--version",
+          "apgdt", "--n", "24", "--batch-size", "24", "--eps-sweep", "2/255,4/255,8/255,16/255",
+          "--out", str(out), "--state-dir", str(tmp_path / "state")])
+    result = read_result(out)
+    sweep = result.eps_sweep
+    accs = [p.robust_accuracy for p in sweep.points]
+    assert accs == sorted(accs, reverse=True) and accs[0] > accs[-1]
+    assert accs[-1] <= sweep.expected_robustness <= sweep.clean_accuracy
+    guard = next(g for g in result.guards if g.name.startswith("non_increasing_in_eps"))
+    assert guard.passed
+    assert Path(sweep.plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resolution_sweep_and_corruptions(robust_model_file, tmp_path):
+    out = tmp_path / "res.json"
+    _cli(["evaluate", robust_model_file, "--data", "digits", "--norms", "linf,l2", "--version",
+          "apgdt", "--n", "16", "--batch-size", "16", "--resolution", "32",
+          "--resolution-sweep", "16,24,32", "--corruptions", "--out", str(out),
+          "--state-dir", str(tmp_path / "state")])
+    result = read_result(out)
+    points = result.resolution_sweep.points
+    assert [p.resolution for p in points] == [16, 24, 32]
+    # l_inf keeps its radius, l_2 grows with the side.
+    assert [p.eps["linf"] for p in points] == pytest.approx([4 / 255] * 3)
+    assert [p.eps["l2"] for p in points] == pytest.approx([2 * s / 224 for s in (16, 24, 32)])
+    assert Path(result.resolution_sweep.plot).is_file()
+    corr = result.corruptions
+    assert corr.severity == 3 and sum(corr.counts.values()) == 16 and len(corr.counts) > 3
+    assert 0.0 < corr.accuracy <= 1.0
+
+
+class _Randomised(nn.Module):
+    """Adds fresh noise to every input: a randomised defence."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x + 0.05 * torch.randn_like(x))
+
+
+class _Softmax(nn.Module):
+    """Returns probabilities instead of logits (saturates gradients)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x).softmax(1)
+
+
+@pytest.mark.parametrize("wrapper, guard", [(_Randomised, "randomized"),
+                                             (_Softmax, "logits_range")])
+def test_guards_fire_on_randomised_and_softmax_models(robust_model_file, eval_home, wrapper,
+                                                      guard):
+    base = load_model_file(robust_model_file).module
+    x, y = _digits(eval_home, 8)
+    for model, should_fire in ((base, False), (wrapper(base).eval(), True)):
+        aa = build_autoattack(model, ThreatModel("linf", LINF), "apgdt", 0, "cpu", 10)
+        with capture_autoattack_warnings() as seen:
+            attack_chunk(model, aa, x, y, list(range(8)), "linf", batch_size=8, warnings=seen)
+        outcome = {g.name: g.passed for g in autoattack_guards(seen)}
+        assert outcome[guard] is (not should_fire)
+
+
+def test_expected_robustness_is_the_trapezoid_area():
+    # Accuracy 1.0 at 0, 0.5 at 1, 0 at 2: area 0.75 + 0.25 = 1.0 over radius 2.
+    assert expected_robustness(1.0, [1.0, 2.0], [0.5, 0.0]) == pytest.approx(0.5)
+    assert expected_robustness(0.8, [0.5, 1.0], [0.8, 0.8]) == pytest.approx(0.8)
+
+
+def test_radius_parsing_and_scaling():
+    assert parse_eps("4/255", "--eps-linf") == pytest.approx(4 / 255)
+    for bad in ("4/0", "-1", "0", "abc", "nan"):
+        with pytest.raises(UserError, match="--eps-linf"):
+            parse_eps(bad, "--eps-linf")
+    with pytest.raises(UserError, match="'l3'"):
+        parse_norms("linf,l3")
+    assert scaled_eps(ThreatModel("l1", 75.0), 448, 224).eps == pytest.approx(300.0)
+    assert scaled_eps(ThreatModel("linf", 0.1), 448, 224).eps == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("args, culprit", [
+    (["/nonexistent/model.safetensors", "--data", "digits"], "/nonexistent/model.safetensors"),
+    (["runs:/abc"], "runs:/abc"),
+    (["MODEL", "--data", "GARBAGE"], "GARBAGE"),
+    (["MODEL", "--data", "digits", "--eps-linf", "4/0"], "--eps-linf"),
+    (["MODEL", "--data", "digits", "--eps-l2", "-2"], "--eps-l2"),
+    (["MODEL", "--data", "digits", "--norms", "linf,l5"], "l5"),
+    (["MODEL", "--data", "digits", "--version", "strong"], "strong"),
+    (["MODEL", "--data", "digits", "--n", "100000"], "--n"),
+])
+def test_bad_input_gives_one_line_errors(args, culprit, robust_model_file, eval_home, tmp_path,
+                                         monkeypatch, capsys):
+    garbage = tmp_path / "garbage.beton"
+    garbage.write_bytes(b"not an ffcv file" * 100)
+    args = [robust_model_file if a == "MODEL" else str(garbage) if a == "GARBAGE" else a
+            for a in args]
+    if "--data" not in args:
+        args += ["--data", "digits"]
+    out = tmp_path / "never.json"
+    monkeypatch.setattr(sys, "argv", ["raytrain-at", "evaluate", *args, "--out", str(out)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    expected = str(garbage) if culprit == "GARBAGE" else culprit
+    assert expected in lines[0]
+    assert not out.exists()
