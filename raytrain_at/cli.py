@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 import warnings
@@ -22,11 +23,15 @@ app.add_typer(data_app, name="data")
 @app.command()
 def quickstart(
     set_: list[str] = typer.Option(None, "--set", help="override the quickstart recipe"),
+    eval_n: int = typer.Option(16, help="test digits attacked by the standard AutoAttack"),
 ) -> None:
-    """Adversarial vs clean training on the embedded default (local CPUs, bundled digits)."""
+    """Adversarial vs clean training on the embedded default (local CPUs, bundled digits), then
+    AutoAttack l_inf / l_2 / l_1, registration and the leaderboard."""
     from raytrain_at.quickstart import run_quickstart
 
-    run_quickstart(list(set_ or []))
+    if eval_n < 2:
+        raise UserError(f"--eval-n {eval_n} must be at least 2 (one chunk per worker)")
+    run_quickstart(list(set_ or []), eval_n=eval_n)
 
 
 @app.command()
@@ -146,6 +151,38 @@ def _int_list(text: str, what: str) -> list[int]:
     return values
 
 
+@app.command()
+def register(
+    model_ref: str = typer.Argument(..., help="model.safetensors, checkpoint folder, runs:/ID/model "
+                                    "or models:/NAME@ALIAS"),
+    name: str = typer.Option(..., help="registered model name"),
+    eval_: Path = typer.Option(None, "--eval", help="result JSON of raytrain-at evaluate"),
+    unevaluated: bool = typer.Option(False, help="register without an evaluation (tagged)"),
+    force: bool = typer.Option(False, help="register even if the evaluation failed a guard"),
+) -> None:
+    """Log a model to MLflow and register a new version, with its robust accuracies; champion
+    aliases move to it when it beats the holder."""
+    from raytrain_at.registration import register_model
+
+    done = register_model(model_ref, name, eval_path=eval_, unevaluated=unevaluated, force=force)
+    print(f"registered {done.name} version {done.version} (logged model {done.model_id})")
+    for note in done.alias_notes:
+        print(f"  {note}")
+
+
+@app.command()
+def leaderboard(
+    threat: str = typer.Option("linf", help="sort by linf | l2 | l1 robust accuracy"),
+    size: str = typer.Option(None, help="small (<30M) | medium (30-80M) | large (>=80M)"),
+    name: str = typer.Option(None, help="only this registered model"),
+) -> None:
+    """The registered models as the paper's Table 2, best first."""
+    from raytrain_at.quickstart import make_console
+    from raytrain_at.registration import leaderboard as rows_of, leaderboard_table
+
+    make_console().print(leaderboard_table(rows_of(threat, size, name), threat))
+
+
 @data_app.command("write-ffcv")
 def write_ffcv(
     source: str = typer.Argument(..., help="ImageNet-style folder (or its root), a CIFAR or "
@@ -193,6 +230,11 @@ def data_info(path: Path = typer.Argument(..., help=".beton file")) -> None:
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # MLflow logs store migrations at INFO on every new database: keep command output to what
+    # the user asked for (MLFLOW_LOGGING_LEVEL still wins when set).
+    if "MLFLOW_LOGGING_LEVEL" not in os.environ:
+        os.environ["MLFLOW_LOGGING_LEVEL"] = "WARNING"
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
     try:
         app(standalone_mode=False)

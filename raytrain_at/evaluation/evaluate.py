@@ -109,7 +109,7 @@ def _outcome_guards(outcomes: list[ThreatOutcome]) -> list[checks.Guard]:
     found: list[checks.Guard] = []
     seen: dict[str, str] = {}
     for outcome in outcomes:
-        label = outcome.threat.label()
+        label = outcome.threat.key
         seen.update(outcome.warnings)
         found.append(checks.robust_not_above_clean(label, outcome.clean_accuracy,
                                                    outcome.robust_accuracy))

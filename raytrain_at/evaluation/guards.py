@@ -33,7 +33,8 @@ RADIUS_SLACK = 1e-4
 
 @dataclass(frozen=True)
 class Guard:
-    """One check: its name, whether it passed, and what it saw."""
+    """One check: its name (``check.threat-key``, usable as an MLflow tag key), whether it
+    passed, and what it saw."""
 
     name: str
     passed: bool
@@ -78,18 +79,18 @@ def autoattack_guards(seen: dict[str, str]) -> list[Guard]:
 
 
 def robust_not_above_clean(label: str, clean: float, robust: float) -> Guard:
-    return Guard(f"robust_le_clean[{label}]", robust <= clean + 1e-12,
+    return Guard(f"robust_le_clean.{label}", robust <= clean + 1e-12,
                  f"clean {clean:.4f}, robust {robust:.4f}")
 
 
 def perturbation_inside_ball(label: str, eps: float, largest: float) -> Guard:
-    return Guard(f"inside_ball[{label}]", largest <= eps * (1 + RADIUS_SLACK) + 1e-7,
+    return Guard(f"inside_ball.{label}", largest <= eps * (1 + RADIUS_SLACK) + 1e-7,
                  f"largest perturbation {largest:.6g}, radius {eps:.6g}")
 
 
 def square_found_little(label: str, broken_by_square: int, n: int) -> Guard:
     share = broken_by_square / n if n else 0.0
-    return Guard(f"square_after_gradient[{label}]", share <= SQUARE_TOLERANCE,
+    return Guard(f"square_after_gradient.{label}", share <= SQUARE_TOLERANCE,
                  f"Square broke {broken_by_square} of {n} points the gradient attacks left")
 
 
@@ -99,4 +100,4 @@ def non_increasing(label: str, radii: Sequence[float], accuracies: Sequence[floa
              if b[1] > a[1]]
     detail = "monotone" if not rises else "; ".join(
         f"{a[1]:.4f} at {a[0]:.5g} < {b[1]:.4f} at {b[0]:.5g}" for a, b in rises)
-    return Guard(f"non_increasing_in_eps[{label}]", not rises, detail)
+    return Guard(f"non_increasing_in_eps.{label}", not rises, detail)

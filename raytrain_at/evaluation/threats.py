@@ -80,3 +80,6 @@ def scaled_eps(threat: ThreatModel, resolution: int, trained_resolution: int) ->
     ratio = resolution / trained_resolution
     power = {"linf": 0, "l2": 1, "l1": 2}[threat.norm]
     return ThreatModel(threat.norm, threat.eps * ratio ** power)
+
+THREAT_TITLES: dict[str, str] = {"linf": "l_inf robust accuracy", "l2": "l_2 robust accuracy",
+                                 "l1": "l_1 robust accuracy"}

@@ -193,12 +193,13 @@ def _log_final_artifacts(tracker, loop, config: RunConfig) -> None:
     import yaml
 
     from raytrain_at.models.model_files import MODEL_FILE, ModelSpec, save_model_file
+    from raytrain_at.training.loop import training_metadata
 
     with tempfile.TemporaryDirectory() as tmp:
         weights = save_model_file(Path(tmp) / MODEL_FILE, loop.eval_model,
                                   ModelSpec.from_run_config(config),
-                                  {"raytrain_at.source_run": tracker.run_id,
-                                   "raytrain_at.epoch": str(loop.epoch)})
+                                  dict(training_metadata(config, loop.epoch),
+                                       **{"raytrain_at.source_run": tracker.run_id}))
         tracker.log_file(weights, "model")
     tracker.log_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False),
                      "config.yaml")

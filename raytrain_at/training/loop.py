@@ -95,6 +95,12 @@ def build_model(config: RunConfig) -> nn.Module:
     return model
 
 
+def training_metadata(config: RunConfig, epoch: int) -> dict[str, str]:
+    """What a model file records about its training (read back by ``register``)."""
+    return {"raytrain_at.epoch": str(epoch),
+            "raytrain_at.run_config": json.dumps(config.model_dump(mode="json"))}
+
+
 class WorkerLoop:
     """Everything one worker needs to train: model, engine, EMA, loaders, augmentation."""
 
@@ -226,7 +232,7 @@ class WorkerLoop:
             # `register` read, and where a resumed run gets its EMA back from.
             save_model_file(directory / MODEL_FILE, self.eval_model,
                             ModelSpec.from_run_config(self.config),
-                            {"raytrain_at.epoch": str(self.epoch)})
+                            training_metadata(self.config, self.epoch))
             # The augmentation draws depend on its call count: a resumed run must go on from it.
             state = {"epoch": self.epoch, "best_heldout": self.best_heldout,
                      "augment_calls": self.augment.calls,

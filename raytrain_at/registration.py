@@ -1,0 +1,153 @@
+"""``raytrain-at register`` and ``leaderboard``: what goes into a registered version and how the
+registry reads back as the paper's Table 2.
+
+Everything is checked before MLflow is touched: the model file and its spec, the evaluation JSON
+(format, and that it evaluated these very weights), the guards (an untrustworthy evaluation is
+refused unless forced, and then tagged), and the explicit choice to register without evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from raytrain_at.errors import UserError
+from raytrain_at.evaluation.result import EvaluationResult, read_result
+from raytrain_at.evaluation.threats import THREAT_TITLES
+from raytrain_at.model_refs import local_model_file
+from raytrain_at.models.model_files import file_sha256, read_model_spec
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def _training_facts(metadata: dict[str, str]) -> dict[str, Any]:
+    """Epochs, attack steps, recipe and dataset from the model file's training record."""
+    text = metadata.get("raytrain_at.run_config")
+    if not text:
+        return {"epochs": None, "attack_steps": None, "recipe": None, "dataset": None,
+                "train_eps": None}
+    config = json.loads(text)
+    return {"epochs": config["schedule"]["epochs"], "attack_steps": config["attack"]["steps"],
+            "recipe": config.get("recipe"), "dataset": config["data"]["train"],
+            "train_eps": config["attack"]["eps"]}
+
+
+def _model_size(spec) -> tuple[float, float]:
+    """Parameters (M) and FLOPs (G) at the training resolution."""
+    from raytrain_at.models import count_flops, count_params
+
+    model = spec.build()
+    return (count_params(model) / 1e6,
+            count_flops(model, spec.resolution) / 1e9)
+
+
+def registration_payload(model_file: Path, result: EvaluationResult | None,
+                         reference: str) -> tuple[dict, dict, dict, dict]:
+    """(params, metrics, tags, comparable) of a version."""
+    from raytrain_at.tracking.registry import code_version
+
+    spec, metadata = read_model_spec(model_file)
+    params_m, flops_g = _model_size(spec)
+    params: dict[str, Any] = {
+        "architecture": spec.name, "stem": spec.stem or "default", "params_m": f"{params_m:.2f}",
+        "flops_g": f"{flops_g:.3f}", "num_classes": spec.num_classes,
+        "trained_resolution": spec.resolution, "crop_pct": spec.crop_pct,
+        "source_run": metadata.get("raytrain_at.source_run"), "source": reference,
+        **_training_facts(metadata)}
+    tags = {"weights_sha256": file_sha256(model_file), "code_version": code_version(),
+            "model_spec": spec.to_json()}
+    metrics: dict[str, float] = {}
+    comparable: dict[str, str] = {}
+    if result is None:
+        tags["evaluated"] = "false"
+        return params, metrics, tags, comparable
+    tags["evaluated"] = "true"
+    tags["trustworthy"] = str(result.trustworthy).lower()
+    for guard in result.guards:
+        tags[f"guard.{re.sub(r'[^A-Za-z0-9_.-]', '_', guard.name)}"] = "pass" if guard.passed else f"FAIL: {guard.detail}"[:400]
+    metrics.update(result.metrics())
+    params.update({"attack_version": result.version, "eval_n": result.data.n,
+                   "eval_resolution": result.data.resolution, "eval_data": result.data.path,
+                   "eval_seed": result.seed})
+    for norm, threat in result.threats.items():
+        params[f"eps_{norm}"] = f"{threat.eps:.6g}"
+        comparable[norm] = (f"eps={threat.eps:.6g};data={Path(result.data.path).name};"
+                            f"n={result.data.n};res={result.data.resolution}")
+    return params, metrics, tags, comparable
+
+
+def register_model(model_ref: str, name: str, *, eval_path: str | Path | None = None,
+                   unevaluated: bool = False, force: bool = False,
+                   tracking_uri: str | None = None):
+    """Register ``model_ref`` as a new version of ``name`` (see module docstring)."""
+    from raytrain_at.tracking.registry import ModelRegistry, stage_model_dir
+
+    if not NAME_PATTERN.match(name):
+        raise UserError(f"model name {name!r}: use letters, digits, '.', '_' or '-' "
+                        "(at most 128), starting with a letter or digit")
+    if eval_path is None and not unevaluated:
+        raise UserError("no --eval result given: evaluate first (raytrain-at evaluate), or pass "
+                        "--unevaluated to register without robust accuracy")
+    if eval_path is not None and unevaluated:
+        raise UserError("--eval and --unevaluated contradict each other")
+    model_file = local_model_file(model_ref, tracking_uri)
+    read_model_spec(model_file)  # a checkpoint without its spec fails here
+    result = read_result(eval_path) if eval_path is not None else None
+    weights = file_sha256(model_file)
+    if result is not None and result.model.weights_sha256 != weights:
+        raise UserError(f"{eval_path}: it evaluated weights {result.model.weights_sha256[:12]}, "
+                        f"but {model_ref!r} has {weights[:12]}")
+    if result is not None and not result.trustworthy and not force:
+        failed = ", ".join(g.name for g in result.guards if not g.passed)
+        raise UserError(f"{eval_path}: the evaluation failed guards ({failed}); not registered "
+                        "(--force registers it tagged untrustworthy)")
+    params, metrics, tags, comparable = registration_payload(model_file, result, model_ref)
+    if result is not None and not result.trustworthy:
+        tags["forced"] = "true"
+    extras = []
+    if eval_path is not None:
+        extras.append(Path(eval_path))
+        for sweep in (result.eps_sweep, result.resolution_sweep):
+            if sweep is not None and sweep.plot:
+                extras.append(Path(sweep.plot))
+    folder = stage_model_dir(model_file, extras)
+    registry = ModelRegistry(tracking_uri)
+    return registry.register(name=name, model_dir=folder, params=params, metrics=metrics,
+                             tags=tags, comparable=comparable,
+                             eligible=result is not None and result.trustworthy)
+
+
+def leaderboard(threat: str = "linf", size: str | None = None, name: str | None = None,
+                tracking_uri: str | None = None) -> list[dict[str, Any]]:
+    """Registered versions as Table 2 rows, best first for ``threat``."""
+    from raytrain_at.tracking.registry import ModelRegistry, leaderboard_rows
+
+    return leaderboard_rows(ModelRegistry(tracking_uri).rows(name), threat, size)
+
+
+def leaderboard_table(rows: list[dict[str, Any]], threat: str):
+    """A rich table in the layout of the paper's Table 2."""
+    from rich.table import Table
+
+    table = Table(title=f"Registered robust models, sorted by {THREAT_TITLES[threat]}")
+    for column, justify in (("model", "left"), ("architecture", "left"), ("params (M)", "right"),
+                            ("FLOPs (G)", "right"), ("epochs", "right"), ("steps", "right"),
+                            ("clean", "right"), ("l_inf", "right"), ("l_2", "right"),
+                            ("l_1", "right"), ("aliases", "left")):
+        table.add_column(column, justify=justify)
+
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.1f}"
+
+    for row in rows:
+        p, m = row["params"], row["metrics"]
+        stem = p.get("stem", "default")
+        table.add_row(f"{row['name']} v{row['version']}",
+                      p.get("architecture", "?") + ("" if stem == "default" else f" [{stem}]"),
+                      p.get("params_m", "?"), p.get("flops_g", "?"), p.get("epochs") or "-",
+                      p.get("attack_steps") or "-", pct(m.get("clean_acc")),
+                      pct(m.get("robust_acc_linf")), pct(m.get("robust_acc_l2")),
+                      pct(m.get("robust_acc_l1")), ", ".join(sorted(row["aliases"])))
+    return table

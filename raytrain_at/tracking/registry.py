@@ -1,0 +1,300 @@
+"""The model registry: robust models as MLflow logged models and registered versions.
+
+``register`` logs a model as an MLflow *logged model* (weights as safetensors with their spec, the
+evaluation JSON and plots as artifacts; robust accuracies as the logged model's metrics, so they are
+searchable numerically; architecture, size and training facts as params; guard outcomes, weights
+hash and code version as tags), then registers it as a new version of a registered model. A
+version is never overwritten: MLflow numbers them, and a clash between parallel registrations
+against one SQLite store is retried.
+
+Aliases ``champion-linf`` / ``champion-l2`` / ``champion-l1`` move to a new version only when it
+beats the holder on that threat's robust accuracy at the same radius on the same data; every move
+is recorded as a tag of the registered model and printed.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from raytrain_at.errors import UserError
+from raytrain_at.tracking.runs import default_tracking_uri
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT = "raytrain-at-registry"
+MODEL_TYPE = "raytrain_at.robust_classifier"
+THREATS = ("linf", "l2", "l1")
+SIZES = {"small": (0.0, 30.0), "medium": (30.0, 80.0), "large": (80.0, float("inf"))}
+T = TypeVar("T")
+
+
+def champion_alias(threat: str) -> str:
+    return f"champion-{threat}"
+
+
+def _retry(action: Callable[[], T], what: str, attempts: int = 40) -> T:
+    """Run an MLflow write, retrying the transient clashes of parallel writers on one SQLite
+    store (a locked database, or two registrations racing for the same version number)."""
+    for attempt in range(attempts):
+        try:
+            return action()
+        except MlflowException as exc:
+            text = str(exc).lower()
+            transient = ("locked" in text or "unique constraint" in text
+                         or "integrity" in text or "already exists" in text and "version" in text)
+            if not transient or attempt == attempts - 1:
+                raise
+            time.sleep(0.05 + random.random() * 0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def code_version() -> str:
+    """The package version, plus the git commit when running from a checkout."""
+    import raytrain_at
+
+    version = raytrain_at.__version__
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=5,
+                                cwd=Path(raytrain_at.__file__).parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{version}+{commit}" if commit else version
+
+
+@dataclass
+class Registration:
+    """What ``register`` did."""
+
+    name: str
+    version: str
+    model_id: str
+    run_id: str
+    aliases_taken: list[str] = field(default_factory=list)
+    alias_notes: list[str] = field(default_factory=list)
+
+
+def _experiment_id(client: MlflowClient) -> str:
+    found = client.get_experiment_by_name(EXPERIMENT)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(EXPERIMENT)
+    except MlflowException:  # created by a parallel registration meanwhile
+        return _retry(lambda: client.get_experiment_by_name(EXPERIMENT).experiment_id,
+                      "experiment")
+
+
+def _ensure_registered_model(client: MlflowClient, name: str) -> None:
+    try:
+        client.get_registered_model(name)
+        return
+    except MlflowException:
+        pass
+    try:
+        client.create_registered_model(name, description="robust classifiers (raytrain-at)")
+    except MlflowException as exc:
+        if "already exists" not in str(exc).lower():
+            raise
+
+
+def _params_text(params: dict[str, Any]) -> dict[str, str]:
+    return {k: ("" if v is None else str(v))[:500] for k, v in params.items()}
+
+
+class ModelRegistry:
+    """Registry operations against one tracking URI (the registry URI is the same)."""
+
+    def __init__(self, tracking_uri: str | None = None) -> None:
+        self.tracking_uri = tracking_uri or default_tracking_uri()
+        self.client = MlflowClient(tracking_uri=self.tracking_uri,
+                                   registry_uri=self.tracking_uri)
+
+    # ------------------------------------------------------------------ register
+    def register(self, *, name: str, model_dir: Path, params: dict[str, Any],
+                 metrics: dict[str, float], tags: dict[str, str],
+                 comparable: dict[str, str], eligible: bool) -> Registration:
+        """Log ``model_dir`` as a logged model and register it as a new version of ``name``.
+
+        Args:
+            model_dir: folder with ``model.safetensors`` (and the evaluation files).
+            params: architecture, size, training and evaluation facts.
+            metrics: ``clean_acc``, ``robust_acc_<threat>`` ... (fractions).
+            tags: guard outcomes, weights hash, code version ...
+            comparable: per threat, what must match for two versions to be compared
+                (radius and data); stored as version tags.
+            eligible: whether the version may take champion aliases (evaluated, trusted).
+        """
+        client = self.client
+        experiment = _experiment_id(client)
+        run = _retry(lambda: client.create_run(experiment, run_name=f"register {name}",
+                                               tags={"raytrain_at.registered_model": name}),
+                     "run")
+        run_id = run.info.run_id
+        try:
+            model = _retry(lambda: client.create_logged_model(
+                experiment, name=name, source_run_id=run_id, tags=tags,
+                params=_params_text(params), model_type=MODEL_TYPE), "logged model")
+            _retry(lambda: client.log_model_artifacts(model.model_id, str(model_dir)),
+                   "artifacts")
+            for key, value in metrics.items():
+                _retry(lambda k=key, v=value: client.log_metric(run_id, k, float(v),
+                                                                model_id=model.model_id),
+                       "metric")
+            _retry(lambda: client.finalize_logged_model(model.model_id, "READY"), "finalize")
+            _retry(lambda: _ensure_registered_model(client, name), "registered model")
+            version_tags = dict(tags, **{f"comparable.{k}": v for k, v in comparable.items()},
+                                **{"raytrain_at.eligible": str(eligible).lower()})
+            version = _retry(lambda: client.create_model_version(
+                name, source=f"models:/{model.model_id}", run_id=run_id,
+                model_id=model.model_id, tags=version_tags), "version")
+            _retry(lambda: client.set_terminated(run_id, "FINISHED"), "run")
+        except MlflowException as exc:
+            client.set_terminated(run_id, "FAILED")
+            raise UserError(f"MLflow registry at {self.tracking_uri}: "
+                            f"{str(exc).splitlines()[0]}") from None
+        except BaseException:
+            client.set_terminated(run_id, "FAILED")
+            raise
+        registration = Registration(name=name, version=str(version.version),
+                                    model_id=model.model_id, run_id=run_id)
+        if eligible:
+            for threat in THREATS:
+                key = f"robust_acc_{threat}"
+                if key in metrics:
+                    self._maybe_take_alias(registration, threat, metrics[key],
+                                           comparable.get(threat, ""))
+        return registration
+
+    def _maybe_take_alias(self, registration: Registration, threat: str, value: float,
+                          comparable: str) -> None:
+        alias = champion_alias(threat)
+        client = self.client
+        try:
+            holder = client.get_model_version_by_alias(registration.name, alias)
+        except MlflowException:
+            holder = None
+        if holder is not None:
+            held = self.version_metrics(holder).get(f"robust_acc_{threat}")
+            if holder.tags.get(f"comparable.{threat}") != comparable:
+                registration.alias_notes.append(
+                    f"{alias} stays on v{holder.version}: measured at another radius or on "
+                    f"other data ({holder.tags.get(f'comparable.{threat}')} vs {comparable})")
+                return
+            if held is not None and value <= held:
+                registration.alias_notes.append(
+                    f"{alias} stays on v{holder.version} ({held:.4f} >= {value:.4f})")
+                return
+        _retry(lambda: client.set_registered_model_alias(registration.name, alias,
+                                                         registration.version), "alias")
+        previous = f"v{holder.version}" if holder is not None else "nobody"
+        note = (f"{alias} moved from {previous} to v{registration.version} "
+                f"(robust_acc_{threat} {value:.4f})")
+        _retry(lambda: client.set_registered_model_tag(
+            registration.name, f"alias_log.{alias}.{int(time.time() * 1000)}", note), "alias log")
+        registration.aliases_taken.append(alias)
+        registration.alias_notes.append(note)
+        log.info(note)
+
+    # ------------------------------------------------------------------ reading
+    @staticmethod
+    def logged_model_id(version) -> str | None:
+        """The logged model behind a version (searches leave ``model_id`` empty; the source
+        ``models:/<id>`` still names it)."""
+        if getattr(version, "model_id", None):
+            return version.model_id
+        source = version.source or ""
+        return source.removeprefix("models:/") if source.startswith("models:/m-") else None
+
+    def version_metrics(self, version) -> dict[str, float]:
+        model_id = self.logged_model_id(version)
+        if model_id is None:
+            return {}
+        return {m.key: m.value for m in self.client.get_logged_model(model_id).metrics or []}
+
+    def version_params(self, version) -> dict[str, str]:
+        model_id = self.logged_model_id(version)
+        if model_id is None:
+            return {}
+        return dict(self.client.get_logged_model(model_id).params or {})
+
+    def resolve(self, reference: str):
+        """The model version a ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` names."""
+        body = reference.removeprefix("models:/")
+        try:
+            if "@" in body:
+                name, alias = body.split("@", 1)
+                return self.client.get_model_version_by_alias(name, alias)
+            name, _, number = body.partition("/")
+            return self.client.get_model_version(name, number)
+        except MlflowException as exc:
+            raise UserError(f"{reference!r}: {str(exc).splitlines()[0]}") from None
+
+    def rows(self, name: str | None = None) -> list[dict[str, Any]]:
+        """One row per registered version (all models, or one), with metrics and params."""
+        filter_string = f"name = '{name}'" if name else None
+        rows = []
+        aliases_of: dict[str, dict[str, list[str]]] = {}
+        for version in self.client.search_model_versions(filter_string):
+            if version.name not in aliases_of:  # searches leave a version's aliases empty
+                held: dict[str, list[str]] = {}
+                for alias, number in self.client.get_registered_model(
+                        version.name).aliases.items():
+                    held.setdefault(str(number), []).append(alias)
+                aliases_of[version.name] = held
+            metrics = self.version_metrics(version)
+            params = self.version_params(version)
+            aliases = aliases_of[version.name].get(str(version.version), [])
+            rows.append({"name": version.name, "version": int(version.version),
+                         "aliases": aliases, "metrics": metrics, "params": params,
+                         "tags": dict(version.tags or {})})
+        return rows
+
+    def search(self, filter_string: str) -> list:
+        """Logged models of the registry experiment matching e.g. ``metrics.robust_acc_linf > 0.4``."""
+        experiment = self.client.get_experiment_by_name(EXPERIMENT)
+        if experiment is None:
+            return []
+        return list(self.client.search_logged_models([experiment.experiment_id],
+                                                     filter_string=filter_string))
+
+
+def leaderboard_rows(rows: list[dict[str, Any]], threat: str = "linf",
+                     size: str | None = None) -> list[dict[str, Any]]:
+    """Rows filtered by size class (params in M) and sorted by the threat's robust accuracy."""
+    if threat not in THREATS:
+        raise UserError(f"unknown threat {threat!r} (known: {', '.join(THREATS)})")
+    if size is not None and size not in SIZES:
+        raise UserError(f"unknown size {size!r} (known: {', '.join(SIZES)})")
+    kept = []
+    for row in rows:
+        params_m = float(row["params"].get("params_m", "nan") or "nan")
+        if size is not None:
+            low, high = SIZES[size]
+            if not low <= params_m < high:
+                continue
+        kept.append(row)
+    key = f"robust_acc_{threat}"
+    return sorted(kept, key=lambda r: r["metrics"].get(key, -1.0), reverse=True)
+
+
+def stage_model_dir(model_file: Path, extra_files: list[Path]) -> Path:
+    """A temporary folder with the model file and the evaluation files, to log as artifacts."""
+    folder = Path(tempfile.mkdtemp(prefix="raytrain-at-register-"))
+    shutil.copy2(model_file, folder / "model.safetensors")
+    for path in extra_files:
+        if path.is_file():
+            shutil.copy2(path, folder / path.name)
+    return folder
+

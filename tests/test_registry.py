@@ -1,0 +1,176 @@
+"""Registry: register -> load by alias, champion aliases, parallel registrations, numeric search,
+and one-line errors that register nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import raytrain_at
+from raytrain_at.cli import app, main
+from raytrain_at.models.model_files import ModelSpec, load_model_file, save_model_file
+from raytrain_at.registration import leaderboard, register_model
+from raytrain_at.tracking.registry import ModelRegistry
+
+CLI = str(Path(sys.executable).with_name("raytrain-at"))
+
+
+@pytest.fixture()
+def store(tmp_path, monkeypatch) -> str:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.fixture(scope="module")
+def weak_model_file(tmp_path_factory) -> str:
+    """An untrained test_resnet (chance accuracy): the model that must not take an alias."""
+    torch.manual_seed(1)
+    spec = ModelSpec(name="test_resnet", num_classes=10, resolution=16, crop_pct=1.0)
+    path = tmp_path_factory.mktemp("weak") / "model.safetensors"
+    save_model_file(path, spec.build().eval(), spec)
+    return str(path)
+
+
+def _evaluate(model: str, out: Path, state: Path) -> Path:
+    result = CliRunner().invoke(app, [
+        "evaluate", model, "--data", "digits", "--norms", "linf,l2", "--version", "apgdt",
+        "--n", "16", "--batch-size", "16", "--out", str(out), "--state-dir", str(state)],
+        catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def evaluations(robust_model_file, weak_model_file, eval_home, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("evals")
+    return {"strong": _evaluate(robust_model_file, tmp / "strong.json", tmp / "state"),
+            "weak": _evaluate(weak_model_file, tmp / "weak.json", tmp / "state")}
+
+
+def test_register_then_load_by_alias_gives_identical_outputs(store, robust_model_file,
+                                                             evaluations):
+    done = register_model(robust_model_file, "digits-net", eval_path=evaluations["strong"])
+    assert done.version == "1" and "champion-linf" in done.aliases_taken
+    by_alias = raytrain_at.load_model("models:/digits-net@champion-linf")
+    by_version = raytrain_at.load_model("models:/digits-net/1")
+    original = load_model_file(robust_model_file).module
+    x = torch.rand(8, 3, 16, 16)
+    with torch.no_grad():
+        expected = original(x)
+        assert torch.equal(by_alias(x), expected)
+        assert torch.equal(by_version(x), expected)
+
+
+def test_better_model_takes_the_alias_and_worse_does_not(store, robust_model_file,
+                                                         weak_model_file, evaluations):
+    weak = register_model(weak_model_file, "net", eval_path=evaluations["weak"])
+    assert weak.aliases_taken == ["champion-linf", "champion-l2"]  # nobody held them
+    strong = register_model(robust_model_file, "net", eval_path=evaluations["strong"])
+    assert strong.aliases_taken == ["champion-linf", "champion-l2"]
+    again = register_model(weak_model_file, "net", eval_path=evaluations["weak"])
+    assert again.aliases_taken == [] and again.version == "3"
+    registry = ModelRegistry()
+    holder = registry.resolve("models:/net@champion-linf")
+    assert str(holder.version) == strong.version
+    moves = [v for k, v in registry.client.get_registered_model("net").tags.items()
+             if k.startswith("alias_log.champion-linf")]
+    assert sorted(moves) == sorted([f"champion-linf moved from nobody to v1 "
+                                    f"(robust_acc_linf {registry_metric(weak):.4f})",
+                                    f"champion-linf moved from v1 to v2 "
+                                    f"(robust_acc_linf {registry_metric(strong):.4f})"])
+    rows = leaderboard("linf", name="net")
+    assert [r["version"] for r in rows][0] == 2  # best first
+    assert rows[0]["params"]["architecture"] == "test_resnet"
+    assert float(rows[0]["params"]["params_m"]) == pytest.approx(0.37, abs=0.01)
+
+
+def registry_metric(registration) -> float:
+    registry = ModelRegistry()
+    return {m.key: m.value for m in registry.client.get_logged_model(
+        registration.model_id).metrics}["robust_acc_linf"]
+
+
+def test_metrics_are_searchable_numerically(store, robust_model_file, weak_model_file,
+                                            evaluations):
+    strong = register_model(robust_model_file, "search-net", eval_path=evaluations["strong"])
+    weak = register_model(weak_model_file, "search-net", eval_path=evaluations["weak"])
+    found = {m.model_id for m in ModelRegistry().search("metrics.robust_acc_linf > 0.4")}
+    assert strong.model_id in found and weak.model_id not in found
+
+
+def test_four_parallel_registrations_get_four_versions(store, robust_model_file):
+    env = dict(os.environ, MLFLOW_TRACKING_URI=store, HF_HUB_OFFLINE="1")
+    # Create the store first: four processes creating MLflow's tables at once is not the point.
+    ModelRegistry().client.search_experiments()
+    procs = [subprocess.Popen([CLI, "register", robust_model_file, "--name", "parallel",
+                               "--unevaluated"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for _ in range(4)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err[-800:] for _, err in outputs]
+    versions = sorted(int(v.version) for v in
+                      ModelRegistry().client.search_model_versions("name = 'parallel'"))
+    assert versions == [1, 2, 3, 4]
+
+
+def _bad_inputs(tmp_path: Path, model: str, result: Path):
+    no_spec = tmp_path / "plain.safetensors"
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(2)}, str(no_spec))
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text("{not json")
+    wrong_format = tmp_path / "other.json"
+    wrong_format.write_text(json.dumps({"format": "something-else"}))
+    truncated = tmp_path / "truncated.json"
+    data = json.loads(result.read_text())
+    del data["threats"]
+    truncated.write_text(json.dumps(data))
+    return [
+        (["runs:/0123456789abcdef/model", "--unevaluated"], "runs:/0123456789abcdef/model"),
+        (["models:/no-such-model@champion-linf", "--unevaluated"], "no-such-model"),
+        (["models:/net@no-such-alias", "--unevaluated"], "no-such-alias"),
+        ([str(no_spec), "--unevaluated"], "no model metadata"),
+        ([model, "--eval", str(garbage)], "is not JSON"),
+        ([model, "--eval", str(wrong_format)], "not a raytrain-at evaluation"),
+        ([model, "--eval", str(truncated)], "threats"),
+        ([model], "--unevaluated"),
+    ]
+
+
+def test_bad_input_gives_one_line_errors_and_registers_nothing(
+        store, robust_model_file, evaluations, tmp_path, monkeypatch, capsys):
+    register_model(robust_model_file, "net", eval_path=evaluations["strong"])
+    registry = ModelRegistry()
+    before = len(registry.client.search_model_versions())
+    capsys.readouterr()  # MLflow's own log lines from creating the store above
+    for args, fragment in _bad_inputs(tmp_path, robust_model_file, evaluations["strong"]):
+        monkeypatch.setattr(sys, "argv", ["raytrain-at", "register", *args, "--name", "net"])
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        assert exit_info.value.code == 2, args
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (args, lines)
+        assert fragment in lines[0], (args, lines)
+    assert len(registry.client.search_model_versions()) == before
+
+
+def test_untrustworthy_evaluation_is_refused_unless_forced(store, robust_model_file,
+                                                           evaluations, tmp_path):
+    data = json.loads(Path(evaluations["strong"]).read_text())
+    data["trustworthy"] = False
+    data["guards"][0]["passed"] = False
+    flagged = tmp_path / "flagged.json"
+    flagged.write_text(json.dumps(data))
+    with pytest.raises(raytrain_at.UserError, match="failed guards"):
+        register_model(robust_model_file, "guarded", eval_path=flagged)
+    done = register_model(robust_model_file, "guarded", eval_path=flagged, force=True)
+    version = ModelRegistry().client.get_model_version("guarded", done.version)
+    assert version.tags["forced"] == "true" and version.tags["trustworthy"] == "false"
+    assert done.aliases_taken == []  # a forced version never becomes a champion
