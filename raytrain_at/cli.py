@@ -110,10 +110,12 @@ def evaluate(
     state_dir: Path = typer.Option(None, help="resume state root [~/.raytrain_at/eval-state]"),
     address: str = typer.Option(None, help="Ray cluster address (auto on a cluster node)"),
     gpu: bool = typer.Option(False, help="one GPU per worker"),
-    eps_sweep: str = typer.Option(None, help="also sweep radii, e.g. 2/255,4/255,6/255,8/255"),
+    eps_sweep: str = typer.Option(None, help="also sweep radii: 'paper' (Table 5: 2,4,6,8/255) "
+                                  "or a list like 1/255,2/255"),
     sweep_norm: str = typer.Option("linf", help="norm of the eps sweep"),
     sweep_version: str = typer.Option("apgdt", help="attack version of the sweeps"),
-    resolution_sweep: str = typer.Option(None, help="also sweep sides, e.g. 192,224,256,288"),
+    resolution_sweep: str = typer.Option(None, help="also sweep sides: 'paper' (192..384 by 32) "
+                                         "or a list like 224,256,288"),
     corruptions: bool = typer.Option(False, help="also ImageNet-C accuracy (one type per image)"),
     severity: int = typer.Option(3, help="corruption severity 1..5"),
 ) -> None:
@@ -121,7 +123,8 @@ def evaluate(
     corruptions; writes a result JSON and prints the summary."""
     from raytrain_at.evaluation.evaluate import EvaluationRequest, evaluate as run_evaluation
     from raytrain_at.evaluation.result import summary_table
-    from raytrain_at.evaluation.threats import parse_eps, parse_eps_list, parse_norms
+    from raytrain_at.evaluation.threats import (PAPER_RESOLUTIONS, PAPER_SWEEP_EPS, parse_eps,
+                                                parse_eps_list, parse_norms)
     from raytrain_at.quickstart import make_console
 
     radii = {norm: parse_eps(text, f"--eps-{norm}")
@@ -130,10 +133,12 @@ def evaluate(
         model_ref=model_ref, data=data, norms=parse_norms(norms), eps=radii, version=version,
         n=n, resolution=resolution, workers=workers, batch_size=batch_size, seed=seed, out=out,
         state_root=state_dir, address=address, use_gpu=gpu,
-        eps_sweep=parse_eps_list(eps_sweep, "--eps-sweep") if eps_sweep else None,
+        eps_sweep=(list(PAPER_SWEEP_EPS) if eps_sweep == "paper"
+                   else parse_eps_list(eps_sweep, "--eps-sweep") if eps_sweep else None),
         sweep_norm=parse_norms(sweep_norm)[0], sweep_version=sweep_version,
-        resolution_sweep=_int_list(resolution_sweep, "--resolution-sweep")
-        if resolution_sweep else None,
+        resolution_sweep=(list(PAPER_RESOLUTIONS) if resolution_sweep == "paper"
+                          else _int_list(resolution_sweep, "--resolution-sweep")
+                          if resolution_sweep else None),
         corruptions=corruptions, severity=severity)
     result, path = run_evaluation(request)
     console = make_console()

@@ -19,6 +19,7 @@ from raytrain_at.evaluation.threats import THREAT_TITLES
 from raytrain_at.model_refs import local_model_file
 from raytrain_at.models.model_files import file_sha256, read_model_spec
 
+THREAT_ORDER = ["linf", "l2", "l1"]
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -127,6 +128,15 @@ def leaderboard(threat: str = "linf", size: str | None = None, name: str | None 
     return leaderboard_rows(ModelRegistry(tracking_uri).rows(name), threat, size)
 
 
+def _aliases_text(aliases: list[str]) -> str:
+    """``champion-linf, champion-l2`` -> ``champion: linf, l2`` (other aliases kept as they are)."""
+    champions = [a.removeprefix("champion-") for a in aliases if a.startswith("champion-")]
+    others = sorted(a for a in aliases if not a.startswith("champion-"))
+    parts = ([f"champion: {', '.join(sorted(champions, key=THREAT_ORDER.index))}"]
+             if champions else []) + others
+    return "; ".join(parts)
+
+
 def leaderboard_table(rows: list[dict[str, Any]], threat: str):
     """A rich table in the layout of the paper's Table 2."""
     from rich.table import Table
@@ -149,5 +159,5 @@ def leaderboard_table(rows: list[dict[str, Any]], threat: str):
                       p.get("params_m", "?"), p.get("flops_g", "?"), p.get("epochs") or "-",
                       p.get("attack_steps") or "-", pct(m.get("clean_acc")),
                       pct(m.get("robust_acc_linf")), pct(m.get("robust_acc_l2")),
-                      pct(m.get("robust_acc_l1")), ", ".join(sorted(row["aliases"])))
+                      pct(m.get("robust_acc_l1")), _aliases_text(row["aliases"]))
     return table

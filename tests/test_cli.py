@@ -19,9 +19,13 @@ def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_quickstart_trains_and_compares_robustness() -> None:
-    """The README's main job (about 5 minutes on 2 cores): adversarial vs clean training."""
-    result = _run("quickstart", timeout=900)
+def test_quickstart_trains_evaluates_registers(tmp_path) -> None:
+    """The README's main job (10-15 minutes on 2 cores): adversarial vs clean training, standard
+    AutoAttack in three norms, registration and the leaderboard."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", RAYTRAIN_AT_HOME=str(tmp_path / "home"))
+    env.pop("MLFLOW_TRACKING_URI", None)
+    result = subprocess.run(CLI + ["quickstart"], capture_output=True, text=True, timeout=2400,
+                            env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:5]]
             for line in result.stdout.splitlines() if line.startswith("│")}
@@ -29,6 +33,12 @@ def test_quickstart_trains_and_compares_robustness() -> None:
     clean = rows["clean"]
     assert float(adversarial[1]) > float(clean[1]) + 0.3  # clearly more robust
     assert float(clean[0]) > 0.8 and float(adversarial[0]) > 0.6
+    # AutoAttack per norm, then the registry: the leaderboard lists the new version.
+    for threat in ("linf 8/255", "l2 1", "l1 8"):
+        assert any(k.startswith(threat) for k in rows), rows.keys()
+    assert "quickstart-convnext-atto-cvst v1" in result.stdout
+    assert "champion: linf" in result.stdout
+    assert (tmp_path / "mlflow.db").is_file()
 
 
 def test_models_table_matches_table14() -> None:

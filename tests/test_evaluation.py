@@ -230,3 +230,31 @@ def test_bad_input_gives_one_line_errors(args, culprit, robust_model_file, eval_
     expected = str(garbage) if culprit == "GARBAGE" else culprit
     assert expected in lines[0]
     assert not out.exists()
+
+
+def test_vit_model_file_loads_at_another_resolution(tmp_path):
+    from raytrain_at.models import unwrap
+    from raytrain_at.models.model_files import ModelSpec, save_model_file
+
+    spec = ModelSpec(name="test_vit", num_classes=10, resolution=32, crop_pct=0.875)
+    torch.manual_seed(0)
+    path = save_model_file(tmp_path / "model.safetensors", spec.build(), spec)
+    at_trained = load_model_file(path).module
+    at_48 = load_model_file(path, resolution=48).module
+    grid = unwrap(at_48).patch_embed.grid_size
+    assert tuple(grid) == (48 // unwrap(at_48).patch_embed.patch_size[0],) * 2
+    with torch.no_grad():
+        assert at_48(torch.rand(2, 3, 48, 48)).shape == (2, 10)
+    # Same weights apart from the resampled positional embedding.
+    a, b = unwrap(at_trained).state_dict(), unwrap(at_48).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if "pos_embed" not in k)
+    assert a["pos_embed"].shape != b["pos_embed"].shape
+
+
+def test_model_file_without_spec_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(1)}, str(path))
+    with pytest.raises(UserError, match="no model metadata"):
+        load_model_file(path)

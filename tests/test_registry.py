@@ -174,3 +174,21 @@ def test_untrustworthy_evaluation_is_refused_unless_forced(store, robust_model_f
     version = ModelRegistry().client.get_model_version("guarded", done.version)
     assert version.tags["forced"] == "true" and version.tags["trustworthy"] == "false"
     assert done.aliases_taken == []  # a forced version never becomes a champion
+
+
+def test_leaderboard_command_prints_table2_columns(store, robust_model_file, weak_model_file,
+                                                   evaluations):
+    register_model(weak_model_file, "board", eval_path=evaluations["weak"])
+    register_model(robust_model_file, "board", eval_path=evaluations["strong"])
+    shown = CliRunner().invoke(app, ["leaderboard", "--threat", "l2", "--size", "small"],
+                               catch_exceptions=False, terminal_width=200)
+    assert shown.exit_code == 0, shown.output
+    lines = [line for line in shown.output.splitlines() if "board v" in line]
+    assert [line.split("│")[1].strip() for line in lines] == ["board v2", "board v1"]
+    assert "champion: linf, l2" in lines[0]
+    for column in ("params (M)", "FLOPs (G)", "epochs", "steps", "clean", "l_inf", "l_2", "l_1"):
+        assert column in shown.output
+    empty = CliRunner().invoke(app, ["leaderboard", "--size", "large"], catch_exceptions=False)
+    assert "board v" not in empty.output
+    with pytest.raises(raytrain_at.UserError, match="'l3'"):
+        leaderboard("l3")

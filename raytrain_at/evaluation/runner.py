@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -233,8 +232,9 @@ def _run_on_ray(job: EvalJob, workers: int, address: str | None, use_gpu: bool, 
     remaining = list(refs)
     while remaining:
         _, remaining = ray.wait(remaining, timeout=1.0)
-        bar.n = count_finished(job)
-        bar.refresh()
+        finished = count_finished(job)
+        if finished != bar.n:
+            bar.update(finished - bar.n)
     try:
         ray.get(refs)
     except ray.exceptions.RayTaskError as exc:

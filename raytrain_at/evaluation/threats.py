@@ -19,6 +19,8 @@ NORMS: tuple[str, ...] = tuple(AUTOATTACK_NORMS)
 PAPER_EPS: dict[str, float] = {"linf": 4 / 255, "l2": 2.0, "l1": 75.0}
 # Table 5's l_inf radii for the eps sweep.
 PAPER_SWEEP_EPS: tuple[float, ...] = (2 / 255, 4 / 255, 6 / 255, 8 / 255)
+# Test-time sides of the resolution study (Sec. 6, Fig. 3: 192 to 384).
+PAPER_RESOLUTIONS: tuple[int, ...] = (192, 224, 256, 288, 320, 352, 384)
 
 
 @dataclass(frozen=True)

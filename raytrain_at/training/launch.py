@@ -9,9 +9,7 @@ starts. Re-running with the same run name and storage resumes from the latest ch
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import logging
 import os
 import re
@@ -243,7 +241,6 @@ def quiet_ray_internals() -> None:
 
 def launch(prepared: PreparedRun, *, address: str | None = None):
     """Run the prepared job on Ray Train; returns Ray's ``Result``."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
