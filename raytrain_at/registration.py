@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -114,10 +115,12 @@ def register_model(model_ref: str, name: str, *, eval_path: str | Path | None = 
             if sweep is not None and sweep.plot:
                 extras.append(Path(sweep.plot))
     folder = stage_model_dir(model_file, extras)
-    registry = ModelRegistry(tracking_uri)
-    return registry.register(name=name, model_dir=folder, params=params, metrics=metrics,
-                             tags=tags, comparable=comparable,
-                             eligible=result is not None and result.trustworthy)
+    try:
+        return ModelRegistry(tracking_uri).register(
+            name=name, model_dir=folder, params=params, metrics=metrics, tags=tags,
+            comparable=comparable, eligible=result is not None and result.trustworthy)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def leaderboard(threat: str = "linf", size: str | None = None, name: str | None = None,

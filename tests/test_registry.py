@@ -26,6 +26,7 @@ CLI = str(Path(sys.executable).with_name("raytrain-at"))
 def store(tmp_path, monkeypatch) -> str:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # MLflow puts artifacts of a SQLite store in ./mlruns
     return uri
 
 

@@ -4,6 +4,8 @@ versions and aliases."""
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -14,20 +16,46 @@ def is_mlflow_reference(reference: str) -> bool:
     return reference.startswith(("runs:/", "models:/"))
 
 
+def _registry_download_uri(reference: str, tracking_uri: str) -> str:
+    """The artifact URI of the version ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` names,
+    looked up in the registry at ``tracking_uri`` (MLflow's own ``models:/`` resolution uses the
+    process-wide registry URI and ignores an explicit one)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from raytrain_at.tracking.registry import ModelRegistry
+
+    version = ModelRegistry(tracking_uri).resolve(reference)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        return client.get_model_version_download_uri(version.name, str(version.version))
+    except MlflowException as exc:
+        raise UserError(f"{reference!r}: {str(exc).splitlines()[0]}") from None
+
+
+def _scratch_dir() -> Path:
+    """A temporary folder removed when the process exits."""
+    folder = Path(tempfile.mkdtemp(prefix="raytrain-at-model-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 def download(reference: str, tracking_uri: str | None = None,
              destination: str | Path | None = None) -> Path:
     """Download what ``reference`` names and return the local path (file or folder)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    target = Path(destination or tempfile.mkdtemp(prefix="raytrain-at-model-"))
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    target = Path(destination) if destination else _scratch_dir()
     if reference.startswith("runs:/") and len(reference.rstrip("/").split("/")) < 3:
         raise UserError(f"{reference!r}: a run reference is runs:/RUN_ID/ARTIFACT_PATH "
                         "(a training run's model is runs:/RUN_ID/model)")
+    source = _registry_download_uri(reference, uri) if reference.startswith("models:/") \
+        else reference
     try:
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=reference, dst_path=str(target),
-            tracking_uri=tracking_uri or mlflow.get_tracking_uri())
+        local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(target),
+                                                    tracking_uri=uri)
     except MlflowException as exc:
         first = str(exc.message if hasattr(exc, "message") else exc).strip().splitlines()[0]
         raise UserError(f"{reference!r}: {first}") from None
