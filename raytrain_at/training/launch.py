@@ -120,16 +120,24 @@ def prepare_run(config: RunConfig, *, run_name: str | None = None,
     from raytrain_at.tracking.runs import default_tracking_uri
 
     config = config.model_copy(deep=True)
-    storage = Path(storage_path or config.tracking.storage_path or default_storage()).resolve()
+    chosen = str(storage_path or config.tracking.storage_path or default_storage())
     _check_weights(config)
-    storage.mkdir(parents=True, exist_ok=True)
-    train, heldout = prepare_data(config, storage)
+    if "://" in chosen:
+        # Cloud storage (s3://, gs://) for Ray Train's checkpoints: kept as a URI, and the
+        # bundled datasets go to the local home instead.
+        runs = chosen.rstrip("/") + "/runs"
+        local = default_storage()
+    else:
+        local = Path(chosen).resolve()
+        runs = str(local / "runs")
+    local.mkdir(parents=True, exist_ok=True)
+    train, heldout = prepare_data(config, local)
     name = run_name or config.tracking.run_name or default_run_name(config)
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise UserError(f"run name {name!r} may only use letters, digits, '.', '_' and '-'")
     uri = config.tracking.tracking_uri or default_tracking_uri()
     return PreparedRun(config=config, train_path=train, heldout_path=heldout, tracking_uri=uri,
-                       run_name=name, storage_path=str(storage / "runs"))
+                       run_name=name, storage_path=runs)
 
 
 def train_loop_per_worker(payload: dict[str, Any]) -> None:

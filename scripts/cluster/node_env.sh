@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Writes ~/.raytrain-at.env, the environment every process on a cluster node shares, and sources
+# it from ~/.bashrc (the Ray launcher runs every set-up and start command in an interactive bash,
+# so Ray itself, its workers and `ray attach` shells all see it):
+#   AWS_DEFAULT_REGION   the cluster's region
+#   RAYTRAIN_AT_BUCKET   the S3 bucket (betons/, ray-results/, mlflow-artifacts/, mlflow-backup/)
+#   RAYTRAIN_AT_DATA     where stage_data.sh puts the .beton files: the same path on every node,
+#                        because the driver expands $RAYTRAIN_AT_DATA and ships the result to the
+#                        workers
+#   MLFLOW_TRACKING_URI  the MLflow server on the head node's private IP
+#   PATH                 the project's virtual environment first (ray, raytrain-at, mlflow)
+#   RAY_AUTH_MODE=token  Ray's token authentication on every node (token: ~/.ray/auth_token)
+#
+# Usage: node_env.sh [--bucket NAME] [--region REGION]
+#   --bucket, --region   set once by the first setup command; later calls keep the stored values
+#                        (the region is the cluster's, for the aws CLI and Ray's S3 storage)
+#   The head's IP is $RAY_HEAD_IP, which the Ray launcher exports to every set-up and start
+#   command it runs on a worker node; on the head node (where it is not set) it is this node's
+#   own private IP. Re-run at every Ray start, so a head that comes back with a new IP is
+#   followed.
+set -euo pipefail
+
+ENV_FILE=${RAYTRAIN_AT_ENV_FILE:-$HOME/.raytrain-at.env}
+PROJECT=${RAYTRAIN_AT_PROJECT:-$HOME/raytrain-at}
+DATA_LINK=${RAYTRAIN_AT_DATA_LINK:-/mnt/raytrain-at-data}
+BUCKET=""
+REGION=""
+while (( $# )); do
+    case "$1" in
+        --bucket) BUCKET=${2:?--bucket needs a name}; shift 2 ;;
+        --region) REGION=${2:?--region needs a name}; shift 2 ;;
+        *) echo "node_env.sh: unknown argument $1" >&2; exit 2 ;;
+    esac
+done
+
+stored() { [[ -f "$ENV_FILE" ]] && sed -n "s/^export $1=//p" "$ENV_FILE" | tail -n 1; }
+[[ -n "$BUCKET" ]] || BUCKET=$(stored RAYTRAIN_AT_BUCKET || true)
+[[ -n "$REGION" ]] || REGION=$(stored AWS_DEFAULT_REGION || true)
+if [[ -z "$BUCKET" || "$BUCKET" == CHANGE-ME* ]]; then
+    echo "node_env.sh: set your S3 bucket in cluster.yaml (setup_commands: --bucket NAME)" >&2
+    exit 2
+fi
+
+# This node's private IP: what Ray itself registers (the source address of the default route).
+private_ip() {
+    local ip
+    ip=$(ip -4 route get 1.1.1.1 2>/dev/null | sed -n 's/.* src \([0-9.]*\).*/\1/p' | head -n 1)
+    [[ -n "$ip" ]] || ip=$(hostname -I | awk '{print $1}')
+    echo "$ip"
+}
+HEAD_IP=${RAY_HEAD_IP:-$(private_ip)}
+
+# Ray's token authentication: every node uses the head's token (generated on the head by
+# head_start_ray_commands, copied to workers by cluster_synced_files before their set-up). The
+# mode is set explicitly because Ray 2.60 enables it by itself only for `ray start --head` (when
+# ~/.ray/auth_token exists), never for a joining node, which would then be refused.
+TOKEN=${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}
+if [[ -n "${RAY_HEAD_IP:-}" && ! -s "$TOKEN" ]]; then
+    echo "node_env.sh: no Ray auth token at $TOKEN (cluster_synced_files copies the head's)" >&2
+    exit 1
+fi
+
+tmp=$(mktemp "$ENV_FILE.XXXX")
+cat > "$tmp" <<ENV
+# Written by scripts/cluster/node_env.sh; rewritten at every Ray start.
+export RAYTRAIN_AT_BUCKET=$BUCKET
+${REGION:+export AWS_DEFAULT_REGION=$REGION}
+export RAYTRAIN_AT_DATA=$DATA_LINK
+export MLFLOW_TRACKING_URI=http://$HEAD_IP:5000
+export RAYTRAIN_AT_HEAD_IP=$HEAD_IP
+export RAY_AUTH_MODE=token
+case ":\$PATH:" in *":$PROJECT/.venv/bin:"*) ;; *) export PATH="$PROJECT/.venv/bin:\$PATH" ;; esac
+ENV
+mv "$tmp" "$ENV_FILE"
+
+BASHRC=${RAYTRAIN_AT_BASHRC:-$HOME/.bashrc}
+LINE="[ -f $ENV_FILE ] && . $ENV_FILE"
+grep -qxF "$LINE" "$BASHRC" 2>/dev/null || echo "$LINE" >> "$BASHRC"
+echo "[node_env] $ENV_FILE: bucket $BUCKET, MLflow at http://$HEAD_IP:5000"
