@@ -139,7 +139,7 @@ def test_batch_is_the_same_when_sharded() -> None:
     torch.testing.assert_close(shard, whole[order], rtol=0, atol=0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_batch_stays_on_gpu() -> None:
     images = torch.rand(2, 3, 32, 32, device="cuda", dtype=torch.float16)
     out, _ = corrupt_batch(images, [0, 1])
