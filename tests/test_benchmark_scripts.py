@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,3 +32,53 @@ def test_bench_augment_prints_timing() -> None:
     out = _run("bench_augment.py", "--batch", "4", "--size", "32", "--runs", "2", "--warmup", "1")
     text = json.dumps(out)
     assert "ms" in text and "kornia" in text
+
+
+# Issue 9 (speed): one thread per script, so the timings of a busy 2-core machine cannot make the
+# OpenMP workers of two processes fight (which slows tiny runs down by orders of magnitude).
+_ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# Not on the GPU machine: the training-step benchmark must run without them.
+_ABSENT_ON_GPU_MACHINE = ("deepspeed", "ray", "ffcv", "mlflow", "pyautoattack")
+
+
+def _run_without(script: str, absent: tuple[str, ...], *args: str) -> dict:
+    """Run ``script`` with ``absent`` modules made unimportable (as on the bare GPU machine)."""
+    code = ("import runpy, sys\n"
+            f"for name in {absent!r}:\n"
+            "    sys.modules[name] = None  # import raises ImportError\n"
+            "sys.argv = sys.argv[1:]\n"
+            "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    env = {**os.environ, **_ONE_THREAD}
+    result = subprocess.run([sys.executable, "-c", code, str(ROOT / "scripts" / script), *args],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout)
+
+
+def test_bench_train_step_prints_rates_without_deepspeed_or_ray() -> None:
+    out = _run_without("bench_train_step.py", _ABSENT_ON_GPU_MACHINE, "--models", "test_vit",
+                       "--resolution", "32", "--batch", "2", "--steps", "1", "--warmup", "1",
+                       "--device", "cpu")
+    assert out["device"] == "cpu" and out["versions"]["timm"]
+    assert out["peak"]["tflops"] > 0 and "fp32" in out["peak"]["kind"]
+    (row,) = out["models"]
+    assert row["model"] == "test_vit" and row["forward_gmacs_per_image"] > 0
+    for kind, passes in (("ours", 10), ("reference", 8)):
+        variant = row[kind]
+        assert variant["images_per_s"] > 0 and variant["step_s_median"] > 0
+        assert variant["forward_equivalents_per_image"] == passes
+        assert variant["achieved_tflops"] > 0 and 0 < variant["mfu"]
+        assert variant["process_max_rss_mib"] > 0
+    assert "fp32" in row["reference"]["precision"]  # fp16 + GradScaler is CUDA-only
+    assert row["ratio_ours_over_reference"] > 0
+
+
+def test_bench_eval_matches_plain_pyautoattack() -> None:
+    out = _run_without("bench_eval.py", (), "--model", "test_vit", "--resolution", "32",
+                       "--n", "4", "--batch", "4", "--version", "fast", "--device", "cpu")
+    assert out["ours"]["images_per_s"] > 0 and out["plain"]["images_per_s"] > 0
+    assert out["ratio_ours_over_plain"] > 0
+    assert out["ours"]["robust_accuracy"] == out["plain"]["robust_accuracy"]
+    assert out["identical"] is True and out["identical_per_image"] is True
+    assert set(out["ours"]["broken_by"]) == {"apgd-ce", "apgd-t"}
+    assert out["settings"]["threat"] == "linf 4/255"
