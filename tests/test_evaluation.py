@@ -258,3 +258,11 @@ def test_model_file_without_spec_is_refused(tmp_path):
     save_file({"w": torch.zeros(1)}, str(path))
     with pytest.raises(UserError, match="no model metadata"):
         load_model_file(path)
+
+
+def test_monotonicity_guard_fires_on_a_rise():
+    from raytrain_at.evaluation.guards import non_increasing
+
+    assert non_increasing("linf", [0, 1, 2], [0.9, 0.5, 0.4]).passed
+    broken = non_increasing("linf", [0, 1, 2], [0.9, 0.4, 0.5])
+    assert not broken.passed and "0.4000 at 1 < 0.5000 at 2" in broken.detail

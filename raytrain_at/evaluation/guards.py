@@ -96,8 +96,8 @@ def square_found_little(label: str, broken_by_square: int, n: int) -> Guard:
 
 def non_increasing(label: str, radii: Sequence[float], accuracies: Sequence[float]) -> Guard:
     """Robust accuracy must not grow with the radius (a larger ball contains the smaller)."""
-    rises = [(a, b) for (a, b) in zip(zip(radii, accuracies), list(zip(radii, accuracies))[1:])
-             if b[1] > a[1]]
+    points = list(zip(radii, accuracies))
+    rises = [(a, b) for a, b in zip(points, points[1:]) if b[1] > a[1]]
     detail = "monotone" if not rises else "; ".join(
         f"{a[1]:.4f} at {a[0]:.5g} < {b[1]:.4f} at {b[0]:.5g}" for a, b in rises)
     return Guard(f"non_increasing_in_eps.{label}", not rises, detail)
