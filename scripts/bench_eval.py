@@ -46,13 +46,14 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-# Share the device naming of the training benchmark (its folder may not be on sys.path when the
-# script runs through runpy).
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+# Share the device naming of the training benchmark (its folder is not on sys.path when the
+# script runs through runpy, as in the tests).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train_step import device_name  # noqa: E402
 
 NUM_CLASSES = 1000
@@ -184,11 +185,12 @@ def main() -> None:
                      "version": args.version, "seed": args.seed,
                      "precision": "fp32, channels-first (both)",
                      "data": "uniform random images labelled by the model's clean prediction"},
-        "ours": {"seconds": round(ours_s, 3), "seconds_all": [round(t, 3) for t in ours_times], "images_per_s": round(args.n / ours_s, 4),
-                 "robust_accuracy": ours_acc, "broken_by": broken},
+        "ours": {"seconds": round(ours_s, 3), "seconds_all": [round(t, 3) for t in ours_times],
+                 "images_per_s": round(args.n / ours_s, 4), "robust_accuracy": ours_acc,
+                 "broken_by": broken},
         "plain": {"seconds": round(plain_s, 3),
-                  "seconds_all": [round(t, 3) for t in plain_times], "images_per_s": round(args.n / plain_s, 4),
-                  "robust_accuracy": plain_acc},
+                  "seconds_all": [round(t, 3) for t in plain_times],
+                  "images_per_s": round(args.n / plain_s, 4), "robust_accuracy": plain_acc},
         "ratio_ours_over_plain": round(plain_s / ours_s, 3),
         "identical": ours_acc == plain_acc,
         "identical_per_image": ours_robust == plain_robust,

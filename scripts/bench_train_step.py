@@ -1,4 +1,4 @@
-"""Images/second of one 2-step APGD adversarial training step: ours vs the source paper's way (JSON).
+"""Images/second of one 2-step APGD adversarial training step, ours vs the paper's way (JSON).
 
 One step, for both variants: a batch of random [0, 1] images at ``--resolution`` with random labels
 (1,000 classes); the inner maximisation with the model in eval mode (forwards + backwards to the
@@ -19,9 +19,10 @@ ours -- the project's step as ``raytrain_at.training.loop`` runs it, minus DeepS
 
 reference -- the same step written the way nmndeep/revisiting-at's ``main.py`` and
     ``autopgd_train_clean.py`` do it (read from the repository, not copied): fp16 autocast around
-    attack and training forward with ``torch.cuda.amp.GradScaler``, eager, plain ``torch.optim.AdamW``
-    (not fused) with betas (0.9, 0.95), timm ``ModelEmaV2(decay=0.9999, device='cpu')`` (its EMA
-    lives in host memory, so every update copies the weights off the GPU), model weights
+    attack and training forward with ``torch.cuda.amp.GradScaler``, eager, plain
+    ``torch.optim.AdamW`` (not fused) with betas (0.9, 0.95), timm
+    ``ModelEmaV2(decay=0.9999, device='cpu')`` (its EMA lives in host memory, so every update
+    copies the weights off the GPU), model weights
     channels_last (its default ``misc.use_channel_last=1``) fed the contiguous NCHW images its torch
     DataLoader gives, and the pass structure of its ``apgd_train`` (l_inf, n_iter=2, no random
     start): forward + input gradient at the clean point, one step with forward + gradient, a last
