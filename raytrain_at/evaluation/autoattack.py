@@ -140,7 +140,4 @@ def attack_chunk(model: nn.Module, aa, x: torch.Tensor, y: torch.Tensor, ids: li
             record.warnings.update(warnings)
         record.complete = all(a in record.attacks_done for a in aa.attacks_to_run)
         save(record)
-    if not record.complete:  # every attack had run before a stop: only the flag was missing
-        record.complete = True
-        save(record)
     return record
