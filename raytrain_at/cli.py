@@ -92,6 +92,37 @@ def train(
 
 
 @app.command()
+def tune(
+    space: str = typer.Option("quick_stems_cpu", help="tune_spaces/NAME.yaml, or its NAME"),
+    recipe: str = typer.Option(None, help="replace the space's base recipe"),
+    scheduler: str = typer.Option(None, help="asha or fifo (replaces the space's)"),
+    num_samples: int = typer.Option(None, help="repeats of the grid (replaces the space's)"),
+    address: str = typer.Option(None, help="Ray cluster address ('auto' on a cluster)"),
+    max_concurrent: int = typer.Option(None, help="trials at a time [from cluster resources]"),
+    name: str = typer.Option(None, help="study name [space-DATE-TIME]"),
+    storage_path: str = typer.Option(None, help="Ray Train / Tune storage (folder or s3://)"),
+    register_name: str = typer.Option(None, help="registered name of the best [tune-SPACE]"),
+) -> None:
+    """A Ray Tune study over a search space: each trial a short Ray Train run, ASHA, MLflow runs
+    under one parent, results table and plot, the best trials evaluated and the best registered."""
+    from raytrain_at.tuning.spaces import load_space
+    from raytrain_at.tuning.study import StudyOptions, run_study
+
+    if scheduler not in (None, "asha", "fifo"):
+        raise UserError(f"--scheduler {scheduler!r} must be asha or fifo")
+    if max_concurrent is not None and max_concurrent < 1:
+        raise UserError(f"--max-concurrent {max_concurrent} must be at least 1")
+    outcome = run_study(load_space(space), StudyOptions(
+        name=name, recipe=recipe, scheduler=scheduler, num_samples=num_samples, address=address,
+        max_concurrent=max_concurrent, storage_path=storage_path, register_name=register_name))
+    print(f"study {outcome.name}: results {outcome.results_csv}, plot {outcome.plot}, "
+          f"MLflow parent run {outcome.parent_run_id}")
+    if outcome.best is not None:
+        print(f"best trial {outcome.best.trial_id} (run {outcome.best.run_id})"
+              + (f", registered as {outcome.registered}" if outcome.registered else ""))
+
+
+@app.command()
 def evaluate(
     model_ref: str = typer.Argument(..., help="model.safetensors, checkpoint folder, runs:/ID/model "
                                     "or models:/NAME@ALIAS"),
@@ -232,8 +263,12 @@ def data_info(path: Path = typer.Argument(..., help=".beton file")) -> None:
     print(json.dumps(describe_beton(path), indent=2))
 
 
-def main() -> None:
-    """Console entry point: user errors become one line on stderr and exit code 2."""
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: user errors become one line on stderr and exit code 2.
+
+    Args:
+        argv: the arguments (default: the process's); ``tune_stem.py`` passes ``tune ...``.
+    """
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # MLflow logs store migrations at INFO on every new database: keep command output to what
     # the user asked for (MLFLOW_LOGGING_LEVEL still wins when set).
@@ -242,7 +277,7 @@ def main() -> None:
         logging.getLogger("mlflow").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
     try:
-        app(standalone_mode=False)
+        app(args=argv, standalone_mode=False)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +47,13 @@ class PreparedRun:
     tracking_uri: str
     run_name: str
     storage_path: str
+    # Extra MLflow tags of the run (a Tune trial: its parent study run and trial id).
+    run_tags: dict[str, str] = field(default_factory=dict)
 
     def worker_payload(self) -> dict[str, Any]:
         return {"run": self.config.model_dump(mode="json"), "train_path": self.train_path,
                 "heldout_path": self.heldout_path, "tracking_uri": self.tracking_uri,
-                "run_name": self.run_name}
+                "run_name": self.run_name, "run_tags": dict(self.run_tags)}
 
 
 def default_storage() -> Path:
@@ -115,7 +117,8 @@ def default_run_name(config: RunConfig) -> str:
 
 
 def prepare_run(config: RunConfig, *, run_name: str | None = None,
-                storage_path: str | None = None) -> PreparedRun:
+                storage_path: str | None = None,
+                run_tags: dict[str, str] | None = None) -> PreparedRun:
     """Validate a run on the driver (datasets, weights, tracking) before any worker starts."""
     from raytrain_at.tracking.runs import default_tracking_uri
 
@@ -137,7 +140,7 @@ def prepare_run(config: RunConfig, *, run_name: str | None = None,
         raise UserError(f"run name {name!r} may only use letters, digits, '.', '_' and '-'")
     uri = config.tracking.tracking_uri or default_tracking_uri()
     return PreparedRun(config=config, train_path=train, heldout_path=heldout, tracking_uri=uri,
-                       run_name=name, storage_path=runs)
+                       run_name=name, storage_path=runs, run_tags=dict(run_tags or {}))
 
 
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
@@ -169,6 +172,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         tracker = TrainingRun(payload["tracking_uri"], config.tracking.experiment,
                               payload["run_name"])
         tracker.log_params(flatten(config))
+        tracker.set_tags(payload.get("run_tags") or {})
     scratch = Path(tempfile.mkdtemp(prefix="raytrain-at-ckpt-"))
 
     def report(metrics: dict[str, float], directory: Path | None) -> None:
@@ -249,17 +253,28 @@ def quiet_ray_internals() -> None:
 
 def launch(prepared: PreparedRun, *, address: str | None = None):
     """Run the prepared job on Ray Train; returns Ray's ``Result``."""
+    from raytrain_at.ray_runtime import init_ray
+
+    init_ray(address)
+    if (prepared.config.scaling.use_gpu and not torch.cuda.is_available()
+            and address is None):
+        raise UserError("scaling.use_gpu is true but this machine has no GPU (use --address "
+                        "for a cluster, or --set scaling.use_gpu=false)")
+    return build_trainer(prepared).fit()
+
+
+def build_trainer(prepared: PreparedRun, callbacks: list | None = None):
+    """The ``TorchTrainer`` of a prepared run (Ray must be initialised).
+
+    Args:
+        prepared: the validated run.
+        callbacks: Ray Train callbacks, e.g. Tune's ``TuneReportCallback`` inside a trial.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from raytrain_at.ray_runtime import init_ray
-
     config = prepared.config
-    init_ray(address)
-    if config.scaling.use_gpu and not torch.cuda.is_available() and address is None:
-        raise UserError("scaling.use_gpu is true but this machine has no GPU (use --address "
-                        "for a cluster, or --set scaling.use_gpu=false)")
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=prepared.worker_payload(),
         scaling_config=ScalingConfig(num_workers=config.scaling.num_workers,
@@ -268,9 +283,9 @@ def launch(prepared: PreparedRun, *, address: str | None = None):
         torch_config=TorchConfig(backend="nccl" if config.scaling.use_gpu else "gloo"),
         run_config=RayRunConfig(
             name=prepared.run_name, storage_path=prepared.storage_path,
+            callbacks=list(callbacks or []),
             failure_config=FailureConfig(max_failures=config.scaling.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute="heldout_robust_accuracy"
                 if prepared.heldout_path else "epoch", checkpoint_score_order="max")),
     )
-    return trainer.fit()

@@ -29,6 +29,7 @@ Values are replaced by the config's parsed value anyway, so such a string still 
 from __future__ import annotations
 
 import difflib
+from fractions import Fraction
 import itertools
 import json
 import math
@@ -37,7 +38,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
+                      model_validator)
 
 import raytrain_at
 from raytrain_at.config import RunConfig, flatten, load_config
@@ -144,6 +146,46 @@ class SchedulerSpec(_Strict):
         return self
 
 
+class StudyEvaluation(_Strict):
+    """How the study's best trials are evaluated with AutoAttack (and the best registered).
+
+    Attributes:
+        data: the evaluation data (.beton path, ``$VAR`` allowed, or a bundled name such as
+            ``digits``); None: the trials' ``data.heldout``.
+        n: attack only the first ``n`` images (None: all of them).
+        version: AutoAttack version: ``standard``, ``fast`` (APGD-CE + APGD-T) or ``apgdt``.
+        norms: threat models evaluated, e.g. ``[linf, l2, l1]`` (the l_2 / l_1 generalisation).
+        eps: radius per norm in [0, 1] pixel units (``4/255`` allowed); a norm not given uses the
+            paper's radius (4/255, 2.0, 75) at the model's resolution.
+        top: how many of the best completed trials are evaluated (0: none, nothing registered).
+        workers: Ray tasks sharing the images (one chunk each).
+        register_best: register the best evaluated trial's model in the MLflow registry.
+    """
+
+    data: str | None = None
+    n: int | None = Field(None, ge=2)
+    version: Literal["standard", "fast", "apgdt"] = "standard"
+    norms: list[Literal["linf", "l2", "l1"]] = Field(["linf", "l2", "l1"], min_length=1)
+    eps: dict[Literal["linf", "l2", "l1"], float] = Field(default_factory=dict)
+    top: int = Field(1, ge=0)
+    workers: int = Field(2, ge=1)
+    register_best: bool = True
+
+    @field_validator("eps", mode="before")
+    @classmethod
+    def _radii_as_fractions(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {norm: _radius(eps) for norm, eps in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _positive_radii(self) -> "StudyEvaluation":
+        for norm, eps in self.eps.items():
+            if not (math.isfinite(eps) and eps > 0):
+                raise ValueError(f"eps.{norm} {eps} must be a positive radius")
+        return self
+
+
 class SearchSpace(_Strict):
     """A validated Ray Tune search space over the run config's dotted keys.
 
@@ -159,6 +201,7 @@ class SearchSpace(_Strict):
         mode: ``max`` or ``min``; must agree with the metric.
         scheduler: the trial scheduler.
         num_samples: how often Ray repeats the grid (and draws the other keys).
+        evaluation: AutoAttack of the best trials after the search (see :class:`StudyEvaluation`).
     """
 
     description: str = Field(min_length=1)
@@ -169,6 +212,7 @@ class SearchSpace(_Strict):
     mode: Literal["max", "min"] = "max"
     scheduler: SchedulerSpec = SchedulerSpec()
     num_samples: int = Field(1, ge=1)
+    evaluation: StudyEvaluation = StudyEvaluation()
 
     _source: Path | None = PrivateAttr(None)
 
@@ -235,6 +279,14 @@ class SearchSpace(_Strict):
                             f"keys: missing {missing}, unexpected {unknown}")
         return ([f"{key}={format_value(value)}" for key, value in self.fixed.items()]
                 + [f"{key}={format_value(sample[key])}" for key in self.search])
+
+    def fixed_overrides(self) -> list[str]:
+        """The dotted ``key=value`` overrides every trial gets (the ``fixed`` section)."""
+        return self._fixed_overrides()
+
+    def sample_overrides(self, sample: dict[str, Any]) -> list[str]:
+        """The searched part of :meth:`trial_overrides`: one ``key=value`` per searched key."""
+        return self.trial_overrides(sample)[len(self.fixed):]
 
     def trial_config(self, sample: dict[str, Any]) -> RunConfig:
         """The validated run config of one trial (base recipe + fixed + sample)."""
@@ -413,6 +465,16 @@ class SearchSpace(_Strict):
 
 
 # --------------------------------------------------------------------------- helpers
+def _radius(value: Any) -> Any:
+    """``"8/255"`` as a float (as papers write radii); anything else is left to pydantic."""
+    if isinstance(value, str) and "/" in value:
+        try:
+            return float(Fraction(value.strip()))
+        except (ValueError, ZeroDivisionError):
+            return value
+    return value
+
+
 def format_value(value: Any) -> str:
     """Write a value for a dotted override so that ``parse_override`` (YAML) reads it back as is.
 

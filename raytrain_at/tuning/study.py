@@ -1,0 +1,396 @@
+"""A Ray Tune study over a search space: every trial a short Ray Train run, the best registered.
+
+The pattern is Ray 2.60's: the Tune trainable is a function that builds a ``TorchTrainer`` for its
+sampled config and hands Ray Train's per-epoch reports to Tune through ``TuneReportCallback``, so
+a scheduler such as ASHA (time unit: the reported ``epoch``) can stop lagging trials. The trial
+function itself asks for almost no CPU (its Train workers hold the resources), and the number of
+concurrent trials follows the cluster's CPUs or GPUs divided by what one trial's workers need.
+
+MLflow: the study is one parent run (the space, the results table and the plot); every trial's
+rank 0 writes its own run, tagged as the parent's child (``mlflow.parentRunId``). Ray ends a
+stopped trial's workers without letting them close their run, so the driver marks those runs
+KILLED afterwards and tags them ``raytrain_at.tune.stopped_early``.
+
+After the search the best completed trials (by the space's metric) are evaluated with AutoAttack
+as the space's ``evaluation`` section says (the l_2 / l_1 columns show how the l_inf-trained
+designs generalise), and the best evaluated one is registered.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from raytrain_at.config import RunConfig, apply_overrides, flatten
+from raytrain_at.errors import UserError
+from raytrain_at.tuning.spaces import SchedulerSpec, SearchSpace
+
+log = logging.getLogger(__name__)
+
+TRIAL_TAG = "raytrain_at.tune.trial_id"
+STUDY_TAG = "raytrain_at.tune.study"
+STOPPED_TAG = "raytrain_at.tune.stopped_early"
+PARENT_TAG = "mlflow.parentRunId"
+
+TrialStatus = Literal["completed", "stopped early", "errored"]
+
+
+@dataclass(frozen=True)
+class StudyOptions:
+    """What the command line may change about a space, and where things go.
+
+    Attributes:
+        name: the study's name (Tune experiment, MLflow parent run); default: space + time.
+        recipe: replaces the space's base recipe (the space is validated again against it).
+        scheduler: replaces the space's scheduler kind (``asha`` keeps the space's settings).
+        num_samples: replaces the space's ``num_samples``.
+        address: Ray address to join (``auto`` on a cluster node); None starts Ray locally.
+        max_concurrent: trials at a time; None derives it from the cluster's resources.
+        storage_path: Ray Train / Tune storage (a folder or ``s3://...``); None: the home.
+        register_name: registered model name of the best trial; default ``tune-<space>``.
+    """
+
+    name: str | None = None
+    recipe: str | None = None
+    scheduler: Literal["asha", "fifo"] | None = None
+    num_samples: int | None = None
+    address: str | None = None
+    max_concurrent: int | None = None
+    storage_path: str | None = None
+    register_name: str | None = None
+
+
+@dataclass
+class TrialRecord:
+    """One trial's outcome, as the table, the CSV and the plot show it."""
+
+    trial_id: str
+    sample: dict[str, Any]
+    metrics: dict[str, float]
+    epochs: int
+    status: TrialStatus
+    run_id: str | None = None
+    error: str | None = None
+    evaluation: dict[str, float] = field(default_factory=dict)  # clean / robust per threat
+    evaluation_path: str | None = None
+
+
+@dataclass
+class StudyOutcome:
+    """What a finished study produced."""
+
+    name: str
+    space: SearchSpace
+    parent_run_id: str
+    records: list[TrialRecord]
+    best: TrialRecord | None
+    results_csv: Path
+    plot: Path
+    registered: str | None = None  # "NAME version N"
+
+
+@dataclass(frozen=True)
+class _TrialContext:
+    """Everything a trial needs, computed on the driver (trial processes start elsewhere, with
+    another working directory, so no relative path or default is resolved there)."""
+
+    study: str
+    space: SearchSpace
+    base: dict[str, Any]  # the validated config of base recipe + fixed overrides
+    storage_path: str
+    parent_run_id: str
+
+
+# --------------------------------------------------------------------------- the trial
+def trial_config(context: _TrialContext, sample: dict[str, Any]) -> RunConfig:
+    """The run config of one trial: the study's base config plus the sampled values."""
+    import copy
+
+    data = apply_overrides(copy.deepcopy(context.base), context.space.sample_overrides(sample))
+    return RunConfig.model_validate(data)
+
+
+def _run_trial(sample: dict[str, Any], context: _TrialContext) -> None:
+    """The Tune trainable: one short Ray Train run whose epoch reports reach Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raytrain_at.training.launch import build_trainer, prepare_run
+
+    trial_id = tune.get_context().get_trial_id()
+    prepared = prepare_run(
+        trial_config(context, sample), run_name=f"{context.study}-{trial_id}",
+        storage_path=context.storage_path,
+        run_tags={PARENT_TAG: context.parent_run_id, STUDY_TAG: context.study,
+                  TRIAL_TAG: trial_id})
+    build_trainer(prepared, callbacks=[TuneReportCallback()]).fit()
+
+
+# --------------------------------------------------------------------------- the driver
+def apply_options(space: SearchSpace, options: StudyOptions) -> SearchSpace:
+    """The space with the command line's recipe, scheduler and sample count (validated again)."""
+    update: dict[str, Any] = {}
+    if options.recipe is not None:
+        update["recipe"] = options.recipe
+    if options.scheduler is not None and options.scheduler != space.scheduler.kind:
+        update["scheduler"] = SchedulerSpec(kind=options.scheduler)
+    if options.num_samples is not None:
+        if options.num_samples < 1:
+            raise UserError(f"--num-samples {options.num_samples} must be at least 1")
+        update["num_samples"] = options.num_samples
+    if not update:
+        return space
+    changed = space.model_copy(update=update)
+    changed._source = space.source
+    return changed.validate_against_config()
+
+
+# What the trial function itself holds while its Train workers run (Tune needs a bundle).
+TRIAL_DRIVER_CPU = 0.01
+
+
+def trial_concurrency(config: RunConfig, resources: dict[str, float], *,
+                      local: bool) -> int:
+    """How many trials fit at once: the cluster's GPUs (or CPUs) over one trial's need.
+
+    Args:
+        config: a trial's run config (its ``scaling`` section).
+        resources: ``ray.cluster_resources()``.
+        local: Ray runs on this machine only (no autoscaler can add nodes).
+
+    Raises:
+        UserError: on a local Ray, one trial's CPU workers plus the trial function do not fit
+            (Ray would wait for them forever).
+    """
+    scaling = config.scaling
+    if scaling.use_gpu:
+        need, have = float(scaling.num_workers), resources.get("GPU", 0.0)
+        return max(1, int(math.floor(have / need + 1e-9)))
+    need, have = scaling.num_workers * scaling.cpus_per_worker, resources.get("CPU", 0.0)
+    if local and need + TRIAL_DRIVER_CPU > have + 1e-9:
+        raise UserError(
+            f"a trial needs {need:g} CPUs for its {scaling.num_workers} workers plus "
+            f"{TRIAL_DRIVER_CPU} for the trial itself, but Ray has {have:g} here: lower "
+            f"scaling.cpus_per_worker (e.g. {0.95 * have / scaling.num_workers:.2f}) or "
+            "scaling.num_workers")
+    return max(1, int(math.floor((have - TRIAL_DRIVER_CPU) / need + 1e-9)))
+
+
+def _scheduler(space: SearchSpace):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    spec = space.scheduler
+    if spec.kind == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="epoch", max_t=space.scheduler_max_t(),
+                         grace_period=spec.grace_period, reduction_factor=spec.reduction_factor)
+
+
+def _storage(options: StudyOptions, base: RunConfig) -> tuple[str, Path]:
+    """(Ray storage for Train runs and Tune, local folder for this study's reports)."""
+    from raytrain_at.storage import default_home
+
+    chosen = options.storage_path or base.tracking.storage_path or str(default_home())
+    if "://" in chosen:
+        return chosen.rstrip("/"), default_home()
+    local = Path(chosen).expanduser().resolve()
+    return str(local), local
+
+
+def run_study(space: SearchSpace, options: StudyOptions = StudyOptions()) -> StudyOutcome:
+    """Run a whole study: validate, search, tabulate, plot, evaluate and register the best.
+
+    Args:
+        space: a space from :func:`~raytrain_at.tuning.spaces.load_space`.
+        options: command-line changes and locations (see :class:`StudyOptions`).
+
+    Raises:
+        UserError: a bad option or space (before any trial), or every trial failed.
+    """
+    from ray import tune
+
+    from raytrain_at.ray_runtime import init_ray
+    from raytrain_at.tracking.runs import TrainingRun, default_tracking_uri
+    from raytrain_at.training.launch import prepare_run
+    from raytrain_at.tuning.report import write_report
+
+    space = apply_options(space, options)
+    name = options.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not all(c.isalnum() or c in "._-" for c in name):
+        raise UserError(f"study name {name!r} may only use letters, digits, '.', '_' and '-'")
+    tracking_uri = default_tracking_uri()
+    fixed = space.fixed_overrides() + [f"tracking.tracking_uri={tracking_uri}"]
+    from raytrain_at.config import load_config
+
+    base = load_config(space.recipe, fixed)
+    storage, local = _storage(options, base)
+    # On the driver, before Ray: datasets and weights of the first trial (a bad path fails here,
+    # and the bundled data is written once instead of by concurrent trials).
+    prepare_run(trial_config(_TrialContext(name, space, base.model_dump(mode="json"), storage,
+                                           ""), _first_sample(space)), storage_path=storage)
+    report_dir = local / "tune" / name
+    report_dir.mkdir(parents=True, exist_ok=True)
+
+    init_ray(options.address, dashboard=True)
+    import ray
+
+    concurrency = options.max_concurrent or trial_concurrency(
+        base, ray.cluster_resources(), local=options.address is None)
+    parent = TrainingRun(tracking_uri, base.tracking.experiment, name)
+    parent.set_tags({STUDY_TAG: name, "raytrain_at.tune.space": space.name})
+    parent.log_params({"space": space.name, "description": space.description,
+                       "recipe": space.recipe, "metric": space.metric, "mode": space.mode,
+                       "scheduler": space.scheduler.kind, "num_trials": space.num_trials(),
+                       "max_concurrent_trials": concurrency,
+                       **{f"fixed.{k}": v for k, v in space.fixed.items()},
+                       **{f"search.{k}": d.model_dump(exclude_none=True)
+                          for k, d in space.search.items()}})
+    context = _TrialContext(name, space, base.model_dump(mode="json"), storage,
+                            parent.run_id)
+    log.info("study %s: %d trials of %s, %d at a time, scheduler %s", name, space.num_trials(),
+             space.recipe, concurrency, space.scheduler.kind)
+    try:
+        tuner = tune.Tuner(
+            tune.with_resources(tune.with_parameters(_run_trial, context=context),
+                                {"CPU": TRIAL_DRIVER_CPU}),
+            param_space=space.to_tune_param_space(),
+            tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode,
+                                        scheduler=_scheduler(space),
+                                        num_samples=space.num_samples,
+                                        max_concurrent_trials=concurrency),
+            run_config=tune.RunConfig(name=name, storage_path=f"{storage}/tune", verbose=1))
+        grid = tuner.fit()
+        records = _records(grid, space, base.schedule.epochs)
+        _close_trial_runs(parent.client, parent.experiment_id, parent.run_id, records)
+        if not any(r.status != "errored" for r in records):
+            raise UserError(f"study {name}: every trial failed; first error: "
+                            f"{records[0].error if records else 'no trial started'}")
+        best = evaluate_best(context, records, report_dir, tracking_uri)
+        registered = None
+        if best is not None and space.evaluation.register_best:
+            registered = register_best(best, options.register_name or f"tune-{space.name}",
+                                       tracking_uri)
+        results_csv, plot = write_report(records, space, report_dir)
+        for path in (results_csv, plot):
+            parent.log_file(path)
+        for record in records:
+            if record.evaluation_path:
+                parent.log_file(record.evaluation_path, "evaluations")
+        if best is not None:
+            parent.set_tags({"raytrain_at.tune.best_trial": best.trial_id,
+                             "raytrain_at.tune.best_run": best.run_id or "",
+                             "raytrain_at.tune.registered": registered or ""})
+            parent.log_metrics({f"best_{space.metric}": best.metrics.get(space.metric, math.nan),
+                                **{f"best_{k}": v for k, v in best.evaluation.items()}}, step=0)
+        parent.finish()
+        return StudyOutcome(name=name, space=space, parent_run_id=parent.run_id, records=records,
+                            best=best, results_csv=results_csv, plot=plot, registered=registered)
+    except BaseException:
+        parent.finish("FAILED")
+        raise
+
+
+def _first_sample(space: SearchSpace) -> dict[str, Any]:
+    return {key: (dist.values[0] if dist.values is not None else dist.bounds[0])
+            for key, dist in space.search.items()}
+
+
+def _records(grid, space: SearchSpace, epochs: int) -> list[TrialRecord]:
+    """One record per trial from Tune's result grid, in the order Tune started them."""
+    records = []
+    for result in grid:
+        metrics = dict(result.metrics or {})
+        sample = {key: (result.config or {}).get(key) for key in space.search}
+        reached = int(metrics.get("epoch", 0))
+        if result.error is not None:
+            status: TrialStatus = "errored"
+        elif reached >= epochs:
+            status = "completed"
+        else:
+            status = "stopped early"
+        records.append(TrialRecord(
+            trial_id=str(metrics.get("trial_id") or Path(result.path).name), sample=sample,
+            metrics={k: float(v) for k, v in metrics.items()
+                     if isinstance(v, (int, float)) and not isinstance(v, bool)},
+            epochs=reached, status=status,
+            error=None if result.error is None else str(result.error).strip().splitlines()[0]))
+    return records
+
+
+def _close_trial_runs(client, experiment_id: str, parent_run_id: str,
+                      records: list[TrialRecord]) -> None:
+    """Link every record to its MLflow run; end the runs of trials Ray stopped mid-way."""
+    runs = client.search_runs([experiment_id],
+                              filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+                              max_results=10000)
+    by_trial = {run.data.tags.get(TRIAL_TAG): run for run in runs}
+    for record in records:
+        run = by_trial.get(record.trial_id)
+        if run is None:
+            continue
+        record.run_id = run.info.run_id
+        if record.status == "stopped early":
+            client.set_tag(record.run_id, STOPPED_TAG, f"after epoch {record.epochs}")
+        if run.info.status == "RUNNING":
+            client.set_terminated(record.run_id,
+                                  status="FAILED" if record.status == "errored" else "KILLED")
+
+
+# --------------------------------------------------------------------------- after the search
+def ranked(records: list[TrialRecord], space: SearchSpace) -> list[TrialRecord]:
+    """Completed trials, best first by the space's metric (its last reported value)."""
+    done = [r for r in records if r.status == "completed" and space.metric in r.metrics]
+    return sorted(done, key=lambda r: r.metrics[space.metric], reverse=space.mode == "max")
+
+
+def evaluate_best(context: _TrialContext, records: list[TrialRecord], report_dir: Path,
+                  tracking_uri: str) -> TrialRecord | None:
+    """AutoAttack on the ``evaluation.top`` best completed trials' final (EMA) weights.
+
+    Returns:
+        The best of them by the space's metric (None when nothing was evaluated).
+    """
+    from raytrain_at.evaluation.evaluate import EvaluationRequest, evaluate
+
+    from raytrain_at.training.launch import expand_path
+
+    space = context.space
+    spec = space.evaluation
+    chosen = [r for r in ranked(records, space) if r.run_id is not None][:spec.top]
+    for record in chosen:
+        config = trial_config(context, record.sample)
+        data = expand_path(spec.data or config.data.heldout or config.data.train,
+                           "evaluation.data")
+        n = spec.n
+        request = EvaluationRequest(
+            model_ref=f"runs:/{record.run_id}/model", data=data, norms=list(spec.norms),
+            eps=dict(spec.eps), version=spec.version, n=n, workers=spec.workers,
+            batch_size=max(1, -(-(n or 250) // spec.workers)),
+            out=report_dir / f"evaluation-{record.trial_id}.json", tracking_uri=tracking_uri)
+        log.info("evaluating trial %s (%s) with AutoAttack %s", record.trial_id, record.run_id,
+                 spec.version)
+        result, path = evaluate(request)
+        record.evaluation = result.metrics()
+        record.evaluation_path = str(path)
+    return chosen[0] if chosen else None
+
+
+def register_best(best: TrialRecord, name: str, tracking_uri: str) -> str:
+    """Register the best trial's model with its evaluation; returns ``"NAME version N"``.
+
+    An evaluation that failed a guard is still registered, tagged untrustworthy (``forced``) and
+    without champion aliases, so the study's outcome is kept and visibly marked.
+    """
+    from raytrain_at.evaluation.result import read_result
+    from raytrain_at.registration import register_model
+
+    trustworthy = read_result(best.evaluation_path).trustworthy
+    done = register_model(f"runs:/{best.run_id}/model", name, eval_path=best.evaluation_path,
+                          force=not trustworthy, tracking_uri=tracking_uri)
+    for note in done.alias_notes:
+        log.info("%s", note)
+    return f"{done.name} version {done.version}"
