@@ -52,6 +52,10 @@ class ModelSection(_Section):
     pretrained: str | None = None
     init: str | None = None
     new_head: bool = False
+    # Linear probing: only the classifier head trains; every other parameter is frozen (left out
+    # of the optimiser) and the backbone stays in eval mode (BatchNorm statistics, dropout and
+    # drop-path unchanged), so its weights leave training bit-identical.
+    linear_probe: bool = False
 
 
 class DataSection(_Section):
@@ -106,11 +110,20 @@ class ObjectiveSection(_Section):
 
 
 class OptimSection(_Section):
-    """AdamW with linear warm-up then cosine decay per step (paper App. A.1)."""
+    """AdamW with linear warm-up then cosine decay per step (paper App. A.1).
+
+    ``head_lr`` / ``head_weight_decay``: peak learning rate and weight decay of the classifier
+    head's parameter group (None: ``lr`` / ``weight_decay``), as the robust fine-tuning benchmark
+    searches them separately from the backbone's. ``schedule``: ``cosine`` decays to ``min_lr``
+    (scaled by each group's peak) after the warm-up; ``constant`` keeps the peak.
+    """
 
     lr: float = Field(1e-3, gt=0.0)
     min_lr: float = Field(1e-6, ge=0.0)
     weight_decay: float = Field(0.05, ge=0.0)
+    head_lr: float | None = Field(None, gt=0.0)
+    head_weight_decay: float | None = Field(None, ge=0.0)
+    schedule: Literal["cosine", "constant"] = "cosine"
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_epochs: float = Field(10, ge=0.0)
     grad_clip: float | None = Field(None, gt=0.0)

@@ -119,8 +119,10 @@ def load_backbone_weights(model: nn.Module, source: str | Path | None, *, model_
     if source is None:
         raise UserError(f"{name} has no downloadable clean weights: pass a local checkpoint "
                         "(pretrained_cfg_overlay=dict(file=PATH))")
-    adapter = adapter_for(body)
-    has_conv_stem = stem_spec_of(body) is not None and not include_stem
+    # Only a model with a ConvStem whose stem is kept fresh needs its family's stem prefix; any
+    # other timm model (e.g. a ResNet backbone of the fine-tuning benchmark) loads as it is.
+    has_conv_stem = not include_stem and stem_spec_of(body) is not None
+    adapter = adapter_for(body) if has_conv_stem else None
     state = read_state_dict(source)
     own = body.state_dict()
     head_prefixes = _head_prefixes(body)

@@ -47,18 +47,73 @@ def deepspeed_config(config: RunConfig, precision: str) -> dict[str, Any]:
     }
 
 
-def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW parameter groups: decayed weights, and the no-decay group."""
+def head_parameter_names(model: nn.Module) -> set[str]:
+    """Names (in ``model``) of the classifier head's parameters.
+
+    The head is what timm's ``pretrained_cfg['classifier']`` names (``head.fc`` for ConvNeXt,
+    ``head`` for ViT, ``fc`` for ResNet): the same module timm replaces for a new class count.
+    """
+    body = unwrap(model)
+    prefix = "backbone." if model is not body else ""
+    classifier = (getattr(body, "pretrained_cfg", None) or {}).get("classifier")
+    if not classifier:
+        raise ValueError(f"{type(body).__name__} names no classifier in its pretrained_cfg")
+    heads = [classifier] if isinstance(classifier, str) else list(classifier)
+    names = {name for name, _ in model.named_parameters()
+             if any(name == prefix + h or name.startswith(prefix + h + ".") for h in heads)}
+    if not names:
+        raise ValueError(f"no parameters under the classifier {heads} of {type(body).__name__}")
+    return names
+
+
+def freeze_all_but_head(model: nn.Module) -> None:
+    """Linear probing: only the head's parameters require gradients."""
+    head = head_parameter_names(model)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in head)
+
+
+def optimizer_groups(model: nn.Module, weight_decay: float, *, lr: float | None = None,
+                     head_lr: float | None = None,
+                     head_weight_decay: float | None = None) -> list[dict[str, Any]]:
+    """AdamW parameter groups of the trainable parameters.
+
+    Without a head setting: the decayed weights and the no-decay group (biases, norm weights,
+    1-D parameters, ``no_weight_decay()``). With ``head_lr`` or ``head_weight_decay``: the same
+    split for the backbone and for the classifier head, each group with its own ``lr`` and
+    ``weight_decay`` (the robust fine-tuning benchmark's separate groups).
+    """
     body = unwrap(model)
     skip = set(getattr(body, "no_weight_decay", lambda: set())())
     prefix = "backbone." if model is not body else ""
-    return param_groups_weight_decay(model, weight_decay,
-                                     no_weight_decay_list={prefix + name for name in skip})
+    no_decay = {prefix + name for name in skip}
+    if head_lr is None and head_weight_decay is None:
+        return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_decay)
+    head = head_parameter_names(model)
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        decayed = not (param.ndim <= 1 or name.endswith(".bias") or name in no_decay)
+        groups.setdefault(("head" if name in head else "backbone", decayed), []).append(param)
+    settings = {"backbone": (lr, weight_decay),
+                "head": (head_lr if head_lr is not None else lr,
+                         head_weight_decay if head_weight_decay is not None else weight_decay)}
+    out = []
+    for (part, decayed), params in groups.items():
+        group_lr, group_wd = settings[part]
+        group = {"params": params, "weight_decay": group_wd if decayed else 0.0, "name": part}
+        if group_lr is not None:
+            group["lr"] = group_lr
+        out.append(group)
+    return out
 
 
 def build_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(optimizer_groups(model, config.optim.weight_decay),
-                             lr=config.optim.lr, betas=tuple(config.optim.betas))
+    o = config.optim
+    groups = optimizer_groups(model, o.weight_decay, lr=o.lr, head_lr=o.head_lr,
+                              head_weight_decay=o.head_weight_decay)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: RunConfig, steps_per_epoch: int
@@ -67,7 +122,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: RunConfig, steps_p
     warmup = int(round(config.optim.warmup_epochs * steps_per_epoch))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
         step, total_steps=total, warmup_steps=warmup, peak_lr=config.optim.lr,
-        min_lr=config.optim.min_lr))
+        min_lr=config.optim.min_lr, schedule=config.optim.schedule))
 
 
 def build_engine(model: nn.Module, config: RunConfig, steps_per_epoch: int, device: torch.device):

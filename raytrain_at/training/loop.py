@@ -31,7 +31,8 @@ from raytrain_at.data.device_augment import DeviceAugment
 from raytrain_at.data.ffcv_loaders import eval_loader, inspect_beton, train_loader
 from raytrain_at.models import create_robust_model, load_backbone_weights
 from raytrain_at.models.model_files import MODEL_FILE, ModelSpec, save_model_file
-from raytrain_at.training.engine import build_ema, build_engine, resolve_precision
+from raytrain_at.training.engine import (build_ema, build_engine, freeze_all_but_head,
+                                         resolve_precision)
 from raytrain_at.training.objectives import ObjectiveConfig, training_step_loss
 from raytrain_at.training.schedules import radius_factor
 
@@ -92,6 +93,8 @@ def build_model(config: RunConfig) -> nn.Module:
     if m.init is not None:
         load_backbone_weights(model, m.init, model_name=m.name,
                               skip_head=True if m.new_head else "if_mismatched", include_stem=True)
+    if m.linear_probe:
+        freeze_all_but_head(model)
     return model
 
 
@@ -162,7 +165,9 @@ class WorkerLoop:
     # ------------------------------------------------------------------ one epoch
     def train_epoch(self) -> dict[str, float]:
         """Train one epoch; returns metrics averaged over ranks."""
-        self.engine.module.train()
+        # Linear probing keeps the frozen backbone in eval mode (BatchNorm statistics, dropout);
+        # the head is a linear layer, which behaves the same in both modes.
+        self.engine.module.train(not self.config.model.linear_probe)
         self.train_data.set_epoch(self.epoch)
         eps = self.current_eps(float(self.epoch))
         attack = build_attack(self.engine.module, self.config, eps,

@@ -13,10 +13,17 @@ import math
 
 
 def lr_factor(step: int, *, total_steps: int, warmup_steps: int, peak_lr: float,
-              min_lr: float) -> float:
-    """Multiplier of the peak learning rate at optimiser step ``step`` (0-based)."""
+              min_lr: float, schedule: str = "cosine") -> float:
+    """Multiplier of the peak learning rate at optimiser step ``step`` (0-based).
+
+    ``schedule``: ``cosine`` (decay to ``min_lr`` after the warm-up) or ``constant`` (the peak).
+    """
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    if schedule != "cosine":
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}")
     decay_steps = max(total_steps - warmup_steps, 1)
     progress = min(max(step - warmup_steps, 0) / decay_steps, 1.0)
     floor = min_lr / peak_lr if peak_lr > 0 else 0.0
