@@ -123,6 +123,22 @@ def tune(
 
 
 @app.command()
+def benchmark(
+    spec: Path = typer.Argument(..., help="benchmark YAML, e.g. benchmarks/robust_finetune.yaml"),
+    name: str = typer.Option(None, help="benchmark name [the file's stem]; re-use it to resume"),
+    address: str = typer.Option(None, help="Ray cluster address ('auto' on a cluster)"),
+    storage_path: str = typer.Option(None, help="Ray Train / Tune storage (folder or s3://)"),
+) -> None:
+    """The robust fine-tuning benchmark: every backbone x dataset x loss x protocol a Ray Tune
+    study, its best measured (clean, AutoAttack l_inf / l_2 / l_1, corruptions); resumable."""
+    from raytrain_at.finetune_benchmark import run_benchmark
+
+    outcome = run_benchmark(spec, name=name, address=address, storage_path=storage_path)
+    print(f"benchmark {outcome.name}: {len(outcome.rows)} rows ({len(outcome.ran)} run now), "
+          f"results {outcome.results_csv}, plot {outcome.plot}")
+
+
+@app.command()
 def evaluate(
     model_ref: str = typer.Argument(..., help="model.safetensors, checkpoint folder, runs:/ID/model "
                                     "or models:/NAME@ALIAS"),

@@ -138,10 +138,11 @@ def plot_study(records: list["TrialRecord"], space: SearchSpace, path: Path) -> 
     return path
 
 
-def write_report(records: list["TrialRecord"], space: SearchSpace, folder: Path
-                 ) -> tuple[Path, Path]:
-    """Print the table and write ``results.csv`` and ``study.png`` into ``folder``."""
-    print_table(records, space, f"{space.name}: {len(records)} trials, metric {space.metric} "
-                                f"({space.mode})")
+def write_report(records: list["TrialRecord"], space: SearchSpace, folder: Path, *,
+                 quiet: bool = False) -> tuple[Path, Path]:
+    """Print the table (unless ``quiet``) and write ``results.csv`` and ``study.png``."""
+    if not quiet:
+        print_table(records, space, f"{space.name}: {len(records)} trials, metric "
+                                    f"{space.metric} ({space.mode})")
     return (write_csv(records, space, folder / "results.csv"),
             plot_study(records, space, folder / "study.png"))

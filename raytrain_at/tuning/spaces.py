@@ -63,11 +63,13 @@ _MAX_CHECKED_COMBINATIONS = 512
 
 
 # --------------------------------------------------------------------------- the YAML schema
-class _Strict(BaseModel):
+class StrictSection(BaseModel):
+    """A YAML section that refuses unknown fields (a typo is an error, not a silent default)."""
+
     model_config = ConfigDict(extra="forbid")
 
 
-class Distribution(_Strict):
+class Distribution(StrictSection):
     """How one key is searched: exactly one of ``grid``, ``choice``, ``uniform``, ``loguniform``.
 
     Attributes:
@@ -122,7 +124,7 @@ class Distribution(_Strict):
         return self.uniform if self.uniform is not None else self.loguniform
 
 
-class SchedulerSpec(_Strict):
+class SchedulerSpec(StrictSection):
     """The Tune trial scheduler. Time is counted in reported epochs (one report per epoch).
 
     Attributes:
@@ -146,7 +148,7 @@ class SchedulerSpec(_Strict):
         return self
 
 
-class StudyEvaluation(_Strict):
+class StudyEvaluation(StrictSection):
     """How the study's best trials are evaluated with AutoAttack (and the best registered).
 
     Attributes:
@@ -159,6 +161,9 @@ class StudyEvaluation(_Strict):
             paper's radius (4/255, 2.0, 75) at the model's resolution.
         top: how many of the best completed trials are evaluated (0: none, nothing registered).
         workers: Ray tasks sharing the images (one chunk each).
+        corruptions: also the common-corruption accuracy (ImageNet-C types) at ``severity``.
+        severity: corruption severity, 1 to 5.
+        eps_sweep: l_inf radii of an APGD-T sweep giving the expected robustness (None: no sweep).
         register_best: register the best evaluated trial's model in the MLflow registry.
     """
 
@@ -169,6 +174,9 @@ class StudyEvaluation(_Strict):
     eps: dict[Literal["linf", "l2", "l1"], float] = Field(default_factory=dict)
     top: int = Field(1, ge=0)
     workers: int = Field(2, ge=1)
+    corruptions: bool = False
+    severity: int = Field(3, ge=1, le=5)
+    eps_sweep: list[float] | None = Field(None, min_length=2)
     register_best: bool = True
 
     @field_validator("eps", mode="before")
@@ -178,15 +186,23 @@ class StudyEvaluation(_Strict):
             return {norm: _radius(eps) for norm, eps in value.items()}
         return value
 
+    @field_validator("eps_sweep", mode="before")
+    @classmethod
+    def _sweep_as_fractions(cls, value: Any) -> Any:
+        return [_radius(eps) for eps in value] if isinstance(value, list) else value
+
     @model_validator(mode="after")
     def _positive_radii(self) -> "StudyEvaluation":
         for norm, eps in self.eps.items():
             if not (math.isfinite(eps) and eps > 0):
                 raise ValueError(f"eps.{norm} {eps} must be a positive radius")
+        for eps in self.eps_sweep or []:
+            if not (math.isfinite(eps) and eps > 0):
+                raise ValueError(f"eps_sweep radius {eps} must be positive")
         return self
 
 
-class SearchSpace(_Strict):
+class SearchSpace(StrictSection):
     """A validated Ray Tune search space over the run config's dotted keys.
 
     Build it with :func:`load_space`, which also checks it against the base recipe; constructing
@@ -526,7 +542,10 @@ def _check_model(config: RunConfig, what: str) -> None:
         with torch.device("meta"):
             model = create_robust_model(m.name, num_classes=m.num_classes, stem=m.stem,
                                         small_input=m.small_input)
-            model(torch.empty(1, 3, side, side))
+            # Two images: BatchNorm in train mode refuses a single value per channel, which a
+            # small model at a small side reaches (e.g. test_resnet at 32 px) and training never
+            # feeds it.
+            model(torch.empty(2, 3, side, side))
     except UserError as exc:
         raise UserError(f"{what}: {exc}") from None
     except (RuntimeError, AssertionError, ValueError) as exc:
@@ -603,15 +622,19 @@ def load_space(path_or_name: str | os.PathLike[str]) -> SearchSpace:
     try:
         space = SearchSpace.model_validate(data)
     except ValidationError as exc:
-        raise UserError(f"search space {str(path)!r}: {_one_line(exc)}") from None
+        raise UserError(f"search space {str(path)!r}: {validation_message(exc)}") from None
     space._source = path
     return space.validate_against_config()
 
 
-def _one_line(error: ValidationError) -> str:
+def validation_message(error: ValidationError) -> str:
+    """The first validation error as one line: ``where: what`` or ``unknown field 'x'``."""
     first = error.errors()[0]
     where = ".".join(str(part) for part in first["loc"])
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         return f"unknown field {where!r}"
+    value = first.get("input")
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        message += f" (got {value!r})"  # name the culprit value, not only its place
     return f"{where}: {message}" if where else message

@@ -52,6 +52,8 @@ class StudyOptions:
         max_concurrent: trials at a time; None derives it from the cluster's resources.
         storage_path: Ray Train / Tune storage (a folder or ``s3://...``); None: the home.
         register_name: registered model name of the best trial; default ``tune-<space>``.
+        tags: extra tags of the study's parent MLflow run (e.g. a benchmark configuration).
+        quiet: no results table on the terminal (a caller prints its own summary).
     """
 
     name: str | None = None
@@ -62,6 +64,8 @@ class StudyOptions:
     max_concurrent: int | None = None
     storage_path: str | None = None
     register_name: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    quiet: bool = False
 
 
 @dataclass
@@ -241,7 +245,7 @@ def run_study(space: SearchSpace, options: StudyOptions = StudyOptions()) -> Stu
     concurrency = options.max_concurrent or trial_concurrency(
         base, ray.cluster_resources(), local=options.address is None)
     parent = TrainingRun(tracking_uri, base.tracking.experiment, name)
-    parent.set_tags({STUDY_TAG: name, "raytrain_at.tune.space": space.name})
+    parent.set_tags({STUDY_TAG: name, "raytrain_at.tune.space": space.name, **options.tags})
     parent.log_params({"space": space.name, "description": space.description,
                        "recipe": space.recipe, "metric": space.metric, "mode": space.mode,
                        "scheduler": space.scheduler.kind, "num_trials": space.num_trials(),
@@ -274,7 +278,7 @@ def run_study(space: SearchSpace, options: StudyOptions = StudyOptions()) -> Stu
         if best is not None and space.evaluation.register_best:
             registered = register_best(best, options.register_name or f"tune-{space.name}",
                                        tracking_uri)
-        results_csv, plot = write_report(records, space, report_dir)
+        results_csv, plot = write_report(records, space, report_dir, quiet=options.quiet)
         for path in (results_csv, plot):
             parent.log_file(path)
         for record in records:
@@ -369,6 +373,7 @@ def evaluate_best(context: _TrialContext, records: list[TrialRecord], report_dir
         request = EvaluationRequest(
             model_ref=f"runs:/{record.run_id}/model", data=data, norms=list(spec.norms),
             eps=dict(spec.eps), version=spec.version, n=n, workers=spec.workers,
+            corruptions=spec.corruptions, severity=spec.severity, eps_sweep=spec.eps_sweep,
             batch_size=max(1, -(-(n or 250) // spec.workers)),
             out=report_dir / f"evaluation-{record.trial_id}.json", tracking_uri=tracking_uri)
         log.info("evaluating trial %s (%s) with AutoAttack %s", record.trial_id, record.run_id,
