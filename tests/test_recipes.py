@@ -95,7 +95,7 @@ def test_imagenet_recipes_share_the_paper_setup(name):
     assert c.optim.betas == (0.9, 0.95) and c.optim.weight_decay == 0.05
     assert c.objective.label_smoothing == 0.1 and c.optim.ema_decay == 0.999
     for value in (c.model.pretrained, c.model.init):  # no hard-coded local paths
-        assert value is None or value.startswith(("hub:", "$RAYTRAIN_AT_CKPT/")), value
+        assert value is None or value.startswith(("hub:", "$RAYTRAIN_AT_CKPT/", "models:/")), value
     if not name.startswith("clean_"):
         assert c.objective.kind == "adversarial" and c.attack.norm == "linf"
     if not name.startswith(("finetune_", "clean_")):
