@@ -237,12 +237,14 @@ def leaderboard(
 
 @data_app.command("write-ffcv")
 def write_ffcv(
-    source: str = typer.Argument(..., help="ImageNet-style folder (or its root), a CIFAR or "
-                                 "Flowers-102 folder, or 'digits'"),
+    source: str = typer.Argument(..., help="ImageNet-style folder (or its root), a CIFAR, "
+                                 "Flowers-102, Caltech-101, FGVC-Aircraft, Oxford-IIIT Pet, "
+                                 "Stanford Cars or UC Merced folder, or 'digits'"),
     out: Path = typer.Argument(..., help="output .beton file"),
     subset: str = typer.Option(None, help="robustbench5k (ImageNet val) or heldout4k (ImageNet "
                                "train)"),
-    split: str = typer.Option("train", help="train / val / test, for roots and bundled data"),
+    split: str = typer.Option("train", help="train / val / trainval / test (as the dataset has "
+                              "them), for roots and bundled data"),
     exclude_heldout: bool = typer.Option(False, help="leave the heldout4k images out (train)"),
     max_res: int = typer.Option(None, help="longest side after resizing [default: 500; "
                                 "robustbench5k keeps original pixels]"),

@@ -211,7 +211,10 @@ def flowers102_samples(root: str | Path, split: str = "train") -> list[Sample]:
 
 
 def detect_format(source: str) -> str:
-    """Guess the layout of ``source``: digits, cifar, flowers102 or imagefolder."""
+    """Guess the layout of ``source``: digits, cifar, flowers102, one of the robust fine-tuning
+    benchmark's datasets (see :mod:`raytrain_at.data.benchmark_datasets`) or imagefolder."""
+    from raytrain_at.data.benchmark_datasets import detect_benchmark_format
+
     if source == "digits":
         return "digits"
     root = Path(source)
@@ -219,4 +222,4 @@ def detect_format(source: str) -> str:
         return "cifar"
     if (root / "imagelabels.mat").exists():
         return "flowers102"
-    return "imagefolder"
+    return detect_benchmark_format(root) or "imagefolder"

@@ -1,6 +1,7 @@
 """``raytrain-at data write-ffcv``: pick the samples of a source (and subset), then write them.
 
-Sources: ``digits`` (bundled), a CIFAR-10/100 python-batches folder, a Flowers-102 folder, or an
+Sources: ``digits`` (bundled), a CIFAR-10/100 python-batches folder, a Flowers-102 folder, the
+robust fine-tuning benchmark's datasets (:mod:`raytrain_at.data.benchmark_datasets`), or an
 ImageFolder tree (ImageNet ``train/`` / ``val/``, or any class-per-folder dataset). For an ImageNet
 root (holding ``train/`` and ``val/``), subsets pick their split: ``robustbench5k`` reads ``val/``,
 ``heldout4k`` reads ``train/``. Class folders named by ImageNet synsets get the standard ImageNet
@@ -15,6 +16,7 @@ from typing import Literal
 
 from raytrain_at.data import imagenet_subsets as subsets
 from raytrain_at.data.ffcv_writer import FULL_QUALITY, WriteOptions, write_beton
+from raytrain_at.data.benchmark_datasets import READERS as BENCHMARK_READERS
 from raytrain_at.data.sources import (Sample, cifar_samples, detect_format, digits_samples,
                                       flowers102_samples, image_folder_samples, list_class_folders)
 from raytrain_at.errors import UserError
@@ -51,6 +53,8 @@ def collect_samples(source: str, *, split: str = "train", subset: str | None = N
         return cifar_samples(source, split)
     if fmt == "flowers102":
         return flowers102_samples(source, split)
+    if fmt in BENCHMARK_READERS:
+        return BENCHMARK_READERS[fmt](source, split)
     root = Path(source)
     if subset == "robustbench5k":
         return subsets.robustbench5k_samples(_split_dir(root, "val"))
