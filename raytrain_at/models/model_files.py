@@ -82,10 +82,11 @@ class ModelSpec:
         """A freshly initialised model of this spec at its training resolution."""
         from raytrain_at.models import create_robust_model
 
-        # timm builds ViTs for 224 by default; other training sides resample the fresh grid.
+        # Exactly as training builds it (training.loop.build_model): the positional-embedding
+        # grid of a ViT is timm's default for the name, whatever side it was trained at, so the
+        # stored tensors fit; another test side is set after loading (load_model_file).
         return create_robust_model(self.name, num_classes=self.num_classes, stem=self.stem,
-                                   small_input=self.small_input,
-                                   resolution=self.resolution if self.resolution != 224 else None)
+                                   small_input=self.small_input)
 
 
 def state_dict_for_file(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -175,7 +176,8 @@ def load_model_file(path: str | Path, *, reference: str | None = None,
         raise UserError(f"{path}: weights do not fit {spec.name} (missing {len(missing)}, "
                         f"unexpected {len(unexpected)}, e.g. {(missing + unexpected)[:2]})")
     if resolution is not None and resolution != spec.resolution:
-        # After loading: ViT positional embeddings are resampled from the trained grid.
+        # After loading: ViT positional embeddings are resampled from the stored grid to the
+        # test side; at the training side the model runs exactly as it trained.
         set_test_resolution(unwrap(module), resolution)
     module.to(device).eval()
     return LoadedModel(module=module, spec=spec, reference=reference or str(path),
