@@ -138,7 +138,7 @@ def _child(storage: str, out: str) -> None:
                 f"schedule.global_batch_size={BATCH}", "scaling.num_workers=1",
                 "optim.ema_decay=0.9", "optim.head_lr=0.05", "optim.lr=0.01",
                 "optim.warmup_epochs=0"])
-            train_path, heldout_path = prepare_data(config, Path(storage))
+            train_path, _ = prepare_data(config, Path(storage))
             loop = WorkerLoop(config, WorkerPlace(0, 1, torch.device("cpu")), train_path, None)
             head = {n.removeprefix("backbone.") for n in head_parameter_names(loop.engine.module)}
             before = {k: v.clone() for k, v in loop.engine.module.state_dict().items()}

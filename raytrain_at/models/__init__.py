@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import timm
-import torch.nn as nn
 
 from raytrain_at.errors import UserError
 from raytrain_at.models import registry  # noqa: F401 - registers the *_cvst models with timm

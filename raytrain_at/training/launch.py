@@ -104,10 +104,10 @@ def _check_weights(config: RunConfig) -> None:
     from raytrain_at.training.loop import build_model
 
     m = config.model
-    for field in ("pretrained", "init"):
-        value = getattr(m, field)
+    for key in ("pretrained", "init"):
+        value = getattr(m, key)
         if value is not None and not value.startswith(("hub:", "models:/", "runs:/")):
-            setattr(m, field, expand_path(value, f"model.{field}"))
+            setattr(m, key, expand_path(value, f"model.{key}"))
     build_model(config)
 
 

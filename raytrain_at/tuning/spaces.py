@@ -29,11 +29,11 @@ Values are replaced by the config's parsed value anyway, so such a string still 
 from __future__ import annotations
 
 import difflib
-from fractions import Fraction
 import itertools
 import json
 import math
 import os
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from raytrain_at.config import RunConfig, apply_overrides, flatten
+from raytrain_at.config import RunConfig, apply_overrides
 from raytrain_at.errors import UserError
 from raytrain_at.tuning.spaces import SchedulerSpec, SearchSpace
 
