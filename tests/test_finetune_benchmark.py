@@ -115,14 +115,16 @@ def test_bad_benchmark_fails_before_anything_runs(tmp_path, change, culprit) -> 
     assert not (tmp_path / "home" / "benchmarks").exists()
 
 
-def test_missing_checkpoint_is_named_before_any_trial(tmp_path) -> None:
+def test_missing_checkpoint_is_named_before_any_trial(tmp_path, capsys) -> None:
+    from raytrain_at.cli import main
+
     path = _mini_spec(tmp_path, backbones={
         "resnet": {"model": "test_resnet", "weights": str(tmp_path / "missing.safetensors")}})
-    env = dict(os.environ, RAYTRAIN_AT_HOME=str(tmp_path / "home"))
-    done = subprocess.run([sys.executable, "-m", "raytrain_at.cli", "benchmark", str(path)],
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 2
-    assert "missing.safetensors" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as stopped:
+        main(["benchmark", str(path)])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2
+    assert "missing.safetensors" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "home" / "benchmarks").exists()
 
 
@@ -170,7 +172,7 @@ def test_miniature_benchmark_end_to_end(tmp_path) -> None:
     path = _mini_spec(tmp_path)
     command = [sys.executable, "-m", "raytrain_at.cli", "benchmark", str(path)]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=2400,
-                          cwd=tmp_path)
+                          cwd=tmp_path, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     folder = tmp_path / "home" / "benchmarks" / "mini"
     with open(folder / "results.csv") as handle:
@@ -213,7 +215,7 @@ def test_miniature_benchmark_end_to_end(tmp_path) -> None:
 
     before = len(runs)
     again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600,
-                           cwd=tmp_path)
+                           cwd=tmp_path, check=False)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "12 rows (0 run now)" in again.stdout
     assert len(client.search_runs([experiment.experiment_id], max_results=1000)) == before

@@ -29,6 +29,7 @@ Values are replaced by the config's parsed value anyway, so such a string still 
 from __future__ import annotations
 
 import difflib
+import functools
 import itertools
 import json
 import math
@@ -532,16 +533,24 @@ def _check_model(config: RunConfig, what: str) -> None:
     Mirrors ``training.loop.build_model`` without weights: catches a stem that does not fit the
     backbone (stride, width), an unknown stem name, and a resolution the model cannot take.
     """
+    m = config.model
+    _check_model_shape(m.name, m.stem, m.num_classes, m.small_input, config.data.resolution,
+                       what)
+
+
+@functools.lru_cache(maxsize=256)
+def _check_model_shape(name: str, stem: str | None, num_classes: int, small_input: bool,
+                       side: int, what: str) -> None:
+    """:func:`_check_model` for one architecture, remembered: a benchmark validates the same
+    backbone for many configurations (a failure raises, and is not cached)."""
     import torch  # lazily: spaces without model keys load without torch
 
     from raytrain_at.models import create_robust_model
 
-    m = config.model
-    side = config.data.resolution
     try:
         with torch.device("meta"):
-            model = create_robust_model(m.name, num_classes=m.num_classes, stem=m.stem,
-                                        small_input=m.small_input)
+            model = create_robust_model(name, num_classes=num_classes, stem=stem,
+                                        small_input=small_input)
             # Two images: BatchNorm in train mode refuses a single value per channel, which a
             # small model at a small side reaches (e.g. test_resnet at 32 px) and training never
             # feeds it.
@@ -550,7 +559,7 @@ def _check_model(config: RunConfig, what: str) -> None:
         raise UserError(f"{what}: {exc}") from None
     except (RuntimeError, AssertionError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"{what}: {m.name} with stem {m.stem!r} does not run on "
+        raise UserError(f"{what}: {name} with stem {stem!r} does not run on "
                         f"{side}x{side} images: {first}") from None
 
 
