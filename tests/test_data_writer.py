@@ -32,6 +32,24 @@ def test_digits_round_trip(tmp_path) -> None:
     assert len(set(digits_split_indices("train")) & set(digits_split_indices("test"))) == 0
 
 
+def test_bundled_data_holds_the_same_pixels_on_every_write(tmp_path) -> None:
+    """Two fresh homes must train and evaluate on identical images (no random JPEG share)."""
+    import torch
+
+    from raytrain_at.data.write import bundled_beton
+    from raytrain_at.evaluation.runner import load_images
+
+    images = []
+    for home in ("a", "b"):
+        path = bundled_beton("digits", "test", tmp_path / home)
+        x, _ = load_images(path, list(range(297)), resolution=32, crop_pct=1.0, batch_size=100,
+                           device=torch.device("cpu"))
+        images.append(x)
+    assert torch.equal(images[0], images[1])
+    expected = torch.from_numpy(np.stack([s.pixels for s in digits_samples("test")]))
+    assert torch.equal((images[0] * 255).round().to(torch.uint8), expected.permute(0, 3, 1, 2))
+
+
 def test_image_folder_round_trip_preserves_labels_and_pixels(tmp_path) -> None:
     root = make_image_folder(tmp_path / "flowers", {"daisy": 4, "rose": 3, "tulip": 5}, side=20)
     out = write_dataset(str(root), tmp_path / "f.beton",

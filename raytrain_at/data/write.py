@@ -91,7 +91,11 @@ BUNDLED: tuple[str, ...] = ("digits",)
 def bundled_beton(name: str, split: str, storage: Path) -> str:
     """The bundled dataset ``name`` (split ``train`` or ``test``) as a .beton under ``storage``,
     written once and then reused; quietly, as it takes a second and a progress bar would only
-    clutter the output of the command that needs it."""
+    clutter the output of the command that needs it.
+
+    Written with original pixels: FFCV's 'proportion' mode JPEG-compresses a random half of the
+    images in its writer processes, so two writes of the same data would hold different pixels
+    (and a fresh machine would train and evaluate on other images than the last one did)."""
     import contextlib
     import io
 
@@ -101,6 +105,6 @@ def bundled_beton(name: str, split: str, storage: Path) -> str:
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.redirect_stderr(io.StringIO()):
-            write_dataset(name, target, split=split)
+            write_dataset(name, target, split=split, options=FULL_QUALITY)
     return str(target)
 
