@@ -155,3 +155,50 @@ def test_l1_projection_is_the_nearest_feasible_point() -> None:
     for _ in range(50):
         c = project(x, x + torch.randn(4, 300) * torch.rand(1), "l1", 5.0)
         assert (((u - p) * (c - p)).sum(dim=1) <= 1e-4).all()
+
+
+class _PassCounter(torch.nn.Module):
+    """Counts the wrapped model's forwards with and without autograd recording."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.with_grad = 0
+        self.without_grad = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            self.with_grad += 1
+        else:
+            self.without_grad += 1
+        return self.model(x)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
+@pytest.mark.parametrize("n_iter", [1, 2, 3])
+def test_training_attack_pass_count(trained_digits_net, digits, norm, n_iter) -> None:
+    """APGD-AT with n iterations: a clean forward, n input-gradient passes (the random start and
+    the first n - 1 iterates) and a forward only for the last iterate, whose gradient is never
+    used. The speed benchmark's FLOP count rests on this (2 iterations: 9 forward-equivalents
+    with the training pass)."""
+    counter = _PassCounter(trained_digits_net)
+    x, y = digits[0][:8], digits[1][:8]
+    APGD.for_training(counter, norm=norm, eps=RADII[norm], n_iter=n_iter).perturb(x, y)
+    assert (counter.with_grad, counter.without_grad) == (n_iter, 2)
+
+
+def test_training_attack_returns_the_highest_loss_iterate(trained_digits_net, digits) -> None:
+    """The last iterate (evaluated without a gradient) is still a candidate: with one iteration
+    from the clean input, the result is whichever of clean and that iterate has the higher loss."""
+    model = trained_digits_net
+    x, y = digits[0][:64], digits[1][:64]
+    x_adv = APGD.for_training(model, eps=RADII["linf"], n_iter=1,
+                              random_start=False).perturb(x, y)
+    x_req = x.clone().requires_grad_(True)
+    grad, = torch.autograd.grad(cross_entropy(model(x_req), y).sum(), [x_req])
+    step = project(x, x + 2 * RADII["linf"] * grad.sign(), "linf", RADII["linf"])
+    with torch.no_grad():
+        clean, stepped = cross_entropy(model(x), y), cross_entropy(model(step), y)
+    expected = torch.where((stepped > clean).view(-1, 1, 1, 1), step, x)
+    assert torch.allclose(x_adv, expected, atol=1e-6)
+    assert (stepped > clean).any()

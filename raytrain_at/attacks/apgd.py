@@ -34,7 +34,8 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from raytrain_at.attacks.base import attack_mode, check_inputs, input_gradient, predictions_correct
+from raytrain_at.attacks.base import (attack_mode, check_inputs, input_gradient, input_loss,
+                                      predictions_correct)
 from raytrain_at.attacks.losses import cross_entropy, dlr, dlr_targeted, hard_labels
 from raytrain_at.attacks.threat_models import NORMS, Norm, normalize, project, random_start
 
@@ -125,12 +126,12 @@ class APGD:
 
     def _max_loss_point(self, x: torch.Tensor, y: torch.Tensor, clean_logits: torch.Tensor,
                         generator: torch.Generator) -> torch.Tensor:
-        best_x = x.clone()
+        best_x = x
         best_loss = self._loss(clean_logits, y, None)
         for _ in range(self.n_restarts):
             x_run, loss_run, _, _ = self._run_schedule(x, y, None, generator)
             better = loss_run > best_loss
-            best_x[better] = x_run[better]
+            best_x = torch.where(_col(better, x), x_run, best_x)
             best_loss = torch.where(better, loss_run, best_loss)
         return best_x
 
@@ -232,15 +233,26 @@ class APGD:
                                     + (1 - momentum) * (x_cur - x_prev), norm, eps)
                 x_prev, x_cur = x_cur, x_new
 
-            loss_cur, logits, grad = input_gradient(self.model, x_cur, loss_fn)
+            # The last iterate's gradient could only feed a step that never comes (nothing
+            # returned depends on it), so the last pass is a forward only: 2-step APGD-AT then
+            # costs 3 backwards to the input, not 4.
+            last = i == n_iter - 1
+            if last:
+                loss_cur, logits = input_loss(self.model, x_cur, loss_fn)
+            else:
+                loss_cur, logits, grad = input_gradient(self.model, x_cur, loss_fn)
             with torch.no_grad():
+                # Masks select with torch.where, not boolean indexing, which would wait for the
+                # device to count the selected rows (a host synchronisation per iteration).
                 now_fooled = ~predictions_correct(logits, y)
-                x_fooled[now_fooled] = x_cur[now_fooled]
+                x_fooled = torch.where(_col(now_fooled, x), x_cur, x_fooled)
                 fooled |= now_fooled
                 improved = loss_cur > best_loss
-                x_best[improved] = x_cur[improved]
-                grad_best[improved] = grad[improved]
+                x_best = torch.where(_col(improved, x), x_cur, x_best)
                 best_loss = torch.where(improved, loss_cur, best_loss)
+                if last:
+                    break
+                grad_best = torch.where(_col(improved, x), grad, grad_best)
                 if norm != "l1":
                     increases += (loss_cur > last_loss).float()
                     last_loss = loss_cur
@@ -265,8 +277,8 @@ class APGD:
                     step = torch.where(restart, step / 2, step)
                     increases.zero_()
                     window = max(window - shrink_by, min_window)
-                x_cur[restart] = x_best[restart]
-                grad[restart] = grad_best[restart]
+                x_cur = torch.where(_col(restart, x), x_best, x_cur)
+                grad = torch.where(_col(restart, x), grad_best, grad)
         return x_best, best_loss, fooled, x_fooled
 
 

@@ -64,5 +64,12 @@ def input_gradient(model: nn.Module, x: torch.Tensor, loss_fn) -> tuple[torch.Te
     return loss.detach(), logits.detach(), grad.detach()
 
 
+def input_loss(model: nn.Module, x: torch.Tensor, loss_fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample loss and logits at ``x`` without a gradient (a forward pass only)."""
+    with torch.no_grad():
+        logits = model(x.detach())
+        return loss_fn(logits).detach(), logits.detach()
+
+
 def predictions_correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=1) == hard_labels(y)
