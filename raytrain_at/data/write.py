@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Literal
 
 from raytrain_at.data import imagenet_subsets as subsets
-from raytrain_at.data.ffcv_writer import FULL_QUALITY, WriteOptions, write_beton
 from raytrain_at.data.benchmark_datasets import READERS as BENCHMARK_READERS
+from raytrain_at.data.ffcv_writer import FULL_QUALITY, WriteOptions, write_beton
 from raytrain_at.data.sources import (Sample, cifar_samples, detect_format, digits_samples,
                                       flowers102_samples, image_folder_samples, list_class_folders)
 from raytrain_at.errors import UserError
