@@ -9,6 +9,7 @@ import torch
 from raytrain_at.attacks import APGD, FGSM, PGD, lp_norm
 from raytrain_at.attacks.losses import cross_entropy
 from raytrain_at.attacks.threat_models import project
+from raytrain_at.training.host_syncs import HostSyncCounter
 
 RADII = {"linf": 0.05, "l2": 0.5, "l1": 4.0}
 
@@ -202,3 +203,65 @@ def test_training_attack_returns_the_highest_loss_iterate(trained_digits_net, di
     expected = torch.where((stepped > clean).view(-1, 1, 1, 1), step, x)
     assert torch.allclose(x_adv, expected, atol=1e-6)
     assert (stepped > clean).any()
+
+
+def _host_syncs(attack, x, y) -> dict[str, int]:
+    with HostSyncCounter() as syncs:
+        attack.perturb(x, y)
+    return dict(syncs.by_op)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
+def test_training_attack_waits_for_the_device_only_for_its_input_check(
+        trained_digits_net, digits, norm) -> None:
+    """APGD-AT reads nothing back from the device in its iterations: the only host reads are the
+    two bounds of the [0, 1] input check, however many iterations run (on a GPU each read is a
+    stall of the whole queue). l_1 adds the projection's one read per call (random start and
+    each iteration; see the evaluation test below for why it stays)."""
+    x, y = digits[0][:16], digits[1][:16]
+    for n_iter in (1, 2, 5):
+        attack = APGD.for_training(trained_digits_net, norm=norm, eps=RADII[norm], n_iter=n_iter)
+        projections = 1 + n_iter if norm == "l1" else 0
+        assert _host_syncs(attack, x, y) == {"aten::_local_scalar_dense": 2 + projections}
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
+@pytest.mark.parametrize("loss", ["ce", "dlr-targeted"])
+def test_evaluation_attack_syncs_do_not_grow_with_iterations(trained_digits_net, digits, norm,
+                                                            loss) -> None:
+    """In evaluation the host reads the device only between runs (which points are still robust,
+    to attack only those), never inside the iteration loop: 5 and 40 iterations sync alike."""
+    x, y = digits[0][:32], digits[1][:32]
+    counts = []
+    for n_iter in (5, 40):
+        # A tiny radius leaves most points robust, so every target class gets its run.
+        attack = APGD(trained_digits_net, norm=norm, eps=RADII[norm] / 20, n_iter=n_iter,
+                      loss=loss, n_target_classes=3)
+        counts.append(_host_syncs(attack, x, y))
+    runs = 3 if loss == "dlr-targeted" else 1
+    assert counts[0]["aten::nonzero"] == runs  # one selection of the robust points per run
+    if norm == "l1":
+        # The documented exception: the l_1 projection asks once per call whether every point is
+        # already inside the ball, which skips 40 bisection passes over the images (costlier on a
+        # GPU than the stall); one projection per iteration.
+        extra = counts[1].pop("aten::_local_scalar_dense") - counts[0].pop(
+            "aten::_local_scalar_dense")
+        assert extra == (40 - 5) * runs
+    assert counts[0] == counts[1]
+
+
+def test_host_sync_counter_sees_the_usual_culprits() -> None:
+    """The counter itself: .item(), bool(), nonzero and boolean-mask indexing count; plain
+    arithmetic and integer indexing do not."""
+    t = torch.tensor([1.0, 0.0, 2.0])
+    with HostSyncCounter() as syncs:
+        _ = t * 2 + 1
+        _ = t[torch.tensor([0, 2])]
+        _ = torch.where(t > 0, t, -t)
+    assert syncs.total == 0
+    with HostSyncCounter() as syncs:
+        t.item() if t.numel() == 1 else float(t[0])
+        bool(t[1] > 0)
+        t.nonzero()
+        _ = t[t > 0]
+    assert syncs.by_op == {"aten::_local_scalar_dense": 2, "aten::nonzero": 1, "aten::index": 1}
