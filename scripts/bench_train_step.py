@@ -11,9 +11,12 @@ ours -- the project's step as ``raytrain_at.training.loop`` runs it, minus DeepS
     (none of them is imported, so the script runs on a bare GPU machine with torch + timm):
     ``training_step_loss`` with ``APGD.for_training(n_iter=2)`` under bf16 autocast (CUDA), model
     and images channels_last (CUDA; FFCV delivers channels_last images), torch AdamW ``fused=True``
-    (CUDA) on ``engine.optimizer_groups``, timm ``ModelEmaV3`` on the device (``engine.build_ema``)
-    and, with ``--compile``, ``torch.compile`` of the model (attack and training use the compiled
-    graph; the EMA reads the uncompiled module, whose parameters are the same tensors). In a real
+    (CUDA and CPU, as ``engine.build_optimizer``) on ``engine.optimizer_groups``, timm
+    ``ModelEmaV3`` on the device (``engine.build_ema``) and, with ``--compile`` (the recipes'
+    ``scaling.compile``), ``torch.compile`` of the model (attack and training use the compiled
+    graph; the EMA reads the uncompiled module, whose parameters are the same tensors) and of the
+    APGD step (``compile_step``). Ours also reports ``host_syncs_per_step``: the operators of one
+    extra step that make the host wait for the device. In a real
     run DeepSpeed owns backward and step; its single-GPU bookkeeping is not measured here. On CPU
     the project trains in fp32 (``engine.resolve_precision``), so ours is fp32 there too.
 
@@ -127,7 +130,7 @@ def build_model(name: str, resolution: int, device: torch.device) -> nn.Module:
 # ---------------------------------------------------------------------------------------- ours
 def build_ours(name: str, resolution: int, device: torch.device, compile_model: bool) -> Variant:
     from raytrain_at.attacks import APGD
-    from raytrain_at.training.engine import build_ema, optimizer_groups
+    from raytrain_at.training.engine import build_ema, fused_adamw_supported, optimizer_groups
     from raytrain_at.training.objectives import ObjectiveConfig, training_step_loss
 
     cuda = device.type == "cuda"
@@ -135,10 +138,11 @@ def build_ours(name: str, resolution: int, device: torch.device, compile_model: 
     if cuda:
         model = model.to(memory_format=torch.channels_last)
     ema = build_ema(model, EMA_DECAY)
+    fused = fused_adamw_supported(model)  # as engine.build_optimizer decides
     optimizer = torch.optim.AdamW(optimizer_groups(model, WEIGHT_DECAY), lr=1e-4, betas=BETAS,
-                                  fused=cuda)
+                                  fused=fused)
     net = torch.compile(model) if compile_model else model
-    attack = APGD.for_training(net, eps=EPS, n_iter=N_ITER)
+    attack = APGD.for_training(net, eps=EPS, n_iter=N_ITER, compile_step=compile_model)
     objective = ObjectiveConfig(label_smoothing=LABEL_SMOOTHING)
     dtype = torch.bfloat16 if cuda else None
 
@@ -152,7 +156,7 @@ def build_ours(name: str, resolution: int, device: torch.device, compile_model: 
 
     return Variant(step=step, channels_last_input=cuda, attack_passes="ours", description={
         "precision": "bf16 autocast" if cuda else "fp32 (the project trains in fp32 on CPU)",
-        "channels_last": cuda, "optimizer": f"torch AdamW fused={cuda}",
+        "channels_last": cuda, "optimizer": f"torch AdamW fused={fused}",
         "ema": "timm ModelEmaV3 on the device", "compile": compile_model,
         "attack": "raytrain_at APGD.for_training(n_iter=2, random start)"})
 
@@ -294,6 +298,24 @@ def time_steps(variant: Variant, batch: int, resolution: int, device: torch.devi
     return times
 
 
+def count_host_syncs(variant: Variant, batch: int, resolution: int, device: torch.device,
+                     compiled: bool) -> dict[str, int] | str:
+    """Operators of one extra, untimed step that make the host wait for the device (see
+    ``raytrain_at.training.host_syncs``; on CPU they are counted all the same)."""
+    if compiled:  # a dispatch mode would make the compiled graphs recompile or fall back
+        return "not counted with --compile"
+    from raytrain_at.training.host_syncs import HostSyncCounter
+
+    generator = torch.Generator().manual_seed(2)
+    images = torch.rand(batch, 3, resolution, resolution, generator=generator).to(device)
+    labels = torch.randint(0, NUM_CLASSES, (batch,), generator=generator).to(device)
+    if variant.channels_last_input:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with HostSyncCounter() as syncs:
+        variant.step(images, labels)
+    return dict(sorted(syncs.by_op.items()))
+
+
 def run_variant(kind: str, name: str, args: argparse.Namespace, device: torch.device,
                 macs: int | None, peak_tflops: float) -> dict:
     cuda = device.type == "cuda"
@@ -304,13 +326,21 @@ def run_variant(kind: str, name: str, args: argparse.Namespace, device: torch.de
     variant = (build_ours(name, args.resolution, device, args.compile) if kind == "ours"
                else build_reference(name, args.resolution, device, args.reference_attack))
     times = time_steps(variant, args.batch, args.resolution, device, args.steps, args.warmup)
+    if kind == "ours":
+        syncs = count_host_syncs(variant, args.batch, args.resolution, device, args.compile)
+    else:
+        # Its non-fused AdamW reads each parameter's step counter with .item(): host tensors in a
+        # GPU run (no wait) but indistinguishable from device reads on CPU. Its GPU waits are
+        # GradScaler's inf check and the copies of every weight to its host-side EMA.
+        syncs = "not counted (see the script)"
     median = statistics.median(times)
     rate = args.batch / median
     passes = PASSES[variant.attack_passes]
     fwd_eq = forward_equivalents(passes)
     result: dict = {**variant.description, "images_per_s": round(rate, 3),
                     "step_s_median": round(median, 4), "step_s": [round(t, 4) for t in times],
-                    "passes_per_image": passes, "forward_equivalents_per_image": fwd_eq}
+                    "passes_per_image": passes, "forward_equivalents_per_image": fwd_eq,
+                    "host_syncs_per_step": syncs}
     if macs is not None:
         tflops = 2 * macs * fwd_eq * rate / 1e12
         result.update(achieved_tflops=round(tflops, 4), mfu=round(tflops / peak_tflops, 4))

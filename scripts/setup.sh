@@ -10,9 +10,10 @@ if [[ -f "$STAMP" && "$STAMP" -nt pyproject.toml ]]; then
     exit 0
 fi
 
-# FFCV builds from source against OpenCV and libjpeg-turbo, found through pkg-config.
+# FFCV builds from source against OpenCV and libjpeg-turbo, found through pkg-config; torch.compile
+# (scaling.compile, the compiled APGD step) builds its CPU kernels with g++.
 need_apt=()
-for pkg in libopencv-dev libturbojpeg0-dev pkg-config; do
+for pkg in libopencv-dev libturbojpeg0-dev pkg-config g++; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if (( ${#need_apt[@]} )); then

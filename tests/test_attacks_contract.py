@@ -265,3 +265,25 @@ def test_host_sync_counter_sees_the_usual_culprits() -> None:
         t.nonzero()
         _ = t[t > 0]
     assert syncs.by_op == {"aten::_local_scalar_dense": 2, "aten::nonzero": 1, "aten::index": 1}
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_compiled_step_gives_the_eager_result(trained_digits_net, digits, norm) -> None:
+    """``compile_step`` fuses the step into torch.compile kernels without changing the attack:
+    the same points in training (up to float rounding of the fused arithmetic) and the same
+    robust points in evaluation."""
+    x, y = digits[0][1500:1564], digits[1][1500:1564]
+    eps = RADII[norm]
+    fused = APGD.for_training(trained_digits_net, norm=norm, eps=eps, compile_step=True)
+    eager = APGD.for_training(trained_digits_net, norm=norm, eps=eps)
+    assert (fused.perturb(x, y) - eager.perturb(x, y)).abs().max() <= 1e-6
+    evaluations = []
+    for compile_step in (True, False):
+        attack = APGD(trained_digits_net, norm=norm, eps=eps, n_iter=10,
+                      compile_step=compile_step)
+        x_adv = attack.perturb(x, y)
+        _check_feasible(x, x_adv, norm, eps)
+        with torch.no_grad():
+            evaluations.append(trained_digits_net(x_adv).argmax(1) == y)
+    assert torch.equal(*evaluations)
+    assert 0 < int(evaluations[0].sum()) < len(y)  # some points broken, some not: a real check

@@ -61,13 +61,20 @@ class APGD:
         large_radius_schedule: l_1 only: run 30% / 30% / 40% of the iterations at 3, 2 and 1 times
             ``eps``, each stage started from the previous best point (AutoAttack's l_1 setting).
         eval_mode: attack with the model in eval mode (the paper's choice), restored afterwards.
+        check_range: check that ``x`` is in [0, 1] (a read from the device per call; the
+            training loop turns it off for its loader's images, which are in [0, 1] by
+            construction).
+        compile_step: l_inf / l_2: run each iteration's step (ascent direction, momentum and the
+            two projections: a dozen elementwise passes over the images) as one
+            ``torch.compile``-d kernel. The model is compiled separately (``scaling.compile``).
     """
 
     def __init__(self, model: nn.Module, *, norm: Norm = "linf", eps: float = 4 / 255,
                  n_iter: int = 100, loss: Loss = "ce", n_restarts: int = 1, seed: int = 0,
                  rho: float = 0.75, n_target_classes: int = 9, random_start: bool = True,
                  return_max_loss: bool = False, large_radius_schedule: bool = False,
-                 eval_mode: bool = True) -> None:
+                 eval_mode: bool = True, check_range: bool = True,
+                 compile_step: bool = False) -> None:
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         if loss not in LOSSES:
@@ -91,18 +98,22 @@ class APGD:
         self.return_max_loss = return_max_loss
         self.large_radius_schedule = large_radius_schedule
         self.eval_mode = eval_mode
+        self.check_range = check_range
+        self.compile_step = compile_step
 
     @classmethod
     def for_training(cls, model: nn.Module, *, norm: Norm = "linf", eps: float = 4 / 255,
-                     n_iter: int = 2, seed: int = 0, random_start: bool = True) -> "APGD":
+                     n_iter: int = 2, seed: int = 0, random_start: bool = True,
+                     check_range: bool = True, compile_step: bool = False) -> "APGD":
         """APGD-AT: few CE iterations returning the highest-loss point (clean input included)."""
         return cls(model, norm=norm, eps=eps, n_iter=n_iter, loss="ce", seed=seed,
-                   random_start=random_start, return_max_loss=True)
+                   random_start=random_start, return_max_loss=True, check_range=check_range,
+                   compile_step=compile_step)
 
     # ------------------------------------------------------------------ public API
     def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Adversarial examples for ``x`` (in [0, 1]) with labels or soft targets ``y``."""
-        check_inputs(x, y)
+        check_inputs(x, y, self.check_range)
         x = x.detach()
         y = y.detach()
         generator = torch.Generator(device=x.device).manual_seed(self.seed)
@@ -196,9 +207,16 @@ class APGD:
         else:
             x_cur = x.clone()
         loss_cur, logits, grad = input_gradient(self.model, x_cur, loss_fn)
-        fooled = ~predictions_correct(logits, y)
-        x_fooled = x_cur.clone()
+        # Training returns the highest-loss point only: which iterate fooled the model is not
+        # needed there, and tracking it costs a copy and a select over the images per iteration.
+        track_fooled = not self.return_max_loss
+        fooled = x_fooled = None
+        if track_fooled:
+            fooled = ~predictions_correct(logits, y)
+            x_fooled = x_cur.clone()
         best_loss, x_best, grad_best = loss_cur.clone(), x_cur.clone(), grad.clone()
+        eps_t = torch.tensor(eps, dtype=x.dtype, device=x.device)  # a tensor: no recompile per radius
+        step_fn = _compiled_momentum_step() if self.compile_step else _momentum_step
 
         alpha = 1.0 if norm == "l1" else 2.0
         full_step = alpha * eps
@@ -228,9 +246,7 @@ class APGD:
                     x_new = project(x, x_cur + _col(step, x) * direction, "l1", eps)
                 else:
                     momentum = 1.0 if i == 0 else 0.75
-                    z = project(x, x_cur + _col(step, x) * _ascent_direction(grad, norm), norm, eps)
-                    x_new = project(x, x_cur + momentum * (z - x_cur)
-                                    + (1 - momentum) * (x_cur - x_prev), norm, eps)
+                    x_new = step_fn(x, x_cur, x_prev, grad, step, momentum, norm, eps_t)
                 x_prev, x_cur = x_cur, x_new
 
             # The last iterate's gradient could only feed a step that never comes (nothing
@@ -244,9 +260,10 @@ class APGD:
             with torch.no_grad():
                 # Masks select with torch.where, not boolean indexing, which would wait for the
                 # device to count the selected rows (a host synchronisation per iteration).
-                now_fooled = ~predictions_correct(logits, y)
-                x_fooled = torch.where(_col(now_fooled, x), x_cur, x_fooled)
-                fooled |= now_fooled
+                if track_fooled:
+                    now_fooled = ~predictions_correct(logits, y)
+                    x_fooled = torch.where(_col(now_fooled, x), x_cur, x_fooled)
+                    fooled |= now_fooled
                 improved = loss_cur > best_loss
                 x_best = torch.where(_col(improved, x), x_cur, x_best)
                 best_loss = torch.where(improved, loss_cur, best_loss)
@@ -284,6 +301,27 @@ class APGD:
 
 def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _momentum_step(x: torch.Tensor, x_cur: torch.Tensor, x_prev: torch.Tensor,
+                   grad: torch.Tensor, step: torch.Tensor, momentum: float, norm: Norm,
+                   eps: torch.Tensor) -> torch.Tensor:
+    """One l_inf / l_2 APGD step: ascent step, projection, heavy-ball momentum, projection."""
+    z = project(x, x_cur + _col(step, x) * _ascent_direction(grad, norm), norm, eps)
+    return project(x, x_cur + momentum * (z - x_cur) + (1 - momentum) * (x_cur - x_prev), norm,
+                   eps)
+
+
+_COMPILED_STEP = None
+
+
+def _compiled_momentum_step():
+    """:func:`_momentum_step` through ``torch.compile`` (built once per process: every attack
+    shares the compiled kernels; shapes that change between runs make it dynamic once)."""
+    global _COMPILED_STEP
+    if _COMPILED_STEP is None:
+        _COMPILED_STEP = torch.compile(_momentum_step)
+    return _COMPILED_STEP
 
 
 def _l0(delta: torch.Tensor) -> torch.Tensor:

@@ -25,11 +25,12 @@ class PGD:
         random_start: start from a random point of the ball.
         seed: seed of the random start.
         eval_mode: attack with the model in eval mode, restored afterwards.
+        check_range: check that ``x`` is in [0, 1] (a read from the device per call).
     """
 
     def __init__(self, model: nn.Module, *, norm: Norm = "linf", eps: float = 4 / 255,
                  n_iter: int = 10, step_size: float | None = None, random_start: bool = True,
-                 seed: int = 0, eval_mode: bool = True) -> None:
+                 seed: int = 0, eval_mode: bool = True, check_range: bool = True) -> None:
         if norm not in ("linf", "l2"):
             raise ValueError(f"PGD supports norm 'linf' or 'l2', got {norm!r} (use APGD for l1)")
         if not eps > 0 or n_iter < 1:
@@ -42,10 +43,11 @@ class PGD:
         self.random_start = random_start
         self.seed = seed
         self.eval_mode = eval_mode
+        self.check_range = check_range
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The last PGD iterate for ``x`` with labels or soft targets ``y``."""
-        check_inputs(x, y)
+        check_inputs(x, y, self.check_range)
         x = x.detach()
         generator = torch.Generator(device=x.device).manual_seed(self.seed)
         x_adv = random_start(x, self.norm, self.eps, generator) if self.random_start else x.clone()
@@ -62,7 +64,9 @@ class FGSM(PGD):
     """FGSM with random start ("fast is better than free"): one step of ``1.25 * eps``."""
 
     def __init__(self, model: nn.Module, *, norm: Norm = "linf", eps: float = 4 / 255,
-                 step_size: float | None = None, seed: int = 0, eval_mode: bool = True) -> None:
+                 step_size: float | None = None, seed: int = 0, eval_mode: bool = True,
+                 check_range: bool = True) -> None:
         super().__init__(model, norm=norm, eps=eps, n_iter=1,
                          step_size=1.25 * eps if step_size is None else step_size,
-                         random_start=True, seed=seed, eval_mode=eval_mode)
+                         random_start=True, seed=seed, eval_mode=eval_mode,
+                         check_range=check_range)

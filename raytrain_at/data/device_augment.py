@@ -412,6 +412,8 @@ class DeviceAugment:
         cutmix_alpha: CutMix Beta parameter (0 disables CutMix).
         switch_prob: probability of CutMix instead of MixUp for a batch when both are on.
         erase_prob: per-image probability of random erasing.
+        check_range: check that each batch is in [0, 1] (one read from the device per call; the
+            training loop turns it off for its loader's images, uint8 / 255 by construction).
 
     Raises:
         ValueError: an argument out of range, naming it.
@@ -420,7 +422,8 @@ class DeviceAugment:
     def __init__(self, preset: Preset, num_classes: int, *, seed: int = 0, label_smoothing: float = 0.1,
                  randaug_ops: int = 2, randaug_magnitude: float = 9.0, randaug_magnitude_std: float = 0.5,
                  randaug_prob: float = 0.5, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0,
-                 switch_prob: float = 0.5, erase_prob: float = 0.25) -> None:
+                 switch_prob: float = 0.5, erase_prob: float = 0.25,
+                 check_range: bool = True) -> None:
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
@@ -439,6 +442,7 @@ class DeviceAugment:
         self.num_classes = num_classes
         self.seed = seed
         self.label_smoothing = float(label_smoothing)
+        self.check_range = check_range
         self._calls = 0
         # Built for every preset so that bad RandAugment arguments are rejected whatever the preset.
         self.randaugment = BatchRandAugment(randaug_ops, randaug_magnitude, randaug_magnitude_std, randaug_prob)
@@ -487,7 +491,7 @@ class DeviceAugment:
                              f"{getattr(labels, 'dtype', type(labels))} of shape {tuple(getattr(labels, 'shape', ()))}")
         if self.preset == "heavy" and images.shape[0] % 2:
             raise ValueError(f"images: the heavy preset (timm Mixup) needs an even batch size, got {images.shape[0]}")
-        if images.numel():
+        if self.check_range and images.numel():
             # One reduction and one sync; NaN fails both comparisons.
             low, high = torch.aminmax(images)
             low, high = float(low), float(high)

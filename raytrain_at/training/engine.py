@@ -1,7 +1,7 @@
 """DeepSpeed engine construction: config, optimiser groups, LR schedule, EMA.
 
 DeepSpeed owns the optimiser step (ZeRO stage 0/1/2; bf16 on GPU, fp32 on CPU, where it refuses
-fp16). The optimiser is torch's AdamW (DeepSpeed's own AdamW compiles a C++ op), with the paper's
+fp16). The optimiser is torch's fused AdamW (DeepSpeed's own AdamW compiles a C++ op), with the paper's
 betas (0.9, 0.95) and the usual no-decay rule: biases, norm weights and other 1-D parameters, and
 the backbone's ``no_weight_decay()`` set (positional embedding, class token) are not decayed.
 Gradient clipping is always written into the DeepSpeed config, because DeepSpeed's default is 1.0.
@@ -109,11 +109,22 @@ def optimizer_groups(model: nn.Module, weight_decay: float, *, lr: float | None 
     return out
 
 
+def fused_adamw_supported(model: nn.Module) -> bool:
+    """Whether torch's fused AdamW kernel can update every trainable parameter of ``model``
+    (floating point on CUDA or CPU): one kernel launch for all tensors instead of a dozen per
+    tensor group, the cheapest optimizer step on a GPU."""
+    return all(p.is_floating_point() and p.device.type in ("cuda", "cpu")
+               for p in model.parameters() if p.requires_grad)
+
+
 def build_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
     o = config.optim
     groups = optimizer_groups(model, o.weight_decay, lr=o.lr, head_lr=o.head_lr,
                               head_weight_decay=o.head_weight_decay)
-    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
+    # DeepSpeed hands this optimizer its own fp32 (master / ZeRO-partition) tensors on the same
+    # device, so the fused kernel still applies after deepspeed.initialize.
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas),
+                             fused=fused_adamw_supported(model))
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: RunConfig, steps_per_epoch: int

@@ -13,6 +13,8 @@ Device-to-host copies (``tensor.cpu()``) are not counted: on a CPU-only run ther
 
 from __future__ import annotations
 
+import os
+import traceback
 from collections import Counter
 from typing import Any
 
@@ -35,6 +37,14 @@ _ALWAYS_SYNC = {
 # Indexing syncs only with a boolean mask among the indices (the kernel calls nonzero).
 _SYNC_WITH_BOOL_INDEX = {"aten::index", "aten::index_put", "aten::index_put_",
                          "aten::_index_put_impl_"}
+
+
+def _caller() -> str:
+    """The innermost stack frame outside torch's own files (where the sync was asked for)."""
+    for frame in reversed(traceback.extract_stack()[:-2]):
+        if f"{os.sep}torch{os.sep}" not in frame.filename:
+            return f"{frame.filename}:{frame.lineno}"
+    return "?"
 
 
 def _has_bool_index(args: tuple[Any, ...]) -> bool:
@@ -64,9 +74,12 @@ class HostSyncCounter(TorchDispatchMode):
         syncs.total, syncs.by_op
     """
 
-    def __init__(self) -> None:
+    def __init__(self, record_callers: bool = False) -> None:
         super().__init__()
         self.by_op: Counter[str] = Counter()
+        self.record_callers = record_callers
+        # "file:line op" of the innermost frame outside torch, per sync (with record_callers).
+        self.callers: Counter[str] = Counter()
 
     @property
     def total(self) -> int:
@@ -78,4 +91,6 @@ class HostSyncCounter(TorchDispatchMode):
         op_name = func._schema.name
         if _syncs(op_name, func, args, kwargs):
             self.by_op[op_name] += 1
+            if self.record_callers:
+                self.callers[f"{_caller()} {op_name}"] += 1
         return func(*args, **kwargs)

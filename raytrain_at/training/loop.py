@@ -70,17 +70,23 @@ class _Unperturbed:
 
 
 def build_attack(model: nn.Module, config: RunConfig, eps: float, seed: int):
-    """The training attack at radius ``eps`` (None for clean objectives)."""
+    """The training attack at radius ``eps`` (None for clean objectives).
+
+    The loop's images are the loader's uint8 / 255, augmented and clamped to [0, 1], so APGD
+    skips its range check, which would make the host wait for the device every step.
+    """
     attack = config.attack
     if attack.kind == "none" or config.objective.kind == "clean":
         return None
     if eps <= 0:
         return _Unperturbed()
     if attack.kind == "apgd":
-        return APGD.for_training(model, norm=attack.norm, eps=eps, n_iter=attack.steps, seed=seed)
+        return APGD.for_training(model, norm=attack.norm, eps=eps, n_iter=attack.steps, seed=seed,
+                                 check_range=False, compile_step=config.scaling.compile)
     if attack.kind == "pgd":
-        return PGD(model, norm=attack.norm, eps=eps, n_iter=attack.steps, seed=seed)
-    return FGSM(model, norm=attack.norm, eps=eps, seed=seed)
+        return PGD(model, norm=attack.norm, eps=eps, n_iter=attack.steps, seed=seed,
+                   check_range=False)
+    return FGSM(model, norm=attack.norm, eps=eps, seed=seed, check_range=False)
 
 
 def build_model(config: RunConfig) -> nn.Module:
@@ -128,14 +134,17 @@ class WorkerLoop:
             model, config, len(self.train_data), place.device)
         if config.scaling.compile:
             # DeepSpeed compiles the wrapped module in place (torch.compile); attacks and the
-            # training step then run the compiled graph.
+            # training step then run the compiled graph, and the APGD step is compiled too.
             self.engine.compile()
         self.ema = build_ema(self.engine.module, config.optim.ema_decay)
         self.augment = DeviceAugment(
             config.aug.preset, config.model.num_classes, seed=config.seed + 1000 * place.rank,
             label_smoothing=config.objective.label_smoothing,
             mixup_alpha=config.aug.mixup_alpha, cutmix_alpha=config.aug.cutmix_alpha,
-            erase_prob=config.aug.erase_prob)
+            erase_prob=config.aug.erase_prob,
+            # uint8 / 255 from the loader: in [0, 1] by construction, and the check would make
+            # the host wait for the previous step's kernels before queueing this one's.
+            check_range=False)
         self.objective = ObjectiveConfig(**config.objective.model_dump())
         self.epoch = 0  # epochs completed
         self.best_heldout: float | None = None
@@ -202,7 +211,8 @@ class WorkerLoop:
             return {}
         model = self.eval_model
         attack = APGD(model, norm=self.config.attack.norm, eps=self.config.attack.eps,
-                      n_iter=self.config.attack.heldout_steps, loss="ce", seed=self.config.seed)
+                      n_iter=self.config.attack.heldout_steps, loss="ce", seed=self.config.seed,
+                      compile_step=self.config.scaling.compile)
         if self._heldout_data is None:  # built once: FFCV compiles a pipeline per loader
             self._heldout_data = eval_loader(
                 self.heldout_path, batch_size=self.config.per_worker_batch_size,
