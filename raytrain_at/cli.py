@@ -148,6 +148,9 @@ def evaluate(
     eps_l2: str = typer.Option(None, help="l_2 radius [2, scaled with the side from 224]"),
     eps_l1: str = typer.Option(None, help="l_1 radius [75, scaled with the area from 224]"),
     version: str = typer.Option("standard", help="standard | fast | apgdt"),
+    kernels: str = typer.Option("exact", help="exact (torch defaults, as plain pyautoattack) | "
+                                "fast (TF32 + channels_last on GPU, breaks checked with exact "
+                                "kernels)"),
     n: int = typer.Option(None, help="evaluate the first N images [all]"),
     resolution: int = typer.Option(None, help="test-time side [the training side]"),
     workers: int = typer.Option(1, help="Ray workers, each on its own shard"),
@@ -178,7 +181,7 @@ def evaluate(
              for norm, text in (("linf", eps_linf), ("l2", eps_l2), ("l1", eps_l1)) if text}
     request = EvaluationRequest(
         model_ref=model_ref, data=data, norms=parse_norms(norms), eps=radii, version=version,
-        n=n, resolution=resolution, workers=workers, batch_size=batch_size, seed=seed, out=out,
+        kernels=kernels, n=n, resolution=resolution, workers=workers, batch_size=batch_size, seed=seed, out=out,
         state_root=state_dir, address=address, use_gpu=gpu,
         eps_sweep=(list(PAPER_SWEEP_EPS) if eps_sweep == "paper"
                    else parse_eps_list(eps_sweep, "--eps-sweep") if eps_sweep else None),

@@ -70,7 +70,8 @@ def registration_payload(model_file: Path, result: EvaluationResult | None,
     for guard in result.guards:
         tags[f"guard.{re.sub(r'[^A-Za-z0-9_.-]', '_', guard.name)}"] = "pass" if guard.passed else f"FAIL: {guard.detail}"[:400]
     metrics.update(result.metrics())
-    params.update({"attack_version": result.version, "eval_n": result.data.n,
+    params.update({"attack_version": result.version, "eval_kernels": result.kernels,
+                   "eval_n": result.data.n,
                    "eval_resolution": result.data.resolution, "eval_data": result.data.path,
                    "eval_seed": result.seed})
     for norm, threat in result.threats.items():

@@ -76,15 +76,19 @@ def single_process_fast(robust_model_file, eval_home, tmp_path_factory):
 
 
 def test_two_ray_workers_equal_one_process(single_process_fast, robust_model_file, tmp_path):
+    """Also runs the workers with ``--kernels fast``: on a CPU that is the same arithmetic plus
+    the exact checks of every break, so the statuses must still be identical."""
     out = tmp_path / "sharded.json"
     _cli(["evaluate", robust_model_file, "--data", "digits", "--norms", "linf,l2", "--version",
-          "fast", "--n", "20", "--batch-size", "5", "--workers", "2", "--out", str(out),
-          "--state-dir", str(tmp_path / "state")])
+          "fast", "--n", "20", "--batch-size", "5", "--workers", "2", "--kernels", "fast",
+          "--out", str(out), "--state-dir", str(tmp_path / "state")])
     sharded = read_result(out)
     for norm in ("linf", "l2"):
         assert sharded.threats[norm].status == single_process_fast.threats[norm].status
         assert sharded.threats[norm].after_attack == single_process_fast.threats[norm].after_attack
+        assert sharded.threats[norm].unconfirmed == 0
     assert sharded.workers == 2
+    assert (sharded.kernels, single_process_fast.kernels) == ("fast", "exact")
     # The l_2 radius defaults to the paper's 2.0 scaled from 224 to 16 pixels.
     assert sharded.threats["l2"].eps == pytest.approx(2.0 * 16 / 224)
 
@@ -185,6 +189,56 @@ def test_guards_fire_on_randomised_and_softmax_models(robust_model_file, eval_ho
         assert outcome[guard] is (not should_fire)
 
 
+class _WrongWhenFast(nn.Module):
+    """The 'fast' model of the kernels test: the exact model's logits rolled by one class, so it
+    misclassifies every image the exact model gets right (a worst case of faster arithmetic)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x).roll(1, dims=1)
+
+
+def test_fast_kernels_cannot_lower_robust_accuracy(robust_model_file, eval_home):
+    """With ``kernels='fast'`` every break is checked by the exact model and the images whose
+    break does not hold are attacked again with exact kernels: even a fast model that is wrong
+    everywhere gives exactly the exact evaluation, and the re-attacks are counted."""
+    exact = load_model_file(robust_model_file).module
+    x, y = _digits(eval_home, 16)
+    threat = ThreatModel("linf", LINF)
+    ids = list(range(16))
+    exact_aa = build_autoattack(exact, threat, "fast", 0, "cpu", 10)
+    reference = attack_chunk(exact, exact_aa, x, y, ids, "linf", batch_size=16)
+    wrong = _WrongWhenFast(exact).eval()
+    fast_aa = build_autoattack(wrong, threat, "fast", 0, "cpu", 10)
+    checked = attack_chunk(wrong, fast_aa, x, y, ids, "linf", batch_size=16, kernels="fast",
+                           exact_model=exact, exact_aa=exact_aa)
+    assert checked.status == reference.status
+    assert 0 < reference.status.count("robust") < reference.status.count("robust") + \
+        reference.status.count("apgd-ce")  # the attacks broke some images and not others
+    # Every image alive before an attack was 'broken' by the wrong model and re-attacked.
+    alive_before = [16 - reference.status.count("misclassified"),
+                    16 - reference.status.count("misclassified") - reference.status.count("apgd-ce")]
+    assert checked.unconfirmed == sum(alive_before)
+    assert reference.unconfirmed == 0
+
+
+def test_channels_last_model_gives_nchw_gradients(robust_model_file):
+    """The fast kernels' model layout: same outputs and the same input gradient, returned
+    NCHW-contiguous (pyautoattack flattens it with .view)."""
+    from raytrain_at.evaluation.kernels import ChannelsLastModel
+
+    exact = load_model_file(robust_model_file).module
+    twin = ChannelsLastModel(load_model_file(robust_model_file).module).eval()
+    x = torch.rand(4, 3, 16, 16, requires_grad=True)
+    (g_exact,) = torch.autograd.grad(exact(x).logsumexp(1).sum(), [x])
+    (g_twin,) = torch.autograd.grad(twin(x).logsumexp(1).sum(), [x])
+    assert g_twin.is_contiguous() and g_twin.view(4, -1).shape == (4, 768)
+    assert torch.allclose(g_twin, g_exact, atol=1e-5)
+
+
 def test_expected_robustness_is_the_trapezoid_area():
     # Accuracy 1.0 at 0, 0.5 at 1, 0 at 2: area 0.75 + 0.25 = 1.0 over radius 2.
     assert expected_robustness(1.0, [1.0, 2.0], [0.5, 0.0]) == pytest.approx(0.5)
@@ -210,6 +264,7 @@ def test_radius_parsing_and_scaling():
     (["MODEL", "--data", "digits", "--eps-l2", "-2"], "--eps-l2"),
     (["MODEL", "--data", "digits", "--norms", "linf,l5"], "l5"),
     (["MODEL", "--data", "digits", "--version", "strong"], "strong"),
+    (["MODEL", "--data", "digits", "--kernels", "turbo"], "turbo"),
     (["MODEL", "--data", "digits", "--n", "100000"], "--n"),
 ])
 def test_bad_input_gives_one_line_errors(args, culprit, robust_model_file, eval_home, tmp_path,

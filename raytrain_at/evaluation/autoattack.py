@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from raytrain_at.errors import UserError
+from raytrain_at.evaluation.kernels import kernel_settings
 from raytrain_at.evaluation.threats import AUTOATTACK_NORMS, ThreatModel
 
 VERSIONS: dict[str, tuple[str, ...]] = {
@@ -72,6 +73,8 @@ class ChunkRecord:
     max_perturbation: float = 0.0
     warnings: dict[str, str] = field(default_factory=dict)
     complete: bool = False
+    # Fast kernels: breaks the exact model did not confirm (those images stay robust).
+    unconfirmed: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -89,13 +92,29 @@ def perturbation_norms(delta: torch.Tensor, norm: str) -> torch.Tensor:
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Predicted classes, batch by batch (the same batches as the reference's clean pass)."""
+    if len(x) == 0:
+        return torch.zeros(0, dtype=torch.long, device=x.device)
     return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+
+
+def run_one_attack(aa, attack: str, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+                   kernels: str = "exact") -> tuple[torch.Tensor, torch.Tensor]:
+    """``aa``'s ``run_standard_evaluation`` with only ``attack`` enabled, under ``kernels``'
+    settings: the adversarial images and their predicted labels."""
+    only = list(aa.attacks_to_run)
+    aa.attacks_to_run = [attack]
+    try:
+        with kernel_settings(kernels):
+            return aa.run_standard_evaluation(x, y, batch_size=batch_size)
+    finally:
+        aa.attacks_to_run = only
 
 
 def attack_chunk(model: nn.Module, aa, x: torch.Tensor, y: torch.Tensor, ids: list[int],
                  norm: str, *, batch_size: int, record: ChunkRecord | None = None,
                  save: Callable[[ChunkRecord], None] = lambda record: None,
-                 warnings: dict[str, str] | None = None) -> ChunkRecord:
+                 warnings: dict[str, str] | None = None, kernels: str = "exact",
+                 exact_model: nn.Module | None = None, exact_aa=None) -> ChunkRecord:
     """Run the remaining attacks of ``aa`` on a chunk, saving the record after each attack.
 
     Args:
@@ -108,9 +127,18 @@ def attack_chunk(model: nn.Module, aa, x: torch.Tensor, y: torch.Tensor, ids: li
         record: a saved record to resume from (its finished attacks are skipped).
         save: called with the record after the clean pass and after every attack.
         warnings: live dict of AutoAttack warnings (from the guards' capture) to store.
+        kernels: ``exact`` or ``fast`` (:mod:`raytrain_at.evaluation.kernels`). With ``fast`` the
+            attacks run with TF32 on ``model``; ``exact_model`` decides the clean predictions
+            and checks every reported break with exact kernels, and an image whose break does
+            not hold is attacked again by ``exact_aa`` (the same attack on ``exact_model``), so
+            no image escapes an attack through the faster arithmetic.
+        exact_model, exact_aa: the exact model and its AutoAttack (default ``model``, ``aa``).
     """
+    exact_model = exact_model if exact_model is not None else model
+    exact_aa = exact_aa if exact_aa is not None else aa
     if record is None:
-        correct = predict(model, x, batch_size).eq(y).cpu().tolist()
+        with kernel_settings("exact"):
+            correct = predict(exact_model, x, batch_size).eq(y).cpu().tolist()
         record = ChunkRecord(ids=list(ids), status=[ROBUST if c else MISCLASSIFIED
                                                      for c in correct])
         save(record)
@@ -121,14 +149,11 @@ def attack_chunk(model: nn.Module, aa, x: torch.Tensor, y: torch.Tensor, ids: li
         if alive:
             index = torch.tensor(alive, device=x.device)
             x_sub, y_sub = x[index], y[index]
-            only = list(aa.attacks_to_run)
-            aa.attacks_to_run = [attack]
-            try:
-                x_adv, y_adv = aa.run_standard_evaluation(x_sub, y_sub,
-                                                          batch_size=batch_size)
-            finally:
-                aa.attacks_to_run = only
+            x_adv, y_adv = run_one_attack(aa, attack, x_sub, y_sub, batch_size, kernels)
             broken = y_adv.ne(y_sub)
+            if kernels == "fast" and broken.any():
+                x_adv, broken = _confirm_breaks(exact_model, exact_aa, attack, x_sub, y_sub,
+                                                x_adv, broken, batch_size, record)
             if broken.any():
                 size = perturbation_norms((x_adv - x_sub)[broken], norm).max().item()
                 record.max_perturbation = max(record.max_perturbation, size)
@@ -141,3 +166,22 @@ def attack_chunk(model: nn.Module, aa, x: torch.Tensor, y: torch.Tensor, ids: li
         record.complete = all(a in record.attacks_done for a in aa.attacks_to_run)
         save(record)
     return record
+
+
+def _confirm_breaks(exact_model: nn.Module, exact_aa, attack: str, x: torch.Tensor,
+                    y: torch.Tensor, x_adv: torch.Tensor, broken: torch.Tensor, batch_size: int,
+                    record: ChunkRecord) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the fast attack's breaks that the exact model confirms; attack the others again
+    with exact kernels (counted in ``record.unconfirmed``)."""
+    candidates = broken.nonzero().squeeze(1)
+    with kernel_settings("exact"):
+        holds = predict(exact_model, x_adv[candidates], batch_size).ne(y[candidates])
+    retry = candidates[~holds]
+    if len(retry) == 0:
+        return x_adv, broken
+    record.unconfirmed += len(retry)
+    x_adv, broken = x_adv.clone(), broken.clone()
+    x_again, y_again = run_one_attack(exact_aa, attack, x[retry], y[retry], batch_size, "exact")
+    x_adv[retry] = x_again
+    broken[retry] = y_again.ne(y[retry])
+    return x_adv, broken

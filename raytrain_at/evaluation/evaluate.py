@@ -20,6 +20,7 @@ import raytrain_at
 from raytrain_at.errors import UserError
 from raytrain_at.evaluation import guards as checks
 from raytrain_at.evaluation.autoattack import check_version
+from raytrain_at.evaluation.kernels import check_kernels
 from raytrain_at.evaluation.result import (CorruptionResult, DataInfo, EpsSweep,
                                            EvaluationResult, GuardOutcome, ModelInfo,
                                            ResolutionPoint, ResolutionSweep, SweepPoint,
@@ -46,6 +47,7 @@ class EvaluationRequest:
     norms: list[str] = field(default_factory=lambda: list(NORMS))
     eps: dict[str, float] = field(default_factory=dict)
     version: str = "standard"
+    kernels: str = "exact"
     n: int | None = None
     resolution: int | None = None
     workers: int = 1
@@ -79,6 +81,7 @@ def resolve_data(data: str, storage: Path) -> str:
 def _validate(request: EvaluationRequest) -> None:
     check_version(request.version)
     check_version(request.sweep_version)
+    check_kernels(request.kernels)
     for norm in list(request.norms) + [request.sweep_norm]:
         if norm not in NORMS:
             raise UserError(f"unknown norm {norm!r} (known: {', '.join(NORMS)})")
@@ -102,7 +105,8 @@ def _threat_result(outcome: ThreatOutcome) -> ThreatResult:
                         clean_accuracy=outcome.clean_accuracy,
                         robust_accuracy=outcome.robust_accuracy,
                         after_attack=outcome.after_attack, broken_by=outcome.broken_by,
-                        max_perturbation=outcome.max_perturbation, status=outcome.status)
+                        max_perturbation=outcome.max_perturbation, status=outcome.status,
+                        unconfirmed=outcome.unconfirmed)
 
 
 def _outcome_guards(outcomes: list[ThreatOutcome]) -> list[checks.Guard]:
@@ -195,7 +199,8 @@ class Evaluation:
                        data_path=self.data_path, ids=tuple(self.ids), resolution=resolution,
                        crop_pct=self.spec.crop_pct, threats=tuple(threats), version=version,
                        seed=r.seed, batch_size=r.batch_size, num_classes=self.spec.num_classes,
-                       state_root=str(self.state_root), tracking_uri=r.tracking_uri)
+                       state_root=str(self.state_root), tracking_uri=r.tracking_uri,
+                       kernels=r.kernels)
 
     def _run(self, job: EvalJob, label: str) -> dict[ThreatModel, ThreatOutcome]:
         r = self.request
@@ -240,7 +245,8 @@ class Evaluation:
                             source_run=self.loaded.metadata.get("raytrain_at.source_run")),
             data=DataInfo(path=self.data_path, n=len(self.ids), resolution=self.resolution,
                           crop_pct=self.spec.crop_pct),
-            version=r.version, seed=r.seed, batch_size=r.batch_size, workers=r.workers,
+            version=r.version, kernels=r.kernels, seed=r.seed, batch_size=r.batch_size,
+            workers=r.workers,
             clean_accuracy=first.clean_accuracy,
             threats={o.threat.norm: _threat_result(o) for o in outcomes.values()},
             eps_sweep=eps_sweep, resolution_sweep=resolution_sweep, corruptions=corruption,

@@ -50,6 +50,8 @@ class ThreatResult(_Strict):
     broken_by: dict[str, int]
     max_perturbation: float
     status: list[str] = Field(description="per image: misclassified, the breaking attack, or robust")
+    unconfirmed: int = Field(0, description="fast kernels: breaks the exact model did not "
+                             "confirm (those images were attacked again with exact kernels)")
 
 
 class SweepPoint(_Strict):
@@ -103,6 +105,8 @@ class EvaluationResult(_Strict):
     batch_size: int
     workers: int
     clean_accuracy: float
+    # exact | fast (raytrain_at.evaluation.kernels); results written before it existed are exact.
+    kernels: str = "exact"
     threats: dict[str, ThreatResult]
     eps_sweep: EpsSweep | None = None
     resolution_sweep: ResolutionSweep | None = None

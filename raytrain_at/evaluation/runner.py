@@ -29,6 +29,7 @@ from raytrain_at.errors import UserError
 from raytrain_at.evaluation.autoattack import (MISCLASSIFIED, ROBUST, VERSIONS, ChunkRecord,
                                                attack_chunk, build_autoattack)
 from raytrain_at.evaluation.guards import capture_autoattack_warnings
+from raytrain_at.evaluation.kernels import attack_model
 from raytrain_at.evaluation.threats import ThreatModel
 
 FORMAT = 1
@@ -51,6 +52,7 @@ class EvalJob:
         num_classes: the model's outputs (caps the number of target classes).
         state_root: folder under which the job's state folder is made.
         tracking_uri: MLflow tracking URI for ``runs:/`` / ``models:/`` references.
+        kernels: ``exact`` or ``fast`` (:mod:`raytrain_at.evaluation.kernels`).
     """
 
     model_ref: str
@@ -66,6 +68,7 @@ class EvalJob:
     num_classes: int
     state_root: str
     tracking_uri: str | None = None
+    kernels: str = "exact"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,6 +93,8 @@ class EvalJob:
             "resolution": self.resolution, "crop_pct": self.crop_pct, "version": self.version,
             "seed": self.seed, "batch_size": self.batch_size,
         }
+        if self.kernels != "exact":  # exact jobs keep the state folders they had before
+            identity["kernels"] = self.kernels
         key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
         return Path(self.state_root) / key
 
@@ -167,8 +172,13 @@ def evaluate_chunks(job: EvalJob, chunk_numbers: list[int], *, device: str = "cp
                                crop_pct=job.crop_pct, batch_size=job.batch_size,
                                device=torch_device)
     position = {sample: k for k, sample in enumerate(wanted)}
-    attackers = {t: build_autoattack(model, t, job.version, job.seed, torch_device,
+    fast = attack_model(model, job.kernels, torch_device)
+    attackers = {t: build_autoattack(fast, t, job.version, job.seed, torch_device,
                                      job.num_classes) for t in job.threats}
+    # The exact model's own AutoAttack re-attacks images whose fast break does not hold.
+    exact_attackers = attackers if fast is model else {
+        t: build_autoattack(model, t, job.version, job.seed, torch_device, job.num_classes)
+        for t in job.threats}
     for number in todo:
         rows = torch.tensor([position[i] for i in chunks[number]], device=torch_device)
         x, y = x_all[rows], y_all[rows]
@@ -178,9 +188,11 @@ def evaluate_chunks(job: EvalJob, chunk_numbers: list[int], *, device: str = "cp
             if record is not None and record.complete:
                 continue
             with capture_autoattack_warnings() as seen:
-                attack_chunk(model, attackers[threat], x, y, list(chunks[number]), threat.norm,
+                attack_chunk(fast, attackers[threat], x, y, list(chunks[number]), threat.norm,
                              batch_size=job.batch_size, record=record,
-                             save=lambda r, p=path: write_record(p, r), warnings=seen)
+                             save=lambda r, p=path: write_record(p, r), warnings=seen,
+                             kernels=job.kernels, exact_model=model,
+                             exact_aa=exact_attackers[threat])
             on_record()
 
 
@@ -257,6 +269,7 @@ class ThreatOutcome:
     max_perturbation: float
     warnings: dict[str, str] = field(default_factory=dict)
     status: list[str] = field(default_factory=list)
+    unconfirmed: int = 0  # fast kernels: breaks that did not hold, re-attacked exactly
 
 
 def merge(job: EvalJob) -> dict[ThreatModel, ThreatOutcome]:
@@ -265,7 +278,7 @@ def merge(job: EvalJob) -> dict[ThreatModel, ThreatOutcome]:
     attacks = VERSIONS[job.version]
     for threat in job.threats:
         status: list[str] = []
-        largest, warnings = 0.0, {}
+        largest, warnings, unconfirmed = 0.0, {}, 0
         for number in range(len(job.chunks())):
             record = read_record(job.record_path(threat, number))
             if record is None or not record.complete:
@@ -273,6 +286,7 @@ def merge(job: EvalJob) -> dict[ThreatModel, ThreatOutcome]:
             status.extend(record.status)
             largest = max(largest, record.max_perturbation)
             warnings.update(record.warnings)
+            unconfirmed += record.unconfirmed
         n = len(status)
         wrong = status.count(MISCLASSIFIED)
         broken = {a: status.count(a) for a in attacks}
@@ -283,5 +297,6 @@ def merge(job: EvalJob) -> dict[ThreatModel, ThreatOutcome]:
         outcomes[threat] = ThreatOutcome(
             threat=threat, n=n, clean_accuracy=(n - wrong) / n,
             robust_accuracy=status.count(ROBUST) / n, after_attack=after, broken_by=broken,
-            max_perturbation=largest, warnings=warnings, status=status)
+            max_perturbation=largest, warnings=warnings, status=status,
+            unconfirmed=unconfirmed)
     return outcomes
