@@ -19,10 +19,13 @@ default) they must agree. With more images the plain call batches each later att
 survivors of all images, so random starts fall on other batch compositions and the accuracies
 agree only statistically (``identical`` may then be False without anything being wrong).
 
-Precision: fp32 and channels-first for both. bf16 changes which images an attack breaks (results
-would no longer be identical), and channels_last gives input gradients that pyautoattack's
-``.view(n, -1)`` rejects, so ours uses neither. The GPU target (ours >= 1.5x plain) cannot be
-checked on a CPU.
+Kernels: ``--kernels exact`` (default) runs ours with torch's defaults, like the plain call: the
+same arithmetic, so the results must be identical image by image. ``--kernels fast`` is the
+evaluation's fast mode (``raytrain_at.evaluation.kernels``): on a GPU, TF32 matrix multiplies and
+channels_last weights for the attacks, with the clean pass and every break checked by the exact
+model (breaks that do not hold are attacked again with exact kernels; their count is reported).
+On a CPU both modes run the same kernels. The GPU target (ours >= 1.5x plain at equal robust
+accuracy) is meant for ``--kernels fast`` and cannot be checked on a CPU.
 
 Timing: wall time of each path including its set-up, after one untimed forward + backward; with
 ``--repeats`` > 1 the paths alternate and the medians are reported.
@@ -34,7 +37,7 @@ realistic split over the attacks.
 
 Usage: python scripts/bench_eval.py [--model convnext_tiny_cvst] [--resolution 224] [--n 256]
            [--batch 256] [--norm linf] [--eps 4/255] [--version standard|fast] [--weights FILE]
-           [--repeats 1]
+           [--kernels exact|fast] [--repeats 1]
 """
 
 from __future__ import annotations
@@ -83,25 +86,34 @@ def warm_up(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
 
 
 def run_ours(model: nn.Module, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace,
-             threat, device: torch.device) -> tuple[float, list[bool], dict[str, int]]:
-    """(seconds, robust flag per image, images broken per attack) through the project's path."""
+             threat, device: torch.device) -> tuple[float, list[bool], dict[str, int], int]:
+    """(seconds, robust flag per image, images broken per attack, breaks re-attacked with exact
+    kernels) through the project's path."""
     from raytrain_at.evaluation.autoattack import ROBUST, attack_chunk, build_autoattack
     from raytrain_at.evaluation.guards import capture_autoattack_warnings
+    from raytrain_at.evaluation.kernels import attack_model
 
     synchronize(device)
     start = time.perf_counter()
-    aa = build_autoattack(model, threat, args.version, args.seed, device, NUM_CLASSES)
+    # As evaluation.runner.evaluate_chunks builds them (the fast twin is part of the time).
+    fast = attack_model(model, args.kernels, device)
+    aa = build_autoattack(fast, threat, args.version, args.seed, device, NUM_CLASSES)
+    exact_aa = aa if fast is model else build_autoattack(model, threat, args.version, args.seed,
+                                                         device, NUM_CLASSES)
     status: list[str] = []
+    unconfirmed = 0
     for first in range(0, len(x), args.batch):
         ids = list(range(first, min(first + args.batch, len(x))))
         with capture_autoattack_warnings() as seen:
-            record = attack_chunk(model, aa, x[ids[0]:ids[-1] + 1], y[ids[0]:ids[-1] + 1], ids,
-                                  threat.norm, batch_size=args.batch, warnings=seen)
+            record = attack_chunk(fast, aa, x[ids[0]:ids[-1] + 1], y[ids[0]:ids[-1] + 1], ids,
+                                  threat.norm, batch_size=args.batch, warnings=seen,
+                                  kernels=args.kernels, exact_model=model, exact_aa=exact_aa)
         status.extend(record.status)
+        unconfirmed += record.unconfirmed
     synchronize(device)
     seconds = time.perf_counter() - start
     broken = {attack: status.count(attack) for attack in aa.attacks_to_run}
-    return seconds, [s == ROBUST for s in status], broken
+    return seconds, [s == ROBUST for s in status], broken, unconfirmed
 
 
 def run_plain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace,
@@ -136,6 +148,9 @@ def main() -> None:
                         help="radius in [0, 1] pixel scale, e.g. 4/255 (default: the paper's "
                              "radius for the norm, scaled from 224 to --resolution)")
     parser.add_argument("--version", choices=("standard", "fast"), default="standard")
+    parser.add_argument("--kernels", choices=("exact", "fast"), default="exact",
+                        help="ours: the evaluation's --kernels (fast: TF32 + channels_last on "
+                             "GPU, breaks checked with exact kernels)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1,
                         help="timed runs of each path, alternating (median reported)")
@@ -163,7 +178,7 @@ def main() -> None:
     ours_times, plain_times = [], []
     for repeat in range(args.repeats):  # alternate, so drifts of a shared machine hit both
         print(f"repeat {repeat}: ours ...", file=sys.stderr)
-        seconds, ours_robust, broken = run_ours(model, x, y, args, threat, device)
+        seconds, ours_robust, broken, unconfirmed = run_ours(model, x, y, args, threat, device)
         ours_times.append(seconds)
         print(f"repeat {repeat}: plain pyautoattack ...", file=sys.stderr)
         seconds, plain_robust = run_plain(model, x, y, args, threat, device)
@@ -182,12 +197,15 @@ def main() -> None:
         "settings": {"model": args.model, "weights": args.weights or "random init",
                      "resolution": args.resolution, "n": args.n, "batch": args.batch,
                      "norm": args.norm, "eps": threat.eps, "threat": threat.label(),
-                     "version": args.version, "seed": args.seed,
-                     "precision": "fp32, channels-first (both)",
+                     "version": args.version, "seed": args.seed, "kernels": args.kernels,
+                     "precision": ("fp32, channels-first (both)" if args.kernels == "exact"
+                                   or device.type != "cuda" else
+                                   "ours: fp32 with TF32 matmuls, channels_last weights, exact "
+                                   "checks; plain: torch defaults"),
                      "data": "uniform random images labelled by the model's clean prediction"},
         "ours": {"seconds": round(ours_s, 3), "seconds_all": [round(t, 3) for t in ours_times],
                  "images_per_s": round(args.n / ours_s, 4), "robust_accuracy": ours_acc,
-                 "broken_by": broken},
+                 "broken_by": broken, "unconfirmed_then_reattacked": unconfirmed},
         "plain": {"seconds": round(plain_s, 3),
                   "seconds_all": [round(t, 3) for t in plain_times],
                   "images_per_s": round(args.n / plain_s, 4), "robust_accuracy": plain_acc},

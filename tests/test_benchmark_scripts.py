@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -77,9 +79,15 @@ def test_bench_train_step_prints_rates_without_deepspeed_or_ray() -> None:
     assert row["ratio_ours_over_reference"] > 0
 
 
-def test_bench_eval_matches_plain_pyautoattack() -> None:
+@pytest.mark.parametrize("kernels", ["exact", "fast"])
+def test_bench_eval_matches_plain_pyautoattack(kernels: str) -> None:
+    """On a CPU both kernel modes run the same arithmetic as the plain call, so the robust
+    points are identical either way (fast adds the exact checks, which confirm every break)."""
     out = _run_without("bench_eval.py", (), "--model", "test_vit", "--resolution", "32",
-                       "--n", "4", "--batch", "4", "--version", "fast", "--device", "cpu")
+                       "--n", "4", "--batch", "4", "--version", "fast", "--device", "cpu",
+                       "--kernels", kernels)
+    assert out["settings"]["kernels"] == kernels
+    assert out["ours"]["unconfirmed_then_reattacked"] == 0
     assert out["ours"]["images_per_s"] > 0 and out["plain"]["images_per_s"] > 0
     assert out["ratio_ours_over_plain"] > 0
     assert out["ours"]["robust_accuracy"] == out["plain"]["robust_accuracy"]
