@@ -142,7 +142,9 @@ def build_ours(name: str, resolution: int, device: torch.device, compile_model: 
     optimizer = torch.optim.AdamW(optimizer_groups(model, WEIGHT_DECAY), lr=1e-4, betas=BETAS,
                                   fused=fused)
     net = torch.compile(model) if compile_model else model
-    attack = APGD.for_training(net, eps=EPS, n_iter=N_ITER, compile_step=compile_model)
+    # As training.loop.build_attack: the loader's images need no [0, 1] read-back.
+    attack = APGD.for_training(net, eps=EPS, n_iter=N_ITER, check_range=False,
+                               compile_step=compile_model)
     objective = ObjectiveConfig(label_smoothing=LABEL_SMOOTHING)
     dtype = torch.bfloat16 if cuda else None
 
