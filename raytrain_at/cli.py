@@ -181,8 +181,8 @@ def evaluate(
              for norm, text in (("linf", eps_linf), ("l2", eps_l2), ("l1", eps_l1)) if text}
     request = EvaluationRequest(
         model_ref=model_ref, data=data, norms=parse_norms(norms), eps=radii, version=version,
-        kernels=kernels, n=n, resolution=resolution, workers=workers, batch_size=batch_size, seed=seed, out=out,
-        state_root=state_dir, address=address, use_gpu=gpu,
+        kernels=kernels, n=n, resolution=resolution, workers=workers, batch_size=batch_size,
+        seed=seed, out=out, state_root=state_dir, address=address, use_gpu=gpu,
         eps_sweep=(list(PAPER_SWEEP_EPS) if eps_sweep == "paper"
                    else parse_eps_list(eps_sweep, "--eps-sweep") if eps_sweep else None),
         sweep_norm=parse_norms(sweep_norm)[0], sweep_version=sweep_version,

@@ -219,8 +219,8 @@ def test_fast_kernels_cannot_lower_robust_accuracy(robust_model_file, eval_home)
     assert 0 < reference.status.count("robust") < reference.status.count("robust") + \
         reference.status.count("apgd-ce")  # the attacks broke some images and not others
     # Every image alive before an attack was 'broken' by the wrong model and re-attacked.
-    alive_before = [16 - reference.status.count("misclassified"),
-                    16 - reference.status.count("misclassified") - reference.status.count("apgd-ce")]
+    wrong, by_ce = reference.status.count("misclassified"), reference.status.count("apgd-ce")
+    alive_before = [16 - wrong, 16 - wrong - by_ce]
     assert checked.unconfirmed == sum(alive_before)
     assert reference.unconfirmed == 0
 

@@ -215,7 +215,8 @@ class APGD:
             fooled = ~predictions_correct(logits, y)
             x_fooled = x_cur.clone()
         best_loss, x_best, grad_best = loss_cur.clone(), x_cur.clone(), grad.clone()
-        eps_t = torch.tensor(eps, dtype=x.dtype, device=x.device)  # a tensor: no recompile per radius
+        # A tensor radius: the compiled step is not recompiled for every radius of a schedule.
+        eps_t = torch.tensor(eps, dtype=x.dtype, device=x.device)
         step_fn = _compiled_momentum_step() if self.compile_step else _momentum_step
 
         alpha = 1.0 if norm == "l1" else 2.0

@@ -11,8 +11,8 @@ pyautoattack reshapes with ``.view``. bf16 and ``torch.compile`` are not used: b
 weaken the attacks, and a compiled model recompiles for every survivor-set size and trips
 AutoAttack's dynamic-defence check.
 
-Verification: TF32 rounds the attack's arithmetic differently, so a point the fast model misclassifies
-could in principle be correct under exact arithmetic. In ``fast`` mode the clean pass and every
+Verification: TF32 rounds the attack's arithmetic differently, so a point the fast model
+misclassifies could in principle be correct under exact arithmetic. In ``fast`` mode the clean pass and every
 reported break are therefore re-run with exact kernels (one forward per image), and a break the
 exact model does not confirm is not counted: the robust accuracy never drops because of the
 faster arithmetic. On a CPU both modes run the same kernels.

@@ -1,9 +1,10 @@
 """DeepSpeed engine construction: config, optimiser groups, LR schedule, EMA.
 
 DeepSpeed owns the optimiser step (ZeRO stage 0/1/2; bf16 on GPU, fp32 on CPU, where it refuses
-fp16). The optimiser is torch's fused AdamW (DeepSpeed's own AdamW compiles a C++ op), with the paper's
-betas (0.9, 0.95) and the usual no-decay rule: biases, norm weights and other 1-D parameters, and
-the backbone's ``no_weight_decay()`` set (positional embedding, class token) are not decayed.
+fp16). The optimiser is torch's fused AdamW (DeepSpeed's own AdamW compiles a C++ op), with the
+paper's betas (0.9, 0.95) and the usual no-decay rule: biases, norm weights and other 1-D
+parameters, and the backbone's ``no_weight_decay()`` set (positional embedding, class token) are
+not decayed.
 Gradient clipping is always written into the DeepSpeed config, because DeepSpeed's default is 1.0.
 The EMA of the weights is timm's ``ModelEmaV3``.
 """

@@ -185,12 +185,20 @@ class WorkerLoop:
         seen = 0  # batch sizes are known on the host: no device tensor per step for the count
         self._write_pid()
         start = time.perf_counter()
-        for images, labels in self.train_data:
-            images, targets = self.augment(images, labels)
+        batches = iter(self.train_data)
+        upcoming = self._next_augmented(batches)
+        while upcoming is not None:
+            images, targets = upcoming
             with self._autocast():
                 out = training_step_loss(self.engine.module, attack, images, targets,
                                          self.objective)
             self.engine.backward(out["loss"])
+            # One batch of lookahead: DeepSpeed's step makes the host wait for the device (its
+            # gradient checks), so the next batch is fetched and its augmentation queued before
+            # that wait, while the GPU still runs this backward. Augmentation draws depend only on
+            # (seed, call index) and leave the global RNGs as they were, so the order changes
+            # nothing (tested: the same weights as fetching after the step).
+            upcoming = self._next_augmented(batches)
             self.engine.step()
             if self.ema is not None:
                 self.ema.update(self.engine.module)
@@ -204,6 +212,11 @@ class WorkerLoop:
                 "train_eps": eps, "lr": float(self.optimizer.param_groups[0]["lr"]),
                 "epoch_seconds": time.perf_counter() - start}
 
+    def _next_augmented(self, batches) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The next batch of ``batches``, augmented (queued on the device), or None at the end."""
+        batch = next(batches, None)
+        return None if batch is None else self.augment(*batch)
+
     def evaluate_heldout(self) -> dict[str, float]:
         """Clean and APGD robust accuracy of the EMA weights on this rank's held-out shard,
         summed over ranks (the paper's checkpoint-selection signal)."""
@@ -212,7 +225,7 @@ class WorkerLoop:
         model = self.eval_model
         attack = APGD(model, norm=self.config.attack.norm, eps=self.config.attack.eps,
                       n_iter=self.config.attack.heldout_steps, loss="ce", seed=self.config.seed,
-                      compile_step=self.config.scaling.compile)
+                      check_range=False, compile_step=self.config.scaling.compile)
         if self._heldout_data is None:  # built once: FFCV compiles a pipeline per loader
             self._heldout_data = eval_loader(
                 self.heldout_path, batch_size=self.config.per_worker_batch_size,
@@ -221,20 +234,22 @@ class WorkerLoop:
                 num_workers=self.config.data.loader_workers,
                 indices=_first(self.config.data.heldout_size, self.heldout_path))
         loader = self._heldout_data
-        clean = robust = count = 0.0
+        # Counts stay on the device until the end: a read per batch would stall the queue.
+        correct = torch.zeros(2, dtype=torch.float64, device=self.place.device)
+        count = 0
         was_training = model.training
         model.eval()
         for images, labels in loader:
             with self._autocast():
                 with torch.no_grad():
-                    clean += (model(images).argmax(1) == labels).sum().item()
+                    correct[0] += (model(images).argmax(1) == labels).sum()
                 # Robust accuracy at the target radius also for clean runs (to compare them).
                 x_adv = attack.perturb(images, labels)
                 with torch.no_grad():
-                    robust += (model(x_adv).argmax(1) == labels).sum().item()
+                    correct[1] += (model(x_adv).argmax(1) == labels).sum()
             count += labels.shape[0]
         model.train(was_training)
-        clean, robust, count = self._all_reduce([clean, robust, count])
+        clean, robust, count = self._all_reduce(correct.tolist() + [float(count)])
         return {"heldout_clean_accuracy": clean / count, "heldout_robust_accuracy": robust / count}
 
     # ------------------------------------------------------------------ checkpoints
