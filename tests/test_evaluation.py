@@ -206,21 +206,22 @@ def test_fast_kernels_cannot_lower_robust_accuracy(robust_model_file, eval_home)
     break does not hold are attacked again with exact kernels: even a fast model that is wrong
     everywhere gives exactly the exact evaluation, and the re-attacks are counted."""
     exact = load_model_file(robust_model_file).module
-    x, y = _digits(eval_home, 16)
+    n = 10
+    x, y = _digits(eval_home, n)
     threat = ThreatModel("linf", LINF)
-    ids = list(range(16))
+    ids = list(range(n))
     exact_aa = build_autoattack(exact, threat, "fast", 0, "cpu", 10)
-    reference = attack_chunk(exact, exact_aa, x, y, ids, "linf", batch_size=16)
+    reference = attack_chunk(exact, exact_aa, x, y, ids, "linf", batch_size=n)
     wrong = _WrongWhenFast(exact).eval()
     fast_aa = build_autoattack(wrong, threat, "fast", 0, "cpu", 10)
-    checked = attack_chunk(wrong, fast_aa, x, y, ids, "linf", batch_size=16, kernels="fast",
+    checked = attack_chunk(wrong, fast_aa, x, y, ids, "linf", batch_size=n, kernels="fast",
                            exact_model=exact, exact_aa=exact_aa)
     assert checked.status == reference.status
     assert 0 < reference.status.count("robust") < reference.status.count("robust") + \
         reference.status.count("apgd-ce")  # the attacks broke some images and not others
     # Every image alive before an attack was 'broken' by the wrong model and re-attacked.
     wrong, by_ce = reference.status.count("misclassified"), reference.status.count("apgd-ce")
-    alive_before = [16 - wrong, 16 - wrong - by_ce]
+    alive_before = [n - wrong, n - wrong - by_ce]
     assert checked.unconfirmed == sum(alive_before)
     assert reference.unconfirmed == 0
 

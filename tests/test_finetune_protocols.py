@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import traceback
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -145,7 +146,8 @@ def _child(storage: str, out: str) -> None:
             head = {n.removeprefix("backbone.") for n in head_parameter_names(loop.engine.module)}
             before = {k: v.clone() for k, v in loop.engine.module.state_dict().items()}
             loop.train_data = _Batches(batches)
-            with HostSyncCounter(record_callers=True) as syncs:
+            # Counted in the full fine-tune only: the dispatch mode slows every operator.
+            with HostSyncCounter(record_callers=True) if not probe else nullcontext() as syncs:
                 metrics = loop.train_epoch()
             after = loop.engine.module.state_dict()
             ema = loop.ema.module.state_dict()
@@ -159,7 +161,7 @@ def _child(storage: str, out: str) -> None:
                 "head_changed": [k for k in before if k.removeprefix("backbone.") in head
                                  and not torch.equal(before[k], after[k])],
                 "optimised": sum(len(g["params"]) for g in loop.optimizer.param_groups),
-                "host_sync_callers": dict(syncs.callers),
+                "host_sync_callers": dict(syncs.callers) if not probe else None,
                 "steps": len(batches),
             }
         result["lookahead"] = _lookahead_against_plain_order(Path(storage), batches)
@@ -260,7 +262,6 @@ def test_training_epoch_never_waits_for_the_device_in_project_code(trained) -> N
     reading results back (the loader's images are in [0, 1] by construction, so neither the
     augmentation nor the attack re-checks them). What remains is DeepSpeed's own step: its
     gradient-norm / overflow checks (a few reads per parameter group and step)."""
-    for run in (trained["True"], trained["False"]):
-        callers = run["host_sync_callers"]
-        assert callers, "DeepSpeed's step reads its gradient checks: the counter saw nothing"
-        assert {where for where in callers if f"{os.sep}deepspeed{os.sep}" not in where} == set()
+    callers = trained["False"]["host_sync_callers"]
+    assert callers, "DeepSpeed's step reads its gradient checks: the counter saw nothing"
+    assert {where for where in callers if f"{os.sep}deepspeed{os.sep}" not in where} == set()
