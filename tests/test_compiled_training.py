@@ -10,14 +10,13 @@ compiled epoch spends ~40 s compiling on 2 cores.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from worker_loop_helpers import (FixedBatches, digit_batches, run_in_spawned_process,
+                                 single_rank_environment)
 
 from raytrain_at.config import load_config
 
@@ -25,41 +24,16 @@ pytestmark = pytest.mark.slow
 BATCH = 16
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class _Batches:
-    def __init__(self, batches) -> None:
-        self.batches = batches
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def set_epoch(self, epoch: int) -> None:
-        pass
-
-    def __iter__(self):
-        for images, labels in self.batches:
-            yield images.clone(), labels.clone()
-
-
 def _child(storage: str, out: str) -> None:
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(_free_port()))
+    single_rank_environment()
     try:
         import deepspeed
 
-        from raytrain_at.data.sources import digits_tensors
         from raytrain_at.training.launch import prepare_data
         from raytrain_at.training.loop import WorkerLoop, WorkerPlace
 
         deepspeed.init_distributed(dist_backend="gloo")
-        x, y = digits_tensors(side=32)
-        batches = [(x[i * BATCH:(i + 1) * BATCH].contiguous(),
-                    y[i * BATCH:(i + 1) * BATCH].contiguous()) for i in range(3)]
+        batches = digit_batches(BATCH, 3)
         result = {}
         for compiled in (False, True):
             config = load_config("quickstart", [
@@ -68,7 +42,7 @@ def _child(storage: str, out: str) -> None:
                 "optim.warmup_epochs=0"])
             train_path, _ = prepare_data(config, Path(storage))
             loop = WorkerLoop(config, WorkerPlace(0, 1, torch.device("cpu")), train_path, None)
-            loop.train_data = _Batches(batches)
+            loop.train_data = FixedBatches(batches)
             losses = [loop.train_epoch()["train_loss"] for _ in range(2)]
             result[str(compiled)] = {
                 "losses": losses,
@@ -84,17 +58,8 @@ def _child(storage: str, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
-    storage = tmp_path_factory.mktemp("storage")
-    out = tmp_path_factory.mktemp("compiled")
-    process = mp.get_context("spawn").Process(target=_child, args=(str(storage), str(out)))
-    process.start()
-    process.join(timeout=600)
-    if process.is_alive():
-        process.kill()
-        pytest.fail("the training process did not finish in 600 s")
-    error = out / "error.txt"
-    assert not error.exists(), error.read_text()
-    return json.loads((out / "result.json").read_text())
+    return run_in_spawned_process(_child, tmp_path_factory.mktemp("storage"),
+                                  tmp_path_factory.mktemp("compiled"), timeout=600)
 
 
 def test_compile_switch_compiles_the_trained_module(runs) -> None:

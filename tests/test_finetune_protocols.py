@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import traceback
 from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from worker_loop_helpers import (FixedBatches, digit_batches, run_in_spawned_process,
+                                 single_rank_environment)
 
 from raytrain_at.config import load_config
 from raytrain_at.models import create_robust_model
@@ -98,42 +98,17 @@ BATCH = 16
 BATCHES = 3
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class _Batches:
-    def __init__(self, batches) -> None:
-        self.batches = batches
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def set_epoch(self, epoch: int) -> None:
-        pass
-
-    def __iter__(self):
-        for images, labels in self.batches:
-            yield images.clone(), labels.clone()
-
-
 def _child(storage: str, out: str) -> None:
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(_free_port()))
+    single_rank_environment()
     try:
         import deepspeed
 
-        from raytrain_at.data.sources import digits_tensors
         from raytrain_at.training.launch import prepare_data
         from raytrain_at.training.host_syncs import HostSyncCounter
         from raytrain_at.training.loop import WorkerLoop, WorkerPlace
 
         deepspeed.init_distributed(dist_backend="gloo")
-        x, y = digits_tensors(side=32)
-        batches = [(x[i * BATCH:(i + 1) * BATCH].contiguous(),
-                    y[i * BATCH:(i + 1) * BATCH].contiguous()) for i in range(BATCHES)]
+        batches = digit_batches(BATCH, BATCHES)
         result = {}
         for probe in (True, False):
             config = load_config("quickstart", [
@@ -145,7 +120,7 @@ def _child(storage: str, out: str) -> None:
             loop = WorkerLoop(config, WorkerPlace(0, 1, torch.device("cpu")), train_path, None)
             head = {n.removeprefix("backbone.") for n in head_parameter_names(loop.engine.module)}
             before = {k: v.clone() for k, v in loop.engine.module.state_dict().items()}
-            loop.train_data = _Batches(batches)
+            loop.train_data = FixedBatches(batches)
             # Counted in the full fine-tune only: the dispatch mode slows every operator.
             with HostSyncCounter(record_callers=True) if not probe else nullcontext() as syncs:
                 metrics = loop.train_epoch()
@@ -202,7 +177,7 @@ def _lookahead_against_plain_order(storage: Path, batches) -> dict:
     states = []
     for lookahead in (True, False):
         loop = WorkerLoop(config, WorkerPlace(0, 1, torch.device("cpu")), train_path, None)
-        loop.train_data = _Batches(batches)
+        loop.train_data = FixedBatches(batches)
         if lookahead:
             initial = {k: v.clone() for k, v in loop.engine.module.state_dict().items()}
             loop.train_epoch()
@@ -220,17 +195,8 @@ def _lookahead_against_plain_order(storage: Path, batches) -> dict:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict:
-    storage = tmp_path_factory.mktemp("storage")
-    out = tmp_path_factory.mktemp("probe")
-    process = mp.get_context("spawn").Process(target=_child, args=(str(storage), str(out)))
-    process.start()
-    process.join(timeout=300)
-    if process.is_alive():
-        process.kill()
-        pytest.fail("the training process did not finish in 300 s")
-    error = out / "error.txt"
-    assert not error.exists(), error.read_text()
-    return json.loads((out / "result.json").read_text())
+    return run_in_spawned_process(_child, tmp_path_factory.mktemp("storage"),
+                                  tmp_path_factory.mktemp("probe"), timeout=300)
 
 
 def test_linear_probing_leaves_the_backbone_bit_identical(trained) -> None:
