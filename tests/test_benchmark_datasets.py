@@ -34,13 +34,15 @@ def _caltech(root: Path, per_class: int = 32) -> Path:
 def test_caltech101_classes_and_split(tmp_path) -> None:
     root = _caltech(tmp_path / "caltech")
     assert detect_format(str(root)) == "caltech101"
-    train, test = caltech101_samples(root, "train"), caltech101_samples(root, "test")
+    train, test = caltech101_samples(root, "trainval"), caltech101_samples(root, "test")
     # BACKGROUND_Google is not a class; the rest in sorted order: Faces, accordion, airplanes.
     assert sorted({s.label for s in train}) == [0, 1, 2]
     assert all(("BACKGROUND" not in str(s.path)) for s in train + test)
     assert [sum(s.label == c for s in train) for c in range(3)] == [30, 30, 30]
     assert len(test) == 3 * 2 and not {s.path for s in train} & {s.path for s in test}
-    assert [s.path for s in caltech101_samples(root, "train")] == [s.path for s in train]
+    assert [s.path for s in caltech101_samples(root, "trainval")] == [s.path for s in train]
+    val = caltech101_samples(root, "val")
+    assert [sum(s.label == c for s in val) for c in range(3)] == [3, 3, 3]
     assert {s.path.parent.name for s in train if s.label == 0} == {"Faces"}
 
 
@@ -50,8 +52,9 @@ def test_uc_merced_split_and_tif_round_trip(tmp_path) -> None:
         for i in range(82):
             _image(root / "UCMerced_LandUse" / "Images" / name / f"{name}{i:02d}.tif", i, "TIFF")
     assert detect_format(str(root)) == "uc_merced"
-    train, test = uc_merced_samples(root, "train"), uc_merced_samples(root, "test")
+    train, test = uc_merced_samples(root, "trainval"), uc_merced_samples(root, "test")
     assert (len(train), len(test)) == (160, 4)
+    assert (len(uc_merced_samples(root, "train")), len(uc_merced_samples(root, "val"))) == (144, 16)
     out = write_dataset(str(root), tmp_path / "ucm_test.beton", split="test")
     assert beton_labels(out).tolist() == [s.label for s in test]
 
@@ -87,8 +90,8 @@ def test_oxford_pet(tmp_path) -> None:
         _image(root / "images" / f"{name}.jpg", 80)
     assert detect_format(str(root)) == "oxford_pet"
     assert [s.label for s in oxford_pet_samples(root, "trainval")] == [0, 36]
-    with pytest.raises(UserError, match="split 'train' is not one of trainval, test"):
-        oxford_pet_samples(root, "train")
+    with pytest.raises(UserError, match="split 'dev' is not one of train, val, trainval, test"):
+        oxford_pet_samples(root, "dev")
     (root / "images" / "Abyssinian_2.jpg").unlink()
     with pytest.raises(UserError, match="Abyssinian_2.jpg"):
         oxford_pet_samples(root, "test")
@@ -106,7 +109,7 @@ def test_stanford_cars_from_devkit_mat(tmp_path) -> None:
     (root / "devkit").mkdir(parents=True)
     savemat(root / "devkit" / "cars_train_annos.mat", {"annotations": table})
     assert detect_format(str(root)) == "stanford_cars"
-    assert [(s.path.name, s.label) for s in stanford_cars_samples(root, "train")] == [
+    assert [(s.path.name, s.label) for s in stanford_cars_samples(root, "trainval")] == [
         ("00001.jpg", 2), ("00002.jpg", 195)]
     with pytest.raises(UserError, match="cars_test_annos_withlabels.mat is missing"):
         stanford_cars_samples(root, "test")

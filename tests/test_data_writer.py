@@ -68,8 +68,9 @@ def test_image_folder_round_trip_preserves_labels_and_pixels(tmp_path) -> None:
 
 def test_cifar_python_batches_round_trip(tmp_path) -> None:
     root = make_cifar10(tmp_path / "cifar-10-batches-py")
-    samples = cifar_samples(root, "train")
+    samples = cifar_samples(root, "trainval")
     assert len(samples) == 30 and samples[0].pixels.shape == (32, 32, 3)
+    assert len(cifar_samples(root, "train")) + len(cifar_samples(root, "val")) == 30
     out = write_dataset(str(root), tmp_path / "c.beton", split="test",
                         options=WriteOptions(write_mode="raw"))
     assert beton_labels(out).tolist() == [s.label for s in cifar_samples(root, "test")]

@@ -9,18 +9,22 @@ writes the same files.
 =============  ================================================================  ===============
 dataset        layout (SRC is the folder holding it)                              splits
 =============  ================================================================  ===============
-Caltech-101    ``101_ObjectCategories/<class>/*.jpg`` (BACKGROUND_Google left      train (30 per
+Caltech-101    ``101_ObjectCategories/<class>/*.jpg`` (BACKGROUND_Google left      trainval (30 per
                out: 101 classes, sorted names)                                    class) / test
 FGVC-Aircraft  ``data/images/<id>.jpg``, ``data/variants.txt`` (100 variants),      train / val /
                ``data/images_variant_<split>.txt`` ("<id> <variant>" lines)       trainval / test
 Oxford-IIIT    ``images/<name>.jpg``, ``annotations/{trainval,test}.txt``          trainval / test
 Pet            ("<name> <class 1..37> <species> <breed>" lines)
-Stanford Cars  ``cars_train/``, ``cars_test/``, ``devkit/cars_train_annos.mat`` and   train / test
+Stanford Cars  ``cars_train/``, ``cars_test/``, ``devkit/cars_train_annos.mat`` and   trainval / test
                ``cars_test_annos_withlabels.mat`` (in SRC or ``devkit/``): the
                ``annotations`` struct with ``fname`` and ``class`` (1..196)
-UC Merced      ``UCMerced_LandUse/Images/<class>/*.tif`` (21 classes x 100,         train (80 per
+UC Merced      ``UCMerced_LandUse/Images/<class>/*.tif`` (21 classes x 100,         trainval (80 per
                sorted names)                                                      class) / test
 =============  ================================================================  ===============
+
+Where the table names ``trainval`` (no official validation split), ``val`` is a seeded,
+class-balanced 10% of it and ``train`` the rest (:mod:`raytrain_at.data.validation_split`):
+checkpoints and hyperparameters are selected on ``val``, results reported on ``test``.
 
 The .mat files are read with ``scipy.io.loadmat`` (plain arrays, no code execution).
 """
@@ -32,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from raytrain_at.data.sources import Sample, images_in, list_class_folders
+from raytrain_at.data.validation_split import CARVED_SPLITS, carve
 from raytrain_at.errors import UserError
 
 SPLIT_SEED = 0
@@ -44,10 +49,17 @@ def _check_split(name: str, split: str, allowed: tuple[str, ...]) -> None:
         raise UserError(f"{name} split {split!r} is not one of {', '.join(allowed)}")
 
 
+def _carved(samples: list[Sample], split: str, name: str) -> list[Sample]:
+    """``train`` / ``val`` / ``trainval`` of an official training split (see
+    :mod:`raytrain_at.data.validation_split`)."""
+    return carve(samples, [s.label for s in samples], split, name)
+
+
 def _per_class_split(folders: list[Path], split: str, train_per_class: int,
                      name: str) -> list[Sample]:
-    """The first ``train_per_class`` images of a seeded shuffle of each class train, the rest
-    test (the shuffle depends only on the sorted file names and :data:`SPLIT_SEED`)."""
+    """The first ``train_per_class`` images of a seeded shuffle of each class are the training
+    split (``train`` / ``val`` / ``trainval`` carved from it), the rest test (the shuffle depends
+    only on the sorted file names and :data:`SPLIT_SEED`)."""
     samples = []
     for label, folder in enumerate(folders):
         files = sorted(images_in(folder))
@@ -55,14 +67,14 @@ def _per_class_split(folders: list[Path], split: str, train_per_class: int,
             raise UserError(f"{name} class folder {str(folder)!r} has {len(files)} images: "
                             f"needs more than {train_per_class} for its train / test split")
         order = np.random.default_rng([SPLIT_SEED, label]).permutation(len(files))
-        chosen = order[:train_per_class] if split == "train" else order[train_per_class:]
+        chosen = order[train_per_class:] if split == "test" else order[:train_per_class]
         samples.extend(Sample(label=label, path=files[i]) for i in sorted(chosen))
-    return samples
+    return samples if split == "test" else _carved(samples, split, name)
 
 
 def caltech101_samples(root: str | Path, split: str = "train") -> list[Sample]:
     """Caltech-101 (see the module table)."""
-    _check_split("Caltech-101", split, ("train", "test"))
+    _check_split("Caltech-101", split, CARVED_SPLITS)
     root = Path(root)
     folder = root if root.name == "101_ObjectCategories" else root / "101_ObjectCategories"
     classes = [f for f in list_class_folders(folder) if f.name != "BACKGROUND_Google"]
@@ -71,7 +83,7 @@ def caltech101_samples(root: str | Path, split: str = "train") -> list[Sample]:
 
 def uc_merced_samples(root: str | Path, split: str = "train") -> list[Sample]:
     """UC Merced Land Use (see the module table)."""
-    _check_split("UC Merced", split, ("train", "test"))
+    _check_split("UC Merced", split, CARVED_SPLITS)
     root = Path(root)
     for candidate in (root / "UCMerced_LandUse" / "Images", root / "Images", root):
         if candidate.name == "Images" and candidate.is_dir():
@@ -114,9 +126,9 @@ def fgvc_aircraft_samples(root: str | Path, split: str = "trainval") -> list[Sam
 
 def oxford_pet_samples(root: str | Path, split: str = "trainval") -> list[Sample]:
     """Oxford-IIIT Pet, 37 breeds (see the module table)."""
-    _check_split("Oxford-IIIT Pet", split, ("trainval", "test"))
+    _check_split("Oxford-IIIT Pet", split, CARVED_SPLITS)
     root = Path(root)
-    listing = root / "annotations" / f"{split}.txt"
+    listing = root / "annotations" / ("test.txt" if split == "test" else "trainval.txt")
     samples = []
     for line in _lines(listing):
         fields = line.split()
@@ -128,7 +140,7 @@ def oxford_pet_samples(root: str | Path, split: str = "trainval") -> list[Sample
             raise UserError(f"{str(listing)!r}: class {class_id} of {name} is not in 1..37")
         samples.append(Sample(label=class_id - 1,
                               path=_existing(root / "images" / f"{name}.jpg", listing)))
-    return samples
+    return samples if split == "test" else _carved(samples, split, "Oxford-IIIT Pet")
 
 
 def _mat_annotations(path: Path) -> list[tuple[str, int]]:
@@ -146,16 +158,18 @@ def _mat_annotations(path: Path) -> list[tuple[str, int]]:
 
 def stanford_cars_samples(root: str | Path, split: str = "train") -> list[Sample]:
     """Stanford Cars, 196 classes (see the module table)."""
-    _check_split("Stanford Cars", split, ("train", "test"))
+    _check_split("Stanford Cars", split, CARVED_SPLITS)
     root = Path(root)
-    name = "cars_train_annos.mat" if split == "train" else "cars_test_annos_withlabels.mat"
+    official = "test" if split == "test" else "train"
+    name = "cars_train_annos.mat" if official == "train" else "cars_test_annos_withlabels.mat"
     found = [p for p in (root / name, root / "devkit" / name) if p.is_file()]
     if not found:
         raise UserError(f"{str(root)!r} is not a Stanford Cars folder: {name} is missing "
                         "(in it or in devkit/)")
-    images = root / f"cars_{split}"
-    return [Sample(label=label - 1, path=_existing(images / fname, found[0]))
-            for fname, label in _mat_annotations(found[0])]
+    images = root / f"cars_{official}"
+    samples = [Sample(label=label - 1, path=_existing(images / fname, found[0]))
+               for fname, label in _mat_annotations(found[0])]
+    return samples if split == "test" else _carved(samples, split, "Stanford Cars")
 
 
 READERS = {

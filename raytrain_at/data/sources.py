@@ -8,8 +8,9 @@ file or folder, before any writing starts.
 Bundled data: scikit-learn's handwritten digits, 1,797 grey 8x8 images of 10 classes (0-16
 intensities), shipped inside scikit-learn, so nothing is downloaded. They are upscaled (bilinear)
 to ``side`` x ``side`` (32 by default: the smallest side every backbone here accepts) and repeated
-to 3 channels. The split is fixed: a seeded permutation puts 1,500 images in ``train`` and 297 in
-``test``.
+to 3 channels. The split is fixed: a seeded permutation puts 1,500 images in ``trainval`` and 297
+in ``test``; ``val`` is a seeded, class-balanced 10% of ``trainval`` (150 images) and ``train`` the
+other 1,350.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from raytrain_at.data.validation_split import CARVED_SPLITS, carve
 from raytrain_at.errors import UserError
 
 DIGITS_CLASSES = 10
@@ -55,13 +57,16 @@ def digits_tensors(side: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def digits_split_indices(split: str) -> np.ndarray:
-    """The fixed train (1,500) / test (297) split of the digits, by a seeded permutation."""
+    """The fixed trainval (1,500: train 1,350 + val 150) / test (297) split of the digits."""
+    from sklearn.datasets import load_digits
+
     order = np.random.default_rng(0).permutation(1797)
-    if split == "train":
-        return np.sort(order[:DIGITS_TRAIN])
     if split == "test":
         return np.sort(order[DIGITS_TRAIN:])
-    raise UserError(f"digits split {split!r} is not 'train' or 'test'")
+    if split not in CARVED_SPLITS:
+        raise UserError(f"digits split {split!r} is not one of {', '.join(CARVED_SPLITS)}")
+    trainval = np.sort(order[:DIGITS_TRAIN])
+    return np.asarray(carve(list(trainval), load_digits().target[trainval], split, "digits"))
 
 
 def digits_samples(split: str = "train", side: int = 32) -> list[Sample]:
@@ -154,19 +159,22 @@ def _load_cifar_batch(path: Path) -> dict:
 def cifar_samples(root: str | Path, split: str = "train") -> list[Sample]:
     """CIFAR-10 (``cifar-10-batches-py``: data_batch_1..5, test_batch) or CIFAR-100
     (``cifar-100-python``: train, test) in the standard python batches layout, as 32x32 samples.
+    ``trainval`` is the official training set, ``val`` a class-balanced 10% of it, ``train`` the
+    rest.
 
     Raises:
         UserError: when the folder is not one of the two layouts or a batch is unreadable.
     """
     root = Path(root)
-    if split not in ("train", "test"):
-        raise UserError(f"CIFAR split {split!r} is not 'train' or 'test'")
+    if split not in CARVED_SPLITS:
+        raise UserError(f"CIFAR split {split!r} is not one of {', '.join(CARVED_SPLITS)}")
+    official = "test" if split == "test" else "train"
     if (root / "data_batch_1").exists():
-        files = [root / f"data_batch_{i}" for i in range(1, 6)] if split == "train" else [
+        files = [root / f"data_batch_{i}" for i in range(1, 6)] if official == "train" else [
             root / "test_batch"]
         label_key = "labels"
     elif (root / "train").exists() and (root / "meta").exists():
-        files, label_key = [root / split], "fine_labels"
+        files, label_key = [root / official], "fine_labels"
     else:
         raise UserError(f"{str(root)!r} is not a CIFAR python-batches folder (expected "
                         "data_batch_1..5/test_batch or train/test/meta)")
@@ -181,7 +189,8 @@ def cifar_samples(root: str | Path, split: str = "train") -> list[Sample]:
             raise UserError(f"CIFAR batch {str(path)!r} has no matching {label_key!r}")
         samples.extend(Sample(label=int(l), pixels=np.ascontiguousarray(img))
                        for img, l in zip(data, labels))
-    return samples
+    return samples if split == "test" else carve(samples, [s.label for s in samples], split,
+                                                 "CIFAR")
 
 
 # --------------------------------------------------------------------------- Flowers-102

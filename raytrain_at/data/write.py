@@ -10,6 +10,7 @@ index; other trees are labelled in sorted folder order.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Literal
@@ -82,14 +83,47 @@ def write_dataset(source: str, out: str | Path, *, split: str = "train",
         raise UserError(f"output folder {str(out.parent)!r} does not exist")
     samples = collect_samples(source, split=split, subset=subset,
                               exclude_heldout=exclude_heldout, digits_side=digits_side)
-    return write_beton(samples, out, options or default_options(subset))
+    written = write_beton(samples, out, options or default_options(subset))
+    write_provenance(written, {"source": str(source), "split": None if subset else split,
+                               "subset": subset, "exclude_heldout": exclude_heldout,
+                               "samples": len(samples)})
+    return written
+
+
+def provenance_path(beton: str | Path) -> Path:
+    """``NAME.beton.json`` beside a written file: where it came from (source, split, subset)."""
+    beton = Path(beton)
+    return beton.with_name(beton.name + ".json")
+
+
+def write_provenance(beton: Path, record: dict) -> None:
+    target = provenance_path(beton)
+    partial = target.with_name(target.name + ".partial")
+    partial.write_text(json.dumps(record, indent=1))
+    partial.replace(target)
+
+
+def read_provenance(beton: str | Path) -> dict | None:
+    """The provenance record of a .beton file, or None (written elsewhere or before it existed)."""
+    path = provenance_path(beton)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_test_data(beton: str | Path) -> bool:
+    """Whether a .beton was written from a test split (or ImageNet's RobustBench 5k subset)."""
+    record = read_provenance(beton) or {}
+    return record.get("split") == "test" or record.get("subset") == "robustbench5k"
 
 
 BUNDLED: tuple[str, ...] = ("digits",)
 
 
 def bundled_beton(name: str, split: str, storage: Path) -> str:
-    """The bundled dataset ``name`` (split ``train`` or ``test``) as a .beton under ``storage``,
+    """The bundled dataset ``name`` (split ``train``, ``val`` or ``test``) as a .beton under
+    ``storage``,
     written once and then reused; quietly, as it takes a second and a progress bar would only
     clutter the output of the command that needs it.
 
@@ -102,7 +136,7 @@ def bundled_beton(name: str, split: str, storage: Path) -> str:
     if name not in BUNDLED:
         raise UserError(f"unknown bundled dataset {name!r} (bundled: {', '.join(BUNDLED)})")
     target = Path(storage) / "datasets" / f"{name}_{split}.beton"
-    if not target.exists():
+    if not target.exists() or read_provenance(target) is None:
         target.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.redirect_stderr(io.StringIO()):
             write_dataset(name, target, split=split, options=FULL_QUALITY)
