@@ -86,6 +86,9 @@ class AttackSection(_Section):
     eps: float = Field(4 / 255, gt=0.0)
     steps: int = Field(2, ge=1, le=100)
     heldout_steps: int = Field(1, ge=1, le=100)
+    # Training attack start: the clean input (the paper's code, False) or a uniform random point
+    # of the ball (True; one more forward-backward per step).
+    random_start: bool = False
     eps_schedule: Literal["fixed", "linear", "epsilon_scheduling"] = "fixed"
     eps_t1: float = Field(0.0, ge=0.0)
     eps_t2: float = Field(0.0, ge=0.0)
@@ -132,10 +135,14 @@ class OptimSection(_Section):
 
 
 class ScheduleSection(_Section):
+    """Epochs, batch, checkpoints. ``select_by``: the held-out metric that selects the run's
+    model (``auto``: clean accuracy for clean training, APGD robust accuracy otherwise)."""
+
     epochs: int = Field(50, ge=1)
     global_batch_size: int = Field(1024, ge=1)
     checkpoint_every: int = Field(1, ge=1)
     log_every_steps: int = Field(50, ge=1)
+    select_by: Literal["auto", "robust", "clean"] = "auto"
 
 
 class ScalingSection(_Section):

@@ -57,6 +57,9 @@ def registration_payload(model_file: Path, result: EvaluationResult | None,
         "flops_g": f"{flops_g:.3f}", "num_classes": spec.num_classes,
         "trained_resolution": spec.resolution, "crop_pct": spec.crop_pct,
         "source_run": metadata.get("raytrain_at.source_run"), "source": reference,
+        # The epoch whose weights these are: a training run's model is its selected epoch.
+        "selected_epoch": metadata.get("raytrain_at.epoch"),
+        "selected_by": metadata.get("raytrain_at.selected_by"),
         **_training_facts(metadata)}
     tags = {"weights_sha256": file_sha256(model_file), "code_version": code_version(),
             "model_spec": spec.to_json()}

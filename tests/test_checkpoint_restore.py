@@ -108,7 +108,8 @@ def _snapshot(loop) -> dict[str, object]:
         "scheduler": loop.engine.lr_scheduler.state_dict(),
         "ema": loop.ema.module.state_dict(),
         "epoch": loop.epoch,
-        "best_heldout": loop.best_heldout,
+        "selection": loop.selection.state(),
+        "selected_weights": loop.selection.weights or {},
         "augment_calls": loop.augment.calls,
         "global_steps": loop.engine.global_steps,
         "lr": [group["lr"] for group in loop.engine.optimizer.param_groups],
@@ -149,7 +150,8 @@ def _child(storage: str, out: str) -> None:
             num_workers=config.data.loader_workers, flip=config.aug.preset != "basic",
             indices=np.arange(FIRST_EPOCH_BATCHES * BATCH))
         metrics = loop.train_epoch()
-        loop.best_heldout = 0.25  # as run() would set it from evaluate_heldout()
+        # As run() would after evaluate_heldout(): epoch 1 selected with its weights.
+        loop.selection.consider(1, {"heldout_robust_accuracy": 0.25}, loop.eval_model)
         checkpoint = Path(out) / "checkpoint"
         loop.save(checkpoint)
         saved = _snapshot(loop)

@@ -61,12 +61,13 @@ class PGD:
 
 
 class FGSM(PGD):
-    """FGSM with random start ("fast is better than free"): one step of ``1.25 * eps``."""
+    """FGSM, by default with random start ("fast is better than free"): one step of
+    ``1.25 * eps``."""
 
     def __init__(self, model: nn.Module, *, norm: Norm = "linf", eps: float = 4 / 255,
-                 step_size: float | None = None, seed: int = 0, eval_mode: bool = True,
-                 check_range: bool = True) -> None:
+                 step_size: float | None = None, seed: int = 0, random_start: bool = True,
+                 eval_mode: bool = True, check_range: bool = True) -> None:
         super().__init__(model, norm=norm, eps=eps, n_iter=1,
                          step_size=1.25 * eps if step_size is None else step_size,
-                         random_start=True, seed=seed, eval_mode=eval_mode,
+                         random_start=random_start, seed=seed, eval_mode=eval_mode,
                          check_range=check_range)

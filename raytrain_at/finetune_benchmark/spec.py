@@ -12,7 +12,8 @@ its best trial is measured five ways (clean, AutoAttack l_inf / l_2 / l_1, commo
       convnext_t_cvst: {model: convnext_tiny_cvst, weights: $RAYTRAIN_AT_CKPT/cn_t_cvst.safetensors,
                         family: convnext, pretraining: robust-in1k-linf4}
     datasets:                             # name -> .beton files (or a bundled name) and classes
-      flowers102: {train: $RAYTRAIN_AT_DATA/flowers102_train.beton,
+      flowers102: {train: $RAYTRAIN_AT_DATA/flowers102_train.beton,   # val selects, test reports
+                   val: $RAYTRAIN_AT_DATA/flowers102_val.beton,
                    test: $RAYTRAIN_AT_DATA/flowers102_test.beton, num_classes: 102}
     losses: [classic, trades]             # classic AT; TRADES with beta = 1
     protocols:                            # name -> epochs and whether only the head trains
@@ -93,13 +94,16 @@ class Dataset(StrictSection):
 
     Attributes:
         train: training .beton (or ``digits``).
-        test: the file that ranks trials each epoch and that the best trial is measured on.
+        val: validation .beton carved from the training data (``write-ffcv --split val``; or
+            ``digits``): it selects each trial's checkpoint and ranks the trials.
+        test: the test .beton (or ``digits``: its test split) the best trial is measured on.
         num_classes: classes of the new head.
         resolution: training and evaluation side in pixels (None: the recipe's).
         overrides: dotted overrides of this dataset's runs (e.g. ``model.small_input``).
     """
 
     train: str = Field(min_length=1)
+    val: str = Field(min_length=1)
     test: str = Field(min_length=1)
     num_classes: int = Field(ge=2)
     resolution: int | None = Field(None, ge=16)
@@ -167,7 +171,7 @@ def configuration_space(spec: BenchmarkSpec, backbone: str, dataset: str, loss: 
     fixed: dict[str, Any] = dict(spec.fixed)
     fixed.update({"model.name": b.model, "model.init": b.weights, "model.new_head": True,
                   "model.pretrained": None, "model.num_classes": d.num_classes,
-                  "data.train": d.train, "data.heldout": d.test,
+                  "data.train": d.train, "data.heldout": d.val,
                   "schedule.epochs": p.epochs, LINEAR_PROBE_KEY: p.linear_probe,
                   "tracking.experiment": experiment})
     if d.resolution is not None:
@@ -178,7 +182,8 @@ def configuration_space(spec: BenchmarkSpec, backbone: str, dataset: str, loss: 
     if scheduler.kind == "asha" and scheduler.grace_period >= p.epochs:
         # Too short for ASHA to compare trials at a rung: every trial runs to the end.
         scheduler = SchedulerSpec(kind="fifo")
-    evaluation = spec.evaluation.model_copy(update={"register_best": False, "top": 1})
+    evaluation = spec.evaluation.model_copy(update={"register_best": False, "top": 1,
+                                                    "data": d.test})
     return SearchSpace(description=f"{spec.description}: {backbone} on {dataset}, {loss}, "
                                    f"{protocol}", recipe=spec.recipe, fixed=fixed,
                        search=spec.search, metric=spec.metric, mode=spec.mode,

@@ -81,3 +81,28 @@ class TrainingRun:
 def _param_text(value: Any) -> str:
     text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
     return text[:6000]
+
+
+def find_run_id(tracking_uri: str, experiment: str, run_name: str) -> str:
+    """The MLflow run id of the training run named ``run_name`` (its ``raytrain_at.run_name``
+    tag) in ``experiment``."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    runs = [] if found is None else client.search_runs(
+        [found.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+        max_results=1)
+    if not runs:
+        raise LookupError(f"no MLflow run named {run_name!r} in experiment {experiment!r}")
+    return runs[0].info.run_id
+
+
+def metrics_at_step(tracking_uri: str, run_id: str, keys: list[str], step: int
+                    ) -> dict[str, float]:
+    """The values of ``keys`` that a run logged at ``step`` (an epoch), where it logged them."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    out = {}
+    for key in keys:
+        at_step = [m.value for m in client.get_metric_history(run_id, key) if m.step == step]
+        if at_step:
+            out[key] = at_step[-1]
+    return out

@@ -155,7 +155,9 @@ def build_engine(model: nn.Module, config: RunConfig, steps_per_epoch: int, devi
 
 
 def build_ema(model: nn.Module, decay: float | None) -> ModelEmaV3 | None:
-    """timm's EMA of the weights (fp32 copy), or None when disabled."""
+    """timm's EMA of the weights, kept in fp32 whatever the live model's dtype, or None when
+    disabled. Build it from the fp32 weights, before DeepSpeed casts the module to bf16: a copy
+    of bf16 weights would start the average from rounded values."""
     if decay is None:
         return None
-    return ModelEmaV3(model, decay=decay)
+    return ModelEmaV3(model, decay=decay, dtype=torch.float32)

@@ -66,7 +66,12 @@ def _validate_dataset(path: str, key: str, config: RunConfig) -> None:
     """The file is FFCV, its labels fit the model, and (train) it fills a global batch."""
     from raytrain_at.data.ffcv_loaders import inspect_beton
     from raytrain_at.data.inspection import beton_labels
+    from raytrain_at.data.write import is_test_data
 
+    if key == "data.heldout" and is_test_data(path):
+        raise UserError(f"data.heldout {path!r} was written from a test split: checkpoints are "
+                        "selected on held-out training data (write one with --split val, or "
+                        "--subset heldout4k for ImageNet)")
     info = inspect_beton(path)
     top = int(beton_labels(path).max())
     if top >= config.model.num_classes:
@@ -86,7 +91,9 @@ def prepare_data(config: RunConfig, storage: Path) -> tuple[str, str | None]:
     heldout = config.data.heldout
     if config.data.train == "digits" and heldout is None:
         heldout = "digits"
-    splits = {"data.train": (config.data.train, "train"), "data.heldout": (heldout, "test")}
+    # The bundled digits: train on 1,350, select on the 150 validation digits carved from the
+    # training split; the 297 test digits are for evaluation only.
+    splits = {"data.train": (config.data.train, "train"), "data.heldout": (heldout, "val")}
     paths: dict[str, str | None] = {}
     for key, (value, _) in splits.items():
         if value not in (None, "digits"):
@@ -199,18 +206,23 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
 
 
 def _log_final_artifacts(tracker, loop, config: RunConfig) -> None:
-    """The final evaluated weights with their model spec, and the resolved config (YAML)."""
+    """The run's model (the selected epoch's weights) as ``model``, the last epoch's as
+    ``final_model``, what selected it, and the resolved config (YAML)."""
     import yaml
 
     from raytrain_at.models.model_files import MODEL_FILE, ModelSpec, save_model_file
     from raytrain_at.training.loop import training_metadata
 
+    source = {"raytrain_at.source_run": tracker.run_id}
     with tempfile.TemporaryDirectory() as tmp:
-        weights = save_model_file(Path(tmp) / MODEL_FILE, loop.eval_model,
-                                  ModelSpec.from_run_config(config),
-                                  dict(training_metadata(config, loop.epoch),
-                                       **{"raytrain_at.source_run": tracker.run_id}))
-        tracker.log_file(weights, "model")
+        tracker.log_file(loop.save_selected(Path(tmp) / "selected" / MODEL_FILE, source), "model")
+        final = save_model_file(Path(tmp) / "final" / MODEL_FILE, loop.eval_model,
+                                ModelSpec.from_run_config(config),
+                                dict(training_metadata(config, loop.epoch), **source))
+        tracker.log_file(final, "final_model")
+    selection = loop.selection
+    tracker.set_tags({"raytrain_at.selected_by": loop.selected_by,
+                      "raytrain_at.selected_epoch": selection.epoch})
     tracker.log_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False),
                      "config.yaml")
 
@@ -285,7 +297,9 @@ def build_trainer(prepared: PreparedRun, callbacks: list | None = None):
             name=prepared.run_name, storage_path=prepared.storage_path,
             callbacks=list(callbacks or []),
             failure_config=FailureConfig(max_failures=config.scaling.max_failures),
+            # Every checkpoint carries the selected weights so far (selected.safetensors), so
+            # keeping the latest ones loses no selection.
             checkpoint_config=CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute="heldout_robust_accuracy"
-                if prepared.heldout_path else "epoch", checkpoint_score_order="max")),
+                num_to_keep=2, checkpoint_score_attribute="epoch",
+                checkpoint_score_order="max")),
     )

@@ -10,6 +10,7 @@ one in single-process runs and benchmarks).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -35,11 +36,14 @@ from raytrain_at.training.engine import (build_ema, build_engine, freeze_all_but
                                          resolve_precision)
 from raytrain_at.training.objectives import ObjectiveConfig, training_step_loss
 from raytrain_at.training.schedules import radius_factor
+from raytrain_at.training.selection import Selection, selection_description, selection_metric
 
 log = logging.getLogger(__name__)
 
 DS_TAG = "state"
 STATE_FILE = "loop_state.json"
+# The selected (best held-out) epoch's evaluated weights, in every checkpoint (rank 0).
+SELECTED_FILE = "selected.safetensors"
 # Test hook: a worker writes its PID here so a test can kill it mid-epoch.
 PID_DIR_ENV = "RAYTRAIN_AT_PID_DIR"
 
@@ -82,11 +86,13 @@ def build_attack(model: nn.Module, config: RunConfig, eps: float, seed: int):
         return _Unperturbed()
     if attack.kind == "apgd":
         return APGD.for_training(model, norm=attack.norm, eps=eps, n_iter=attack.steps, seed=seed,
-                                 check_range=False, compile_step=config.scaling.compile)
+                                 random_start=attack.random_start, check_range=False,
+                                 compile_step=config.scaling.compile)
     if attack.kind == "pgd":
         return PGD(model, norm=attack.norm, eps=eps, n_iter=attack.steps, seed=seed,
-                   check_range=False)
-    return FGSM(model, norm=attack.norm, eps=eps, seed=seed, check_range=False)
+                   random_start=attack.random_start, check_range=False)
+    return FGSM(model, norm=attack.norm, eps=eps, seed=seed, random_start=attack.random_start,
+                check_range=False)
 
 
 def build_model(config: RunConfig) -> nn.Module:
@@ -104,10 +110,15 @@ def build_model(config: RunConfig) -> nn.Module:
     return model
 
 
-def training_metadata(config: RunConfig, epoch: int) -> dict[str, str]:
-    """What a model file records about its training (read back by ``register``)."""
-    return {"raytrain_at.epoch": str(epoch),
+def training_metadata(config: RunConfig, epoch: int,
+                      selected_by: str | None = None) -> dict[str, str]:
+    """What a model file records about its training (read back by ``register``): the epoch
+    whose weights it holds and, for a selected model, what selected it."""
+    meta = {"raytrain_at.epoch": str(epoch),
             "raytrain_at.run_config": json.dumps(config.model_dump(mode="json"))}
+    if selected_by is not None:
+        meta["raytrain_at.selected_by"] = selected_by
+    return meta
 
 
 class WorkerLoop:
@@ -130,13 +141,15 @@ class WorkerLoop:
         model = build_model(config).to(place.device)
         if config.scaling.channels_last and place.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
+        # Before DeepSpeed casts the module to bf16: the EMA starts from the fp32 weights and
+        # stays fp32 (each update lerps the bf16 live weights into it in fp32).
+        self.ema = build_ema(model, config.optim.ema_decay)
         self.engine, self.optimizer, self.scheduler = build_engine(
             model, config, len(self.train_data), place.device)
         if config.scaling.compile:
             # DeepSpeed compiles the wrapped module in place (torch.compile); attacks and the
             # training step then run the compiled graph, and the APGD step is compiled too.
             self.engine.compile()
-        self.ema = build_ema(self.engine.module, config.optim.ema_decay)
         self.augment = DeviceAugment(
             config.aug.preset, config.model.num_classes, seed=config.seed + 1000 * place.rank,
             label_smoothing=config.objective.label_smoothing,
@@ -147,7 +160,8 @@ class WorkerLoop:
             check_range=False)
         self.objective = ObjectiveConfig(**config.objective.model_dump())
         self.epoch = 0  # epochs completed
-        self.best_heldout: float | None = None
+        self.selection = Selection(selection_metric(config))
+        self.selected_by = selection_description(config, heldout_path is not None)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -263,8 +277,9 @@ class WorkerLoop:
             save_model_file(directory / MODEL_FILE, self.eval_model,
                             ModelSpec.from_run_config(self.config),
                             training_metadata(self.config, self.epoch))
+            self.save_selected(directory / SELECTED_FILE)
             # The augmentation draws depend on its call count: a resumed run must go on from it.
-            state = {"epoch": self.epoch, "best_heldout": self.best_heldout,
+            state = {"epoch": self.epoch, "selection": self.selection.state(),
                      "augment_calls": self.augment.calls,
                      "config": self.config.model_dump(mode="json")}
             (directory / STATE_FILE).write_text(json.dumps(state))
@@ -280,8 +295,22 @@ class WorkerLoop:
             self.ema.module.load_state_dict(load_file(str(directory / MODEL_FILE)))
         state = json.loads((directory / STATE_FILE).read_text())
         self.epoch = int(state["epoch"])
-        self.best_heldout = state.get("best_heldout")
+        selected = directory / SELECTED_FILE
+        self.selection.restore(state.get("selection") or {},
+                               load_file(str(selected)) if selected.is_file() else None)
         self.augment.calls = int(state["augment_calls"])
+
+    def save_selected(self, path: Path, extra: dict[str, str] | None = None) -> Path:
+        """Write the selected epoch's weights (rank 0) as a model file, or the current ones
+        before any epoch was selected; ``extra`` adds metadata (e.g. the MLflow run)."""
+        model = self.eval_model
+        epoch = self.selection.epoch if self.selection.epoch is not None else self.epoch
+        if self.selection.weights is not None:
+            model = copy.deepcopy(model)
+            model.load_state_dict(self.selection.weights)
+        return save_model_file(path, model, ModelSpec.from_run_config(self.config),
+                               dict(training_metadata(self.config, epoch, self.selected_by),
+                                    **(extra or {})))
 
     def _write_pid(self) -> None:
         pid_dir = os.environ.get(PID_DIR_ENV)
@@ -296,9 +325,9 @@ class WorkerLoop:
         while self.epoch < schedule.epochs:
             metrics = self.train_epoch()
             metrics.update(self.evaluate_heldout())
-            robust = metrics.get("heldout_robust_accuracy")
-            if robust is not None and (self.best_heldout is None or robust > self.best_heldout):
-                self.best_heldout = robust
+            self.selection.consider(self.epoch, metrics,
+                                    self.eval_model if self.place.rank == 0 else None)
+            metrics.update(self.selection.report())
             metrics["epoch"] = self.epoch
             checkpoint = None
             if self.epoch % schedule.checkpoint_every == 0 or self.epoch == schedule.epochs:

@@ -149,12 +149,23 @@ class SchedulerSpec(StrictSection):
         return self
 
 
+def evaluation_data(spec: "StudyEvaluation", trial: RunConfig) -> str | None:
+    """The data a study reports its best trials on: ``evaluation.data``, or the bundled
+    dataset's test split when the trials train on a bundled one; None when neither is set."""
+    from raytrain_at.data.write import BUNDLED
+
+    if spec.data is not None:
+        return spec.data
+    return trial.data.train if trial.data.train in BUNDLED else None
+
+
 class StudyEvaluation(StrictSection):
     """How the study's best trials are evaluated with AutoAttack (and the best registered).
 
     Attributes:
-        data: the evaluation data (.beton path, ``$VAR`` allowed, or a bundled name such as
-            ``digits``); None: the trials' ``data.heldout``.
+        data: the test data the best trials are reported on (.beton path, ``$VAR`` allowed, or a
+            bundled name such as ``digits``, meaning its test split); None: the bundled training
+            data's test split (an error for trials training on their own files).
         n: attack only the first ``n`` images (None: all of them).
         version: AutoAttack version: ``standard``, ``fast`` (APGD-CE + APGD-T) or ``apgdt``.
         norms: threat models evaluated, e.g. ``[linf, l2, l1]`` (the l_2 / l_1 generalisation).
@@ -349,7 +360,18 @@ class SearchSpace(StrictSection):
         trial_base = self._load(fixed + self._first_values(), "first grid point")
         self._check_metric(trial_base)
         self._check_scheduler(trial_base)
+        self._check_evaluation_data(trial_base)
         return self
+
+    def _check_evaluation_data(self, trial: RunConfig) -> None:
+        """The best trials are reported on test data, never on the held-out file that ranked
+        them: a space training on its own files names ``evaluation.data``."""
+        if self.evaluation.top == 0 or self.evaluation.data is not None:
+            return
+        if evaluation_data(self.evaluation, trial) is None:
+            raise UserError(f"{self._where()}: evaluation.data is not set: name the test .beton "
+                            f"the best trials are reported on (data.heldout "
+                            f"{trial.data.heldout!r} selects checkpoints and ranks trials)")
 
     def _where(self) -> str:
         return f"search space {str(self._source) if self._source else self.name!r}"

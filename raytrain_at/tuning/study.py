@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from raytrain_at.config import RunConfig, apply_overrides
 from raytrain_at.errors import UserError
-from raytrain_at.tuning.spaces import SchedulerSpec, SearchSpace
+from raytrain_at.tuning.spaces import SchedulerSpec, SearchSpace, evaluation_data
 
 log = logging.getLogger(__name__)
 
@@ -346,14 +346,19 @@ def _close_trial_runs(client, experiment_id: str, parent_run_id: str,
 
 # --------------------------------------------------------------------------- after the search
 def ranked(records: list[TrialRecord], space: SearchSpace) -> list[TrialRecord]:
-    """Completed trials, best first by the space's metric (its last reported value)."""
+    """Completed trials, best first by the score of their selected checkpoint (the best
+    held-out epoch: what is evaluated and registered), else the metric's last value."""
+    def score(record: TrialRecord) -> float:
+        return record.metrics.get(f"selected_{space.metric}", record.metrics[space.metric])
+
     done = [r for r in records if r.status == "completed" and space.metric in r.metrics]
-    return sorted(done, key=lambda r: r.metrics[space.metric], reverse=space.mode == "max")
+    return sorted(done, key=score, reverse=space.mode == "max")
 
 
 def evaluate_best(context: _TrialContext, records: list[TrialRecord], report_dir: Path,
                   tracking_uri: str) -> TrialRecord | None:
-    """AutoAttack on the ``evaluation.top`` best completed trials' final (EMA) weights.
+    """AutoAttack on the test data of the ``evaluation.top`` best completed trials' selected
+    (best held-out epoch's EMA) weights, ``runs:/ID/model``.
 
     Returns:
         The best of them by the space's metric (None when nothing was evaluated).
@@ -367,8 +372,7 @@ def evaluate_best(context: _TrialContext, records: list[TrialRecord], report_dir
     chosen = [r for r in ranked(records, space) if r.run_id is not None][:spec.top]
     for record in chosen:
         config = trial_config(context, record.sample)
-        data = expand_path(spec.data or config.data.heldout or config.data.train,
-                           "evaluation.data")
+        data = expand_path(evaluation_data(spec, config) or "", "evaluation.data")
         n = spec.n
         request = EvaluationRequest(
             model_ref=f"runs:/{record.run_id}/model", data=data, norms=list(spec.norms),
