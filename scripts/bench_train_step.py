@@ -41,9 +41,10 @@ image; achieved FLOP/s = 2 FLOPs per multiply-add x forward-equivalents per imag
 forward counts 1, a backward to the input only (``torch.autograd.grad`` w.r.t. the image: activation
 gradients, no weight gradients) 1, a full backward (activation and weight gradients) 2:
 
-* ours: clean forward without grad (1) + 2 input-gradient passes (random start and first
-  iteration, each 1 + 1) + the last iteration's forward without grad (1) + training forward and
-  backward (1 + 2) = 9 (tests/test_attacks_contract.py counts these passes on a real model);
+* ours (``attack.random_start`` false, the recipes' default): 2 input-gradient passes (the clean
+  start and the first iteration, each 1 + 1) + the last iteration's forward without grad (1) +
+  training forward and backward (1 + 2) = 8 (tests/test_attacks_contract.py counts these passes
+  on a real model; a random start adds a clean forward: 9);
 * reference: 2 input-gradient passes (2 x 2) + 1 forward-only step (1) + training (3) = 8.
 
 MFU = achieved FLOP/s / peak FLOP/s, the peak measured on this device: a dense bf16 8192^3 matmul on
@@ -87,7 +88,7 @@ NUM_CLASSES = 1000
 
 # Forward-equivalents per image and step (see the module docstring).
 PASSES = {
-    "ours": {"forward_only": 2, "forward_input_backward": 2, "forward_full_backward": 1},
+    "ours": {"forward_only": 1, "forward_input_backward": 2, "forward_full_backward": 1},
     "paper": {"forward_only": 1, "forward_input_backward": 2, "forward_full_backward": 1},
 }
 
@@ -160,7 +161,7 @@ def build_ours(name: str, resolution: int, device: torch.device, compile_model: 
         "precision": "bf16 autocast" if cuda else "fp32 (the project trains in fp32 on CPU)",
         "channels_last": cuda, "optimizer": f"torch AdamW fused={fused}",
         "ema": "timm ModelEmaV3 on the device", "compile": compile_model,
-        "attack": "raytrain_at APGD.for_training(n_iter=2, random start)"})
+        "attack": "raytrain_at APGD.for_training(n_iter=2, clean start)"})
 
 
 # ----------------------------------------------------------------------------------- reference

@@ -177,15 +177,41 @@ class _PassCounter(torch.nn.Module):
 
 @pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
 @pytest.mark.parametrize("n_iter", [1, 2, 3])
-def test_training_attack_pass_count(trained_digits_net, digits, norm, n_iter) -> None:
-    """APGD-AT with n iterations: a clean forward, n input-gradient passes (the random start and
-    the first n - 1 iterates) and a forward only for the last iterate, whose gradient is never
-    used. The speed benchmark's FLOP count rests on this (2 iterations: 9 forward-equivalents
-    with the training pass)."""
+@pytest.mark.parametrize("random_start", [False, True])
+def test_training_attack_pass_count(trained_digits_net, digits, norm, n_iter,
+                                    random_start) -> None:
+    """APGD-AT with n iterations: n input-gradient passes (the start and the first n - 1
+    iterates) and a forward only for the last iterate, whose gradient is never used; from a
+    random start also a clean forward (the clean input is a candidate). The speed benchmark's
+    FLOP count rests on this (2 iterations: 8 forward-equivalents with the training pass from
+    the clean start, as the paper's code; 9 from a random one)."""
     counter = _PassCounter(trained_digits_net)
     x, y = digits[0][:8], digits[1][:8]
-    APGD.for_training(counter, norm=norm, eps=RADII[norm], n_iter=n_iter).perturb(x, y)
-    assert (counter.with_grad, counter.without_grad) == (n_iter, 2)
+    APGD.for_training(counter, norm=norm, eps=RADII[norm], n_iter=n_iter,
+                      random_start=random_start).perturb(x, y)
+    assert (counter.with_grad, counter.without_grad) == (n_iter, 2 if random_start else 1)
+
+
+def test_training_attack_starts_clean_by_default(trained_digits_net, digits) -> None:
+    """The recipes' default (attack.random_start false) and APGD-AT's: the clean start, whose
+    result is the same as with the separate clean forward the random start needs."""
+    from raytrain_at.config import load_config
+    from raytrain_at.training.loop import build_attack
+
+    assert load_config("quickstart").attack.random_start is False
+    assert build_attack(trained_digits_net, load_config("quickstart"), 8 / 255, 0).random_start \
+        is False
+    assert build_attack(trained_digits_net, load_config("quickstart", ["attack.random_start=true"]),
+                        8 / 255, 0).random_start is True
+    x, y = digits[0][:32], digits[1][:32]
+    fast = APGD.for_training(trained_digits_net, eps=RADII["linf"], n_iter=2)
+    assert fast.random_start is False
+    with_clean_forward = APGD.for_training(trained_digits_net, eps=RADII["linf"], n_iter=2)
+    with_clean_forward.return_max_loss = True
+    reference = with_clean_forward._max_loss_point(
+        x, y, trained_digits_net(x).float().detach(),
+        torch.Generator().manual_seed(with_clean_forward.seed))
+    assert torch.equal(fast.perturb(x, y), reference)
 
 
 def test_training_attack_returns_the_highest_loss_iterate(trained_digits_net, digits) -> None:
@@ -216,12 +242,13 @@ def test_training_attack_waits_for_the_device_only_for_its_input_check(
         trained_digits_net, digits, norm) -> None:
     """APGD-AT reads nothing back from the device in its iterations: the only host reads are the
     two bounds of the [0, 1] input check, however many iterations run (on a GPU each read is a
-    stall of the whole queue). l_1 adds the projection's one read per call (random start and
-    each iteration; see the evaluation test below for why it stays)."""
+    stall of the whole queue). l_1 adds the projection's one read per call (each iteration, and
+    a random start; see the evaluation test below for why it stays)."""
     x, y = digits[0][:16], digits[1][:16]
-    for n_iter in (1, 2, 5):
-        attack = APGD.for_training(trained_digits_net, norm=norm, eps=RADII[norm], n_iter=n_iter)
-        projections = 1 + n_iter if norm == "l1" else 0
+    for n_iter, random_start in ((1, False), (2, False), (5, False), (2, True)):
+        attack = APGD.for_training(trained_digits_net, norm=norm, eps=RADII[norm], n_iter=n_iter,
+                                   random_start=random_start)
+        projections = n_iter + random_start if norm == "l1" else 0
         assert _host_syncs(attack, x, y) == {"aten::_local_scalar_dense": 2 + projections}
 
 

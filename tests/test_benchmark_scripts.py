@@ -64,7 +64,7 @@ def test_bench_train_step_prints_rates_without_deepspeed_or_ray() -> None:
     assert out["peak"]["tflops"] > 0 and "fp32" in out["peak"]["kind"]
     (row,) = out["models"]
     assert row["model"] == "test_vit" and row["forward_gmacs_per_image"] > 0
-    for kind, passes in (("ours", 9), ("reference", 8)):
+    for kind, passes in (("ours", 8), ("reference", 8)):
         variant = row[kind]
         assert variant["images_per_s"] > 0 and variant["step_s_median"] > 0
         assert variant["forward_equivalents_per_image"] == passes

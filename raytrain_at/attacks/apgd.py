@@ -103,9 +103,10 @@ class APGD:
 
     @classmethod
     def for_training(cls, model: nn.Module, *, norm: Norm = "linf", eps: float = 4 / 255,
-                     n_iter: int = 2, seed: int = 0, random_start: bool = True,
+                     n_iter: int = 2, seed: int = 0, random_start: bool = False,
                      check_range: bool = True, compile_step: bool = False) -> "APGD":
-        """APGD-AT: few CE iterations returning the highest-loss point (clean input included)."""
+        """APGD-AT: few CE iterations returning the highest-loss point (clean input included),
+        by default started from the clean input as the paper's code does."""
         return cls(model, norm=norm, eps=eps, n_iter=n_iter, loss="ce", seed=seed,
                    random_start=random_start, return_max_loss=True, check_range=check_range,
                    compile_step=compile_step)
@@ -118,6 +119,10 @@ class APGD:
         y = y.detach()
         generator = torch.Generator(device=x.device).manual_seed(self.seed)
         with attack_mode(self.model, self.eval_mode):
+            if self.return_max_loss and not self.random_start and not self.large_radius_schedule:
+                # Started from the clean input, the first gradient pass gives the clean loss:
+                # no separate clean forward (8 forward-equivalents per 2-step AT step, not 9).
+                return self._max_loss_point(x, y, None, generator)
             with torch.no_grad():
                 clean_logits = self.model(x).float()
             self._check_classes(clean_logits.shape[1])
@@ -135,10 +140,14 @@ class APGD:
             raise ValueError(f"n_target_classes={self.n_target_classes} exceeds the {n_classes - 1} "
                              "wrong classes")
 
-    def _max_loss_point(self, x: torch.Tensor, y: torch.Tensor, clean_logits: torch.Tensor,
+    def _max_loss_point(self, x: torch.Tensor, y: torch.Tensor,
+                        clean_logits: torch.Tensor | None,
                         generator: torch.Generator) -> torch.Tensor:
+        """The highest-loss point of the runs, the clean input included (``clean_logits`` None:
+        the runs start from it, so it is among their candidates already)."""
         best_x = x
-        best_loss = self._loss(clean_logits, y, None)
+        best_loss = (self._loss(clean_logits, y, None) if clean_logits is not None
+                     else torch.full((x.shape[0],), -torch.inf, device=x.device))
         for _ in range(self.n_restarts):
             x_run, loss_run, _, _ = self._run_schedule(x, y, None, generator)
             better = loss_run > best_loss
