@@ -147,7 +147,9 @@ def evaluate(
     eps_linf: str = typer.Option(None, help="l_inf radius in [0,1] pixels [4/255]"),
     eps_l2: str = typer.Option(None, help="l_2 radius [2, scaled with the side from 224]"),
     eps_l1: str = typer.Option(None, help="l_1 radius [75, scaled with the area from 224]"),
-    version: str = typer.Option("standard", help="standard | fast | apgdt"),
+    version: str = typer.Option("standard", help="standard (APGD-CE, APGD-T, FAB-T, Square) | "
+                                "fast (APGD-CE + APGD-T) | apgdt (APGD-T, 40 iterations, 3 "
+                                "targets: the paper's cheaper protocol)"),
     kernels: str = typer.Option("exact", help="exact (torch defaults, as plain pyautoattack) | "
                                 "fast (TF32 + channels_last on GPU, breaks checked with exact "
                                 "kernels)"),
@@ -166,8 +168,11 @@ def evaluate(
     sweep_version: str = typer.Option("apgdt", help="attack version of the sweeps"),
     resolution_sweep: str = typer.Option(None, help="also sweep sides: 'paper' (192..384 by 32) "
                                          "or a list like 224,256,288"),
-    corruptions: bool = typer.Option(False, help="also ImageNet-C accuracy (one type per image)"),
-    severity: int = typer.Option(3, help="corruption severity 1..5"),
+    corruptions: bool = typer.Option(False, help="also accuracy under ImageNet-C corruptions"),
+    corruption_protocol: str = typer.Option("mix", help="mix (one type per image at "
+                                            "--severity) | imagenet-c (15 types x 5 severities, "
+                                            "mean accuracy as RobustBench's)"),
+    severity: int = typer.Option(3, help="corruption severity 1..5 of the mix protocol"),
 ) -> None:
     """AutoAttack a model in l_inf / l_2 / l_1 (sharded, resumable); optional sweeps and
     corruptions; writes a result JSON and prints the summary."""
@@ -189,7 +194,7 @@ def evaluate(
         resolution_sweep=(list(PAPER_RESOLUTIONS) if resolution_sweep == "paper"
                           else _int_list(resolution_sweep, "--resolution-sweep")
                           if resolution_sweep else None),
-        corruptions=corruptions, severity=severity)
+        corruptions=corruptions, severity=severity, corruption_protocol=corruption_protocol)
     result, path = run_evaluation(request)
     console = make_console()
     console.print(summary_table(result))

@@ -170,3 +170,37 @@ def test_bad_inputs_raise_user_error() -> None:
         corrupt_batch(batch, [0, 1, 2])
     with pytest.raises(UserError, match="severity"):
         corrupt_batch(batch, [0, 1], severity=9)
+
+
+def test_imagenet_c_protocol_is_the_mean_over_15_types_and_5_severities(tmp_path) -> None:
+    """Every image under every (type, severity): 75 accuracies, whose mean is the reported one
+    (RobustBench's ImageNet-C figure); checked against a direct count with corrupt_batch."""
+    from raytrain_at.data.write import bundled_beton
+    from raytrain_at.evaluation.corruption_accuracy import corruption_accuracy
+    from raytrain_at.evaluation.runner import load_images
+
+    data = bundled_beton("digits", "test", tmp_path)
+    ids = [0, 1, 2, 3]
+    torch.manual_seed(0)
+    # Predicts from the image's mean brightness: corruptions move it, so accuracies vary.
+    model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(3, 10))
+    result = corruption_accuracy(model, data, ids, resolution=32, crop_pct=1.0, severity=3,
+                                 seed=5, batch_size=4, device=torch.device("cpu"),
+                                 protocol="imagenet-c")
+    assert result.protocol == "imagenet-c" and set(result.per_severity) == {"1", "2", "3", "4",
+                                                                            "5"}
+    assert result.counts == {name: 5 * len(ids) for name in sorted(COMMON_CORRUPTIONS)}
+    x, y = load_images(data, ids, resolution=32, crop_pct=1.0, batch_size=4,
+                       device=torch.device("cpu"))
+    direct = []
+    with torch.no_grad():
+        for severity in range(1, 6):
+            for name in COMMON_CORRUPTIONS:
+                corrupted, _ = corrupt_batch(x, ids, severity=severity, seed=5, names=(name,))
+                direct.append(model(corrupted).argmax(1).eq(y).float().mean().item())
+    assert result.accuracy == pytest.approx(sum(direct) / 75)
+    assert result.per_severity["5"] == pytest.approx(sum(direct[60:]) / 15)
+    mix = corruption_accuracy(model, data, ids, resolution=32, crop_pct=1.0, severity=3, seed=5,
+                              batch_size=4, device=torch.device("cpu"), protocol="mix")
+    assert mix.protocol == "mix" and sum(mix.counts.values()) == len(ids)

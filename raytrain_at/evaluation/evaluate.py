@@ -20,6 +20,7 @@ import raytrain_at
 from raytrain_at.errors import UserError
 from raytrain_at.evaluation import guards as checks
 from raytrain_at.evaluation.autoattack import check_version
+from raytrain_at.evaluation.corruption_accuracy import PROTOCOLS, corruption_accuracy_on_device
 from raytrain_at.evaluation.kernels import check_kernels
 from raytrain_at.evaluation.result import (CorruptionResult, DataInfo, EpsSweep,
                                            EvaluationResult, GuardOutcome, ModelInfo,
@@ -63,6 +64,7 @@ class EvaluationRequest:
     resolution_sweep: list[int] | None = None
     corruptions: bool = False
     severity: int = 3
+    corruption_protocol: str = "mix"
     tracking_uri: str | None = None
 
 
@@ -95,6 +97,9 @@ def _validate(request: EvaluationRequest) -> None:
             raise UserError(f"{name} {value} must be at least {low}")
     if not 1 <= request.severity <= 5:
         raise UserError(f"--severity {request.severity} must be in 1..5")
+    if request.corruption_protocol not in PROTOCOLS:
+        raise UserError(f"--corruption-protocol {request.corruption_protocol!r} is not one of "
+                        f"{', '.join(PROTOCOLS)}")
     for side in request.resolution_sweep or []:
         if side < 8:
             raise UserError(f"resolution {side} in --resolution-sweep is below 8 pixels")
@@ -123,33 +128,6 @@ def _outcome_guards(outcomes: list[ThreatOutcome]) -> list[checks.Guard]:
             found.append(checks.square_found_little(label, outcome.broken_by["square"],
                                                     outcome.n))
     return checks.autoattack_guards(seen) + found
-
-
-@torch.no_grad()
-def corruption_accuracy(model: torch.nn.Module, data_path: str, ids: list[int], *,
-                        resolution: int, crop_pct: float, severity: int, seed: int,
-                        batch_size: int, device: torch.device) -> CorruptionResult:
-    """Accuracy on ImageNet-C corruptions, one type per image drawn from (seed, image id)."""
-    from tqdm import tqdm
-
-    from raytrain_at.evaluation.corruptions import corrupt_batch
-
-    correct: dict[str, int] = {}
-    counts: dict[str, int] = {}
-    for start in tqdm(range(0, len(ids), batch_size), desc=f"corruptions s{severity}",
-                      unit="batch", dynamic_ncols=True):
-        chunk = ids[start:start + batch_size]
-        x, y = load_images(data_path, chunk, resolution=resolution, crop_pct=crop_pct,
-                           batch_size=batch_size, device=device)
-        corrupted, names = corrupt_batch(x, chunk, severity=severity, seed=seed)
-        hits = model(corrupted).argmax(1).eq(y).cpu().tolist()
-        for name, hit in zip(names, hits):
-            counts[name] = counts.get(name, 0) + 1
-            correct[name] = correct.get(name, 0) + int(hit)
-    total = sum(counts.values())
-    return CorruptionResult(severity=severity, seed=seed, accuracy=sum(correct.values()) / total,
-                            per_corruption={k: correct[k] / counts[k] for k in sorted(counts)},
-                            counts=dict(sorted(counts.items())))
 
 
 class Evaluation:
@@ -224,17 +202,17 @@ class Evaluation:
             resolution_sweep, res_outcomes = self._resolution_sweep()
             all_outcomes += res_outcomes
         if r.corruptions:
-            device = torch.device("cuda" if r.use_gpu else "cpu")
-            model = self.loaded.module.to(device)
+            model = self.loaded.module
             if self.resolution != self.spec.resolution:
                 from raytrain_at.model_refs import resolve_model
 
-                model = resolve_model(r.model_ref, resolution=self.resolution, device=device,
+                model = resolve_model(r.model_ref, resolution=self.resolution,
                                       tracking_uri=r.tracking_uri).module
-            corruption = corruption_accuracy(
-                model, self.data_path, self.ids, resolution=self.resolution,
-                crop_pct=self.spec.crop_pct, severity=r.severity, seed=r.seed,
-                batch_size=r.batch_size, device=device)
+            corruption = corruption_accuracy_on_device(
+                model, r.model_ref, tracking_uri=r.tracking_uri, use_gpu=r.use_gpu,
+                address=r.address, resolution=self.resolution, data_path=self.data_path,
+                ids=self.ids, crop_pct=self.spec.crop_pct, severity=r.severity, seed=r.seed,
+                batch_size=r.batch_size, protocol=r.corruption_protocol)
         guard_list = _outcome_guards(all_outcomes) + guard_list
         first = next(iter(outcomes.values()))
         result = EvaluationResult(

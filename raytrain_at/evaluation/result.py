@@ -83,11 +83,16 @@ class ResolutionSweep(_Strict):
 
 
 class CorruptionResult(_Strict):
+    """``mix``: one type per image at ``severity``; ``imagenet-c``: every type at severities 1-5
+    (``severity`` 0), ``accuracy`` the mean over the 75 (type, severity) accuracies."""
+
     severity: int
     seed: int
     accuracy: float
     per_corruption: dict[str, float]
     counts: dict[str, int]
+    protocol: str = "mix"
+    per_severity: dict[str, float] | None = None
 
 
 class GuardOutcome(_Strict):
@@ -194,7 +199,9 @@ def summary_table(result: EvaluationResult):
         table.add_row(f"resolution ({res.version})", "", f"best {res.best_resolution}", points)
     if result.corruptions is not None:
         c = result.corruptions
-        table.add_row(f"corruptions s{c.severity}", f"{c.accuracy:.1%}", "", "")
+        label = ("ImageNet-C mean (15 types x 5 severities)" if c.protocol == "imagenet-c"
+                 else f"corruptions s{c.severity}")
+        table.add_row(label, f"{c.accuracy:.1%}", "", "")
     failed = [g.name for g in result.guards if not g.passed]
     table.caption = ("all guards passed" if not failed
                      else "UNTRUSTWORTHY - failed guards: " + ", ".join(failed))
