@@ -63,7 +63,7 @@ def _mini_spec(tmp_path: Path, **changes) -> Path:
                        "family": "convolutional", "pretraining": "random"},
             "vit": {"model": "test_vit", "weights": str(_checkpoint(tmp_path, "test_vit")),
                     "family": "attention", "pretraining": "random"}},
-        "datasets": {"digits": {"train": "digits", "test": "digits", "num_classes": 10}},
+        "datasets": {"digits": {"train": "digits", "val": "digits", "test": "digits", "num_classes": 10}},
         "losses": ["classic", "trades"],
         "protocols": {"full_1ep": {"epochs": 1}, "full_2ep": {"epochs": 2},
                       "linear_2ep": {"epochs": 2, "linear_probe": True}},
@@ -102,7 +102,7 @@ def test_paper_benchmark_validates() -> None:
 @pytest.mark.parametrize("change, culprit", [
     ({"search": {"optim.lrr": {"choice": [1.0e-3]}}}, "optim.lrr"),
     ({"losses": ["classic", "mart"]}, "mart"),
-    ({"datasets": {"digits": {"train": "digits", "test": "digits", "num_classes": 1}}},
+    ({"datasets": {"digits": {"train": "digits", "val": "digits", "test": "digits", "num_classes": 1}}},
      "num_classes"),
     ({"protocols": {"bad name": {"epochs": 1}}}, "bad name"),
     ({"backbones": {"x": {"model": "no_such_model", "weights": "/nope.safetensors"}}},

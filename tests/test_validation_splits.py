@@ -186,3 +186,19 @@ def test_shipped_files_select_on_validation_data() -> None:
     spec, _ = load_benchmark(ROOT / "benchmarks" / "robust_finetune.yaml")
     for name, dataset in spec.datasets.items():
         assert dataset.val.endswith("_val.beton") and dataset.test.endswith("_test.beton"), name
+
+
+def test_a_tune_space_must_name_its_test_data(tmp_path: Path) -> None:
+    """A study ranks trials on data.heldout; its best trials are reported on evaluation.data,
+    which a space training on its own files must name (bundled digits: their test split)."""
+    from raytrain_at.tuning.spaces import evaluation_data, load_space
+
+    space = yaml.safe_load((ROOT / "tune_spaces" / "table7_convnext_tiny_stems.yaml").read_text())
+    assert "robustbench5k" in space["evaluation"]["data"]
+    del space["evaluation"]
+    path = tmp_path / "no_test_data.yaml"
+    path.write_text(yaml.safe_dump(space))
+    with pytest.raises(UserError, match="evaluation.data is not set"):
+        load_space(path)
+    quick = load_space("quick_stems_cpu")
+    assert evaluation_data(quick.evaluation, load_config("quickstart")) == "digits"
