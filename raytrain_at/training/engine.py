@@ -6,7 +6,8 @@ paper's betas (0.9, 0.95) and the usual no-decay rule: biases, norm weights and 
 parameters, and the backbone's ``no_weight_decay()`` set (positional embedding, class token) are
 not decayed.
 Gradient clipping is always written into the DeepSpeed config, because DeepSpeed's default is 1.0.
-The EMA of the weights is timm's ``ModelEmaV3``.
+The EMA of the weights is timm's ``ModelEmaV3``, kept in fp32 (also when DeepSpeed runs the
+model in bf16).
 """
 
 from __future__ import annotations
@@ -155,7 +156,14 @@ def build_engine(model: nn.Module, config: RunConfig, steps_per_epoch: int, devi
 
 
 def build_ema(model: nn.Module, decay: float | None) -> ModelEmaV3 | None:
-    """timm's EMA of the weights (fp32 copy), or None when disabled."""
+    """timm's EMA of the weights, kept in fp32 whatever the live weights are, or None when
+    disabled.
+
+    Under DeepSpeed bf16 the engine's module holds bf16 weights; a copy of them in bf16 cannot
+    take an update of (1 - decay) * (w - ema) (at decay 0.999 it is below bf16's resolution and
+    rounds away), so the EMA would stay near its initial weights. Found by the DeepSpeed part of
+    ``scripts/gpu_check.py`` (its CPU smoke run showed a bf16 EMA).
+    """
     if decay is None:
         return None
-    return ModelEmaV3(model, decay=decay)
+    return ModelEmaV3(model, decay=decay, dtype=torch.float32)
