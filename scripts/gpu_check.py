@@ -503,11 +503,19 @@ def _preload() -> None:
 
 
 def _versions() -> dict[str, str | None]:
+    """Versions of the stack, and of what the travelling wheels need from this machine (as
+    ``.whl/MANIFEST.json`` lists it, when the check runs from a prepared folder): None where a
+    package is missing."""
     from importlib.metadata import PackageNotFoundError, version
 
+    names = ["torch", "torchvision", "timm", "deepspeed", "pyautoattack", "ffcv", "kornia",
+             "pydantic", "fvcore", "numba", "numpy"]
+    listing = ROOT / os.environ.get("GPU_CHECK_WHEELS", ".whl") / "MANIFEST.json"
+    if listing.is_file():
+        names += [n for n in json.loads(listing.read_text()).get("needs_from_the_machine", [])
+                  if n not in names]
     out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in ("torch", "torchvision", "timm", "deepspeed", "pyautoattack", "ffcv", "kornia",
-                 "pydantic", "fvcore", "numba", "numpy"):
+    for name in names:
         try:
             out[name] = version(name)
         except PackageNotFoundError:

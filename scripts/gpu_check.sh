@@ -22,7 +22,8 @@ case "${1:-}" in
         exec "$PYTHON" scripts/gpu_wheels.py --dest "$WHEELS" "$@"
         ;;
     --cpu-smoke)
-        exec "$PYTHON" scripts/gpu_check.py "$@"
+        # This checkout's code, whatever the environment has installed.
+        PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" exec "$PYTHON" scripts/gpu_check.py "$@"
         ;;
 esac
 

@@ -20,7 +20,8 @@ ffcv   (``ffcv/`` subfolder) ffcv 1.0.2, compiled here for the target Python aga
        ``MANIFEST.json`` and the check's FFCV parts report the missing package: never faked.
 
 ``MANIFEST.json`` lists every wheel with its size and the total, which must stay under 60 MiB
-(the device tool carries at most 64 MiB, the project included).
+(the device tool carries at most 64 MiB, the project included), and the distributions the wheels
+need from the machine itself (torch, numpy, numba, ...; the check reports their versions there).
 
 Usage: python scripts/gpu_wheels.py [--dest .whl] [--python-version 3.12] [--no-ffcv]
            [--python PYTHON_FOR_BUILDS]
@@ -209,12 +210,39 @@ def vendor_policy_libraries(libs: Path, patchelf: Path) -> list[str]:
     return sorted(copied)
 
 
-def manifest(dest: Path) -> dict:
+def needs_from_the_machine(wheels: list[Path], python_version: str) -> list[str]:
+    """Distributions the wheels require (markers evaluated for the GPU machine) that the folder
+    does not hold: the GPU machine must have them (gpu_check reports their versions there)."""
+    import zipfile
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name, parse_wheel_filename
+
+    environment = {"python_version": python_version, "python_full_version": f"{python_version}.0",
+                   "sys_platform": "linux", "platform_system": "Linux",
+                   "platform_machine": "x86_64", "os_name": "posix",
+                   "implementation_name": "cpython", "extra": ""}
+    held = {canonicalize_name(parse_wheel_filename(w.name)[0]) for w in wheels}
+    needs: set[str] = set()
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as archive:
+            (metadata,) = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
+            text = archive.read(metadata).decode()
+        for line in text.splitlines():
+            if line.startswith("Requires-Dist:"):
+                requirement = Requirement(line.split(":", 1)[1].strip())
+                if requirement.marker is None or requirement.marker.evaluate(environment):
+                    needs.add(canonicalize_name(requirement.name))
+    return sorted(needs - held)
+
+
+def manifest(dest: Path, python_version: str) -> dict:
     wheels = sorted(dest.rglob("*.whl"))
     sizes = {str(w.relative_to(dest)): w.stat().st_size for w in wheels}
     total = sum(sizes.values())
     return {"wheels": sizes, "total_bytes": total, "total_mib": round(total / 2 ** 20, 2),
-            "limit_mib": LIMIT_MIB}
+            "limit_mib": LIMIT_MIB,
+            "needs_from_the_machine": needs_from_the_machine(wheels, python_version)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                              "missing")
             log.warning(notes["ffcv"])
     info = {"python_version": args.python_version, "core": [r for r, _ in CORE],
-            "ffcv": [FFCV, *FFCV_NEEDS], "notes": notes, **manifest(dest)}
+            "ffcv": [FFCV, *FFCV_NEEDS], "notes": notes, **manifest(dest, args.python_version)}
     (dest / "MANIFEST.json").write_text(json.dumps(info, indent=2) + "\n")
     print(json.dumps({k: info[k] for k in ("total_mib", "limit_mib", "notes")}))
     if info["total_mib"] > LIMIT_MIB:
