@@ -539,13 +539,13 @@ def summarise(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
         name = row["model"]
         goals[f"{name}: ours / paper-style images/s (eager)"] = _goal(
             row.get("ratio_ours_over_reference"), 2.0)
-        mfu = row.get("ours", {}).get("mfu")
-        if name in compiled and "ours" in compiled[name]:
-            ours_c = compiled[name]["ours"]
+        ours_compiled = compiled.get(name, {}).get("ours")
+        if ours_compiled is not None:
             goals[f"{name}: ours compiled / paper-style images/s"] = _goal(
-                round(ours_c["images_per_s"] / row["reference"]["images_per_s"], 3), 2.0)
-            mfu = max(m for m in (mfu, ours_c.get("mfu")) if m is not None) \
-                if ours_c.get("mfu") is not None or mfu is not None else None
+                round(ours_compiled["images_per_s"] / row["reference"]["images_per_s"], 3), 2.0)
+        mfus = [m for m in (row["ours"].get("mfu"), (ours_compiled or {}).get("mfu"))
+                if m is not None]
+        mfu = max(mfus) if mfus else None
         if name in targets:
             goals[f"{name}: MFU of ours (best of eager and compiled)"] = _goal(mfu, targets[name])
     for row in parts.get("autoattack", {}).get("records", []):

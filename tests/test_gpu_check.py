@@ -284,3 +284,27 @@ def _imports(python: Path, *lines: str) -> None:
     done = subprocess.run([str(python), "-c", "\n".join(lines)], capture_output=True, text=True,
                           timeout=300, env={**_ENV, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_goals_hold_the_best_mfu_and_leave_unmeasured_ones_open() -> None:
+    gpu_check = _module()
+    parts = {
+        "train_step": {"records": [
+            {"model": "vit_base_cvst", "ratio_ours_over_reference": 1.9,
+             "ours": {"mfu": 0.35, "images_per_s": 19.0}, "reference": {"images_per_s": 10.0}},
+            {"model": "convnext_tiny_cvst", "ratio_ours_over_reference": 2.2,
+             "ours": {"images_per_s": 22.0}, "reference": {"images_per_s": 10.0}}]},  # no peak
+        "train_compiled": {"records": [
+            {"model": "vit_base_cvst", "ours": {"mfu": 0.41, "images_per_s": 21.0}}]},
+        "autoattack": {"status": "timeout", "records": []},
+    }
+    goals = gpu_check.summarise(parts)
+    assert goals["vit_base_cvst: ours / paper-style images/s (eager)"]["met"] is False
+    assert goals["vit_base_cvst: ours compiled / paper-style images/s"] == {
+        "value": 2.1, "target": 2.0, "met": True}
+    assert goals["vit_base_cvst: MFU of ours (best of eager and compiled)"] == {
+        "value": 0.41, "target": 0.40, "met": True}
+    assert goals["convnext_tiny_cvst: ours / paper-style images/s (eager)"]["met"] is True
+    assert goals["convnext_tiny_cvst: MFU of ours (best of eager and compiled)"] == {
+        "value": None, "target": 0.30, "met": None}
+    assert not any(name.startswith("AutoAttack") for name in goals)  # nothing measured
