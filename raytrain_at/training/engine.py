@@ -6,7 +6,8 @@ paper's betas (0.9, 0.95) and the usual no-decay rule: biases, norm weights and 
 parameters, and the backbone's ``no_weight_decay()`` set (positional embedding, class token) are
 not decayed.
 Gradient clipping is always written into the DeepSpeed config, because DeepSpeed's default is 1.0.
-The EMA of the weights is timm's ``ModelEmaV3``.
+The EMA of the weights is timm's ``ModelEmaV3``, kept in fp32 (also when DeepSpeed runs the
+model in bf16).
 """
 
 from __future__ import annotations
@@ -155,9 +156,11 @@ def build_engine(model: nn.Module, config: RunConfig, steps_per_epoch: int, devi
 
 
 def build_ema(model: nn.Module, decay: float | None) -> ModelEmaV3 | None:
-    """timm's EMA of the weights, kept in fp32 whatever the live model's dtype, or None when
-    disabled. Build it from the fp32 weights, before DeepSpeed casts the module to bf16: a copy
-    of bf16 weights would start the average from rounded values."""
+    """timm's EMA of the weights, kept in fp32 whatever the live weights are, or None when
+    disabled. Build it from the fp32 weights, before DeepSpeed casts the module to bf16: a bf16
+    copy would start from rounded values, and an update of (1 - decay) * (w - ema) at decay 0.999
+    is below bf16's resolution and rounds away (found by ``scripts/gpu_check.py``'s CPU smoke
+    run)."""
     if decay is None:
         return None
     return ModelEmaV3(model, decay=decay, dtype=torch.float32)
