@@ -120,6 +120,7 @@ def prepare_run(config: RunConfig, *, run_name: str | None = None,
                 storage_path: str | None = None,
                 run_tags: dict[str, str] | None = None) -> PreparedRun:
     """Validate a run on the driver (datasets, weights, tracking) before any worker starts."""
+    from raytrain_at.tracking.experiments import absolute_tracking_uri
     from raytrain_at.tracking.runs import default_tracking_uri
 
     config = config.model_copy(deep=True)
@@ -138,7 +139,7 @@ def prepare_run(config: RunConfig, *, run_name: str | None = None,
     name = run_name or config.tracking.run_name or default_run_name(config)
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise UserError(f"run name {name!r} may only use letters, digits, '.', '_' and '-'")
-    uri = config.tracking.tracking_uri or default_tracking_uri()
+    uri = absolute_tracking_uri(config.tracking.tracking_uri or default_tracking_uri())
     return PreparedRun(config=config, train_path=train, heldout_path=heldout, tracking_uri=uri,
                        run_name=name, storage_path=runs, run_tags=dict(run_tags or {}))
 
@@ -199,10 +200,12 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
 
 
 def _log_final_artifacts(tracker, loop, config: RunConfig) -> None:
-    """The final evaluated weights with their model spec, and the resolved config (YAML)."""
+    """The final evaluated weights with their model spec (and as a plain MLflow model), and the
+    resolved config (YAML)."""
     import yaml
 
     from raytrain_at.models.model_files import MODEL_FILE, ModelSpec, save_model_file
+    from raytrain_at.tracking.mlflow_models import log_model_artifacts
     from raytrain_at.training.loop import training_metadata
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -210,7 +213,7 @@ def _log_final_artifacts(tracker, loop, config: RunConfig) -> None:
                                   ModelSpec.from_run_config(config),
                                   dict(training_metadata(config, loop.epoch),
                                        **{"raytrain_at.source_run": tracker.run_id}))
-        tracker.log_file(weights, "model")
+        log_model_artifacts(tracker, tracker.run_id, weights)
     tracker.log_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False),
                      "config.yaml")
 
@@ -273,7 +276,12 @@ def build_trainer(prepared: PreparedRun, callbacks: list | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from raytrain_at.tracking.experiments import prepare_experiment
+
     config = prepared.config
+    # Created here, before any worker starts, with a location derived from the tracking URI:
+    # a worker creating it would root its artifacts in Ray's temporary session folder.
+    prepare_experiment(prepared.tracking_uri, config.tracking.experiment)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=prepared.worker_payload(),
