@@ -225,6 +225,20 @@ def register(
         print(f"  {note}")
 
 
+@app.command("import")
+def import_(
+    source: str = typer.Argument(..., help="robustbench:NAME, e.g. "
+                                 "robustbench:Singh2023Revisiting_ConvNeXt-T-ConvStem"),
+    checkpoint: Path = typer.Argument(..., help="the downloaded checkpoint (.pt/.pth/.safetensors)"),
+    out: Path = typer.Option(..., help="model file to write (model.safetensors)"),
+) -> None:
+    """Import a published checkpoint (RobustBench's Singh2023Revisiting_* entries) as a model
+    file that evaluate, register and train (model.init) take like our own."""
+    from raytrain_at.models.robustbench import import_robustbench
+
+    print(f"wrote {import_robustbench(source, checkpoint, out)}")
+
+
 @app.command()
 def leaderboard(
     threat: str = typer.Option("linf", help="sort by linf | l2 | l1 robust accuracy"),
