@@ -229,7 +229,7 @@ def register(
 def import_(
     source: str = typer.Argument(..., help="robustbench:NAME, e.g. "
                                  "robustbench:Singh2023Revisiting_ConvNeXt-T-ConvStem"),
-    checkpoint: Path = typer.Argument(..., help="the downloaded checkpoint (.pt/.pth/.safetensors)"),
+    checkpoint: Path = typer.Argument(..., help="downloaded checkpoint (.pt/.pth/.safetensors)"),
     out: Path = typer.Option(..., help="model file to write (model.safetensors)"),
 ) -> None:
     """Import a published checkpoint (RobustBench's Singh2023Revisiting_* entries) as a model
@@ -244,12 +244,21 @@ def leaderboard(
     threat: str = typer.Option("linf", help="sort by linf | l2 | l1 robust accuracy"),
     size: str = typer.Option(None, help="small (<30M) | medium (30-80M) | large (>=80M)"),
     name: str = typer.Option(None, help="only this registered model"),
+    format_: str = typer.Option("table", "--format", help="table | markdown | csv | json"),
 ) -> None:
-    """The registered models as the paper's Table 2, best first."""
-    from raytrain_at.quickstart import make_console
-    from raytrain_at.registration import leaderboard as rows_of, leaderboard_table
+    """The registered models as the paper's Table 2 (with radius, data and n), best first."""
+    from raytrain_at.evaluation.threats import THREAT_TITLES
+    from raytrain_at.leaderboard_formats import FORMATS, print_table, render
+    from raytrain_at.registration import leaderboard as rows_of
 
-    make_console().print(leaderboard_table(rows_of(threat, size, name), threat))
+    if format_ not in FORMATS:
+        raise UserError(f"--format {format_!r}: use one of {', '.join(FORMATS)}")
+    shown = render(rows_of(threat, size, name), format_,
+                   f"Registered robust models, sorted by {THREAT_TITLES[threat]}")
+    if format_ == "table":
+        print_table(shown)
+    else:
+        print(shown)
 
 
 @data_app.command("write-ffcv")

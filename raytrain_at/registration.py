@@ -19,10 +19,10 @@ from typing import Any
 from raytrain_at.errors import UserError
 from raytrain_at.evaluation.result import EvaluationResult, read_result
 from raytrain_at.evaluation.threats import THREAT_TITLES
+from raytrain_at.leaderboard_formats import records
 from raytrain_at.model_refs import local_model_file
 from raytrain_at.models.model_files import file_sha256, read_model_spec
 
-THREAT_ORDER = ["linf", "l2", "l1"]
 GUARDS_FILE = "guards.json"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -160,42 +160,23 @@ def evaluation_dataset(result: EvaluationResult):
 
 def leaderboard(threat: str = "linf", size: str | None = None, name: str | None = None,
                 tracking_uri: str | None = None) -> list[dict[str, Any]]:
-    """Registered versions as Table 2 rows, best first for ``threat``."""
+    """Registered versions as Table 2 rows, best first for ``threat``.
+
+    Raises:
+        UserError: ``name`` is not a registered model (an empty table would hide the typo).
+    """
     from raytrain_at.tracking.registry import ModelRegistry, leaderboard_rows
 
-    return leaderboard_rows(ModelRegistry(tracking_uri).rows(name), threat, size)
-
-
-def _aliases_text(aliases: list[str]) -> str:
-    """``champion-linf, champion-l2`` -> ``champion: linf, l2`` (other aliases kept as they are)."""
-    champions = [a.removeprefix("champion-") for a in aliases if a.startswith("champion-")]
-    others = sorted(a for a in aliases if not a.startswith("champion-"))
-    parts = ([f"champion: {', '.join(sorted(champions, key=THREAT_ORDER.index))}"]
-             if champions else []) + others
-    return "; ".join(parts)
+    registry = ModelRegistry(tracking_uri)
+    rows = registry.rows(name)
+    if name is not None and not rows and not registry.has_model(name):
+        raise UserError(f"--name {name!r}: no registered model of that name in "
+                        f"{registry.tracking_uri}")
+    return leaderboard_rows(rows, threat, size)
 
 
 def leaderboard_table(rows: list[dict[str, Any]], threat: str):
-    """A rich table in the layout of the paper's Table 2."""
-    from rich.table import Table
+    """A rich table in the layout of the paper's Table 2, with radius, data and n."""
+    from raytrain_at.leaderboard_formats import rich_table
 
-    table = Table(title=f"Registered robust models, sorted by {THREAT_TITLES[threat]}")
-    for column, justify in (("model", "left"), ("architecture", "left"), ("params (M)", "right"),
-                            ("FLOPs (G)", "right"), ("epochs", "right"), ("steps", "right"),
-                            ("clean", "right"), ("l_inf", "right"), ("l_2", "right"),
-                            ("l_1", "right"), ("aliases", "left")):
-        table.add_column(column, justify=justify)
-
-    def pct(value: float | None) -> str:
-        return "-" if value is None else f"{100 * value:.1f}"
-
-    for row in rows:
-        p, m = row["params"], row["metrics"]
-        stem = p.get("stem", "default")
-        table.add_row(f"{row['name']} v{row['version']}",
-                      p.get("architecture", "?") + ("" if stem == "default" else f" [{stem}]"),
-                      p.get("params_m", "?"), p.get("flops_g", "?"), p.get("epochs") or "-",
-                      p.get("attack_steps") or "-", pct(m.get("clean_acc")),
-                      pct(m.get("robust_acc_linf")), pct(m.get("robust_acc_l2")),
-                      pct(m.get("robust_acc_l1")), _aliases_text(row["aliases"]))
-    return table
+    return rich_table(records(rows), f"Registered robust models, sorted by {THREAT_TITLES[threat]}")

@@ -87,9 +87,8 @@ def _renamed(state: dict[str, torch.Tensor], entry: RobustBenchEntry, name: str,
              checkpoint: str) -> dict[str, torch.Tensor]:
     """RobustBench's keys as our backbone's keys (normaliser dropped after checking it)."""
     for prefix in ("module.", "model."):
-        if state and all(k.startswith(prefix) or k.startswith("normalize.") for k in state):
-            state = {(k[len(prefix):] if k.startswith(prefix) else k): v
-                     for k, v in state.items()}
+        if state and all(k.startswith((prefix, "normalize.")) for k in state):
+            state = {k.removeprefix(prefix): v for k, v in state.items()}
     stats = {k: v for k, v in state.items() if k.startswith("normalize.")}
     if stats:
         expected = (IMAGENET_MEAN, IMAGENET_STD) if entry.normalised else None

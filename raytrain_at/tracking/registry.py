@@ -287,6 +287,14 @@ class ModelRegistry:
         except MlflowException as exc:
             raise UserError(f"{reference!r}: {str(exc).splitlines()[0]}") from None
 
+    def has_model(self, name: str) -> bool:
+        """Whether a registered model of this name exists (with or without versions)."""
+        try:
+            self.client.get_registered_model(name)
+        except MlflowException:
+            return False
+        return True
+
     def rows(self, name: str | None = None) -> list[dict[str, Any]]:
         """One row per registered version (all models, or one), with metrics and params."""
         filter_string = f"name = '{name}'" if name else None
