@@ -168,6 +168,8 @@ def evaluate(
                                          "or a list like 224,256,288"),
     corruptions: bool = typer.Option(False, help="also ImageNet-C accuracy (one type per image)"),
     severity: int = typer.Option(3, help="corruption severity 1..5"),
+    robustbench_json: Path = typer.Option(None, help="also write the result in RobustBench's "
+                                          "model-info form (Linf / L2 / L1 records)"),
 ) -> None:
     """AutoAttack a model in l_inf / l_2 / l_1 (sharded, resumable); optional sweeps and
     corruptions; writes a result JSON and prints the summary."""
@@ -190,10 +192,16 @@ def evaluate(
                           else _int_list(resolution_sweep, "--resolution-sweep")
                           if resolution_sweep else None),
         corruptions=corruptions, severity=severity)
+    if robustbench_json is not None:
+        from raytrain_at.evaluation.robustbench_info import check_writable, write_model_info
+
+        check_writable(robustbench_json)
     result, path = run_evaluation(request)
     console = make_console()
     console.print(summary_table(result))
     console.print(f"result: {path}")
+    if robustbench_json is not None:
+        console.print(f"RobustBench model info: {write_model_info(result, robustbench_json)}")
 
 
 def _int_list(text: str, what: str) -> list[int]:

@@ -268,3 +268,31 @@ def test_version_hangs_off_its_training_run(store, robust_model_file, eval_home,
     assert dataset.digest and "n16" in dataset.name
     linked = {m.key: (m.dataset_name, m.dataset_digest) for m in logged.metrics}
     assert linked["robust_acc_linf"] == (dataset.name, dataset.digest)
+
+
+def test_robustbench_model_info_of_an_evaluation(evaluations, robust_model_file, tmp_path,
+                                                  monkeypatch, capsys):
+    from raytrain_at.evaluation.result import read_result
+    from raytrain_at.evaluation.robustbench_info import write_model_info
+
+    info_path = write_model_info(read_result(evaluations["strong"]), tmp_path / "rb.json")
+    info = json.loads(info_path.read_text())
+    result = json.loads(Path(evaluations["strong"]).read_text())
+    assert set(info) == {"Linf", "L2"}
+    linf = result["threats"]["linf"]
+    assert info["Linf"]["threat_model"] == "Linf" and info["Linf"]["n"] == 16
+    assert info["Linf"]["eps"] == f"{round(linf['eps'] * 255)}/255"
+    assert info["L2"]["eps"] == f"{result['threats']['l2']['eps']:g}"
+    assert info["Linf"]["autoattack_acc"] == f"{100 * linf['robust_accuracy']:.2f}"
+    assert info["Linf"]["clean_acc"] == f"{100 * linf['clean_accuracy']:.2f}"
+    assert info["Linf"]["unreliable"] is True  # not the standard AutoAttack
+    assert info["Linf"]["data"] == result["data"]["path"]
+    # The command checks the file before any attack runs.
+    monkeypatch.setattr(sys, "argv", [
+        "raytrain-at", "evaluate", robust_model_file, "--data", "digits",
+        "--robustbench-json", str(tmp_path / "no" / "such" / "x.json")])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and "does not exist" in lines[0], lines
