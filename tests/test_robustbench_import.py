@@ -118,3 +118,23 @@ def test_bad_imports_give_one_line_and_write_nothing(robustbench, tmp_path, monk
         assert code == 2, args
         assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], lines
         assert not out.exists() and not list(tmp_path.glob(".model.safetensors*"))
+
+
+def test_fine_tuning_an_imported_model_keeps_its_normalisation(tmp_path) -> None:
+    """A run that starts from a raw-pixel model file (as imported RobustBench models are)
+    trains and saves it with that normalisation, not its backbone's ImageNet statistics."""
+    from raytrain_at.config import load_config
+    from raytrain_at.models.model_files import ModelSpec, save_model_file
+    from raytrain_at.training.loop import build_model
+
+    spec = ModelSpec(name="convnext_atto_cvst", num_classes=10, resolution=32,
+                     mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    torch.manual_seed(0)
+    imported = spec.build().eval()
+    path = save_model_file(tmp_path / "imported.safetensors", imported, spec)
+    config = load_config("quickstart", [f"model.init={path}"])
+    started = build_model(config).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(started(x), imported(x))
+    assert ModelSpec.from_run_config(config).mean == (0.0, 0.0, 0.0)

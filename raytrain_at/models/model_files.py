@@ -87,10 +87,13 @@ class ModelSpec:
 
     @classmethod
     def from_run_config(cls, config: Any) -> "ModelSpec":
-        """The spec of a training run (a :class:`raytrain_at.config.RunConfig`)."""
+        """The spec of a training run (a :class:`raytrain_at.config.RunConfig`); a run that
+        starts from a model file keeps that file's normalisation (an imported RobustBench model
+        takes raw pixels)."""
+        mean, std = init_normalisation(config.model.init) or (None, None)
         return cls(name=config.model.name, num_classes=config.model.num_classes,
                    stem=config.model.stem, small_input=config.model.small_input,
-                   resolution=config.data.resolution)
+                   resolution=config.data.resolution, mean=mean, std=std)
 
     def build(self) -> nn.Module:
         """A freshly initialised model of this spec at its training resolution."""
@@ -106,6 +109,37 @@ class ModelSpec:
                                          std=self.std or model.std.flatten())
         record_preprocessing(model, self)
         return model
+
+
+def init_normalisation(init: str | None
+                       ) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The normalisation a run's initial model file records, if it records one (None for
+    clean checkpoints and for model files that use their backbone's configuration)."""
+    if init is None or init.startswith("hub:"):
+        return None
+    if init.startswith(("runs:/", "models:/")):
+        from raytrain_at.model_refs import local_model_file
+
+        path = local_model_file(init)
+    else:
+        path = Path(init).expanduser()
+        if path.is_dir():
+            path = path / MODEL_FILE
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            text = (handle.metadata() or {}).get(SPEC_KEY)
+    except (SafetensorError, OSError):
+        return None
+    if text is None:
+        return None
+    spec = ModelSpec.from_json(text, str(path))
+    if spec.mean is None and spec.std is None:
+        return None
+    reference = spec.build()  # fills in whichever of the two the file left to the cfg
+    return (tuple(float(v) for v in reference.mean.flatten()),
+            tuple(float(v) for v in reference.std.flatten()))
 
 
 def record_preprocessing(model: nn.Module, spec: ModelSpec) -> None:
