@@ -249,6 +249,11 @@ class ModelRegistry:
                 f"(robust_acc_{threat} {value:.4f})")
         _retry(lambda: client.set_registered_model_tag(
             registration.name, f"alias_log.{alias}.{int(time.time() * 1000)}", note), "alias log")
+        # The Models page lists registered models with their tags: one tag per threat says
+        # what the champion holds, where it was measured, so the list itself compares models.
+        _retry(lambda: client.set_registered_model_tag(
+            registration.name, f"robust_acc_{threat}",
+            f"{100 * value:.1f}% (v{registration.version}; {comparable})"), "champion tag")
         registration.aliases_taken.append(alias)
         registration.alias_notes.append(note)
         log.info(note)
