@@ -127,11 +127,17 @@ def register_model(model_ref: str, name: str, *, eval_path: str | Path | None = 
         return ModelRegistry(tracking_uri).register(
             name=name, model_dir=folder, params=params, metrics=metrics, tags=tags,
             comparable=comparable, eligible=result is not None and result.trustworthy,
-            source_run_id=metadata.get("raytrain_at.source_run"),
+            source_run_id=metadata.get("raytrain_at.source_run") or _run_of_reference(model_ref),
             evaluation_file=Path(eval_path) if eval_path is not None else None,
             dataset=evaluation_dataset(result) if result is not None else None)
     finally:
         shutil.rmtree(folder.parent, ignore_errors=True)
+
+
+def _run_of_reference(model_ref: str) -> str | None:
+    """The run a ``runs:/RUN_ID/...`` reference names (a model file without its own record)."""
+    parts = model_ref.split("/")
+    return parts[1] if model_ref.startswith("runs:/") and len(parts) > 2 else None
 
 
 def evaluation_dataset(result: EvaluationResult):

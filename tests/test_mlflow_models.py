@@ -91,6 +91,9 @@ def test_run_artifact_holds_both_formats(store, small_model_file, tmp_path) -> N
     with torch.no_grad():
         ours = raytrain_at.load_model(uri)(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(by_pytorch, ours, rtol=1e-5, atol=1e-6)
+    # Registered from the run's reference, the version points back at that run.
+    done = register_model(uri, "from-run", unevaluated=True)
+    assert client.get_model_version("from-run", done.version).run_id == run.info.run_id
 
 
 def _free_port() -> int:
