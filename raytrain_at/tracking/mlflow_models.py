@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from raytrain_at.errors import UserError
+
 log = logging.getLogger(__name__)
 
 SPEC_METADATA_KEY = "raytrain_at.model_spec"
@@ -57,12 +59,18 @@ def write_mlflow_model(model_file: str | Path, folder: str | Path) -> Path:
 
     loaded = load_model_file(model_file)
     folder = Path(folder)
-    mlflow.pytorch.save_model(
-        loaded.module.eval(), str(folder), input_example=input_example(loaded.spec.resolution),
-        serialization_format="pt2", pip_requirements=_requirements(),
-        metadata={SPEC_METADATA_KEY: loaded.spec.to_json(),
-                  "input": "float32 images in [0, 1], shape (batch, 3, side, side)",
-                  "weights_sha256": loaded.weights_sha256})
+    try:
+        mlflow.pytorch.save_model(
+            loaded.module.eval(), str(folder),
+            input_example=input_example(loaded.spec.resolution), serialization_format="pt2",
+            pip_requirements=_requirements(),
+            metadata={SPEC_METADATA_KEY: loaded.spec.to_json(),
+                      "input": "float32 images in [0, 1], shape (batch, 3, side, side)",
+                      "weights_sha256": loaded.weights_sha256})
+    except Exception as exc:  # noqa: BLE001 - torch.export refuses some models; say which
+        raise UserError(f"{model_file}: {loaded.spec.name} cannot be exported as an MLflow "
+                        f"pt2 model ({type(exc).__name__}: "
+                        f"{str(exc).strip().splitlines()[0][:200]})") from None
     shutil.copy2(model_file, folder / MODEL_FILE)
     return folder
 
@@ -82,6 +90,8 @@ def log_model_artifacts(target: Any, run_id: str, model_file_path: str | Path,
         artifact_path: the folder in the run's artifacts.
     """
     client = getattr(target, "client", target)
+    # The project's file first: a model torch.export refuses still leaves the run its weights.
+    client.log_artifact(run_id, str(model_file_path), artifact_path)
     with tempfile.TemporaryDirectory(prefix="raytrain-at-mlflow-model-") as tmp:
         folder = write_mlflow_model(model_file_path, Path(tmp) / artifact_path)
         client.log_artifacts(run_id, str(folder), artifact_path)
