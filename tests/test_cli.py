@@ -24,6 +24,7 @@ def test_quickstart_trains_evaluates_registers(tmp_path) -> None:
     AutoAttack in three norms, registration and the leaderboard."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", RAYTRAIN_AT_HOME=str(tmp_path / "home"))
     env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("COLUMNS", None)  # piped output: the leaderboard is as wide as it needs
     result = subprocess.run(CLI + ["quickstart"], capture_output=True, text=True, timeout=2400,
                             env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
