@@ -3,7 +3,7 @@
 VENV  := .venv
 STAMP := $(VENV)/.raytrain-at-installed
 
-.PHONY: demo test setup
+.PHONY: demo test setup browser-check
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
@@ -15,3 +15,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest
+
+# The registry page in a real browser (headless Debian chromium over a loopback mlflow server):
+# installs chromium once, then runs the two slow page checks (about 2 minutes on 2 cores).
+browser-check: $(STAMP)
+	bash scripts/setup_browser.sh
+	$(VENV)/bin/python -m pytest -m slow tests/test_registry_server.py -k "screenshot or models_page"

@@ -173,6 +173,8 @@ def evaluate(
                                             "--severity) | imagenet-c (15 types x 5 severities, "
                                             "mean accuracy as RobustBench's)"),
     severity: int = typer.Option(3, help="corruption severity 1..5 of the mix protocol"),
+    robustbench_json: Path = typer.Option(None, help="also write the result in RobustBench's "
+                                          "model-info form (Linf / L2 / L1 records)"),
 ) -> None:
     """AutoAttack a model in l_inf / l_2 / l_1 (sharded, resumable); optional sweeps and
     corruptions; writes a result JSON and prints the summary."""
@@ -195,10 +197,16 @@ def evaluate(
                           else _int_list(resolution_sweep, "--resolution-sweep")
                           if resolution_sweep else None),
         corruptions=corruptions, severity=severity, corruption_protocol=corruption_protocol)
+    if robustbench_json is not None:
+        from raytrain_at.evaluation.robustbench_info import check_writable, write_model_info
+
+        check_writable(robustbench_json)
     result, path = run_evaluation(request)
     console = make_console()
     console.print(summary_table(result))
     console.print(f"result: {path}")
+    if robustbench_json is not None:
+        console.print(f"RobustBench model info: {write_model_info(result, robustbench_json)}")
 
 
 def _int_list(text: str, what: str) -> list[int]:
@@ -230,17 +238,40 @@ def register(
         print(f"  {note}")
 
 
+@app.command("import")
+def import_(
+    source: str = typer.Argument(..., help="robustbench:NAME, e.g. "
+                                 "robustbench:Singh2023Revisiting_ConvNeXt-T-ConvStem"),
+    checkpoint: Path = typer.Argument(..., help="downloaded checkpoint (.pt/.pth/.safetensors)"),
+    out: Path = typer.Option(..., help="model file to write (model.safetensors)"),
+) -> None:
+    """Import a published checkpoint (RobustBench's Singh2023Revisiting_* entries) as a model
+    file that evaluate, register and train (model.init) take like our own."""
+    from raytrain_at.models.robustbench import import_robustbench
+
+    print(f"wrote {import_robustbench(source, checkpoint, out)}")
+
+
 @app.command()
 def leaderboard(
     threat: str = typer.Option("linf", help="sort by linf | l2 | l1 robust accuracy"),
     size: str = typer.Option(None, help="small (<30M) | medium (30-80M) | large (>=80M)"),
     name: str = typer.Option(None, help="only this registered model"),
+    format_: str = typer.Option("table", "--format", help="table | markdown | csv | json"),
 ) -> None:
-    """The registered models as the paper's Table 2, best first."""
-    from raytrain_at.quickstart import make_console
-    from raytrain_at.registration import leaderboard as rows_of, leaderboard_table
+    """The registered models as the paper's Table 2 (with radius, data and n), best first."""
+    from raytrain_at.evaluation.threats import THREAT_TITLES
+    from raytrain_at.leaderboard_formats import FORMATS, print_table, render
+    from raytrain_at.registration import leaderboard as rows_of
 
-    make_console().print(leaderboard_table(rows_of(threat, size, name), threat))
+    if format_ not in FORMATS:
+        raise UserError(f"--format {format_!r}: use one of {', '.join(FORMATS)}")
+    shown = render(rows_of(threat, size, name), format_,
+                   f"Registered robust models, sorted by {THREAT_TITLES[threat]}")
+    if format_ == "table":
+        print_table(shown)
+    else:
+        print(shown)
 
 
 @data_app.command("write-ffcv")

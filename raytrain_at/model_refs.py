@@ -50,10 +50,11 @@ def resolve_model(reference: str, *, resolution: int | None = None,
 
 
 def load_model(reference: str, *, resolution: int | None = None,
-               device: str | torch.device = "cpu") -> nn.Module:
+               device: str | torch.device = "cpu", tracking_uri: str | None = None) -> nn.Module:
     """The module ``reference`` names, ready for evaluation (eval mode, [0, 1] inputs).
 
     Example:
         >>> model = raytrain_at.load_model("models:/convnext-tiny-cvst@champion-linf")
     """
-    return resolve_model(reference, resolution=resolution, device=device).module
+    return resolve_model(reference, resolution=resolution, device=device,
+                         tracking_uri=tracking_uri).module

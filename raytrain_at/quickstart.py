@@ -121,6 +121,7 @@ def _evaluate_and_register(console: Console, model_ref: str, config, eval_n: int
 
     from raytrain_at.evaluation.evaluate import EvaluationRequest, evaluate
     from raytrain_at.evaluation.result import summary_table
+    from raytrain_at.leaderboard_formats import print_table
     from raytrain_at.registration import leaderboard, leaderboard_table, register_model
 
     console.print(f"[bold]evaluating[/bold] the adversarially trained model: standard AutoAttack "
@@ -138,4 +139,4 @@ def _evaluate_and_register(console: Console, model_ref: str, config, eval_n: int
                   + ("" if result.trustworthy else " (forced: a guard failed, tagged)"))
     for note in done.alias_notes:
         console.print(f"  {note}")
-    console.print(leaderboard_table(leaderboard("linf"), "linf"))
+    print_table(leaderboard_table(leaderboard("linf"), "linf"))  # wide enough for every cell

@@ -8,19 +8,22 @@ refused unless forced, and then tagged), and the explicit choice to register wit
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from raytrain_at.errors import UserError
 from raytrain_at.evaluation.result import EvaluationResult, read_result
 from raytrain_at.evaluation.threats import THREAT_TITLES
+from raytrain_at.leaderboard_formats import records
 from raytrain_at.model_refs import local_model_file
 from raytrain_at.models.model_files import file_sha256, read_model_spec
 
-THREAT_ORDER = ["linf", "l2", "l1"]
+GUARDS_FILE = "guards.json"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -69,9 +72,8 @@ def registration_payload(model_file: Path, result: EvaluationResult | None,
         tags["evaluated"] = "false"
         return params, metrics, tags, comparable
     tags["evaluated"] = "true"
+    # One tag says whether to trust the numbers; the guards themselves are in guards.json.
     tags["trustworthy"] = str(result.trustworthy).lower()
-    for guard in result.guards:
-        tags[f"guard.{re.sub(r'[^A-Za-z0-9_.-]', '_', guard.name)}"] = "pass" if guard.passed else f"FAIL: {guard.detail}"[:400]
     metrics.update(result.metrics())
     params.update({"attack_version": result.version, "eval_kernels": result.kernels,
                    "eval_n": result.data.n,
@@ -112,59 +114,78 @@ def register_model(model_ref: str, name: str, *, eval_path: str | Path | None = 
     params, metrics, tags, comparable = registration_payload(model_file, result, model_ref)
     if result is not None and not result.trustworthy:
         tags["forced"] = "true"
-    extras = []
-    if eval_path is not None:
-        extras.append(Path(eval_path))
-        for sweep in (result.eps_sweep, result.resolution_sweep):
-            if sweep is not None and sweep.plot:
-                extras.append(Path(sweep.plot))
-    folder = stage_model_dir(model_file, extras)
+    with tempfile.TemporaryDirectory(prefix="raytrain-at-guards-") as tmp:
+        extras = []
+        if eval_path is not None and result is not None:
+            extras.append(Path(eval_path))
+            guards = Path(tmp) / GUARDS_FILE
+            guards.write_text(json.dumps([g.model_dump() for g in result.guards], indent=1))
+            extras.append(guards)
+            for sweep in (result.eps_sweep, result.resolution_sweep):
+                if sweep is not None and sweep.plot:
+                    extras.append(Path(sweep.plot))
+        folder = stage_model_dir(model_file, extras)
+    _, metadata = read_model_spec(model_file)
     try:
         return ModelRegistry(tracking_uri).register(
             name=name, model_dir=folder, params=params, metrics=metrics, tags=tags,
-            comparable=comparable, eligible=result is not None and result.trustworthy)
+            comparable=comparable, eligible=result is not None and result.trustworthy,
+            source_run_id=metadata.get("raytrain_at.source_run") or _run_of_reference(model_ref),
+            evaluation_file=Path(eval_path) if eval_path is not None else None,
+            dataset=evaluation_dataset(result) if result is not None else None)
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(folder.parent, ignore_errors=True)
+
+
+def _run_of_reference(model_ref: str) -> str | None:
+    """The run a ``runs:/RUN_ID/...`` reference names (a model file without its own record)."""
+    parts = model_ref.split("/")
+    return parts[1] if model_ref.startswith("runs:/") and len(parts) > 2 else None
+
+
+def evaluation_dataset(result: EvaluationResult):
+    """The evaluation data as an MLflow dataset. The digest covers what identifies the images
+    the attack saw (file size, its first and last MiB, n, side, crop) rather than whole files
+    of gigabytes; a file that no longer exists is named by its recorded facts only."""
+    from raytrain_at.tracking.registry import EvaluationDataset
+
+    data = result.data
+    digest = hashlib.sha256(f"{data.n}|{data.resolution}|{data.crop_pct}".encode())
+    path = Path(data.path)
+    if path.is_file():
+        size = path.stat().st_size
+        digest.update(str(size).encode())
+        with open(path, "rb") as handle:
+            digest.update(handle.read(1 << 20))
+            handle.seek(max(0, size - (1 << 20)))
+            digest.update(handle.read(1 << 20))
+    name = f"{path.stem or data.path}-n{data.n}-{data.resolution}px"
+    profile = json.dumps({"n": data.n, "resolution": data.resolution,
+                          "crop_pct": data.crop_pct})
+    return EvaluationDataset(name=name, digest=digest.hexdigest()[:16],
+                             source=str(path.resolve()) if path.is_file() else data.path,
+                             profile=profile)
 
 
 def leaderboard(threat: str = "linf", size: str | None = None, name: str | None = None,
                 tracking_uri: str | None = None) -> list[dict[str, Any]]:
-    """Registered versions as Table 2 rows, best first for ``threat``."""
+    """Registered versions as Table 2 rows, best first for ``threat``.
+
+    Raises:
+        UserError: ``name`` is not a registered model (an empty table would hide the typo).
+    """
     from raytrain_at.tracking.registry import ModelRegistry, leaderboard_rows
 
-    return leaderboard_rows(ModelRegistry(tracking_uri).rows(name), threat, size)
-
-
-def _aliases_text(aliases: list[str]) -> str:
-    """``champion-linf, champion-l2`` -> ``champion: linf, l2`` (other aliases kept as they are)."""
-    champions = [a.removeprefix("champion-") for a in aliases if a.startswith("champion-")]
-    others = sorted(a for a in aliases if not a.startswith("champion-"))
-    parts = ([f"champion: {', '.join(sorted(champions, key=THREAT_ORDER.index))}"]
-             if champions else []) + others
-    return "; ".join(parts)
+    registry = ModelRegistry(tracking_uri)
+    rows = registry.rows(name)
+    if name is not None and not rows and not registry.has_model(name):
+        raise UserError(f"--name {name!r}: no registered model of that name in "
+                        f"{registry.tracking_uri}")
+    return leaderboard_rows(rows, threat, size)
 
 
 def leaderboard_table(rows: list[dict[str, Any]], threat: str):
-    """A rich table in the layout of the paper's Table 2."""
-    from rich.table import Table
+    """A rich table in the layout of the paper's Table 2, with radius, data and n."""
+    from raytrain_at.leaderboard_formats import rich_table
 
-    table = Table(title=f"Registered robust models, sorted by {THREAT_TITLES[threat]}")
-    for column, justify in (("model", "left"), ("architecture", "left"), ("params (M)", "right"),
-                            ("FLOPs (G)", "right"), ("epochs", "right"), ("steps", "right"),
-                            ("clean", "right"), ("l_inf", "right"), ("l_2", "right"),
-                            ("l_1", "right"), ("aliases", "left")):
-        table.add_column(column, justify=justify)
-
-    def pct(value: float | None) -> str:
-        return "-" if value is None else f"{100 * value:.1f}"
-
-    for row in rows:
-        p, m = row["params"], row["metrics"]
-        stem = p.get("stem", "default")
-        table.add_row(f"{row['name']} v{row['version']}",
-                      p.get("architecture", "?") + ("" if stem == "default" else f" [{stem}]"),
-                      p.get("params_m", "?"), p.get("flops_g", "?"), p.get("epochs") or "-",
-                      p.get("attack_steps") or "-", pct(m.get("clean_acc")),
-                      pct(m.get("robust_acc_linf")), pct(m.get("robust_acc_l2")),
-                      pct(m.get("robust_acc_l1")), _aliases_text(row["aliases"]))
-    return table
+    return rich_table(records(rows), f"Registered robust models, sorted by {THREAT_TITLES[threat]}")

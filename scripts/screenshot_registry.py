@@ -48,6 +48,7 @@ from typing import Any
 
 HOST = "127.0.0.1"
 PAGES = {
+    "models": "#/models",
     "version": "#/models/{name}/versions/{version}",
     "model": "#/models/{name}",
     "logged-model": "#/experiments/{experiment_id}/models/{model_id}",
@@ -244,12 +245,12 @@ def build_model(path: Path, epochs: int = 2) -> Path:
 
 
 def evaluate_model(model_file: Path, work: Path, data: str) -> Path:
-    """AutoAttack apgdt, l_inf and l_2, on the first 16 images of ``data`` (a bundled dataset or
-    a .beton), in this process."""
+    """AutoAttack apgdt, l_inf, l_2 and l_1, on the first 16 images of ``data`` (a bundled
+    dataset or a .beton), in this process."""
     from raytrain_at.evaluation.evaluate import EvaluationRequest, evaluate
 
     _, out = evaluate(EvaluationRequest(
-        model_ref=str(model_file), data=data, norms=["linf", "l2"], version="apgdt", n=16,
+        model_ref=str(model_file), data=data, norms=["linf", "l2", "l1"], version="apgdt", n=16,
         batch_size=16, out=work / "evaluation.json", state_root=work / "eval-state"))
     return out
 
@@ -299,11 +300,27 @@ def png_check(path: Path, window: str) -> dict[str, Any]:
     return info
 
 
+def changed_fraction(before: Path, after: Path) -> float:
+    """Share of pixels that differ visibly between two screenshots of one page (a model row,
+    aliases and tags that appear are thousands of pixels; a page that did not render them is
+    the same picture)."""
+    from PIL import Image, ImageChops
+
+    with Image.open(before) as a, Image.open(after) as b:
+        diff = ImageChops.difference(a.convert("RGB"), b.convert("RGB")).convert("L")
+        changed = sum(diff.histogram()[24:])
+        return changed / (diff.size[0] * diff.size[1])
+
+
 def page_evidence(page: str, registration, evaluated: bool) -> list[str]:
     """Strings the rendered DOM must hold: ones only the server's answers can put there."""
     name = registration.name
     if page == "logged-model":
         return [name, "clean_acc" if evaluated else "architecture"]
+    if page in ("models", "model"):  # the model, its champion aliases and accuracy tags
+        return [name, *registration.aliases_taken,
+                *[f"robust_acc_{alias.removeprefix('champion-')}"
+                  for alias in registration.aliases_taken]]
     evidence = [name, "code_version"]  # a version tag every registration sets
     if registration.aliases_taken:
         evidence.append(registration.aliases_taken[0])
@@ -331,7 +348,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--name", default="robust-digits-demo",
                         help="registered model name [robust-digits-demo]")
     parser.add_argument("--page", choices=sorted(PAGES), default="version",
-                        help="version: the registered version (aliases, tags); model: the "
+                        help="models: the Models list (names, champion aliases, accuracy "
+                             "tags); version: the registered version (aliases, tags); model: the "
                              "registered model (versions table); logged-model: the logged model "
                              "(metrics, params) [version]")
     parser.add_argument("--window-size", default="1400,1000", help="W,H [1400,1000]")
@@ -401,6 +419,12 @@ def main(argv: list[str] | None = None) -> int:
                 if eval_path is None and not args.unevaluated:
                     eval_path = evaluate_model(model_file, work, args.data)
                 server.wait_ready(args.startup_timeout)
+                baseline = None
+                if args.page in ("models", "model"):  # before: to see what registering adds
+                    baseline = work / "before.png"
+                    run_chromium(binary, [f"--screenshot={baseline}"], f"{server.url}/" + PAGES[
+                        args.page].format(name=urllib.parse.quote(args.name, safe="")),
+                                 work / "chromium-before", args.window_size, args.budget_ms)
                 registration = register_model(str(model_file), args.name, eval_path=eval_path,
                                               unevaluated=eval_path is None,
                                               tracking_uri=server.url)
@@ -426,6 +450,9 @@ def main(argv: list[str] | None = None) -> int:
         png = png_check(out, args.window_size)
         evidence = page_evidence(args.page, registration, eval_path is not None)
         found = {text: text in dom.stdout for text in evidence}
+        if baseline is not None:
+            png["changed_vs_empty"] = changed_fraction(baseline, out)
+            png["ok"] = png["ok"] and png["changed_vs_empty"] > 0.005
         ok = shot.returncode == 0 and png["ok"] and all(found.values())
         report = {
             "ok": ok, "url": url, "png": str(out), "dom": str(dom_out), "page": args.page,

@@ -24,6 +24,7 @@ def test_quickstart_trains_evaluates_registers(tmp_path) -> None:
     AutoAttack in three norms, registration and the leaderboard."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", RAYTRAIN_AT_HOME=str(tmp_path / "home"))
     env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("COLUMNS", None)  # piped output: the leaderboard is as wide as it needs
     result = subprocess.run(CLI + ["quickstart"], capture_output=True, text=True, timeout=2400,
                             env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -39,6 +40,28 @@ def test_quickstart_trains_evaluates_registers(tmp_path) -> None:
     assert "quickstart-convnext-atto-cvst v1" in result.stdout
     assert "champion: linf" in result.stdout
     assert (tmp_path / "mlflow.db").is_file()
+    _champion_is_durable_and_plain_mlflow(tmp_path)
+
+
+def _champion_is_durable_and_plain_mlflow(folder: Path) -> None:
+    """Every experiment keeps its artifacts in the quickstart's folder, and the champion loads
+    with plain MLflow (raytrain_at blocked) predicting what raytrain_at.load_model predicts."""
+    import numpy as np
+    import torch
+    from plain_mlflow import artifact_folders, plain_mlflow_predict
+
+    import raytrain_at
+
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    for name, location in artifact_folders(uri).items():
+        assert location.is_relative_to(folder), (name, location)
+    champion = "models:/quickstart-convnext-atto-cvst@champion-linf"
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)).numpy()
+    by_pytorch, by_pyfunc, _ = plain_mlflow_predict(champion, x, uri, folder / "plain")
+    with torch.no_grad():
+        ours = raytrain_at.load_model(champion, tracking_uri=uri)(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(by_pytorch, ours, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(by_pyfunc, ours, rtol=1e-5, atol=1e-6)
 
 
 def test_models_table_matches_table14() -> None:

@@ -3,6 +3,8 @@ and one-line errors that register nothing."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import subprocess
@@ -142,6 +144,8 @@ def _bad_inputs(tmp_path: Path, model: str, result: Path):
         ([model, "--eval", str(wrong_format)], "not a raytrain-at evaluation"),
         ([model, "--eval", str(truncated)], "threats"),
         ([model], "--unevaluated"),
+        (["models:/nosuch@champion-linf", "--unevaluated"], "'models:/nosuch@champion-linf'"),
+        (["models:/net/99", "--unevaluated"], "'models:/net/99'"),
     ]
 
 
@@ -193,3 +197,102 @@ def test_leaderboard_command_prints_table2_columns(store, robust_model_file, wea
     assert "board v" not in empty.output
     with pytest.raises(raytrain_at.UserError, match="'l3'"):
         leaderboard("l3")
+
+
+def test_leaderboard_formats_carry_radius_data_and_n(store, robust_model_file, evaluations,
+                                                     monkeypatch, capsys):
+    register_model(robust_model_file, "fmt", eval_path=evaluations["strong"])
+    result = json.loads(Path(evaluations["strong"]).read_text())
+    shown = CliRunner().invoke(app, ["leaderboard", "--format", "json"], catch_exceptions=False)
+    [item] = json.loads(shown.output)
+    assert item["model"] == "fmt" and item["n"] == result["data"]["n"] == 16
+    assert item["data"] == Path(result["data"]["path"]).name
+    assert item["eps_linf"] == pytest.approx(result["threats"]["linf"]["eps"], rel=1e-5)
+    assert item["robust_acc_l2"] == result["threats"]["l2"]["robust_accuracy"]
+    assert item["eps_l1"] is None and item["robust_acc_l1"] is None  # not evaluated
+    as_csv = CliRunner().invoke(app, ["leaderboard", "--format", "csv"], catch_exceptions=False)
+    [row] = list(csv.DictReader(io.StringIO(as_csv.output)))
+    assert row["n"] == "16" and float(row["eps_l2"]) == pytest.approx(item["eps_l2"])
+    as_md = CliRunner().invoke(app, ["leaderboard", "--format", "markdown"],
+                               catch_exceptions=False).output.splitlines()
+    assert "| eps l_inf |" in as_md[0] and as_md[1].startswith("|---|")
+    eps255 = round(item["eps_linf"] * 255)
+    assert f"| {eps255}/255 |" in as_md[2] and "| 16 |" in as_md[2]
+    # Not a terminal and no COLUMNS: as wide as the table needs (nothing cut); COLUMNS wins.
+    monkeypatch.delenv("COLUMNS", raising=False)
+    wide = CliRunner().invoke(app, ["leaderboard"], catch_exceptions=False).output
+    assert "champion: linf, l2" in wide and max(map(len, wide.splitlines())) > 120
+    monkeypatch.setenv("COLUMNS", "90")
+    narrow = CliRunner().invoke(app, ["leaderboard"], catch_exceptions=False).output
+    assert max(map(len, narrow.splitlines())) <= 90
+    for args, fragment in ((["--name", "nosuch"], "--name 'nosuch'"),
+                           (["--format", "xml"], "--format 'xml'")):
+        monkeypatch.setattr(sys, "argv", ["raytrain-at", "leaderboard", *args])
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(lines) == 1 and fragment in lines[0], lines
+
+
+def test_version_hangs_off_its_training_run(store, robust_model_file, eval_home, tmp_path):
+    """Lineage: version, logged model, evaluation JSON, dataset input and metrics all belong to
+    the training run named in the model file; guards are one JSON artifact plus one tag."""
+    from mlflow.tracking import MlflowClient
+    from safetensors.torch import load_file, save_file
+
+    client = MlflowClient(tracking_uri=store)
+    training = client.create_run(client.create_experiment("training")).info.run_id
+    trained = tmp_path / "trained" / "model.safetensors"
+    trained.parent.mkdir()
+    from raytrain_at.models.model_files import read_model_spec
+
+    spec, meta = read_model_spec(robust_model_file)
+    save_file(load_file(robust_model_file), str(trained), metadata=dict(
+        meta, **{"raytrain_at.model_spec": spec.to_json(), "raytrain_at.source_run": training}))
+    evaluation = _evaluate(str(trained), tmp_path / "eval.json", tmp_path / "state")
+    done = register_model(str(trained), "lineage", eval_path=evaluation)
+    version = client.get_model_version("lineage", done.version)
+    assert version.run_id == done.run_id == training
+    logged = client.get_logged_model(done.model_id)
+    assert logged.source_run_id == training
+    assert not [k for k in version.tags if k.startswith("guard.")]
+    assert version.tags["trustworthy"] == "true"
+    model_files = {Path(a.path).name for a in client.list_logged_model_artifacts(done.model_id)}
+    assert {"guards.json", "eval.json", "MLmodel", "model.safetensors"} <= model_files
+    run = client.get_run(training)
+    assert [Path(a.path).name for a in client.list_artifacts(
+        training, f"evaluation/{done.model_id}")] == ["eval.json"]
+    [dataset_input] = run.inputs.dataset_inputs
+    dataset = dataset_input.dataset
+    assert dataset.digest and "n16" in dataset.name
+    linked = {m.key: (m.dataset_name, m.dataset_digest) for m in logged.metrics}
+    assert linked["robust_acc_linf"] == (dataset.name, dataset.digest)
+
+
+def test_robustbench_model_info_of_an_evaluation(evaluations, robust_model_file, tmp_path,
+                                                  monkeypatch, capsys):
+    from raytrain_at.evaluation.result import read_result
+    from raytrain_at.evaluation.robustbench_info import write_model_info
+
+    info_path = write_model_info(read_result(evaluations["strong"]), tmp_path / "rb.json")
+    info = json.loads(info_path.read_text())
+    result = json.loads(Path(evaluations["strong"]).read_text())
+    assert set(info) == {"Linf", "L2"}
+    linf = result["threats"]["linf"]
+    assert info["Linf"]["threat_model"] == "Linf" and info["Linf"]["n"] == 16
+    assert info["Linf"]["eps"] == f"{round(linf['eps'] * 255)}/255"
+    assert info["L2"]["eps"] == f"{result['threats']['l2']['eps']:g}"
+    assert info["Linf"]["autoattack_acc"] == f"{100 * linf['robust_accuracy']:.2f}"
+    assert info["Linf"]["clean_acc"] == f"{100 * linf['clean_accuracy']:.2f}"
+    assert info["Linf"]["unreliable"] is True  # not the standard AutoAttack
+    assert info["Linf"]["data"] == result["data"]["path"]
+    # The command checks the file before any attack runs.
+    monkeypatch.setattr(sys, "argv", [
+        "raytrain-at", "evaluate", robust_model_file, "--data", "digits",
+        "--robustbench-json", str(tmp_path / "no" / "such" / "x.json")])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and "does not exist" in lines[0], lines

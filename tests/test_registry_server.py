@@ -137,10 +137,16 @@ def test_model_loads_back_by_alias_through_the_server(served, monkeypatch, tmp_p
     assert not (tmp_path / "mlflow.db").exists()
 
 
+def _require_chromium() -> None:
+    """A missing browser fails the check rather than skipping it: `make browser-check`
+    installs Debian's chromium (scripts/setup_browser.sh) before running these."""
+    if shutil.which("chromium") is None:
+        pytest.fail("chromium not installed: run scripts/setup_browser.sh (make browser-check)")
+
+
 @pytest.mark.slow
 def test_screenshot_script_renders_the_version_page(tmp_path):
-    if shutil.which("chromium") is None:
-        pytest.skip("chromium not installed (apt-get install chromium)")
+    _require_chromium()
     out = tmp_path / "registry.png"
     done = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out)], capture_output=True,
                           text=True, timeout=600, cwd=tmp_path)
@@ -156,3 +162,25 @@ def test_screenshot_script_renders_the_version_page(tmp_path):
         assert len(image.convert("RGB").getcolors(maxcolors=1 << 24)) > 64
     assert out.stat().st_size > 20_000
     assert "robust-digits-demo" in (tmp_path / "registry.html").read_text()
+
+
+@pytest.mark.slow
+def test_models_page_lists_champions_and_robust_accuracies(tmp_path):
+    """The registered model's page of a real server, in headless Chromium: the model, its
+    champion-linf / -l2 / -l1 aliases and robust-accuracy tags are in the rendered page, and
+    the screenshot visibly differs from the same page before the registration."""
+    _require_chromium()
+    out = tmp_path / "models.png"
+    done = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--page", "model"],
+                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["ok"] and report["url"].endswith("/#/models/robust-digits-demo")
+    for threat in ("linf", "l2", "l1"):
+        assert report["dom_contains"][f"champion-{threat}"], report["dom_contains"]
+        assert report["dom_contains"][f"robust_acc_{threat}"], report["dom_contains"]
+    dom = (tmp_path / "models.html").read_text()
+    for threat in ("linf", "l2", "l1"):
+        shown = f"{100 * report['metrics'][f'robust_acc_{threat}']:.1f}%"
+        assert shown in dom, (threat, shown)
+    assert report["png_check"]["changed_vs_empty"] > 0.005

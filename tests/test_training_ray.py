@@ -12,6 +12,7 @@ import time
 
 import pytest
 from mlflow.tracking import MlflowClient
+from plain_mlflow import artifact_folders
 
 from raytrain_at.config import flatten, load_config
 from raytrain_at.training.launch import launch, prepare_run
@@ -55,8 +56,12 @@ def test_two_worker_run_trains_tracks_and_resumes(ray_local, tmp_path) -> None:
     assert set(run.data.params) == set(flatten(prepared.config))
     losses = _history(client, run.info.run_id, "train_loss")
     assert [s for s, _ in losses] == [1, 2] and losses[1][1] < losses[0][1]
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == [
-        "model/model.safetensors"]
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} >= {
+        "model/model.safetensors", "model/MLmodel"}  # ours, and a plain MLflow model
+    # Experiments keep artifacts next to the store, never in Ray's session folder.
+    folders = artifact_folders(uri)
+    assert folders["quickstart"].is_relative_to(tmp_path), folders
+    assert not any("session_" in str(folder) for folder in folders.values()), folders
     assert {m.key for m in client.get_metric_history(run.info.run_id, "heldout_robust_accuracy")}
 
     # Same run name, one more epoch: resumes at epoch 2 instead of starting over.

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from raytrain_at.errors import UserError
 from raytrain_at.models.backbones import set_test_resolution
-from raytrain_at.models.pixel_space import unwrap
+from raytrain_at.models.pixel_space import PixelSpaceClassifier, unwrap
 
 SPEC_KEY = "raytrain_at.model_spec"
 MODEL_FILE = "model.safetensors"
@@ -41,6 +41,9 @@ class ModelSpec:
         resolution: input side the model was trained at, in pixels.
         crop_pct: evaluation preprocessing: bicubic resize to ``resolution / crop_pct``, then a
             centre crop of ``resolution`` (the paper's App. A.4).
+        mean, std: the per-channel normalisation inside the model, when it differs from the
+            backbone's pretrained configuration (e.g. none at all, mean 0 and std 1, for
+            RobustBench checkpoints trained on raw pixels); None for the configuration's.
     """
 
     name: str
@@ -49,6 +52,15 @@ class ModelSpec:
     small_input: bool = False
     resolution: int = 224
     crop_pct: float = 0.875
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        # JSON gives lists; keep the spec hashable and comparable.
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            if value is not None:
+                object.__setattr__(self, key, tuple(float(v) for v in value))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -67,16 +79,21 @@ class ModelSpec:
             raise UserError(f"{source}: malformed model spec ({exc})") from None
         if not isinstance(spec.name, str) or not isinstance(spec.num_classes, int) \
                 or spec.num_classes < 1 or not isinstance(spec.resolution, int) \
-                or spec.resolution < 1 or not 0 < float(spec.crop_pct) <= 1:
+                or spec.resolution < 1 or not 0 < float(spec.crop_pct) <= 1 \
+                or any(v is not None and len(v) != 3 for v in (spec.mean, spec.std)) \
+                or (spec.std is not None and min(spec.std) <= 0):
             raise UserError(f"{source}: malformed model spec {text}")
         return spec
 
     @classmethod
     def from_run_config(cls, config: Any) -> "ModelSpec":
-        """The spec of a training run (a :class:`raytrain_at.config.RunConfig`)."""
+        """The spec of a training run (a :class:`raytrain_at.config.RunConfig`); a run that
+        starts from a model file keeps that file's normalisation (an imported RobustBench model
+        takes raw pixels)."""
+        mean, std = init_normalisation(config.model.init) or (None, None)
         return cls(name=config.model.name, num_classes=config.model.num_classes,
                    stem=config.model.stem, small_input=config.model.small_input,
-                   resolution=config.data.resolution)
+                   resolution=config.data.resolution, mean=mean, std=std)
 
     def build(self) -> nn.Module:
         """A freshly initialised model of this spec at its training resolution."""
@@ -85,8 +102,62 @@ class ModelSpec:
         # Exactly as training builds it (training.loop.build_model): the positional-embedding
         # grid of a ViT is timm's default for the name, whatever side it was trained at, so the
         # stored tensors fit; another test side is set after loading (load_model_file).
-        return create_robust_model(self.name, num_classes=self.num_classes, stem=self.stem,
-                                   small_input=self.small_input)
+        model = create_robust_model(self.name, num_classes=self.num_classes, stem=self.stem,
+                                    small_input=self.small_input)
+        if self.mean is not None or self.std is not None:
+            model = PixelSpaceClassifier(model.backbone, mean=self.mean or model.mean.flatten(),
+                                         std=self.std or model.std.flatten())
+        record_preprocessing(model, self)
+        return model
+
+
+def init_normalisation(init: str | None
+                       ) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The normalisation a run's initial model file records, if it records one (None for
+    clean checkpoints and for model files that use their backbone's configuration)."""
+    if init is None or init.startswith("hub:"):
+        return None
+    if init.startswith(("runs:/", "models:/")):
+        from raytrain_at.model_refs import local_model_file
+
+        path = local_model_file(init)
+    else:
+        path = Path(init).expanduser()
+        if path.is_dir():
+            path = path / MODEL_FILE
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            text = (handle.metadata() or {}).get(SPEC_KEY)
+    except (SafetensorError, OSError):
+        return None
+    if text is None:
+        return None
+    spec = ModelSpec.from_json(text, str(path))
+    if spec.mean is None and spec.std is None:
+        return None
+    reference = spec.build()  # fills in whichever of the two the file left to the cfg
+    return (tuple(float(v) for v in reference.mean.flatten()),
+            tuple(float(v) for v in reference.std.flatten()))
+
+
+def record_preprocessing(model: nn.Module, spec: ModelSpec) -> None:
+    """Write the input side, crop and normalisation the model was trained with into timm's
+    ``pretrained_cfg``, so ``timm.data.resolve_data_config(model=...)`` gives a transform that
+    fits: the backbone's cfg names its normalisation; the [0, 1]-pixel wrapper's cfg has mean 0
+    and std 1, because it normalises inside."""
+    backbone = unwrap(model)
+    base = dict(getattr(backbone, "pretrained_cfg", None) or {})
+    shared = dict(input_size=(3, spec.resolution, spec.resolution), crop_pct=spec.crop_pct,
+                  interpolation="bicubic", num_classes=spec.num_classes)
+    mean = [float(v) for v in model.mean.flatten()] if hasattr(model, "mean") else base.get("mean")
+    std = [float(v) for v in model.std.flatten()] if hasattr(model, "std") else base.get("std")
+    backbone.pretrained_cfg = backbone.default_cfg = dict(base, **shared, mean=tuple(mean),
+                                                          std=tuple(std))
+    if model is not backbone:
+        model.pretrained_cfg = model.default_cfg = dict(
+            base, **shared, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
 
 def state_dict_for_file(model: nn.Module) -> dict[str, torch.Tensor]:

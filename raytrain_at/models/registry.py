@@ -15,7 +15,7 @@ from typing import Any
 import timm
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import register_model
+from timm.models import generate_default_cfgs, register_model
 
 from raytrain_at.errors import UserError
 from raytrain_at.models.backbones import replace_stem, use_small_input_strides
@@ -85,6 +85,32 @@ def _iso_model(name: str, default_stem: str | None, pretrained: bool, kwargs: di
     return _finish(model, name, stem, cfg, pretrained, weights_file)
 
 
+def _cfg(first_conv: str, mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
+         std: tuple[float, ...] = IMAGENET_DEFAULT_STD, classifier: str = "head.fc"
+         ) -> dict[str, Any]:
+    """timm's pretrained cfg of one of our models: the paper's 224 px input with a 0.875 bicubic
+    crop (App. A.4) and the clean backbone's normalisation. No weights are hosted: a trained
+    model carries its own record (``raytrain_at.models.model_files``)."""
+    return dict(url="", num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7),
+                crop_pct=0.875, interpolation="bicubic", mean=mean, std=std,
+                first_conv=first_conv, classifier=classifier, license="apache-2.0")
+
+
+# Picked up by ``@register_model`` below (it looks for ``default_cfgs`` in this module), so
+# ``timm.models.get_pretrained_cfg(name)`` and ``timm.data.resolve_data_config`` know them.
+default_cfgs = generate_default_cfgs({
+    **{name: _cfg("stem.0") for name in (
+        "convnext_atto_cvst", "convnext_tiny_cvst", "convnext_small_cvst", "convnext_base_cvst",
+        "convnext_large_cvst")},
+    "vit_small_cvst": _cfg("patch_embed.proj.0", classifier="head"),
+    "vit_medium_cvst": _cfg("patch_embed.proj.0", classifier="head"),
+    "vit_base_cvst": _cfg("patch_embed.proj.0", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                          classifier="head"),
+    "convnext_iso_small": _cfg("stem", classifier="head"),
+    "convnext_iso_small_cvst": _cfg("stem.0", classifier="head"),
+})
+
+
 # ConvNeXt + ConvStem (Fig. 2; Table 8 C2 for ConvNeXt-B). Clean weights: Table 18.
 @register_model
 def convnext_tiny_cvst(pretrained: bool = False, **kwargs: Any) -> nn.Module:
@@ -105,6 +131,14 @@ def convnext_base_cvst(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """ConvNeXt-B + ConvStem: design C2 of Table 8 (64 s2, 96 s2, 128 s1)."""
     return _build("convnext_base_cvst", "convnext_base", "table8:C2", "convnext_base.fb_in1k",
                   pretrained, kwargs)
+
+
+@register_model
+def convnext_large_cvst(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """ConvNeXt-L + ConvStem: the ConvNeXt-B design C2 scaled to width 192 (96 s2, 144 s2,
+    192 s1), as in the paper's published ConvNeXt-L checkpoint (RobustBench)."""
+    return _build("convnext_large_cvst", "convnext_large", "k3s2c96LG-k3s2c144LG-k3s1cDLG",
+                  "convnext_large.fb_in1k", pretrained, kwargs)
 
 
 @register_model
@@ -151,7 +185,8 @@ def convnext_iso_small_cvst(pretrained: bool = False, **kwargs: Any) -> nn.Modul
 
 # The project's own names, and the PatchStem baselines of Table 14 (timm's own models).
 CONVSTEM_MODELS: tuple[str, ...] = (
-    "convnext_atto_cvst", "convnext_tiny_cvst", "convnext_small_cvst", "convnext_base_cvst", "vit_small_cvst",
+    "convnext_atto_cvst", "convnext_tiny_cvst", "convnext_small_cvst", "convnext_base_cvst",
+    "convnext_large_cvst", "vit_small_cvst",
     "vit_medium_cvst", "vit_base_cvst", "convnext_iso_small_cvst")
 PATCHSTEM_BASELINES: tuple[str, ...] = (
     "convnext_tiny", "convnext_small", "convnext_base", "vit_small_patch16_224",

@@ -24,10 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+from mlflow.entities import Dataset, DatasetInput, InputTag, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from raytrain_at.errors import UserError
+from raytrain_at.tracking.experiments import ensure_experiment
 from raytrain_at.tracking.runs import default_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -85,15 +87,22 @@ class Registration:
     alias_notes: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class EvaluationDataset:
+    """The data an evaluation ran on, as an MLflow dataset (name, digest, where it lives)."""
+
+    name: str
+    digest: str
+    source: str
+    profile: str
+
+    def entity(self) -> Dataset:
+        return Dataset(name=self.name, digest=self.digest, source_type="local",
+                       source=self.source, profile=self.profile)
+
+
 def _experiment_id(client: MlflowClient) -> str:
-    found = client.get_experiment_by_name(EXPERIMENT)
-    if found is not None:
-        return found.experiment_id
-    try:
-        return client.create_experiment(EXPERIMENT)
-    except MlflowException:  # created by a parallel registration meanwhile
-        return _retry(lambda: client.get_experiment_by_name(EXPERIMENT).experiment_id,
-                      "experiment")
+    return _retry(lambda: ensure_experiment(client, EXPERIMENT), "experiment")
 
 
 def _ensure_registered_model(client: MlflowClient, name: str) -> None:
@@ -124,34 +133,58 @@ class ModelRegistry:
     # ------------------------------------------------------------------ register
     def register(self, *, name: str, model_dir: Path, params: dict[str, Any],
                  metrics: dict[str, float], tags: dict[str, str],
-                 comparable: dict[str, str], eligible: bool) -> Registration:
+                 comparable: dict[str, str], eligible: bool,
+                 source_run_id: str | None = None, evaluation_file: Path | None = None,
+                 dataset: EvaluationDataset | None = None) -> Registration:
         """Log ``model_dir`` as a logged model and register it as a new version of ``name``.
 
         Args:
-            model_dir: folder with ``model.safetensors`` (and the evaluation files).
+            model_dir: folder with ``model.safetensors``, its MLflow model and the evaluation
+                files.
             params: architecture, size, training and evaluation facts.
             metrics: ``clean_acc``, ``robust_acc_<threat>`` ... (fractions).
-            tags: guard outcomes, weights hash, code version ...
+            tags: weights hash, code version, ``trustworthy`` ...
             comparable: per threat, what must match for two versions to be compared
                 (radius and data); stored as version tags.
             eligible: whether the version may take champion aliases (evaluated, trusted).
+            source_run_id: the training run that produced the weights. When it is in this
+                store, the version, the logged model, the evaluation and its metrics all hang
+                off that run; otherwise a ``register`` run of its own carries them.
+            evaluation_file: the evaluation result JSON, logged as an artifact of that run.
+            dataset: the evaluation data, logged as the run's dataset input; the metrics are
+                linked to it.
         """
         client = self.client
-        experiment = _experiment_id(client)
-        run = _retry(lambda: client.create_run(experiment, run_name=f"register {name}",
-                                               tags={"raytrain_at.registered_model": name}),
-                     "run")
-        run_id = run.info.run_id
+        source = self._existing_run(source_run_id)
+        if source is not None:
+            run_id, experiment, own_run = source.info.run_id, source.info.experiment_id, False
+        else:
+            experiment = _experiment_id(client)
+            run_id = _retry(lambda: client.create_run(
+                experiment, run_name=f"register {name}",
+                tags={"raytrain_at.registered_model": name}), "run").info.run_id
+            own_run = True
         try:
+            if own_run:
+                _retry(lambda: client.log_batch(run_id, params=[
+                    Param(k, v) for k, v in _params_text(params).items()]), "params")
             model = _retry(lambda: client.create_logged_model(
                 experiment, name=name, source_run_id=run_id, tags=tags,
                 params=_params_text(params), model_type=MODEL_TYPE), "logged model")
             _retry(lambda: client.log_model_artifacts(model.model_id, str(model_dir)),
                    "artifacts")
+            link: dict[str, str] = {}
+            if dataset is not None:
+                _retry(lambda: client.log_inputs(run_id, datasets=[DatasetInput(
+                    dataset.entity(), tags=[InputTag("mlflow.data.context", "evaluation")])]),
+                    "dataset")
+                link = {"dataset_name": dataset.name, "dataset_digest": dataset.digest}
+            if evaluation_file is not None:
+                _retry(lambda: client.log_artifact(run_id, str(evaluation_file),
+                                                   f"evaluation/{model.model_id}"), "evaluation")
             for key, value in metrics.items():
-                _retry(lambda k=key, v=value: client.log_metric(run_id, k, float(v),
-                                                                model_id=model.model_id),
-                       "metric")
+                _retry(lambda k=key, v=value: client.log_metric(
+                    run_id, k, float(v), model_id=model.model_id, **link), "metric")
             _retry(lambda: client.finalize_logged_model(model.model_id, "READY"), "finalize")
             _retry(lambda: _ensure_registered_model(client, name), "registered model")
             version_tags = dict(tags, **{f"comparable.{k}": v for k, v in comparable.items()},
@@ -159,13 +192,16 @@ class ModelRegistry:
             version = _retry(lambda: client.create_model_version(
                 name, source=f"models:/{model.model_id}", run_id=run_id,
                 model_id=model.model_id, tags=version_tags), "version")
-            _retry(lambda: client.set_terminated(run_id, "FINISHED"), "run")
+            if own_run:
+                _retry(lambda: client.set_terminated(run_id, "FINISHED"), "run")
         except MlflowException as exc:
-            client.set_terminated(run_id, "FAILED")
+            if own_run:
+                client.set_terminated(run_id, "FAILED")
             raise UserError(f"MLflow registry at {self.tracking_uri}: "
                             f"{str(exc).splitlines()[0]}") from None
         except BaseException:
-            client.set_terminated(run_id, "FAILED")
+            if own_run:
+                client.set_terminated(run_id, "FAILED")
             raise
         registration = Registration(name=name, version=str(version.version),
                                     model_id=model.model_id, run_id=run_id)
@@ -176,6 +212,16 @@ class ModelRegistry:
                     self._maybe_take_alias(registration, threat, metrics[key],
                                            comparable.get(threat, ""))
         return registration
+
+    def _existing_run(self, run_id: str | None):
+        """The run ``run_id`` if this store has it (a model file may come from another store)."""
+        if not run_id:
+            return None
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return None
+        return None if run.info.lifecycle_stage == "deleted" else run
 
     def _maybe_take_alias(self, registration: Registration, threat: str, value: float,
                           comparable: str) -> None:
@@ -203,6 +249,11 @@ class ModelRegistry:
                 f"(robust_acc_{threat} {value:.4f})")
         _retry(lambda: client.set_registered_model_tag(
             registration.name, f"alias_log.{alias}.{int(time.time() * 1000)}", note), "alias log")
+        # The Models page lists registered models with their tags: one tag per threat says
+        # what the champion holds, where it was measured, so the list itself compares models.
+        _retry(lambda: client.set_registered_model_tag(
+            registration.name, f"robust_acc_{threat}",
+            f"{100 * value:.1f}% (v{registration.version}; {comparable})"), "champion tag")
         registration.aliases_taken.append(alias)
         registration.alias_notes.append(note)
         log.info(note)
@@ -241,6 +292,14 @@ class ModelRegistry:
         except MlflowException as exc:
             raise UserError(f"{reference!r}: {str(exc).splitlines()[0]}") from None
 
+    def has_model(self, name: str) -> bool:
+        """Whether a registered model of this name exists (with or without versions)."""
+        try:
+            self.client.get_registered_model(name)
+        except MlflowException:
+            return False
+        return True
+
     def rows(self, name: str | None = None) -> list[dict[str, Any]]:
         """One row per registered version (all models, or one), with metrics and params."""
         filter_string = f"name = '{name}'" if name else None
@@ -262,12 +321,17 @@ class ModelRegistry:
         return rows
 
     def search(self, filter_string: str) -> list:
-        """Logged models of the registry experiment matching e.g. ``metrics.robust_acc_linf > 0.4``."""
-        experiment = self.client.get_experiment_by_name(EXPERIMENT)
-        if experiment is None:
+        """Registered robust models matching e.g. ``metrics.robust_acc_linf > 0.4`` (logged
+        models live in their training run's experiment, or the registry's own)."""
+        experiments = [e.experiment_id for e in self.client.search_experiments()]
+        if not experiments:
             return []
-        return list(self.client.search_logged_models([experiment.experiment_id],
-                                                     filter_string=filter_string))
+        found = []
+        for start in range(0, len(experiments), 100):
+            found += [m for m in self.client.search_logged_models(
+                experiments[start:start + 100], filter_string=filter_string)
+                if m.model_type == MODEL_TYPE]
+        return found
 
 
 def leaderboard_rows(rows: list[dict[str, Any]], threat: str = "linf",
@@ -290,11 +354,13 @@ def leaderboard_rows(rows: list[dict[str, Any]], threat: str = "linf",
 
 
 def stage_model_dir(model_file: Path, extra_files: list[Path]) -> Path:
-    """A temporary folder with the model file and the evaluation files, to log as artifacts."""
-    folder = Path(tempfile.mkdtemp(prefix="raytrain-at-register-"))
-    shutil.copy2(model_file, folder / "model.safetensors")
+    """A temporary folder to log as a version's artifacts: the model file, its plain-MLflow
+    model (``MLmodel``, exported program, signature, input example) and the evaluation files."""
+    from raytrain_at.tracking.mlflow_models import write_mlflow_model
+
+    folder = Path(tempfile.mkdtemp(prefix="raytrain-at-register-")) / "model"
+    write_mlflow_model(model_file, folder)
     for path in extra_files:
         if path.is_file():
             shutil.copy2(path, folder / path.name)
     return folder
-

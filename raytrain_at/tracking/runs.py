@@ -16,6 +16,8 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
+from raytrain_at.tracking.experiments import ensure_experiment
+
 RUN_NAME_TAG = "raytrain_at.run_name"
 
 
@@ -24,7 +26,9 @@ def default_tracking_uri() -> str:
     folder, so ``mlflow ui`` started here shows the runs), as an absolute URI."""
     import mlflow
 
-    return mlflow.get_tracking_uri()
+    from raytrain_at.tracking.experiments import absolute_tracking_uri
+
+    return absolute_tracking_uri(mlflow.get_tracking_uri())
 
 
 class TrainingRun:
@@ -32,9 +36,7 @@ class TrainingRun:
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str) -> None:
         self.client = MlflowClient(tracking_uri=tracking_uri)
-        found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(
-            experiment)
+        self.experiment_id = ensure_experiment(self.client, experiment)
         existing = self.client.search_runs(
             [self.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
             max_results=1)

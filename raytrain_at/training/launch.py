@@ -127,6 +127,7 @@ def prepare_run(config: RunConfig, *, run_name: str | None = None,
                 storage_path: str | None = None,
                 run_tags: dict[str, str] | None = None) -> PreparedRun:
     """Validate a run on the driver (datasets, weights, tracking) before any worker starts."""
+    from raytrain_at.tracking.experiments import absolute_tracking_uri
     from raytrain_at.tracking.runs import default_tracking_uri
 
     config = config.model_copy(deep=True)
@@ -145,7 +146,7 @@ def prepare_run(config: RunConfig, *, run_name: str | None = None,
     name = run_name or config.tracking.run_name or default_run_name(config)
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise UserError(f"run name {name!r} may only use letters, digits, '.', '_' and '-'")
-    uri = config.tracking.tracking_uri or default_tracking_uri()
+    uri = absolute_tracking_uri(config.tracking.tracking_uri or default_tracking_uri())
     return PreparedRun(config=config, train_path=train, heldout_path=heldout, tracking_uri=uri,
                        run_name=name, storage_path=runs, run_tags=dict(run_tags or {}))
 
@@ -206,16 +207,19 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
 
 
 def _log_final_artifacts(tracker, loop, config: RunConfig) -> None:
-    """The run's model (the selected epoch's weights) as ``model``, the last epoch's as
-    ``final_model``, what selected it, and the resolved config (YAML)."""
+    """The run's model (the selected epoch's weights) as ``model``, also as a plain MLflow
+    model; the last epoch's as ``final_model`` (the project's file only); what selected it; and
+    the resolved config (YAML)."""
     import yaml
 
     from raytrain_at.models.model_files import MODEL_FILE, ModelSpec, save_model_file
+    from raytrain_at.tracking.mlflow_models import log_model_artifacts
     from raytrain_at.training.loop import training_metadata
 
     source = {"raytrain_at.source_run": tracker.run_id}
     with tempfile.TemporaryDirectory() as tmp:
-        tracker.log_file(loop.save_selected(Path(tmp) / "selected" / MODEL_FILE, source), "model")
+        selected = loop.save_selected(Path(tmp) / "selected" / MODEL_FILE, source)
+        log_model_artifacts(tracker, tracker.run_id, selected, "model")
         final = save_model_file(Path(tmp) / "final" / MODEL_FILE, loop.eval_model,
                                 ModelSpec.from_run_config(config),
                                 dict(training_metadata(config, loop.epoch), **source))
@@ -285,7 +289,12 @@ def build_trainer(prepared: PreparedRun, callbacks: list | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from raytrain_at.tracking.experiments import prepare_experiment
+
     config = prepared.config
+    # Created here, before any worker starts, with a location derived from the tracking URI:
+    # a worker creating it would root its artifacts in Ray's temporary session folder.
+    prepare_experiment(prepared.tracking_uri, config.tracking.experiment)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=prepared.worker_payload(),

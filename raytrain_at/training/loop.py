@@ -30,8 +30,9 @@ from raytrain_at.attacks import APGD, FGSM, PGD
 from raytrain_at.config import RunConfig
 from raytrain_at.data.device_augment import DeviceAugment
 from raytrain_at.data.ffcv_loaders import eval_loader, inspect_beton, train_loader
-from raytrain_at.models import create_robust_model, load_backbone_weights
-from raytrain_at.models.model_files import MODEL_FILE, ModelSpec, save_model_file
+from raytrain_at.models import PixelSpaceClassifier, create_robust_model, load_backbone_weights
+from raytrain_at.models.model_files import (MODEL_FILE, ModelSpec, init_normalisation,
+                                           save_model_file)
 from raytrain_at.training.engine import (build_ema, build_engine, freeze_all_but_head,
                                          resolve_precision)
 from raytrain_at.training.objectives import ObjectiveConfig, training_step_loss
@@ -105,6 +106,10 @@ def build_model(config: RunConfig) -> nn.Module:
     if m.init is not None:
         load_backbone_weights(model, m.init, model_name=m.name,
                               skip_head=True if m.new_head else "if_mismatched", include_stem=True)
+        # A model file's own normalisation (e.g. raw pixels of an imported RobustBench model).
+        stats = init_normalisation(m.init)
+        if stats is not None:
+            model = PixelSpaceClassifier(model.backbone, mean=stats[0], std=stats[1])
     if m.linear_probe:
         freeze_all_but_head(model)
     return model
