@@ -89,7 +89,7 @@ def robust_model_file(eval_home, tmp_path_factory) -> str:
     from raytrain_at.models.model_files import ModelSpec, save_model_file
 
     torch.manual_seed(0)
-    train = bundled_beton("digits", "train", Path(eval_home))
+    train = bundled_beton("digits", "trainval", Path(eval_home))
     x, y = load_images(train, list(range(1500)), resolution=16, crop_pct=1.0, batch_size=500,
                        device=torch.device("cpu"))
     spec = ModelSpec(name="test_resnet", num_classes=10, resolution=16, crop_pct=1.0)
@@ -102,7 +102,7 @@ def robust_model_file(eval_home, tmp_path_factory) -> str:
             if epoch >= 2:  # two clean epochs first, then adversarial training
                 model.eval()
                 xb = APGD.for_training(model, norm="linf", eps=8 / 255, n_iter=2,
-                                       seed=epoch).perturb(xb, yb)
+                                       seed=epoch, random_start=True).perturb(xb, yb)
                 model.train()
             loss = F.cross_entropy(model(xb), yb)
             opt.zero_grad()
