@@ -81,3 +81,23 @@ class TrainingRun:
 def _param_text(value: Any) -> str:
     text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
     return text[:6000]
+
+
+def log_file_to_run(tracking_uri: str, experiment: str, run_name: str, path: str | Path,
+                    artifact_path: str | None = None) -> bool:
+    """Attach a file to the run named ``run_name`` (found by its tag), from any process.
+
+    Returns:
+        False when there is no such run (nothing was logged).
+    """
+    client = MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return False
+    runs = client.search_runs([found.experiment_id],
+                              filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+                              max_results=1)
+    if not runs:
+        return False
+    client.log_artifact(runs[0].info.run_id, str(path), artifact_path)
+    return True
