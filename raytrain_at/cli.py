@@ -196,11 +196,18 @@ def benchmark(
     name: str = typer.Option(None, help="benchmark name [the file's stem]; re-use it to resume"),
     address: str = typer.Option(None, help="Ray cluster address ('auto' on a cluster)"),
     storage_path: str = typer.Option(None, help="Ray Train / Tune storage (folder or s3://)"),
+    dry_run: bool = typer.Option(False, help="validate every configuration, list them with their "
+                                 "trial counts, then stop"),
 ) -> None:
     """The robust fine-tuning benchmark: every backbone x dataset x loss x protocol a Ray Tune
     study, its best measured (clean, AutoAttack l_inf / l_2 / l_1, corruptions); resumable."""
     from raytrain_at.finetune_benchmark import run_benchmark
 
+    if dry_run:
+        from raytrain_at.dry_run import describe_benchmark
+
+        print(describe_benchmark(spec, name), end="")
+        return
     outcome = run_benchmark(spec, name=name, address=address, storage_path=storage_path)
     print(f"benchmark {outcome.name}: {len(outcome.rows)} rows ({len(outcome.ran)} run now), "
           f"results {outcome.results_csv}, plot {outcome.plot}")
