@@ -39,6 +39,14 @@ def test_quickstart_trains_evaluates_registers(tmp_path) -> None:
     assert "quickstart-convnext-atto-cvst v1" in result.stdout
     assert "champion: linf" in result.stdout
     assert (tmp_path / "mlflow.db").is_file()
+    # A quiet console: one screen, no colour codes off a terminal, no traceback, ending with the
+    # summary and the `mlflow ui` hint; the workers' full output is kept per run.
+    output = result.stdout + result.stderr
+    assert output.count("\n") <= 60, output
+    assert "\x1b[" not in output and "Traceback" not in output
+    assert "mlflow ui" in result.stdout.rstrip().splitlines()[-1]
+    logs = sorted((tmp_path / "home" / "runs").glob("quickstart-*/console.log"))
+    assert len(logs) == 2 and all("epoch 6/6" in log.read_text() for log in logs)
 
 
 def test_models_table_matches_table14() -> None:

@@ -4,9 +4,9 @@ dry runs. Everything here stops before Ray, torch training or MLflow start."""
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -52,13 +52,17 @@ def test_version() -> None:
                                   ("tune", "--help"), ("recipes", "--help"),
                                   ("data", "write-ffcv", "--help")])
 def test_help_is_fast(args) -> None:
-    """Measured here at about 0.2 s; the bound leaves room for a loaded machine."""
-    _run(*args)  # warm the file cache
-    started = time.perf_counter()
-    result = _run(*args)
-    elapsed = time.perf_counter() - started
-    assert result.returncode == 0 and "Usage" in result.stdout
-    assert elapsed < 1.5, f"{' '.join(args)} took {elapsed:.2f} s"
+    """About 0.2 s here on an idle machine. Counted as the CPU time the command uses (user +
+    system), which is its wall time when the machine is idle, so that other jobs on a shared
+    machine do not decide the outcome; best of three (the first also warms the file cache)."""
+    times = []
+    for _ in range(3):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        result = _run(*args)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        assert result.returncode == 0 and "Usage" in result.stdout
+        times.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+    assert min(times) < 1.5, f"{' '.join(args)} used {min(times):.2f} s of CPU at best"
 
 
 def test_cli_module_imports_nothing_heavy() -> None:

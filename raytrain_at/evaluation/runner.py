@@ -210,11 +210,15 @@ def _ray_evaluate_chunks(job_data: dict, chunk_numbers: list[int], device: str,
 def run_job(job: EvalJob, *, workers: int = 1, address: str | None = None,
             use_gpu: bool = False, description: str = "AutoAttack") -> None:
     """Evaluate every chunk of ``job`` (resuming), on ``workers`` Ray workers or in this process
-    (one worker and no cluster address), with a progress bar over (threat, chunk) records."""
+    (one worker and no cluster address), with a progress bar over the attacked images."""
     from tqdm import tqdm
 
     if job.version not in VERSIONS:
         raise UserError(f"unknown attack version {job.version!r}")
+    if not (workers == 1 and address is None):
+        from raytrain_at.ray_runtime import init_ray
+
+        init_ray(address)  # before the bar: an unreachable address is then one clean line
     # Counted in images (over all threat models), so the bar shows images/s and an ETA. Off a
     # terminal it redraws once a minute: a log file gets a few updates, not hundreds.
     total = len(job.threats) * len(job.ids)

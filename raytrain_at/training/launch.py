@@ -282,7 +282,11 @@ def launch(prepared: PreparedRun, *, address: str | None = None):
     init_ray(address)
     log_path = run_folder(prepared) / "console.log"
     with worker_log_file(log_path):
-        result = build_trainer(prepared).fit()
+        try:
+            result = build_trainer(prepared).fit()
+        except Exception:
+            log.error("the workers' full output is in %s", log_path)
+            raise
     _attach_console_log(prepared, log_path)
     return result
 
@@ -334,7 +338,8 @@ def build_trainer(prepared: PreparedRun, callbacks: list | None = None):
         run_config=RayRunConfig(
             name=prepared.run_name, storage_path=prepared.storage_path,
             callbacks=list(callbacks or []),
-            # Ray Train's per-rank reports and checkpoint notes are INFO lines.
+            # Ray Train's own logs at WARNING unless -v (its worker lines reach console.log
+            # whatever the level; the console shows rank 0's lines only).
             logging_config=LoggingConfig(log_level="INFO" if is_verbose() else "WARNING"),
             failure_config=FailureConfig(max_failures=config.scaling.max_failures),
             checkpoint_config=CheckpointConfig(
