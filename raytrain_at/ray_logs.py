@@ -93,17 +93,19 @@ _output: WorkerOutput | None = None
 
 
 def install() -> None:
-    """Route worker output through :class:`WorkerOutput` (call once, after ``ray.init``)."""
+    """Route worker output through :class:`WorkerOutput` (after each ``ray.init``: a new Ray
+    instance in the same process registers Ray's printing handler again)."""
     global _output
-    if _output is not None:
-        return
     try:
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
     except ImportError:  # pragma: no cover - Ray moved its internals
         log.warning("cannot filter Ray worker output with this Ray version: showing all of it")
         return
     verbose = is_verbose()
-    _output = WorkerOutput(show_user_lines=not verbose)
+    if _output is None:
+        _output = WorkerOutput(show_user_lines=not verbose)
+    _output.show_user_lines = not verbose
+    dispatcher.remove_handler(_OUR_HANDLER)
     if not verbose:
         dispatcher.remove_handler(_RAY_HANDLER)
     dispatcher.add_handler(_OUR_HANDLER, _output)
