@@ -303,6 +303,8 @@ def _attach_console_log(prepared: PreparedRun, path: Path) -> None:
     in the run folder whatever happens)."""
     from raytrain_at.tracking.runs import log_file_to_run
 
+    if not path.is_file():  # Ray was started by the caller, without our output handler
+        return
     try:
         log_file_to_run(prepared.tracking_uri, prepared.config.tracking.experiment,
                         prepared.run_name, path, "logs")
