@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _run(*args: str, cwd: Path | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=timeout, env=env,
-                          cwd=cwd)
+                          cwd=cwd, check=False)
 
 
 @pytest.mark.parametrize("args,usage,fragment", [
@@ -116,9 +116,9 @@ def test_recipes_show_prints_the_resolved_recipe() -> None:
 def test_unknown_recipe_suggests_the_close_name() -> None:
     result = _run("recipes", "show", "quickstrat")
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        "error: unknown recipe 'quickstrat' (did you mean quickstart?); `raytrain-at recipes` "
-        "lists them"]
+    expected = ("error: unknown recipe 'quickstrat' (did you mean quickstart?); "
+                "`raytrain-at recipes` lists them")
+    assert result.stderr.strip().splitlines() == [expected]
 
 
 def test_train_dry_run_prints_config_and_ray_resources(tmp_path) -> None:

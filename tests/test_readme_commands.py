@@ -20,7 +20,7 @@ GROUPS = {"data", "recipes"}  # commands with sub-commands
 def _shell_lines(text: str) -> list[str]:
     """The commands of the ```bash blocks, continuation lines joined, comments dropped."""
     commands: list[str] = []
-    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.DOTALL):
         joined = block.replace("\\\n", " ")
         for line in joined.splitlines():
             line = line.split(" #", 1)[0].strip()
@@ -58,7 +58,8 @@ def _command_path(args: list[str]) -> list[str]:
 
 def _run(argv: list[str]) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", RAYTRAIN_AT_DATA="/nonexistent/data")
-    return subprocess.run(argv, capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=180, env=env, cwd=ROOT,
+                          check=False)
 
 
 def test_readme_shows_the_main_commands() -> None:
