@@ -2,22 +2,65 @@
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
 from pathlib import Path
-import warnings
 
-import click
 import typer
 
+from raytrain_at import __version__
+from raytrain_at.console import setup_console
 from raytrain_at.errors import UserError
 
+# Only typer, pydantic and yaml load at import time: every command imports its heavy packages
+# (torch, timm, Ray, MLflow) in its body, so ``--help`` and usage errors answer at once.
 app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Adversarially robust ImageNet classifiers: train, evaluate, register.")
 data_app = typer.Typer(add_completion=False, no_args_is_help=True,
                        help="Write and inspect FFCV datasets.")
 app.add_typer(data_app, name="data")
+recipes_app = typer.Typer(add_completion=False, invoke_without_command=True,
+                          help="List the paper's runs as recipes, or show one resolved.")
+app.add_typer(recipes_app, name="recipes")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"raytrain-at {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                 help="print the version and exit"),
+    verbose: bool = typer.Option(False, "--verbose", "-v",
+                                 help="show every log line of Ray, DeepSpeed and the workers"),
+) -> None:
+    """Adversarially robust ImageNet classifiers: train, evaluate, register."""
+    setup_console(verbose=verbose)
+
+
+@recipes_app.callback()
+def recipes_list(ctx: typer.Context) -> None:
+    """The bundled recipes: model, epochs, attack, batch size and the paper row each reproduces."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from raytrain_at.console import make_console
+    from raytrain_at.recipe_table import recipe_table
+
+    make_console().print(recipe_table())
+
+
+@recipes_app.command("show")
+def recipes_show(
+    name: str = typer.Argument(..., help="recipe name (see `raytrain-at recipes`) or YAML file"),
+    set_: list[str] = typer.Option(None, "--set", help="override, e.g. --set optim.lr=5e-4"),
+) -> None:
+    """Print a recipe resolved (its base chain and defaults filled in) as YAML."""
+    from raytrain_at.config import load_config, to_yaml
+
+    print(to_yaml(load_config(name, list(set_ or []))), end="")
 
 
 @app.command()
@@ -37,7 +80,8 @@ def quickstart(
 @app.command()
 def models(resolution: int = typer.Option(224, help="input side for the FLOP count")) -> None:
     """Print every registered model's parameters and FLOPs beside the paper's Table 14."""
-    from raytrain_at.quickstart import make_console, model_size_table
+    from raytrain_at.console import make_console
+    from raytrain_at.quickstart import model_size_table
 
     if resolution < 32:
         raise UserError(f"--resolution {resolution} is below the minimum 32")
@@ -72,23 +116,38 @@ def train(
     run_name: str = typer.Option(None, help="stable name: re-running it resumes"),
     storage_path: str = typer.Option(None, help="where Ray keeps checkpoints"),
     single_process: bool = typer.Option(False, help="run one worker in this process, no Ray"),
+    dry_run: bool = typer.Option(False, help="print the resolved config and the Ray resources "
+                                 "the run would ask for, then stop"),
 ) -> None:
     """Adversarially train a model with Ray Train + DeepSpeed, tracked in MLflow."""
     from raytrain_at.config import load_config
-    from raytrain_at.training.launch import launch, prepare_run, run_single_process
 
     overrides = list(set_ or [])
     if num_workers is not None:
         overrides.append(f"scaling.num_workers={num_workers}")
+    if dry_run:
+        from raytrain_at.dry_run import describe_run
+
+        print(describe_run(load_config(recipe, overrides)), end="")
+        return
+    from raytrain_at.training.launch import launch, prepare_run, run_single_process
+
     prepared = prepare_run(load_config(recipe, overrides), run_name=run_name,
                            storage_path=storage_path)
     if single_process:
         print(f"run {prepared.run_name}: {run_single_process(prepared)}")
         return
     result = launch(prepared, address=address)
-    print(f"run {prepared.run_name}: {result.metrics}")
+    from raytrain_at.training.launch import run_folder
+    from raytrain_at.training.progress import epoch_line
+
+    metrics = dict(result.metrics or {})
+    if "epoch" in metrics:
+        print(f"run {prepared.run_name} done: "
+              f"{epoch_line(metrics, prepared.config.schedule.epochs)}")
     if result.checkpoint is not None:
         print(f"latest checkpoint: {result.checkpoint.path}")
+    print(f"full log: {run_folder(prepared) / 'console.log'}")
 
 
 @app.command()
@@ -102,19 +161,27 @@ def tune(
     name: str = typer.Option(None, help="study name [space-DATE-TIME]"),
     storage_path: str = typer.Option(None, help="Ray Train / Tune storage (folder or s3://)"),
     register_name: str = typer.Option(None, help="registered name of the best [tune-SPACE]"),
+    dry_run: bool = typer.Option(False, help="validate the space, print the trials and what "
+                                 "each asks Ray for, then stop"),
 ) -> None:
     """A Ray Tune study over a search space: each trial a short Ray Train run, ASHA, MLflow runs
     under one parent, results table and plot, the best trials evaluated and the best registered."""
     from raytrain_at.tuning.spaces import load_space
-    from raytrain_at.tuning.study import StudyOptions, run_study
+    from raytrain_at.tuning.study import StudyOptions, apply_options, run_study
 
     if scheduler not in (None, "asha", "fifo"):
         raise UserError(f"--scheduler {scheduler!r} must be asha or fifo")
     if max_concurrent is not None and max_concurrent < 1:
         raise UserError(f"--max-concurrent {max_concurrent} must be at least 1")
-    outcome = run_study(load_space(space), StudyOptions(
+    options = StudyOptions(
         name=name, recipe=recipe, scheduler=scheduler, num_samples=num_samples, address=address,
-        max_concurrent=max_concurrent, storage_path=storage_path, register_name=register_name))
+        max_concurrent=max_concurrent, storage_path=storage_path, register_name=register_name)
+    if dry_run:
+        from raytrain_at.dry_run import describe_study
+
+        print(describe_study(apply_options(load_space(space), options)), end="")
+        return
+    outcome = run_study(load_space(space), options)
     print(f"study {outcome.name}: results {outcome.results_csv}, plot {outcome.plot}, "
           f"MLflow parent run {outcome.parent_run_id}")
     if outcome.best is not None:
@@ -124,15 +191,23 @@ def tune(
 
 @app.command()
 def benchmark(
-    spec: Path = typer.Argument(..., help="benchmark YAML, e.g. benchmarks/robust_finetune.yaml"),
+    spec: str = typer.Argument(..., help="benchmark YAML file, or a bundled benchmark's name "
+                               "(robust_finetune)"),
     name: str = typer.Option(None, help="benchmark name [the file's stem]; re-use it to resume"),
     address: str = typer.Option(None, help="Ray cluster address ('auto' on a cluster)"),
     storage_path: str = typer.Option(None, help="Ray Train / Tune storage (folder or s3://)"),
+    dry_run: bool = typer.Option(False, help="validate every configuration, list them with their "
+                                 "trial counts, then stop"),
 ) -> None:
     """The robust fine-tuning benchmark: every backbone x dataset x loss x protocol a Ray Tune
     study, its best measured (clean, AutoAttack l_inf / l_2 / l_1, corruptions); resumable."""
     from raytrain_at.finetune_benchmark import run_benchmark
 
+    if dry_run:
+        from raytrain_at.dry_run import describe_benchmark
+
+        print(describe_benchmark(spec, name), end="")
+        return
     outcome = run_benchmark(spec, name=name, address=address, storage_path=storage_path)
     print(f"benchmark {outcome.name}: {len(outcome.rows)} rows ({len(outcome.ran)} run now), "
           f"results {outcome.results_csv}, plot {outcome.plot}")
@@ -178,11 +253,11 @@ def evaluate(
 ) -> None:
     """AutoAttack a model in l_inf / l_2 / l_1 (sharded, resumable); optional sweeps and
     corruptions; writes a result JSON and prints the summary."""
+    from raytrain_at.console import make_console
     from raytrain_at.evaluation.evaluate import EvaluationRequest, evaluate as run_evaluation
     from raytrain_at.evaluation.result import summary_table
     from raytrain_at.evaluation.threats import (PAPER_RESOLUTIONS, PAPER_SWEEP_EPS, parse_eps,
                                                 parse_eps_list, parse_norms)
-    from raytrain_at.quickstart import make_console
 
     radii = {norm: parse_eps(text, f"--eps-{norm}")
              for norm, text in (("linf", eps_linf), ("l2", eps_l2), ("l1", eps_l1)) if text}
@@ -323,27 +398,39 @@ def data_info(path: Path = typer.Argument(..., help=".beton file")) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one line on stderr and exit code 2.
 
+    A usage mistake (unknown option, missing argument, bad value) prints the command's usage line
+    and one ``error:`` line; a :class:`UserError` from a command prints that line alone.
+
     Args:
         argv: the arguments (default: the process's); ``tune_stem.py`` passes ``tune ...``.
     """
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # MLflow logs store migrations at INFO on every new database: keep command output to what
-    # the user asked for (MLFLOW_LOGGING_LEVEL still wins when set).
-    if "MLFLOW_LOGGING_LEVEL" not in os.environ:
-        os.environ["MLFLOW_LOGGING_LEVEL"] = "WARNING"
-        logging.getLogger("mlflow").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, prog_name="raytrain-at", standalone_mode=False)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except typer.Abort:
         print("aborted", file=sys.stderr)
         sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
+    except typer.TyperException as exc:  # typer's own click: usage errors, bad values (exit 2)
+        _show_usage_error(exc)
+        sys.exit(getattr(exc, "exit_code", 2))
+    if isinstance(code, int) and code:  # typer.Exit(code) and Ctrl-C (130)
+        sys.exit(code)
+
+
+def _show_usage_error(exc: Exception) -> None:
+    """The usage line of the command that failed, then one ``error:`` line (no help box)."""
+    ctx = getattr(exc, "ctx", None)
+    message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+    if not message.strip():  # a group called without a command: typer has printed its help
+        return
+    if ctx is not None and message.lstrip().startswith("Usage:"):  # the same, as plain text
+        print(message.rstrip(), file=sys.stderr)
+        return
+    if ctx is not None:
+        print(ctx.get_usage(), file=sys.stderr)
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -279,8 +279,12 @@ def resolve_recipe(name_or_path: str) -> Path:
         return path
     candidate = recipes_dir() / f"{name_or_path}.yaml"
     if not candidate.is_file():
-        raise UserError(f"unknown recipe {name_or_path!r}; available: "
-                        f"{', '.join(available_recipes())}")
+        import difflib
+
+        close = difflib.get_close_matches(name_or_path, available_recipes(), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UserError(f"unknown recipe {name_or_path!r}{hint}; `raytrain-at recipes` lists "
+                        "them")
     return candidate
 
 
@@ -312,3 +316,8 @@ def flatten(config: BaseModel, prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = list(value) if isinstance(value, tuple) else value
     return flat
+
+
+def to_yaml(config: RunConfig) -> str:
+    """The whole config as YAML, section by section (what ``recipes show`` prints)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -22,15 +22,10 @@ import timm
 from rich.console import Console
 from rich.table import Table
 
+from raytrain_at.console import make_console
 from raytrain_at.models import complexity, stem_spec_of
 from raytrain_at.models.paper_tables import TABLE14
 from raytrain_at.models.stems import design_name
-
-
-def make_console() -> Console:
-    """A console that does not squeeze tables to 80 columns when output is not a terminal."""
-    console = Console()
-    return console if console.is_terminal else Console(width=150)
 
 
 def model_size_table(console: Console, resolution: int = 224) -> None:

@@ -28,18 +28,28 @@ def test_quickstart_trains_evaluates_registers(tmp_path) -> None:
     result = subprocess.run(CLI + ["quickstart"], capture_output=True, text=True, timeout=2400,
                             env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:5]]
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:6]]
             for line in result.stdout.splitlines() if line.startswith("│")}
+    # Training rows: selected epoch ("k/6"), clean and robust accuracy of that epoch.
     adversarial = next(v for k, v in rows.items() if k.startswith("adversarial"))
     clean = rows["clean"]
-    assert float(adversarial[1]) > float(clean[1]) + 0.3  # clearly more robust
-    assert float(clean[0]) > 0.8 and float(adversarial[0]) > 0.6
+    assert float(adversarial[2]) > float(clean[2]) + 0.3  # clearly more robust
+    assert float(clean[1]) > 0.8 and float(adversarial[1]) > 0.6
+    assert all(1 <= int(row[0].split("/")[0]) <= 6 for row in (adversarial, clean))
     # AutoAttack per norm, then the registry: the leaderboard lists the new version.
     for threat in ("linf 8/255", "l2 1", "l1 8"):
         assert any(k.startswith(threat) for k in rows), rows.keys()
     assert "quickstart-convnext-atto-cvst v1" in result.stdout
     assert "champion: linf" in result.stdout
     assert (tmp_path / "mlflow.db").is_file()
+    # A quiet console: one screen, no colour codes off a terminal, no traceback, ending with the
+    # summary and the `mlflow ui` hint; the workers' full output is kept per run.
+    output = result.stdout + result.stderr
+    assert output.count("\n") <= 60, output
+    assert "\x1b[" not in output and "Traceback" not in output
+    assert "mlflow ui" in result.stdout.rstrip().splitlines()[-1]
+    logs = sorted((tmp_path / "home" / "runs").glob("quickstart-*/console.log"))
+    assert len(logs) == 2 and all("epoch 6/6" in log.read_text() for log in logs)
     _champion_is_durable_and_plain_mlflow(tmp_path)
 
 

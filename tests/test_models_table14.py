@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import timm
 
-import raytrain_at  # noqa: F401 - registers the models
+import raytrain_at.models  # noqa: F401 - registers the models
 from raytrain_at.models import complexity
 from raytrain_at.models.paper_tables import TABLE14
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import timm
 
-import raytrain_at  # noqa: F401 - registers the project's timm models
+import raytrain_at.models  # noqa: F401 - registers the project's timm models
 from raytrain_at.config import RunConfig, available_recipes, load_config, recipes_dir
 from raytrain_at.errors import UserError
 

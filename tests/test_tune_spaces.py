@@ -21,10 +21,10 @@ from raytrain_at.config import flatten, load_config, parse_override
 from raytrain_at.errors import UserError
 from raytrain_at.models import NAMED_STEMS, create_robust_model
 from raytrain_at.tuning import METRIC_MODES, SearchSpace, format_value, load_space
-from raytrain_at.tuning.spaces import available_spaces, repository_root
+from raytrain_at.tuning.spaces import available_spaces, spaces_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-SPACES = ROOT / "tune_spaces"
+SPACES = ROOT / "raytrain_at" / "tune_spaces"  # the checkout's tune_spaces/ links here
 REQUIRED = ("table7_convnext_tiny_stems", "table8_convnext_base_stems", "table9_vit_small_stems",
             "table17_wd_ls_grid", "attack_steps", "radius_schedules", "quick_stems_cpu")
 
@@ -80,9 +80,10 @@ def test_every_bundled_space_loads_and_validates(path: Path) -> None:
 
 
 def test_space_by_name_from_any_directory(tmp_path, monkeypatch) -> None:
-    # Not under the checkout: the root is found at the package's parent.
+    # Not under the checkout: names resolve to the package's bundled spaces.
     monkeypatch.chdir(tmp_path)
-    assert repository_root() == ROOT
+    assert spaces_dir() == SPACES
+    assert (ROOT / "tune_spaces").resolve() == SPACES  # the documented path still works
     assert set(REQUIRED) <= set(available_spaces())
     assert load_space("attack_steps").source == SPACES / "attack_steps.yaml"
     with pytest.raises(UserError, match=r"unknown search space 'atack_steps'.*did you mean "

@@ -175,8 +175,11 @@ def summary_table(result: EvaluationResult):
 
     from raytrain_at.evaluation.threats import ThreatModel
 
-    table = Table(title=f"AutoAttack ({result.version}) - {result.model.reference} - "
-                  f"n={result.data.n} at {result.data.resolution}px")
+    # The model by name and weights hash: a checkpoint path would wrap over several lines
+    # (the result JSON and the caller's output carry the full reference).
+    table = Table(title=f"AutoAttack ({result.version}) - {result.model.name} "
+                  f"[{result.model.weights_sha256[:12]}] - n={result.data.n} at "
+                  f"{result.data.resolution}px")
     table.add_column("threat")
     table.add_column("clean", justify="right")
     table.add_column("robust", justify="right")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -126,12 +127,15 @@ def pending_chunks(job: EvalJob) -> list[int]:
     return done
 
 
-def count_finished(job: EvalJob) -> int:
+def finished_images(job: EvalJob) -> int:
+    """Images attacked so far, summed over threat models (what the progress bar counts)."""
+    sizes = [len(chunk) for chunk in job.chunks()]
     finished = 0
     for threat in job.threats:
         for path in (job.state_dir / threat.key).glob("chunk-*.json"):
             record = read_record(path)
-            finished += bool(record and record.complete)
+            if record and record.complete:
+                finished += sizes[int(path.stem.split("-")[1])]
     return finished
 
 
@@ -206,18 +210,25 @@ def _ray_evaluate_chunks(job_data: dict, chunk_numbers: list[int], device: str,
 def run_job(job: EvalJob, *, workers: int = 1, address: str | None = None,
             use_gpu: bool = False, description: str = "AutoAttack") -> None:
     """Evaluate every chunk of ``job`` (resuming), on ``workers`` Ray workers or in this process
-    (one worker and no cluster address), with a progress bar over (threat, chunk) records."""
+    (one worker and no cluster address), with a progress bar over the attacked images."""
     from tqdm import tqdm
 
     if job.version not in VERSIONS:
         raise UserError(f"unknown attack version {job.version!r}")
-    total = len(job.threats) * len(job.chunks())
-    bar = tqdm(total=total, initial=count_finished(job), desc=description, unit="chunk",
-               dynamic_ncols=True)
+    if not (workers == 1 and address is None):
+        from raytrain_at.ray_runtime import init_ray
+
+        init_ray(address)  # before the bar: an unreachable address is then one clean line
+    # Counted in images (over all threat models), so the bar shows images/s and an ETA. Off a
+    # terminal it redraws once a minute: a log file gets a few updates, not hundreds.
+    total = len(job.threats) * len(job.ids)
+    bar = tqdm(total=total, initial=finished_images(job), desc=description, unit="img",
+               dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 60.0)
     try:
         if workers == 1 and address is None:
             evaluate_chunks(job, list(range(len(job.chunks()))),
-                            device="cuda" if use_gpu else "cpu", on_record=lambda: bar.update())
+                            device="cuda" if use_gpu else "cpu",
+                            on_record=lambda: bar.update(finished_images(job) - bar.n))
             return
         _run_on_ray(job, workers, address, use_gpu, bar)
     finally:
@@ -227,6 +238,7 @@ def run_job(job: EvalJob, *, workers: int = 1, address: str | None = None,
 def _run_on_ray(job: EvalJob, workers: int, address: str | None, use_gpu: bool, bar) -> None:
     import ray
 
+    from raytrain_at.ray_logs import worker_log_file
     from raytrain_at.ray_runtime import init_ray
 
     init_ray(address)
@@ -242,11 +254,13 @@ def _run_on_ray(job: EvalJob, workers: int, address: str | None, use_gpu: bool, 
     refs = [task.remote(job.to_dict(), pending[w::workers], "cuda" if use_gpu else "cpu", cpus)
             for w in range(workers)]
     remaining = list(refs)
-    while remaining:
-        _, remaining = ray.wait(remaining, timeout=1.0)
-        finished = count_finished(job)
-        if finished != bar.n:
-            bar.update(finished - bar.n)
+    # The workers' own output (pyautoattack's prints, warnings) goes to the job's state folder.
+    with worker_log_file(job.state_dir / "console.log"):
+        while remaining:
+            _, remaining = ray.wait(remaining, timeout=1.0)
+            finished = finished_images(job)
+            if finished != bar.n:
+                bar.update(finished - bar.n)
     try:
         ray.get(refs)
     except ray.exceptions.RayTaskError as exc:

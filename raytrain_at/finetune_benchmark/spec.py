@@ -31,8 +31,10 @@ model name or a dataset's class count fails at once with a one-line message.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -214,6 +216,24 @@ def configurations(spec: BenchmarkSpec, experiment: str, source: Path | None = N
     return found
 
 
+SPECS_DIR = "benchmark_specs"
+
+
+def bundled_benchmark(name: str) -> Path:
+    """The bundled benchmark ``name`` (package data: a regular ``pip install`` ships it; the
+    checkout's ``benchmarks/`` is a link to the folder).
+
+    Raises:
+        UserError: no bundled benchmark of that name.
+    """
+    folder = Path(str(resources.files("raytrain_at").joinpath(SPECS_DIR)))
+    candidate = folder / f"{name}.yaml"
+    if not candidate.is_file():
+        names = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+        raise UserError(f"unknown benchmark {name!r}; bundled: {names} (or give a YAML path)")
+    return candidate
+
+
 def load_benchmark(path: str | Path) -> tuple[BenchmarkSpec, Path]:
     """Read and check a benchmark file (every configuration is validated by
     :func:`configurations`, which the runner calls before anything runs).
@@ -221,7 +241,10 @@ def load_benchmark(path: str | Path) -> tuple[BenchmarkSpec, Path]:
     Raises:
         UserError: missing file, bad YAML, or a one-line description of the first bad field.
     """
-    path = Path(path)
+    text = os.fspath(path)
+    path = Path(text)
+    if path.suffix not in (".yaml", ".yml") and "/" not in text and os.sep not in text:
+        path = bundled_benchmark(text)
     if not path.is_file():
         raise UserError(f"benchmark file {str(path)!r} does not exist")
     try:

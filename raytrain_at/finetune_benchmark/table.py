@@ -86,7 +86,7 @@ def _text(value: Any) -> str:
 def print_table(rows: list[dict[str, Any]], title: str) -> None:
     from rich.table import Table
 
-    from raytrain_at.quickstart import make_console
+    from raytrain_at.console import make_console
 
     table = Table(title=title)
     shown = ["backbone", "dataset", "loss", "protocol", *MEASUREMENTS, "sum", "geometric_mean"]

@@ -108,3 +108,18 @@ def metrics_at_step(tracking_uri: str, run_id: str, keys: list[str], step: int
         if at_step:
             out[key] = at_step[-1]
     return out
+
+
+def log_file_to_run(tracking_uri: str, experiment: str, run_name: str, path: str | Path,
+                    artifact_path: str | None = None) -> bool:
+    """Attach a file to the run named ``run_name`` (found by its tag), from any process.
+
+    Returns:
+        False when there is no such run (nothing was logged).
+    """
+    try:
+        run_id = find_run_id(tracking_uri, experiment, run_name)
+    except LookupError:
+        return False
+    MlflowClient(tracking_uri=tracking_uri).log_artifact(run_id, str(path), artifact_path)
+    return True

@@ -22,7 +22,9 @@ from typing import Any
 import torch
 
 from raytrain_at.config import RunConfig, flatten
+from raytrain_at.console import is_verbose, user_line
 from raytrain_at.errors import UserError
+from raytrain_at.training.progress import epoch_line, progress_line
 
 log = logging.getLogger(__name__)
 
@@ -181,13 +183,14 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                               payload["run_name"])
         tracker.log_params(flatten(config))
         tracker.set_tags(payload.get("run_tags") or {})
+        # Rank 0 alone speaks to the user and logs step metrics (the one place of that gating).
+        loop.on_progress = _progress_reporter(tracker, payload["run_name"])
     scratch = Path(tempfile.mkdtemp(prefix="raytrain-at-ckpt-"))
 
     def report(metrics: dict[str, float], directory: Path | None) -> None:
         if tracker is not None:
             tracker.log_metrics(metrics, step=int(metrics["epoch"]))
-            log.info("epoch %d %s", metrics["epoch"], " ".join(
-                f"{k}={v:.4f}" for k, v in metrics.items() if k != "epoch"))
+            user_line(epoch_line(metrics, config.schedule.epochs))
         ckpt = ray.train.Checkpoint.from_directory(str(directory)) if directory else None
         ray.train.report(metrics, checkpoint=ckpt)
         if directory is not None:
@@ -204,6 +207,18 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _progress_reporter(tracker, run_name: str):
+    """Rank 0's per-step hook: a progress line for the console and step metrics for MLflow."""
+
+    def on_progress(progress) -> None:
+        user_line(progress_line(progress, run_name), transient=True)
+        tracker.log_metrics({"step_loss": progress.loss, "step_accuracy": progress.accuracy,
+                             "step_images_per_s": progress.images_per_s,
+                             "step_lr": progress.lr}, step=progress.global_step)
+
+    return on_progress
 
 
 def _log_final_artifacts(tracker, loop, config: RunConfig) -> None:
@@ -268,15 +283,57 @@ def quiet_ray_internals() -> None:
 
 
 def launch(prepared: PreparedRun, *, address: str | None = None):
-    """Run the prepared job on Ray Train; returns Ray's ``Result``."""
+    """Run the prepared job on Ray Train; returns Ray's ``Result``.
+
+    All worker output goes to ``<run folder>/console.log`` (also logged to the MLflow run);
+    the console shows rank 0's progress and epoch lines (everything with ``-v``).
+    """
+    from raytrain_at.ray_logs import worker_log_file
     from raytrain_at.ray_runtime import init_ray
 
-    init_ray(address)
     if (prepared.config.scaling.use_gpu and not torch.cuda.is_available()
             and address is None):
         raise UserError("scaling.use_gpu is true but this machine has no GPU (use --address "
                         "for a cluster, or --set scaling.use_gpu=false)")
-    return build_trainer(prepared).fit()
+    init_ray(address)
+    log_path = run_folder(prepared) / "console.log"
+    with worker_log_file(log_path):
+        try:
+            result = build_trainer(prepared).fit()
+        except Exception:
+            log.error("the workers' full output is in %s", log_path)
+            raise
+    _attach_console_log(prepared, log_path)
+    return result
+
+
+def run_folder(prepared: PreparedRun) -> Path:
+    """The run's local folder (Ray Train's, unless its storage is in the cloud)."""
+    if "://" in prepared.storage_path:
+        return default_storage() / "runs" / prepared.run_name
+    return Path(prepared.storage_path) / prepared.run_name
+
+
+def _attach_console_log(prepared: PreparedRun, path: Path) -> None:
+    """Keep the run's full worker output with its MLflow run too (best effort: the file stays
+    in the run folder whatever happens)."""
+    from raytrain_at.tracking.runs import log_file_to_run
+
+    if not path.is_file():  # Ray was started by the caller, without our output handler
+        return
+    try:
+        log_file_to_run(prepared.tracking_uri, prepared.config.tracking.experiment,
+                        prepared.run_name, path, "logs")
+    except Exception as exc:  # noqa: BLE001 - the training itself succeeded
+        log.warning("could not attach %s to the MLflow run: %s", path, exc)
+
+
+def scaling_config(config: RunConfig):
+    """Ray Train's ``ScalingConfig`` of a run: what it asks Ray for."""
+    from ray.train import ScalingConfig
+
+    return ScalingConfig(num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu,
+                         resources_per_worker={"CPU": config.scaling.cpus_per_worker})
 
 
 def build_trainer(prepared: PreparedRun, callbacks: list | None = None):
@@ -286,7 +343,8 @@ def build_trainer(prepared: PreparedRun, callbacks: list | None = None):
         prepared: the validated run.
         callbacks: Ray Train callbacks, e.g. Tune's ``TuneReportCallback`` inside a trial.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train import (CheckpointConfig, FailureConfig, LoggingConfig,
+                           RunConfig as RayRunConfig)
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from raytrain_at.tracking.experiments import prepare_experiment
@@ -298,13 +356,14 @@ def build_trainer(prepared: PreparedRun, callbacks: list | None = None):
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=prepared.worker_payload(),
-        scaling_config=ScalingConfig(num_workers=config.scaling.num_workers,
-                                     use_gpu=config.scaling.use_gpu,
-                                     resources_per_worker={"CPU": config.scaling.cpus_per_worker}),
+        scaling_config=scaling_config(config),
         torch_config=TorchConfig(backend="nccl" if config.scaling.use_gpu else "gloo"),
         run_config=RayRunConfig(
             name=prepared.run_name, storage_path=prepared.storage_path,
             callbacks=list(callbacks or []),
+            # Ray Train's own logs at WARNING unless -v (its worker lines reach console.log
+            # whatever the level; the console shows rank 0's lines only).
+            logging_config=LoggingConfig(log_level="INFO" if is_verbose() else "WARNING"),
             failure_config=FailureConfig(max_failures=config.scaling.max_failures),
             # Every checkpoint carries the selected weights so far (selected.safetensors), so
             # keeping the latest ones loses no selection.

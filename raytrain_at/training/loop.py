@@ -52,6 +52,29 @@ Report = Callable[[dict[str, float], Path | None], None]
 
 
 @dataclass(frozen=True)
+class StepProgress:
+    """Where training stands within an epoch, every ``schedule.log_every_steps`` steps.
+
+    ``loss`` and ``accuracy`` average this rank's batches since the previous report;
+    ``images_per_s`` is this rank's rate times the world size (all ranks step together).
+    """
+
+    epoch: int  # 1-based, the epoch in progress
+    epochs: int
+    step: int  # steps done in this epoch
+    steps: int  # steps per epoch
+    global_step: int
+    loss: float
+    accuracy: float
+    images_per_s: float
+    lr: float
+    eta_s: float  # until the end of this epoch's training steps
+
+
+Progress = Callable[[StepProgress], None]
+
+
+@dataclass(frozen=True)
 class WorkerPlace:
     """Where this worker sits in the job."""
 
@@ -65,6 +88,21 @@ def _first(count: int | None, path: str) -> np.ndarray | None:
     if count is None:
         return None
     return np.arange(min(count, inspect_beton(path).num_samples))
+
+
+@dataclass
+class _Interval:
+    """Running sums at the previous progress report of an epoch."""
+
+    epoch_start: float
+    time: float = 0.0
+    steps: int = 0
+    seen: int = 0
+    loss_sum: float = 0.0
+    correct: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.time = self.epoch_start
 
 
 class _Unperturbed:
@@ -167,6 +205,9 @@ class WorkerLoop:
         self.epoch = 0  # epochs completed
         self.selection = Selection(selection_metric(config))
         self.selected_by = selection_description(config, heldout_path is not None)
+        # Called every schedule.log_every_steps steps (the launcher gives it to rank 0 only);
+        # None costs nothing: no host-device sync for progress.
+        self.on_progress: Progress | None = None
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -204,6 +245,7 @@ class WorkerLoop:
         seen = 0  # batch sizes are known on the host: no device tensor per step for the count
         self._write_pid()
         start = time.perf_counter()
+        interval = _Interval(start)
         batches = iter(self.train_data)
         upcoming = self._next_augmented(batches)
         while upcoming is not None:
@@ -225,11 +267,35 @@ class WorkerLoop:
             seen += batch
             totals += torch.stack([out["metrics"]["loss"].double(),
                                    out["metrics"]["accuracy"].double()]) * batch
+            interval.steps += 1
+            # Not at the end of the epoch: the epoch's own report follows at once.
+            if (self.on_progress is not None and upcoming is not None
+                    and interval.steps % self.config.schedule.log_every_steps == 0):
+                self.on_progress(self._progress(interval, totals, seen))
         loss_sum, correct, count = self._all_reduce(totals.tolist() + [float(seen)])
         self.epoch += 1
         return {"train_loss": loss_sum / count, "train_accuracy": correct / count,
                 "train_eps": eps, "lr": float(self.optimizer.param_groups[0]["lr"]),
                 "epoch_seconds": time.perf_counter() - start}
+
+    def _progress(self, interval: "_Interval", totals: torch.Tensor, seen: int) -> StepProgress:
+        """The progress since the last report (reads the running sums: one host sync)."""
+        now = time.perf_counter()
+        loss_sum, correct = totals.tolist()
+        images = seen - interval.seen
+        steps = len(self.train_data)
+        per_step = (now - interval.epoch_start) / interval.steps
+        progress = StepProgress(
+            epoch=self.epoch + 1, epochs=self.config.schedule.epochs, step=interval.steps,
+            steps=steps, global_step=self.epoch * steps + interval.steps,
+            loss=(loss_sum - interval.loss_sum) / max(images, 1),
+            accuracy=(correct - interval.correct) / max(images, 1),
+            images_per_s=images * self.place.world_size / max(now - interval.time, 1e-9),
+            lr=float(self.optimizer.param_groups[0]["lr"]),
+            eta_s=per_step * max(steps - interval.steps, 0))
+        interval.time, interval.seen = now, seen
+        interval.loss_sum, interval.correct = loss_sum, correct
+        return progress
 
     def _next_augmented(self, batches) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The next batch of ``batches``, augmented (queued on the device), or None at the end."""

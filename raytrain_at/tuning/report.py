@@ -56,7 +56,7 @@ def print_table(records: list["TrialRecord"], space: SearchSpace, title: str) ->
     """The results as a rich table, best first by the metric (errored trials last)."""
     from rich.table import Table
 
-    from raytrain_at.quickstart import make_console
+    from raytrain_at.console import make_console
 
     def order(record: "TrialRecord") -> tuple[int, float]:
         value = record.metrics.get(space.metric)

@@ -35,6 +35,7 @@ import json
 import math
 import os
 from fractions import Fraction
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,7 +43,6 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
                       model_validator)
 
-import raytrain_at
 from raytrain_at.config import RunConfig, flatten, load_config
 from raytrain_at.errors import UserError
 
@@ -585,35 +585,22 @@ def _check_model_shape(name: str, stem: str | None, num_classes: int, small_inpu
                         f"{side}x{side} images: {first}") from None
 
 
-def repository_root() -> Path:
-    """The directory holding ``tune_spaces/``.
-
-    Searched first from the current working directory upwards (so ``python tune_stem.py`` and
-    tests run from a checkout use that checkout), then at the package's parent directory (the
-    checkout of an editable install, wherever the command runs from).
-
-    Raises:
-        UserError: no ``tune_spaces/`` directory in either place.
-    """
-    cwd = Path.cwd().resolve()
-    package_parent = Path(raytrain_at.__file__).resolve().parent.parent
-    for candidate in (cwd, *cwd.parents, package_parent):
-        if (candidate / SPACES_DIR).is_dir():
-            return candidate
-    raise UserError(f"no {SPACES_DIR}/ directory in {cwd} or its parents, nor in "
-                    f"{package_parent}: run from the repository root or pass a space file path")
+def spaces_dir() -> Path:
+    """The bundled search spaces: package data, so a regular ``pip install`` ships them (the
+    checkout's ``tune_spaces/`` is a link to this folder)."""
+    return Path(str(resources.files("raytrain_at").joinpath(SPACES_DIR)))
 
 
 def available_spaces() -> list[str]:
-    """Names of the spaces in the repository's ``tune_spaces/`` (without ``.yaml``)."""
-    return sorted(p.stem for p in (repository_root() / SPACES_DIR).glob("*.yaml"))
+    """Names of the bundled search spaces (without ``.yaml``)."""
+    return sorted(p.stem for p in spaces_dir().glob("*.yaml"))
 
 
 def resolve_space(path_or_name: str | os.PathLike[str]) -> Path:
     """A space file by path (``tune_spaces/x.yaml``, ``my.yaml``) or name (``x``).
 
     Raises:
-        UserError: the file does not exist, or the name is not in ``tune_spaces/``.
+        UserError: the file does not exist, or the name is not a bundled space.
     """
     text = os.fspath(path_or_name)
     path = Path(text)
@@ -621,7 +608,7 @@ def resolve_space(path_or_name: str | os.PathLike[str]) -> Path:
         if not path.is_file():
             raise UserError(f"search space file {text!r} does not exist")
         return path
-    candidate = repository_root() / SPACES_DIR / f"{text}.yaml"
+    candidate = spaces_dir() / f"{text}.yaml"
     if not candidate.is_file():
         names = available_spaces()
         close = difflib.get_close_matches(text, names, n=1, cutoff=0.6)
@@ -634,8 +621,7 @@ def load_space(path_or_name: str | os.PathLike[str]) -> SearchSpace:
     """Read, parse and validate a search space (see the module docstring).
 
     Args:
-        path_or_name: a YAML path, or a name resolved to ``tune_spaces/NAME.yaml`` under
-            :func:`repository_root`.
+        path_or_name: a YAML path, or the name of a bundled space (:func:`spaces_dir`).
 
     Raises:
         UserError: one line naming the file and the culprit (unknown key with a close match,

@@ -217,6 +217,7 @@ def run_study(space: SearchSpace, options: StudyOptions = StudyOptions()) -> Stu
     """
     from ray import tune
 
+    from raytrain_at.ray_logs import worker_log_file
     from raytrain_at.ray_runtime import init_ray
     from raytrain_at.tracking.runs import TrainingRun, default_tracking_uri
     from raytrain_at.training.launch import prepare_run
@@ -267,7 +268,10 @@ def run_study(space: SearchSpace, options: StudyOptions = StudyOptions()) -> Stu
                                         num_samples=space.num_samples,
                                         max_concurrent_trials=concurrency),
             run_config=tune.RunConfig(name=name, storage_path=f"{storage}/tune", verbose=1))
-        grid = tuner.fit()
+        # The trials' worker output (every rank of every trial) goes to the study's folder;
+        # the console keeps Tune's status table and rank 0's progress lines.
+        with worker_log_file(report_dir / "console.log"):
+            grid = tuner.fit()
         records = _records(grid, space, base.schedule.epochs)
         _close_trial_runs(parent.client, parent.experiment_id, parent.run_id, records)
         if not any(r.status != "errored" for r in records):
