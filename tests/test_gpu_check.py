@@ -60,7 +60,7 @@ def test_cpu_smoke_runs_every_part(smoke) -> None:
 
     (row,) = smoke["parts"]["train_step"]["records"]
     assert row["model"] == "test_vit" and row["batch"] == row["batch_requested"] == 2
-    for kind, passes in (("ours", 9), ("reference", 8)):
+    for kind, passes in (("ours", 8), ("reference", 8)):
         assert row[kind]["images_per_s"] > 0
         assert row[kind]["forward_equivalents_per_image"] == passes
         assert 0 < row[kind]["mfu"]  # against the measured peak
