@@ -5,6 +5,7 @@ versions and aliases."""
 from __future__ import annotations
 
 import atexit
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -46,6 +47,9 @@ def download(reference: str, tracking_uri: str | None = None,
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    # A model folder is a few files: MLflow's per-file progress bar only adds a dozen lines to
+    # the console of every command that loads a runs:/ or models:/ reference.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = tracking_uri or mlflow.get_tracking_uri()
     target = Path(destination) if destination else _scratch_dir()
     if reference.startswith("runs:/") and len(reference.rstrip("/").split("/")) < 3:
