@@ -75,6 +75,7 @@ def single_process_fast(robust_model_file, eval_home, tmp_path_factory):
     return read_result(out)
 
 
+@pytest.mark.slow  # about 80 s with its reference run; .ci/run runs it after the fast suite
 def test_two_ray_workers_equal_one_process(single_process_fast, robust_model_file, tmp_path):
     """Also runs the workers with ``--kernels fast``: on a CPU that is the same arithmetic plus
     the exact checks of every break, so the statuses must still be identical."""
@@ -93,6 +94,7 @@ def test_two_ray_workers_equal_one_process(single_process_fast, robust_model_fil
     assert sharded.threats["l2"].eps == pytest.approx(2.0 * 16 / 224)
 
 
+@pytest.mark.slow  # about 50 s; .ci/run runs it after the fast suite
 def test_killed_evaluation_resumes_to_the_same_result(single_process_fast, robust_model_file,
                                                      tmp_path):
     state = tmp_path / "state"
