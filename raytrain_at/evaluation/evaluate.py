@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 import raytrain_at
 from raytrain_at.errors import UserError
@@ -22,11 +21,11 @@ from raytrain_at.evaluation import guards as checks
 from raytrain_at.evaluation.autoattack import check_version
 from raytrain_at.evaluation.corruption_accuracy import PROTOCOLS, corruption_accuracy_on_device
 from raytrain_at.evaluation.kernels import check_kernels
-from raytrain_at.evaluation.result import (CorruptionResult, DataInfo, EpsSweep,
+from raytrain_at.evaluation.result import (DataInfo, EpsSweep,
                                            EvaluationResult, GuardOutcome, ModelInfo,
                                            ResolutionPoint, ResolutionSweep, SweepPoint,
                                            ThreatResult, write_result)
-from raytrain_at.evaluation.runner import EvalJob, ThreatOutcome, load_images, merge, run_job
+from raytrain_at.evaluation.runner import EvalJob, ThreatOutcome, merge, run_job
 from raytrain_at.evaluation.sweeps import (expected_robustness, plot_eps_sweep,
                                            plot_resolution_sweep)
 from raytrain_at.evaluation.threats import NORMS, PAPER_EPS, ThreatModel, scaled_eps
