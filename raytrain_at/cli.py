@@ -305,7 +305,7 @@ def register(
 ) -> None:
     """Log a model to MLflow and register a new version, with its robust accuracies; champion
     aliases move to it when it beats the holder."""
-    from raytrain_at.registration import register_model
+    from raytrain_at.registry.register import register_model
 
     done = register_model(model_ref, name, eval_path=eval_, unevaluated=unevaluated, force=force)
     print(f"registered {done.name} version {done.version} (logged model {done.model_id})")
@@ -336,8 +336,8 @@ def leaderboard(
 ) -> None:
     """The registered models as the paper's Table 2 (with radius, data and n), best first."""
     from raytrain_at.evaluation.threats import THREAT_TITLES
-    from raytrain_at.leaderboard_formats import FORMATS, print_table, render
-    from raytrain_at.registration import leaderboard as rows_of
+    from raytrain_at.registry.leaderboard_formats import FORMATS, print_table, render
+    from raytrain_at.registry.register import leaderboard as rows_of
 
     if format_ not in FORMATS:
         raise UserError(f"--format {format_!r}: use one of {', '.join(FORMATS)}")

@@ -116,8 +116,8 @@ def _evaluate_and_register(console: Console, model_ref: str, config, eval_n: int
 
     from raytrain_at.evaluation.evaluate import EvaluationRequest, evaluate
     from raytrain_at.evaluation.result import summary_table
-    from raytrain_at.leaderboard_formats import print_table
-    from raytrain_at.registration import leaderboard, leaderboard_table, register_model
+    from raytrain_at.registry.leaderboard_formats import print_table
+    from raytrain_at.registry.register import leaderboard, leaderboard_table, register_model
 
     console.print(f"[bold]evaluating[/bold] the adversarially trained model: standard AutoAttack "
                   f"in l_inf, l_2 and l_1 on the first {eval_n} test digits, 2 Ray workers")

@@ -304,10 +304,10 @@ def time_steps(variant: Variant, batch: int, resolution: int, device: torch.devi
 def count_host_syncs(variant: Variant, batch: int, resolution: int, device: torch.device,
                      compiled: bool) -> dict[str, int] | str:
     """Operators of one extra, untimed step that make the host wait for the device (see
-    ``raytrain_at.training.host_syncs``; on CPU they are counted all the same)."""
+    ``raytrain_at.diagnostics.host_syncs``; on CPU they are counted all the same)."""
     if compiled:  # a dispatch mode would make the compiled graphs recompile or fall back
         return "not counted with --compile"
-    from raytrain_at.training.host_syncs import HostSyncCounter
+    from raytrain_at.diagnostics.host_syncs import HostSyncCounter
 
     generator = torch.Generator().manual_seed(2)
     images = torch.rand(batch, 3, resolution, resolution, generator=generator).to(device)

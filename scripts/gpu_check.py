@@ -264,7 +264,7 @@ def part_deepspeed(sizes: Sizes, device, peak: float | None, emit: Emit) -> None
     import ffcv  # noqa: F401 - the loop reads FFCV files: a missing package skips the part
 
     from raytrain_at.config import load_config
-    from raytrain_at.training.host_syncs import HostSyncCounter
+    from raytrain_at.diagnostics.host_syncs import HostSyncCounter
     from raytrain_at.training.launch import prepare_data
     from raytrain_at.training.loop import WorkerLoop, WorkerPlace
 

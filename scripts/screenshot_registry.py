@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         # MLflow and the evaluation print progress to stdout; stdout is for the JSON line only.
         with contextlib.redirect_stdout(sys.stderr):
             from raytrain_at.errors import UserError
-            from raytrain_at.registration import register_model
+            from raytrain_at.registry.register import register_model
 
             try:
                 model_file = args.model_file or build_model(work / "model.safetensors",

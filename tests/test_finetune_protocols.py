@@ -104,7 +104,7 @@ def _child(storage: str, out: str) -> None:
         import deepspeed
 
         from raytrain_at.training.launch import prepare_data
-        from raytrain_at.training.host_syncs import HostSyncCounter
+        from raytrain_at.diagnostics.host_syncs import HostSyncCounter
         from raytrain_at.training.loop import WorkerLoop, WorkerPlace
 
         deepspeed.init_distributed(dist_backend="gloo")

@@ -21,7 +21,7 @@ from plain_mlflow import artifact_folders, plain_mlflow_predict
 
 import raytrain_at
 from raytrain_at.models.model_files import ModelSpec, save_model_file
-from raytrain_at.registration import register_model
+from raytrain_at.registry.register import register_model
 from raytrain_at.tracking.experiments import artifact_root, ensure_experiment
 from raytrain_at.tracking.mlflow_models import log_model_artifacts
 

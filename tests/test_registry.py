@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 import raytrain_at
 from raytrain_at.cli import app, main
 from raytrain_at.models.model_files import ModelSpec, load_model_file, save_model_file
-from raytrain_at.registration import leaderboard, register_model
-from raytrain_at.tracking.registry import ModelRegistry
+from raytrain_at.registry.register import leaderboard, register_model
+from raytrain_at.registry.mlflow_registry import ModelRegistry
 
 CLI = str(Path(sys.executable).with_name("raytrain-at"))
 

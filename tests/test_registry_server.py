@@ -53,7 +53,7 @@ def served(request, tmp_path_factory):
     """A running server with ``NAME`` v1 registered through it from an evaluated robust model."""
     from raytrain_at.evaluation.evaluate import EvaluationRequest, evaluate
     from raytrain_at.evaluation.result import read_result
-    from raytrain_at.registration import register_model
+    from raytrain_at.registry.register import register_model
 
     tmp = tmp_path_factory.mktemp("registry-server")
     server = _script_module().MlflowServer(tmp / "mlflow")

@@ -73,8 +73,8 @@ def _train_three_epochs(storage: str, out: str) -> None:
         from safetensors.torch import load_file
 
         from raytrain_at.model_refs import resolve_model
-        from raytrain_at.registration import register_model
-        from raytrain_at.tracking.registry import ModelRegistry
+        from raytrain_at.registry.register import register_model
+        from raytrain_at.registry.mlflow_registry import ModelRegistry
         from raytrain_at.tracking.runs import TrainingRun
         from raytrain_at.training.launch import _log_final_artifacts, prepare_data
         from raytrain_at.training.loop import SELECTED_FILE, WorkerLoop, WorkerPlace, build_model

@@ -13,12 +13,12 @@ from typing import Any
 import timm
 
 from raytrain_at.errors import UserError
-from raytrain_at.models import registry  # noqa: F401 - registers the *_cvst models with timm
+from raytrain_at.models import zoo  # noqa: F401 - registers the *_cvst models with timm
 from raytrain_at.models.backbones import (adapter_for, replace_stem, set_test_resolution,
                                           stem_spec_of, use_small_input_strides)
 from raytrain_at.models.complexity import Complexity, complexity, count_flops, count_params
 from raytrain_at.models.pixel_space import PixelSpaceClassifier, unwrap
-from raytrain_at.models.registry import CONVSTEM_MODELS, PATCHSTEM_BASELINES
+from raytrain_at.models.zoo import CONVSTEM_MODELS, PATCHSTEM_BASELINES
 from raytrain_at.models.stems import NAMED_STEMS, parse_stem, validate_stem
 from raytrain_at.models.weights import LoadReport, load_backbone_weights
 

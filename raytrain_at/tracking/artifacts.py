@@ -24,7 +24,7 @@ def _registry_download_uri(reference: str, tracking_uri: str) -> str:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from raytrain_at.tracking.registry import ModelRegistry
+    from raytrain_at.registry.mlflow_registry import ModelRegistry
 
     version = ModelRegistry(tracking_uri).resolve(reference)
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)

@@ -399,7 +399,7 @@ def register_best(best: TrialRecord, name: str, tracking_uri: str) -> str:
     without champion aliases, so the study's outcome is kept and visibly marked.
     """
     from raytrain_at.evaluation.result import read_result
-    from raytrain_at.registration import register_model
+    from raytrain_at.registry.register import register_model
 
     trustworthy = read_result(best.evaluation_path).trustworthy
     done = register_model(f"runs:/{best.run_id}/model", name, eval_path=best.evaluation_path,

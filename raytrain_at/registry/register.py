@@ -19,7 +19,7 @@ from typing import Any
 from raytrain_at.errors import UserError
 from raytrain_at.evaluation.result import EvaluationResult, read_result
 from raytrain_at.evaluation.threats import THREAT_TITLES
-from raytrain_at.leaderboard_formats import records
+from raytrain_at.registry.leaderboard_formats import records
 from raytrain_at.model_refs import local_model_file
 from raytrain_at.models.model_files import file_sha256, read_model_spec
 
@@ -51,7 +51,7 @@ def _model_size(spec) -> tuple[float, float]:
 def registration_payload(model_file: Path, result: EvaluationResult | None,
                          reference: str) -> tuple[dict, dict, dict, dict]:
     """(params, metrics, tags, comparable) of a version."""
-    from raytrain_at.tracking.registry import code_version
+    from raytrain_at.registry.mlflow_registry import code_version
 
     spec, metadata = read_model_spec(model_file)
     params_m, flops_g = _model_size(spec)
@@ -90,7 +90,7 @@ def register_model(model_ref: str, name: str, *, eval_path: str | Path | None = 
                    unevaluated: bool = False, force: bool = False,
                    tracking_uri: str | None = None):
     """Register ``model_ref`` as a new version of ``name`` (see module docstring)."""
-    from raytrain_at.tracking.registry import ModelRegistry, stage_model_dir
+    from raytrain_at.registry.mlflow_registry import ModelRegistry, stage_model_dir
 
     if not NAME_PATTERN.match(name):
         raise UserError(f"model name {name!r}: use letters, digits, '.', '_' or '-' "
@@ -147,7 +147,7 @@ def evaluation_dataset(result: EvaluationResult):
     """The evaluation data as an MLflow dataset. The digest covers what identifies the images
     the attack saw (file size, its first and last MiB, n, side, crop) rather than whole files
     of gigabytes; a file that no longer exists is named by its recorded facts only."""
-    from raytrain_at.tracking.registry import EvaluationDataset
+    from raytrain_at.registry.mlflow_registry import EvaluationDataset
 
     data = result.data
     digest = hashlib.sha256(f"{data.n}|{data.resolution}|{data.crop_pct}".encode())
@@ -174,7 +174,7 @@ def leaderboard(threat: str = "linf", size: str | None = None, name: str | None 
     Raises:
         UserError: ``name`` is not a registered model (an empty table would hide the typo).
     """
-    from raytrain_at.tracking.registry import ModelRegistry, leaderboard_rows
+    from raytrain_at.registry.mlflow_registry import ModelRegistry, leaderboard_rows
 
     registry = ModelRegistry(tracking_uri)
     rows = registry.rows(name)
@@ -186,6 +186,6 @@ def leaderboard(threat: str = "linf", size: str | None = None, name: str | None 
 
 def leaderboard_table(rows: list[dict[str, Any]], threat: str):
     """A rich table in the layout of the paper's Table 2, with radius, data and n."""
-    from raytrain_at.leaderboard_formats import rich_table
+    from raytrain_at.registry.leaderboard_formats import rich_table
 
     return rich_table(records(rows), f"Registered robust models, sorted by {THREAT_TITLES[threat]}")

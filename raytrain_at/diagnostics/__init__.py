@@ -1,0 +1,1 @@
+"""Diagnostics that measure how the code runs (not part of training itself)."""

@@ -1,0 +1,1 @@
+"""The MLflow model registry: registering evaluated models, champions, the leaderboard."""
