@@ -23,16 +23,48 @@ if (( ${#need_apt[@]} )); then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
-# pip on some machines warns about every missing local index directory; keep the log readable.
-pip_quiet() { "$VENV/bin/python" -m pip install -q "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
-
 PY=${PYTHON:-python3}
 [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
-pip_quiet --upgrade pip setuptools wheel
+
+# uv installs the project's ~3 GB of wheels (torch pulls in the CUDA libraries) about ten times
+# faster than pip (28 s against 4-5 min here), which is most of a fresh machine's set-up. It follows
+# the machine's pip configuration: indexes, find-links, constraints and certificate are read from
+# `pip config` and handed to uv, and uv picks the best version across all indexes as pip does.
+# Without uv (it did not install) the same steps run with pip.
+pip_quiet() { "$VENV/bin/python" -m pip install -q "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
+install=(pip_quiet)
+if pip_quiet uv 2>/dev/null && [[ -x "$VENV/bin/uv" ]]; then
+    eval "$("$VENV/bin/python" - <<'PYCONF'
+import shlex, subprocess, sys
+listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"],
+                        capture_output=True, text=True).stdout
+rank = {"global": 0, "install": 1, ":env:": 2}  # later sources override earlier ones, as in pip
+found: dict[str, tuple[int, str]] = {}
+for line in listed.splitlines():
+    key, _, value = line.partition("=")
+    section, _, name = key.rpartition(".")
+    level = rank.get(section, 0)
+    if name not in found or level >= found[name][0]:
+        found[name] = (level, value.strip().strip("'\""))
+uv_names = {"index-url": ("UV_INDEX_URL", " "), "extra-index-url": ("UV_EXTRA_INDEX_URL", " "),
+            "find-links": ("UV_FIND_LINKS", ","), "constraint": ("UV_CONSTRAINT", " "),
+            "cert": ("SSL_CERT_FILE", " ")}
+for name, (variable, separator) in uv_names.items():
+    if name in found:
+        print(f"export {variable}={shlex.quote(separator.join(found[name][1].split()))}")
+PYCONF
+)"
+    export UV_INDEX_STRATEGY=unsafe-best-match UV_PYTHON="$VENV/bin/python"
+    install=("$VENV/bin/uv" pip install -q)
+else
+    install=(pip_quiet)
+fi
+
+"${install[@]}" --upgrade pip setuptools wheel
 # FFCV's setup.py imports numpy and needs pkg-config at build time: build it without isolation
 # after numpy is in the environment.
-pip_quiet numpy pillow
-pip_quiet --no-build-isolation "ffcv==1.0.2"
-pip_quiet -e ".[dev]"
+"${install[@]}" numpy pillow
+"${install[@]}" --no-build-isolation "ffcv==1.0.2"
+"${install[@]}" -e ".[dev]"
 touch "$STAMP"
 echo "[setup] environment ready in $VENV"
