@@ -9,7 +9,7 @@ import typer
 
 from raytrain_at import __version__
 from raytrain_at.console import setup_console
-from raytrain_at.errors import UserError
+from raytrain_at.errors import RunFailed, UserError
 
 # Only typer, pydantic and yaml load at import time: every command imports its heavy packages
 # (torch, timm, Ray, MLflow) in its body, so ``--help`` and usage errors answer at once.
@@ -409,6 +409,9 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except RunFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
     except typer.Abort:
         print("aborted", file=sys.stderr)
         sys.exit(130)

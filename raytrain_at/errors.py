@@ -10,3 +10,18 @@ from __future__ import annotations
 
 class UserError(ValueError):
     """A problem with the user's input, reported as one line that names the culprit."""
+
+
+class RunFailed(RuntimeError):
+    """A run that started and then failed (a worker died, the node ran out of memory).
+
+    Not the user's input: the CLI prints its one line, which says where the full output is, and
+    exits with 1.
+    """
+
+
+def first_lines(message: str, limit: int = 300) -> str:
+    """The first two non-empty lines of a long framework message, joined and cut to ``limit``."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()][:2]
+    text = " ".join(lines)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

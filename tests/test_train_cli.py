@@ -62,3 +62,31 @@ def test_cloud_storage_path_stays_a_uri(tmp_path, monkeypatch) -> None:
                            storage_path="s3://bucket/ray-results/")
     assert prepared.storage_path == "s3://bucket/ray-results/runs"
     assert Path(prepared.train_path).is_relative_to(tmp_path)
+
+
+def test_failed_run_is_one_line_with_the_log(tmp_path, monkeypatch, capsys) -> None:
+    """A run Ray gives up on (here: the node ran out of memory) ends in one line that says why and
+    where the workers' output is, exit 1, no traceback and no hundred lines of Ray's tables."""
+    import ray.train
+
+    from raytrain_at import cli, ray_runtime
+    from raytrain_at.training import launch as launch_module
+
+    class OutOfMemoryTrainer:  # what TorchTrainer.fit raises when the memory monitor kills workers
+        def fit(self):
+            raise ray.train.ControllerError(RuntimeError(
+                "4 worker(s) were killed due to the node running low on memory.\n"
+                + "\n".join(f"actor table row {i}" for i in range(80))))
+
+    monkeypatch.setenv("RAYTRAIN_AT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setattr(launch_module, "build_trainer", lambda prepared: OutOfMemoryTrainer())
+    monkeypatch.setattr(ray_runtime, "init_ray", lambda address=None: None)  # no Ray needed
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["train", "quickstart", "--set", "schedule.epochs=1"])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 1
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "running low on memory" in lines[0] and "console.log" in lines[0]
+    assert "Traceback" not in err and "actor table row 5" not in err

@@ -23,7 +23,7 @@ import torch
 
 from raytrain_at.config import RunConfig, flatten
 from raytrain_at.console import is_verbose, user_line
-from raytrain_at.errors import UserError
+from raytrain_at.errors import RunFailed, UserError, first_lines
 from raytrain_at.training.progress import epoch_line, progress_line
 
 log = logging.getLogger(__name__)
@@ -297,9 +297,16 @@ def launch(prepared: PreparedRun, *, address: str | None = None):
                         "for a cluster, or --set scaling.use_gpu=false)")
     init_ray(address)
     log_path = run_folder(prepared) / "console.log"
+    from ray.train import TrainingFailedError
+
     with worker_log_file(log_path):
         try:
             result = build_trainer(prepared).fit()
+        except TrainingFailedError as exc:
+            # Ray's message runs to a hundred lines (memory tables, actor lists): one line here,
+            # everything in the log.
+            raise RunFailed(f"run {prepared.run_name} failed: {first_lines(str(exc))} (the "
+                            f"workers' full output is in {log_path})") from exc
         except Exception:
             log.error("the workers' full output is in %s", log_path)
             raise
