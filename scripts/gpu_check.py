@@ -238,17 +238,6 @@ def part_autoattack(sizes: Sizes, device, peak: float | None, emit: Emit) -> Non
               "identical_per_image_to_plain": robust == plain_robust})
 
 
-def _single_rank_environment() -> None:
-    """A torch.distributed world of one on this machine (DeepSpeed needs the variables)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-
-
 def _conv_weights_channels_last(module) -> bool | None:
     """Whether every 4-D weight of ``module`` is channels_last (None: it has none)."""
     import torch
@@ -269,7 +258,9 @@ def part_deepspeed(sizes: Sizes, device, peak: float | None, emit: Emit) -> None
     from raytrain_at.training.loop import WorkerLoop, WorkerPlace
 
     cuda = device.type == "cuda"
-    _single_rank_environment()
+    from raytrain_at.training.single_rank import single_rank_environment
+
+    single_rank_environment()
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     overrides = [f"model.name={sizes.ds_model}", f"data.resolution={sizes.ds_resolution}",
                  f"schedule.global_batch_size={sizes.ds_batch}", "scaling.num_workers=1",

@@ -22,24 +22,18 @@ Two things are shortened or replaced, for time and for a reason outside this pro
 from __future__ import annotations
 
 import json
-import os
-import socket
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
+
+from raytrain_at.training.single_rank import single_rank_environment
 import torch.multiprocessing as mp
 
 FIRST_EPOCH_BATCHES = 4
 CONTINUED_BATCHES = 3
 BATCH = 32
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class _FixedBatches:
@@ -121,8 +115,7 @@ def _compare(a, b) -> dict[str, list[str]]:
 
 
 def _child(storage: str, out: str) -> None:
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(_free_port()))
+    single_rank_environment()
     try:
         import numpy as np
         import deepspeed

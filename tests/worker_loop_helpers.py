@@ -4,21 +4,12 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
-import socket
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
-
-def single_rank_environment() -> None:
-    """The torch.distributed variables of a world of one on this machine (DeepSpeed needs them)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+from raytrain_at.training.single_rank import single_rank_environment  # noqa: F401 (re-export)
 
 
 def digit_batches(batch: int, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

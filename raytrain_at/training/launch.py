@@ -256,9 +256,9 @@ def run_single_process(prepared: PreparedRun) -> dict[str, float]:
     if prepared.config.scaling.num_workers != 1:
         raise UserError("--single-process runs one worker: set scaling.num_workers=1 "
                         "(or --num-workers 1)")
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
-                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511")):
-        os.environ.setdefault(key, value)
+    from raytrain_at.training.single_rank import single_rank_environment
+
+    single_rank_environment(keep_existing=True)
     device = torch.device("cuda" if prepared.config.scaling.use_gpu else "cpu")
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     loop = WorkerLoop(prepared.config, WorkerPlace(0, 1, device), prepared.train_path,
