@@ -112,3 +112,17 @@ def robust_model_file(eval_home, tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("robust-model") / "model.safetensors"
     save_model_file(path, model, spec)
     return str(path)
+
+
+@pytest.fixture()
+def store(tmp_path, monkeypatch) -> str:
+    """An empty SQLite MLflow store as MLFLOW_TRACKING_URI, with the current folder elsewhere:
+    artifacts must land beside the store, not in ./mlruns of wherever a process runs (as in a
+    Ray worker)."""
+    (tmp_path / "store").mkdir()
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    return uri

@@ -26,18 +26,6 @@ from raytrain_at.tracking.experiments import artifact_root, ensure_experiment
 from raytrain_at.tracking.mlflow_models import log_model_artifacts
 
 
-@pytest.fixture()
-def store(tmp_path, monkeypatch) -> str:
-    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
-    (tmp_path / "store").mkdir()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    # A current folder elsewhere: artifacts must not follow it (as in a Ray worker).
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    monkeypatch.chdir(elsewhere)
-    return uri
-
-
 @pytest.fixture(scope="module")
 def small_model_file(tmp_path_factory) -> Path:
     torch.manual_seed(3)

@@ -24,14 +24,6 @@ from raytrain_at.registry.mlflow_registry import ModelRegistry
 CLI = str(Path(sys.executable).with_name("raytrain-at"))
 
 
-@pytest.fixture()
-def store(tmp_path, monkeypatch) -> str:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(tmp_path)  # MLflow puts artifacts of a SQLite store in ./mlruns
-    return uri
-
-
 @pytest.fixture(scope="module")
 def weak_model_file(tmp_path_factory) -> str:
     """An untrained test_resnet (chance accuracy): the model that must not take an alias."""
