@@ -20,8 +20,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from raytrain_at.config_loader import (RECIPES, StrictModel, deep_merge, nest, overrides_to_dict,
-                                       parse_radius, validate)
+from raytrain_at.config_loader import (
+    RECIPES,
+    StrictModel,
+    deep_merge,
+    nest,
+    overrides_to_dict,
+    parse_radius,
+    validate,
+)
 
 
 class ModelSection(StrictModel):

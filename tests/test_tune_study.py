@@ -54,11 +54,13 @@ def test_workers_that_cannot_fit_beside_the_trial_fail_clearly() -> None:
 
 # --------------------------------------------------------------------------- trial configs
 def test_trial_config_is_the_space_config(quick_space) -> None:
-    base = load_config(quick_space.recipe, quick_space.fixed_overrides())
+    base = load_config(quick_space.recipe, values=quick_space.fixed)
     context = _TrialContext("s", quick_space, base.model_dump(mode="json"), "/tmp/x", "p")
     for stem in ("table7:2", "table7:6"):
-        ours = trial_config(context, {"model.stem": stem})
+        # Nested as Ray Tune hands it to the trial; dotted as a TrialRecord keeps it.
+        ours = trial_config(context, {"model": {"stem": stem}})
         assert ours.model.stem == stem
+        assert ours == trial_config(context, {"model.stem": stem})
         assert flatten(ours) == flatten(quick_space.trial_config({"model.stem": stem}))
 
 
