@@ -120,6 +120,13 @@ class Distribution(StrictModel):
         return self.grid if self.grid is not None else self.choice
 
     @property
+    def first(self) -> Any:
+        """The first listed value, or the lower bound of a range."""
+        if self.values is not None:
+            return self.values[0]
+        return self.bounds[0] if self.bounds is not None else None
+
+    @property
     def bounds(self) -> tuple[float, float] | None:
         """``(lo, hi)`` of a range; None for a grid or choice."""
         return self.uniform if self.uniform is not None else self.loguniform
@@ -284,7 +291,7 @@ class SearchSpace(StrictModel):
         for key, dist in self.search.items():
             if dist.values is not None:
                 space[key] = makers[dist.kind](list(dist.values))
-            else:
+            elif dist.bounds is not None:
                 lo, hi = dist.bounds
                 space[key] = (tune.uniform if dist.kind == "uniform" else tune.loguniform)(lo, hi)
         return nest(space)
@@ -371,8 +378,7 @@ class SearchSpace(StrictModel):
 
     def _first_values(self, skip: str | None = None) -> dict[str, Any]:
         """The first value of every searched key (its first grid point or lower bound)."""
-        return {key: dist.values[0] if dist.values is not None else dist.bounds[0]
-                for key, dist in self.search.items() if key != skip}
+        return {key: dist.first for key, dist in self.search.items() if key != skip}
 
     def _load(self, values: dict[str, Any], what: str) -> RunConfig:
         try:
@@ -428,7 +434,7 @@ class SearchSpace(StrictModel):
                                     f"grid or choice, not {dist.kind}")
             return
         parsed = []
-        for value in dist.values:
+        for value in dist.values or []:
             config = self._load_in_context({**fixed, key: value}, context,
                                            f"search key {key!r} value {value!r}")
             if _affects_model(key):
@@ -479,7 +485,8 @@ class SearchSpace(StrictModel):
         epochs = config.schedule.epochs
         if "schedule.epochs" in self.search:  # the longest trials decide what ASHA can see
             dist = self.search["schedule.epochs"]
-            epochs = max(dist.values) if dist.values is not None else int(dist.bounds[1])
+            top = max(dist.values) if dist.values is not None else (dist.bounds or (0, 0))[1]
+            epochs = int(top)
         max_t = self.scheduler.max_t or epochs
         if max_t > epochs:
             raise UserError(f"{self._where()}: scheduler.max_t {max_t} exceeds schedule.epochs "

@@ -303,8 +303,7 @@ def run_study(space: SearchSpace, options: StudyOptions = StudyOptions()) -> Stu
 
 
 def _first_sample(space: SearchSpace) -> dict[str, Any]:
-    return {key: (dist.values[0] if dist.values is not None else dist.bounds[0])
-            for key, dist in space.search.items()}
+    return {key: dist.first for key, dist in space.search.items()}
 
 
 def _searched(space: SearchSpace, config: dict[str, Any]) -> dict[str, Any]:
