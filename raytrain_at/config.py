@@ -3,6 +3,7 @@
 A run is described by a YAML file (a recipe) plus dotted overrides (``optim.lr=5e-4``). Every
 section is a pydantic model that forbids unknown keys, so a typo in a recipe, an override or a
 Ray Tune search space fails before any worker starts, with a one-line message naming the key.
+Recipes are read by :mod:`raytrain_at.config_loader`, like search spaces and benchmark specs.
 ``flatten`` turns a config into ``{"optim.lr": 0.001, ...}``: the MLflow params of a run and the
 key space of Tune search spaces.
 
@@ -195,11 +196,6 @@ class RunConfig(StrictModel):
 
 
 # --------------------------------------------------------------------------- YAML and overrides
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply dotted ``key=value`` overrides to a nested dict (unknown keys fail validation)."""
-    return deep_merge(data, overrides_to_dict(overrides))
-
-
 def recipes_dir() -> Path:
     """The bundled recipes folder."""
     return RECIPES.bundled_dir()
@@ -226,7 +222,7 @@ def recipe_data(recipe: str | None, values: Mapping[str, Any] | None = None,
         data.setdefault("recipe", path.stem)
     if values:
         data = deep_merge(data, nest(values))
-    return apply_overrides(data, overrides or [])
+    return deep_merge(data, overrides_to_dict(overrides or []))
 
 
 def load_config(recipe: str | None = None, overrides: list[str] | None = None,
