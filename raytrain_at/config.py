@@ -92,7 +92,7 @@ class AttackSection(StrictModel):
         return parse_radius(value)
 
     @model_validator(mode="after")
-    def _schedule_bounds(self) -> "AttackSection":
+    def _schedule_bounds(self) -> AttackSection:
         if self.eps_t2 < self.eps_t1:
             raise ValueError(f"attack.eps_t2 ({self.eps_t2}) must be >= attack.eps_t1 "
                              f"({self.eps_t1})")
@@ -177,7 +177,7 @@ class RunConfig(StrictModel):
     tracking: TrackingSection = TrackingSection()
 
     @model_validator(mode="after")
-    def _consistent(self) -> "RunConfig":
+    def _consistent(self) -> RunConfig:
         per_worker, rest = divmod(self.schedule.global_batch_size, self.scaling.num_workers)
         if rest:
             raise ValueError(f"schedule.global_batch_size {self.schedule.global_batch_size} is not "
