@@ -3,6 +3,7 @@
 A run is described by a YAML file (a recipe) plus dotted overrides (``optim.lr=5e-4``). Every
 section is a pydantic model that forbids unknown keys, so a typo in a recipe, an override or a
 Ray Tune search space fails before any worker starts, with a one-line message naming the key.
+Recipes are read by :mod:`raytrain_at.config_loader`, like search spaces and benchmark specs.
 ``flatten`` turns a config into ``{"optim.lr": 0.001, ...}``: the MLflow params of a run and the
 key space of Tune search spaces.
 
@@ -13,33 +14,25 @@ training file.
 
 from __future__ import annotations
 
-from fractions import Fraction
-from importlib import resources
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
+from pydantic import BaseModel, Field, field_validator, model_validator
 
-from raytrain_at.errors import UserError
-
-
-def _fraction(value: Any) -> Any:
-    """Accept ``"4/255"`` for radii, as written in papers."""
-    if isinstance(value, str) and "/" in value:
-        try:
-            return float(Fraction(value.strip()))
-        except (ValueError, ZeroDivisionError):
-            return value
-    return value
+from raytrain_at.config_loader import (
+    RECIPES,
+    StrictModel,
+    deep_merge,
+    nest,
+    overrides_to_dict,
+    parse_radius,
+    validate,
+)
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ModelSection(_Section):
+class ModelSection(StrictModel):
     """Architecture. ``stem``: stem spec or design name (None: the model's default)."""
 
     name: str = "convnext_tiny_cvst"
@@ -58,7 +51,7 @@ class ModelSection(_Section):
     linear_probe: bool = False
 
 
-class DataSection(_Section):
+class DataSection(StrictModel):
     """Datasets (.beton files or ``digits``) and loading."""
 
     train: str = "digits"
@@ -69,7 +62,7 @@ class DataSection(_Section):
     loader_workers: int = Field(2, ge=1)
 
 
-class AugSection(_Section):
+class AugSection(StrictModel):
     """Augmentation preset (paper App. A.2 / D.2)."""
 
     preset: Literal["basic", "3aug", "heavy"] = "heavy"
@@ -78,7 +71,7 @@ class AugSection(_Section):
     erase_prob: float = Field(0.25, ge=0.0, le=1.0)
 
 
-class AttackSection(_Section):
+class AttackSection(StrictModel):
     """The inner maximisation in training and the held-out check each epoch."""
 
     kind: Literal["apgd", "pgd", "fgsm", "none"] = "apgd"
@@ -96,23 +89,29 @@ class AttackSection(_Section):
     @field_validator("eps", mode="before")
     @classmethod
     def _eps_as_fraction(cls, value: Any) -> Any:
-        return _fraction(value)
+        return parse_radius(value)
 
     @model_validator(mode="after")
-    def _schedule_bounds(self) -> "AttackSection":
+    def _schedule_bounds(self) -> AttackSection:
         if self.eps_t2 < self.eps_t1:
             raise ValueError(f"attack.eps_t2 ({self.eps_t2}) must be >= attack.eps_t1 "
                              f"({self.eps_t1})")
         return self
 
 
-class ObjectiveSection(_Section):
+class ObjectiveSection(StrictModel):
+    """What the training step minimises (``training.objectives.training_step_loss``).
+
+    ``kind``: ``adversarial``, ``trades`` or ``clean``; ``label_smoothing`` of hard labels in
+    [0, 1) (paper: 0.1); ``trades_beta``: weight of the KL term of TRADES.
+    """
+
     kind: Literal["adversarial", "trades", "clean"] = "adversarial"
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
     trades_beta: float = Field(1.0, ge=0.0)
 
 
-class OptimSection(_Section):
+class OptimSection(StrictModel):
     """AdamW with linear warm-up then cosine decay per step (paper App. A.1).
 
     ``head_lr`` / ``head_weight_decay``: peak learning rate and weight decay of the classifier
@@ -134,7 +133,7 @@ class OptimSection(_Section):
     zero_stage: Literal[0, 1, 2] = 1
 
 
-class ScheduleSection(_Section):
+class ScheduleSection(StrictModel):
     """Epochs, batch, checkpoints. ``select_by``: the held-out metric that selects the run's
     model (``auto``: clean accuracy for clean training, APGD robust accuracy otherwise)."""
 
@@ -145,7 +144,7 @@ class ScheduleSection(_Section):
     select_by: Literal["auto", "robust", "clean"] = "auto"
 
 
-class ScalingSection(_Section):
+class ScalingSection(StrictModel):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
@@ -155,14 +154,14 @@ class ScalingSection(_Section):
     compile: bool = False
 
 
-class TrackingSection(_Section):
+class TrackingSection(StrictModel):
     experiment: str = "raytrain-at"
     run_name: str | None = None
     storage_path: str | None = None
     tracking_uri: str | None = None
 
 
-class RunConfig(_Section):
+class RunConfig(StrictModel):
     """A whole run. ``recipe`` names the YAML it came from."""
 
     recipe: str | None = None
@@ -178,7 +177,7 @@ class RunConfig(_Section):
     tracking: TrackingSection = TrackingSection()
 
     @model_validator(mode="after")
-    def _consistent(self) -> "RunConfig":
+    def _consistent(self) -> RunConfig:
         per_worker, rest = divmod(self.schedule.global_batch_size, self.scaling.num_workers)
         if rest:
             raise ValueError(f"schedule.global_batch_size {self.schedule.global_batch_size} is not "
@@ -197,113 +196,43 @@ class RunConfig(_Section):
 
 
 # --------------------------------------------------------------------------- YAML and overrides
-def _one_line(error: ValidationError) -> str:
-    first = error.errors()[0]
-    where = ".".join(str(p) for p in first["loc"])
-    message = first["msg"].removeprefix("Value error, ")
-    if not where:  # a check across sections: its message names the keys
-        return message
-    if first["type"] == "extra_forbidden":
-        return f"unknown config key {where!r}"
-    value = first.get("input")
-    shown = "" if isinstance(value, dict) else f" (got {value!r})"
-    return f"config key {where!r}: {message}{shown}"
-
-
-def _deep_merge(base: dict, update: dict) -> dict:
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"optim.lr=5e-4"`` -> (["optim", "lr"], 0.0005); the value is parsed as YAML."""
-    if "=" not in text:
-        raise UserError(f"override {text!r} is not of the form key=value")
-    key, raw = text.split("=", 1)
-    if not key or any(not part for part in key.split(".")):
-        raise UserError(f"override {text!r} has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply dotted overrides to a nested dict (unknown keys are caught by validation)."""
-    result = dict(data)
-    for text in overrides:
-        path, value = parse_override(text)
-        update: Any = value
-        for part in reversed(path):
-            update = {part: update}
-        result = _deep_merge(result, update)
-    return result
-
-
 def recipes_dir() -> Path:
-    return Path(str(resources.files("raytrain_at").joinpath("recipes")))
+    """The bundled recipes folder."""
+    return RECIPES.bundled_dir()
 
 
 def available_recipes() -> list[str]:
-    return sorted(p.stem for p in recipes_dir().glob("*.yaml") if not p.stem.startswith("_"))
-
-
-def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    """Read a recipe, resolving its ``base:`` chain (a recipe name or a path)."""
-    if path in seen:
-        raise UserError(f"recipe {str(path)!r} inherits from itself")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"recipe {str(path)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"recipe {str(path)!r} must be a mapping of config sections")
-    base = data.pop("base", None)
-    if base is None:
-        return data
-    return _deep_merge(_load_yaml(resolve_recipe(str(base)), seen + (path,)), data)
+    """Names of the bundled recipes (bases such as ``_imagenet`` left out)."""
+    return RECIPES.available()
 
 
 def resolve_recipe(name_or_path: str) -> Path:
     """A recipe by name (``quickstart``) or path (``my.yaml``)."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml"):
-        if not path.is_file():
-            raise UserError(f"recipe file {name_or_path!r} does not exist")
-        return path
-    candidate = recipes_dir() / f"{name_or_path}.yaml"
-    if not candidate.is_file():
-        import difflib
-
-        close = difflib.get_close_matches(name_or_path, available_recipes(), n=1, cutoff=0.6)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise UserError(f"unknown recipe {name_or_path!r}{hint}; `raytrain-at recipes` lists "
-                        "them")
-    return candidate
+    return RECIPES.resolve(name_or_path)
 
 
-def load_config(recipe: str | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Build a validated :class:`RunConfig` from a recipe and dotted overrides.
+def recipe_data(recipe: str | None, values: Mapping[str, Any] | None = None,
+                overrides: list[str] | None = None) -> dict[str, Any]:
+    """The unvalidated nested dict of a run: the recipe (with its ``base:`` chain), then
+    ``values`` (dotted or nested keys: a space's fixed keys and a trial's sample), then the
+    command line's ``key=value`` overrides."""
+    data: dict[str, Any] = {}
+    if recipe is not None:
+        data, path = RECIPES.read(recipe)
+        data.setdefault("recipe", path.stem)
+    if values:
+        data = deep_merge(data, nest(values))
+    return deep_merge(data, overrides_to_dict(overrides or []))
+
+
+def load_config(recipe: str | None = None, overrides: list[str] | None = None,
+                values: Mapping[str, Any] | None = None) -> RunConfig:
+    """Build a validated :class:`RunConfig` from a recipe, values and dotted overrides.
 
     Raises:
         UserError: unknown recipe or key, or an invalid value (one line naming the key).
     """
-    data: dict = {}
-    if recipe is not None:
-        path = resolve_recipe(recipe)
-        data = _load_yaml(path)
-        data.setdefault("recipe", path.stem)
-    data = apply_overrides(data, overrides or [])
-    try:
-        return RunConfig.model_validate(data)
-    except ValidationError as exc:
-        raise UserError(_one_line(exc)) from None
+    return validate(RunConfig, recipe_data(recipe, values, overrides))
 
 
 def flatten(config: BaseModel, prefix: str = "") -> dict[str, Any]:

@@ -39,7 +39,7 @@ def describe_study(space) -> str:
     from raytrain_at.config import load_config
     from raytrain_at.tuning.study import TRIAL_DRIVER_CPU
 
-    base = load_config(space.recipe, space.fixed_overrides())
+    base = load_config(space.recipe, values=space.fixed)
     workers = ray_resources(base)
     trial_total = dict(workers["total"])
     trial_total["CPU"] = trial_total.get("CPU", 0.0) + TRIAL_DRIVER_CPU

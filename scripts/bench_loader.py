@@ -68,7 +68,8 @@ def bench_augmentation(batch: int, device: str, repeats: int = 5) -> dict:
     from raytrain_at.attacks import APGD
     from raytrain_at.data.device_augment import DeviceAugment
     from raytrain_at.models import create_robust_model
-    from raytrain_at.training.objectives import ObjectiveConfig, training_step_loss
+    from raytrain_at.config import ObjectiveSection
+    from raytrain_at.training.objectives import training_step_loss
 
     images = torch.rand(batch, 3, 224, 224, device=device)
     labels = torch.randint(0, 1000, (batch,), device=device)
@@ -94,7 +95,7 @@ def bench_augmentation(batch: int, device: str, repeats: int = 5) -> dict:
     x_aug, soft = augment(images, labels)
 
     def step() -> None:
-        out = training_step_loss(model, attack, x_aug, soft, ObjectiveConfig())
+        out = training_step_loss(model, attack, x_aug, soft, ObjectiveSection())
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         optimizer.step()

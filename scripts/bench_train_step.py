@@ -132,7 +132,8 @@ def build_model(name: str, resolution: int, device: torch.device) -> nn.Module:
 def build_ours(name: str, resolution: int, device: torch.device, compile_model: bool) -> Variant:
     from raytrain_at.attacks import APGD
     from raytrain_at.training.engine import build_ema, fused_adamw_supported, optimizer_groups
-    from raytrain_at.training.objectives import ObjectiveConfig, training_step_loss
+    from raytrain_at.config import ObjectiveSection
+    from raytrain_at.training.objectives import training_step_loss
 
     cuda = device.type == "cuda"
     model = build_model(name, resolution, device).train()
@@ -146,7 +147,7 @@ def build_ours(name: str, resolution: int, device: torch.device, compile_model: 
     # As training.loop.build_attack: the loader's images need no [0, 1] read-back.
     attack = APGD.for_training(net, eps=EPS, n_iter=N_ITER, check_range=False,
                                compile_step=compile_model)
-    objective = ObjectiveConfig(label_smoothing=LABEL_SMOOTHING)
+    objective = ObjectiveSection(label_smoothing=LABEL_SMOOTHING)
     dtype = torch.bfloat16 if cuda else None
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> None:

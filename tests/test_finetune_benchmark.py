@@ -86,8 +86,8 @@ def test_paper_benchmark_validates() -> None:
     configs = configurations(spec, "benchmark-robust_finetune", source)
     assert len(configs) == 5 * 6 * 2 * 3
     linear = next(c for c in configs if c.protocol == "linear_probe_50ep")
-    overrides = dict(item.split("=", 1) for item in linear.space.fixed_overrides())
-    assert overrides["model.linear_probe"] == "true" and overrides["schedule.epochs"] == "50"
+    fixed = linear.space.fixed
+    assert fixed["model.linear_probe"] is True and fixed["schedule.epochs"] == 50
     trades = next(c for c in configs if c.loss == "trades").space
     config = trades.trial_config({"optim.lr": 1e-4, "optim.head_lr": 1e-3,
                                   "optim.weight_decay": 1e-4, "optim.head_weight_decay": 1e-4,

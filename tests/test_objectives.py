@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from raytrain_at.attacks import APGD
+from raytrain_at.config import ObjectiveSection
 from raytrain_at.models import create_robust_model
-from raytrain_at.training.objectives import ObjectiveConfig, training_step_loss
+from raytrain_at.training.objectives import training_step_loss
 
 TINY_CONVNEXT = dict(depths=(1, 1, 1, 1), dims=(16, 32, 64, 128))
 
@@ -26,7 +27,7 @@ def _setup(digits, seed: int = 0):
 @pytest.mark.parametrize("kind", ["adversarial", "trades", "clean"])
 def test_objective_trains(digits, kind: str) -> None:
     model, attack, x, y = _setup(digits)
-    config = ObjectiveConfig(kind=kind, label_smoothing=0.1, trades_beta=1.0)
+    config = ObjectiveSection(kind=kind, label_smoothing=0.1, trades_beta=1.0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95))
     out = training_step_loss(model, attack, x, y, config)
     assert torch.isfinite(out["loss"]) and out["loss"].dim() == 0
@@ -48,7 +49,7 @@ def test_objective_trains(digits, kind: str) -> None:
 
 def test_model_left_in_train_mode_after_attack(digits) -> None:
     model, attack, x, y = _setup(digits)
-    training_step_loss(model, attack, x, y, ObjectiveConfig())
+    training_step_loss(model, attack, x, y, ObjectiveSection())
     assert all(m.training for m in model.modules())
 
 
@@ -59,7 +60,7 @@ def test_soft_targets_from_mixup(digits) -> None:
     mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, label_smoothing=0.1,
                   num_classes=10)
     x_mix, soft = mixup(x.clone(), y.clone())
-    out = training_step_loss(model, attack, x_mix.clamp(0, 1), soft, ObjectiveConfig())
+    out = training_step_loss(model, attack, x_mix.clamp(0, 1), soft, ObjectiveSection())
     assert torch.isfinite(out["loss"])
     # Soft-target CE: no second smoothing on top of the mixed targets.
     with torch.no_grad():
@@ -70,7 +71,7 @@ def test_soft_targets_from_mixup(digits) -> None:
 def test_trades_is_ce_plus_beta_kl(digits) -> None:
     model, attack, x, y = _setup(digits)
     model.eval()  # deterministic forward so the parts can be recomputed
-    out = training_step_loss(model, attack, x, y, ObjectiveConfig(kind="trades", trades_beta=2.0,
+    out = training_step_loss(model, attack, x, y, ObjectiveSection(kind="trades", trades_beta=2.0,
                                                                   label_smoothing=0.0))
     with torch.no_grad():
         clean, adv = model(x), model(out["x_adv"])
@@ -81,9 +82,9 @@ def test_trades_is_ce_plus_beta_kl(digits) -> None:
 
 def test_objective_config_is_validated() -> None:
     with pytest.raises(ValueError, match="label_smoothing"):
-        ObjectiveConfig(label_smoothing=1.5)
+        ObjectiveSection(label_smoothing=1.5)
     with pytest.raises(ValueError, match="kind"):
-        ObjectiveConfig(kind="mart")
+        ObjectiveSection(kind="mart")
     with pytest.raises(ValueError, match="needs an attack"):
         training_step_loss(torch.nn.Identity(), None, torch.zeros(1, 3, 4, 4), torch.zeros(1),
-                           ObjectiveConfig())
+                           ObjectiveSection())

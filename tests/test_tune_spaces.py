@@ -17,10 +17,11 @@ import pytest
 import torch
 import yaml
 
-from raytrain_at.config import flatten, load_config, parse_override
+from raytrain_at.config import RunConfig, flatten, load_config
+from raytrain_at.config_loader import RECIPES, deep_merge, nest
 from raytrain_at.errors import UserError
 from raytrain_at.models import NAMED_STEMS, create_robust_model
-from raytrain_at.tuning import METRIC_MODES, SearchSpace, format_value, load_space
+from raytrain_at.tuning import METRIC_MODES, SearchSpace, load_space
 from raytrain_at.tuning.spaces import available_spaces, spaces_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,7 +97,7 @@ def test_table7_has_the_six_convnext_tiny_designs() -> None:
     assert space.flat_keys() == ["model.stem"]
     assert space.search["model.stem"].grid == [f"table7:{i}" for i in range(1, 7)]
     assert space.grid_size() == 6
-    base = load_config(space.recipe, space.trial_overrides({"model.stem": "table7:1"}))
+    base = load_config(space.recipe, values=space.trial_values({"model.stem": "table7:1"}))
     assert base.model.name == "convnext_tiny_cvst" and base.schedule.epochs == 50
     # App. B: clean non-stem weights, random stem; heavy augmentation and 2-step APGD (Table 7 row 1
     # equals Table 1's ConvNeXt-T '+ heavy augmentations').
@@ -246,41 +247,63 @@ def test_param_space_uses_ray_tune_domains(tmp_path) -> None:
         "objective.label_smoothing": {"choice": [0.0, 0.1]},
         "optim.weight_decay": {"uniform": [0.0, 0.1]},
         "optim.lr": {"loguniform": [1.0e-4, 1.0e-2]}}))
-    params = space.to_tune_param_space()
-    assert list(params) == space.flat_keys()
-    assert params["model.stem"] == {"grid_search": ["table7:1", "table7:6"]}
-    assert isinstance(params["objective.label_smoothing"], Categorical)
-    assert params["objective.label_smoothing"].categories == [0.0, 0.1]
-    for key, sampler, (lo, hi) in (("optim.weight_decay", Uniform, (0.0, 0.1)),
-                                   ("optim.lr", LogUniform, (1e-4, 1e-2))):
-        domain = params[key]
+    params = space.to_tune_param_space()  # nested like the run config
+    assert list(params) == ["model", "objective", "optim"]
+    assert params["model"] == {"stem": {"grid_search": ["table7:1", "table7:6"]}}
+    assert isinstance(params["objective"]["label_smoothing"], Categorical)
+    assert params["objective"]["label_smoothing"].categories == [0.0, 0.1]
+    for key, sampler, (lo, hi) in (("weight_decay", Uniform, (0.0, 0.1)),
+                                   ("lr", LogUniform, (1e-4, 1e-2))):
+        domain = params["optim"][key]
         assert isinstance(domain, Float) and isinstance(domain.get_sampler(), sampler)
         assert (domain.lower, domain.upper) == (lo, hi)
-    assert space.grid_size() == 2 and "schedule.epochs" not in params
+    assert space.grid_size() == 2 and "schedule" not in params
 
     table17 = _bundled("table17_wd_ls_grid").to_tune_param_space()
-    assert table17 == {"optim.weight_decay": {"grid_search": [0.5, 0.05, 0.005]},
-                       "objective.label_smoothing": {"grid_search": [0.0, 0.1, 0.2]}}
+    assert table17 == {"optim": {"weight_decay": {"grid_search": [0.5, 0.05, 0.005]}},
+                       "objective": {"label_smoothing": {"grid_search": [0.0, 0.1, 0.2]}}}
 
 
-def test_trial_overrides_round_trip_into_load_config() -> None:
+def _recipe_merged_with(space: SearchSpace, sample: dict) -> RunConfig:
+    """What a trial must run: the recipe's YAML (base chain merged), its fixed keys and the
+    sample, merged as nested dicts and validated; written out here, independent of the space."""
+    recipe, path = RECIPES.read(space.recipe)
+    data = deep_merge(deep_merge({"recipe": path.stem, **recipe}, nest(space.fixed)), sample)
+    return RunConfig.model_validate(data)
+
+
+def test_trial_config_is_the_recipe_merged_with_its_sample() -> None:
+    from ray.tune.search.variant_generator import generate_variants
+
+    for name in ("table7_convnext_tiny_stems", "table17_wd_ls_grid"):
+        space = _bundled(name)
+        # The samples Ray Tune itself resolves from the space: nested dicts, one per grid point.
+        samples = [resolved["config"] for _, resolved in
+                   generate_variants({"config": space.to_tune_param_space()})]
+        assert len(samples) == space.grid_size()
+        for sample in samples:
+            assert isinstance(next(iter(sample.values())), dict)  # {"model": {"stem": ...}}
+            config = space.trial_config(sample)
+            assert config == _recipe_merged_with(space, sample)
+            assert flatten(config)["recipe"] == space.recipe
     space = _bundled("table7_convnext_tiny_stems")
-    overrides = space.trial_overrides({"model.stem": "table7:4"})
-    assert overrides[-1] == 'model.stem="table7:4"'
-    assert "model.init=null" in overrides and "schedule.epochs=50" in overrides
-    config = load_config(space.recipe, overrides)
+    config = space.trial_config({"model.stem": "table7:4"})  # the dotted spelling: the same
+    assert config == _recipe_merged_with(space, {"model": {"stem": "table7:4"}})
     assert config.model.stem == "table7:4" and config.model.init is None
     assert config.model.pretrained == "hub:convnext_tiny.fb_in1k"
-    with pytest.raises(UserError, match=r"missing \['model\.stem'\].*unexpected \['model\.stme'\]"):
-        space.trial_overrides({"model.stme": "table7:4"})
+    assert config.schedule.epochs == 50
+    with pytest.raises(UserError,
+                       match=r"missing \['model\.stem'\].*unexpected \['model\.stme'\]"):
+        space.trial_config({"model": {"stme": "table7:4"}})
 
 
-@pytest.mark.parametrize("value", [
-    "table7:4", "null", "1e-3", "yes", "", 0, 3, 0.005, 1e-5, 1e20, -2.5e-8, 4 / 255, True, None,
-    [0.9, 0.95], ["a", 1]])
-def test_format_value_round_trips_through_parse_override(value) -> None:
-    _, parsed = parse_override(f"x.y={format_value(value)}")
-    assert parsed == value and type(parsed) is type(value)
+def test_sampled_values_keep_their_type() -> None:
+    # No text round trip: a string that YAML would read as null, a bool or a float stays a string.
+    for text in ("null", "yes", "1e-3", "", "a=b"):
+        config = load_config("quickstart", values={"tracking.run_name": text})
+        assert config.tracking.run_name == text
+    assert load_config("quickstart", values={"optim": {"betas": [0.8, 0.9]}}).optim.betas == \
+        (0.8, 0.9)
 
 
 def test_values_are_canonicalised_by_the_config(tmp_path) -> None:

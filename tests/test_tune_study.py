@@ -22,8 +22,8 @@ from raytrain_at.config import flatten, load_config
 from raytrain_at.errors import UserError
 from raytrain_at.tuning.report import plot_study, results_rows, trial_label, write_csv
 from raytrain_at.tuning.spaces import load_space
-from raytrain_at.tuning.study import (StudyOptions, TrialRecord, _TrialContext, apply_options,
-                                      ranked, trial_concurrency, trial_config)
+from raytrain_at.tuning.study import (StudyOptions, TrialRecord, _searched, _TrialContext,
+                                      apply_options, ranked, trial_concurrency, trial_config)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,12 +54,25 @@ def test_workers_that_cannot_fit_beside_the_trial_fail_clearly() -> None:
 
 # --------------------------------------------------------------------------- trial configs
 def test_trial_config_is_the_space_config(quick_space) -> None:
-    base = load_config(quick_space.recipe, quick_space.fixed_overrides())
+    base = load_config(quick_space.recipe, values=quick_space.fixed)
     context = _TrialContext("s", quick_space, base.model_dump(mode="json"), "/tmp/x", "p")
     for stem in ("table7:2", "table7:6"):
-        ours = trial_config(context, {"model.stem": stem})
+        # Nested as Ray Tune hands it to the trial; dotted as a TrialRecord keeps it.
+        ours = trial_config(context, {"model": {"stem": stem}})
         assert ours.model.stem == stem
+        assert ours == trial_config(context, {"model.stem": stem})
         assert flatten(ours) == flatten(quick_space.trial_config({"model.stem": stem}))
+
+
+def test_records_keep_the_nested_tune_config_as_searched_keys(quick_space) -> None:
+    # Ray Tune reports a trial's config nested, as the param space is; the table and CSV columns
+    # are the searched dotted keys, and the record's sample rebuilds the same trial config.
+    params = {"model": {"stem": "table7:3"}}
+    sample = _searched(quick_space, params)
+    assert sample == {"model.stem": "table7:3"}
+    record = TrialRecord("t9", sample, {}, 0, "errored", error="x")
+    assert results_rows([record], quick_space)[0]["model.stem"] == "table7:3"
+    assert quick_space.trial_config(record.sample) == quick_space.trial_config(params)
 
 
 def test_command_line_changes_are_validated(quick_space) -> None:

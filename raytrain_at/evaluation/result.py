@@ -13,18 +13,15 @@ import os
 import tempfile
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
+from raytrain_at.config_loader import StrictModel
 from raytrain_at.errors import UserError
 
 FORMAT = "raytrain_at.evaluation/1"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ModelInfo(_Strict):
+class ModelInfo(StrictModel):
     reference: str
     weights_sha256: str
     name: str
@@ -34,14 +31,14 @@ class ModelInfo(_Strict):
     source_run: str | None = None
 
 
-class DataInfo(_Strict):
+class DataInfo(StrictModel):
     path: str
     n: int = Field(gt=0)
     resolution: int = Field(gt=0)
     crop_pct: float
 
 
-class ThreatResult(_Strict):
+class ThreatResult(StrictModel):
     norm: str
     eps: float = Field(gt=0)
     clean_accuracy: float = Field(ge=0, le=1)
@@ -54,12 +51,12 @@ class ThreatResult(_Strict):
                              "confirm (those images were attacked again with exact kernels)")
 
 
-class SweepPoint(_Strict):
+class SweepPoint(StrictModel):
     eps: float
     robust_accuracy: float
 
 
-class EpsSweep(_Strict):
+class EpsSweep(StrictModel):
     norm: str
     version: str
     clean_accuracy: float
@@ -68,21 +65,21 @@ class EpsSweep(_Strict):
     plot: str | None = None
 
 
-class ResolutionPoint(_Strict):
+class ResolutionPoint(StrictModel):
     resolution: int
     clean_accuracy: float
     robust_accuracy: dict[str, float]
     eps: dict[str, float]
 
 
-class ResolutionSweep(_Strict):
+class ResolutionSweep(StrictModel):
     version: str
     points: list[ResolutionPoint]
     best_resolution: int
     plot: str | None = None
 
 
-class CorruptionResult(_Strict):
+class CorruptionResult(StrictModel):
     """``mix``: one type per image at ``severity``; ``imagenet-c``: every type at severities 1-5
     (``severity`` 0), ``accuracy`` the mean over the 75 (type, severity) accuracies."""
 
@@ -95,13 +92,13 @@ class CorruptionResult(_Strict):
     per_severity: dict[str, float] | None = None
 
 
-class GuardOutcome(_Strict):
+class GuardOutcome(StrictModel):
     name: str
     passed: bool
     detail: str
 
 
-class EvaluationResult(_Strict):
+class EvaluationResult(StrictModel):
     format: str = FORMAT
     model: ModelInfo
     data: DataInfo

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from fractions import Fraction
 
+from raytrain_at.config_loader import fraction_value
 from raytrain_at.errors import UserError
 
 # Project names -> pyautoattack's names.
@@ -58,8 +58,8 @@ def parse_norms(text: str) -> list[str]:
 def parse_eps(text: str | float, what: str) -> float:
     """A positive finite radius from ``"4/255"``, ``"0.5"`` or a number; ``what`` names it."""
     try:
-        value = float(Fraction(text.strip())) if isinstance(text, str) else float(text)
-    except (ValueError, ZeroDivisionError):
+        value = fraction_value(text) if isinstance(text, str) else float(text)
+    except ValueError:
         raise UserError(f"{what} {text!r} is not a number or fraction like 4/255") from None
     if not math.isfinite(value) or value <= 0:
         raise UserError(f"{what} {text!r} must be a positive radius")

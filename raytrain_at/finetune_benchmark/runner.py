@@ -67,8 +67,7 @@ def check_inputs(pending: list[Configuration], storage_path: str | None) -> None
         if (config.backbone, config.dataset) in seen:
             continue
         seen.add((config.backbone, config.dataset))
-        first = {key: (dist.values[0] if dist.values is not None else dist.bounds[0])
-                 for key, dist in config.space.search.items()}
+        first = {key: dist.first for key, dist in config.space.search.items()}
         try:
             prepare_run(config.space.trial_config(first), storage_path=storage_path)
         except UserError as exc:

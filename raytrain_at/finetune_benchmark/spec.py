@@ -31,19 +31,16 @@ model name or a dataset's class count fails at once with a one-line message.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
+from raytrain_at.config_loader import BENCHMARKS, StrictModel, validate
 from raytrain_at.errors import UserError
-from raytrain_at.tuning.spaces import (Distribution, SchedulerSpec, SearchSpace, StudyEvaluation,
-                                       validation_message, StrictSection)
+from raytrain_at.tuning.spaces import Distribution, SchedulerSpec, SearchSpace, StudyEvaluation
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -71,7 +68,7 @@ PAPER_EVALUATION: dict[str, Any] = {
 LINEAR_PROBE_KEY = "model.linear_probe"
 
 
-class Backbone(StrictSection):
+class Backbone(StrictModel):
     """A pre-trained backbone: a timm model name and its weights.
 
     Attributes:
@@ -91,7 +88,7 @@ class Backbone(StrictSection):
     overrides: dict[str, Any] = Field(default_factory=dict)
 
 
-class Dataset(StrictSection):
+class Dataset(StrictModel):
     """A downstream dataset as FFCV files (``raytrain-at data write-ffcv``) or a bundled name.
 
     Attributes:
@@ -112,7 +109,7 @@ class Dataset(StrictSection):
     overrides: dict[str, Any] = Field(default_factory=dict)
 
 
-class Protocol(StrictSection):
+class Protocol(StrictModel):
     """How long and what trains: ``linear_probe`` trains the head only (backbone frozen)."""
 
     epochs: int = Field(ge=1)
@@ -120,7 +117,7 @@ class Protocol(StrictSection):
     overrides: dict[str, Any] = Field(default_factory=dict)
 
 
-class BenchmarkSpec(StrictSection):
+class BenchmarkSpec(StrictModel):
     """A whole benchmark; see the module docstring."""
 
     description: str = Field(min_length=1)
@@ -216,9 +213,6 @@ def configurations(spec: BenchmarkSpec, experiment: str, source: Path | None = N
     return found
 
 
-SPECS_DIR = "benchmark_specs"
-
-
 def bundled_benchmark(name: str) -> Path:
     """The bundled benchmark ``name`` (package data: a regular ``pip install`` ships it; the
     checkout's ``benchmarks/`` is a link to the folder).
@@ -226,37 +220,15 @@ def bundled_benchmark(name: str) -> Path:
     Raises:
         UserError: no bundled benchmark of that name.
     """
-    folder = Path(str(resources.files("raytrain_at").joinpath(SPECS_DIR)))
-    candidate = folder / f"{name}.yaml"
-    if not candidate.is_file():
-        names = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
-        raise UserError(f"unknown benchmark {name!r}; bundled: {names} (or give a YAML path)")
-    return candidate
+    return BENCHMARKS.resolve(name)
 
 
 def load_benchmark(path: str | Path) -> tuple[BenchmarkSpec, Path]:
-    """Read and check a benchmark file (every configuration is validated by
-    :func:`configurations`, which the runner calls before anything runs).
+    """Read and check a benchmark file with the project's YAML loader (every configuration is
+    validated by :func:`configurations`, which the runner calls before anything runs).
 
     Raises:
         UserError: missing file, bad YAML, or a one-line description of the first bad field.
     """
-    text = os.fspath(path)
-    path = Path(text)
-    if path.suffix not in (".yaml", ".yml") and "/" not in text and os.sep not in text:
-        path = bundled_benchmark(text)
-    if not path.is_file():
-        raise UserError(f"benchmark file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise UserError(f"benchmark {str(path)!r} is not valid YAML: "
-                        f"{str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"benchmark {str(path)!r} must be a mapping")
-    try:
-        spec = BenchmarkSpec.model_validate(data)
-    except ValidationError as exc:
-        raise UserError(f"benchmark {str(path)!r}: {validation_message(exc)}") from None
-    return spec, path
-
+    data, source = BENCHMARKS.read(path)
+    return validate(BenchmarkSpec, data, f"benchmark {str(source)!r}", noun="field"), source

@@ -35,7 +35,7 @@ from raytrain_at.models.model_files import (MODEL_FILE, ModelSpec, init_normalis
                                            save_model_file)
 from raytrain_at.training.engine import (build_ema, build_engine, freeze_all_but_head,
                                          resolve_precision)
-from raytrain_at.training.objectives import ObjectiveConfig, training_step_loss
+from raytrain_at.training.objectives import training_step_loss
 from raytrain_at.training.schedules import radius_factor
 from raytrain_at.training.selection import Selection, selection_description, selection_metric
 
@@ -201,7 +201,7 @@ class WorkerLoop:
             # uint8 / 255 from the loader: in [0, 1] by construction, and the check would make
             # the host wait for the previous step's kernels before queueing this one's.
             check_range=False)
-        self.objective = ObjectiveConfig(**config.objective.model_dump())
+        self.objective = config.objective
         self.epoch = 0  # epochs completed
         self.selection = Selection(selection_metric(config))
         self.selected_by = selection_description(config, heldout_path is not None)

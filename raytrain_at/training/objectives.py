@@ -14,31 +14,15 @@ Objectives:
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 
 from raytrain_at.attacks.base import Attack
 from raytrain_at.attacks.losses import hard_labels
-
-
-class ObjectiveConfig(BaseModel):
-    """What the training step minimises.
-
-    Attributes:
-        kind: "adversarial", "trades" or "clean".
-        label_smoothing: smoothing of hard labels, in [0, 1) (paper: 0.1).
-        trades_beta: weight of the KL term of TRADES (>= 0).
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    kind: Literal["adversarial", "trades", "clean"] = "adversarial"
-    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
-    trades_beta: float = Field(1.0, ge=0.0)
+from raytrain_at.config import ObjectiveSection
 
 
 def _soft_or_smoothed_ce(logits: torch.Tensor, targets: torch.Tensor, smoothing: float
@@ -50,7 +34,7 @@ def _soft_or_smoothed_ce(logits: torch.Tensor, targets: torch.Tensor, smoothing:
 
 
 def training_step_loss(model: nn.Module, attack: Attack | None, images: torch.Tensor,
-                       targets: torch.Tensor, config: ObjectiveConfig) -> dict[str, Any]:
+                       targets: torch.Tensor, config: ObjectiveSection) -> dict[str, Any]:
     """Compute the training loss of one batch.
 
     Args:
@@ -58,7 +42,7 @@ def training_step_loss(model: nn.Module, attack: Attack | None, images: torch.Te
         attack: the inner maximisation (e.g. ``APGD.for_training``); ignored for ``clean``.
         images: (B, C, H, W) in [0, 1].
         targets: (B,) class indices or (B, K) soft targets.
-        config: the objective.
+        config: the run config's ``objective`` section.
 
     Returns:
         ``loss`` (scalar with graph, to backpropagate), ``logits`` (on the points trained on),

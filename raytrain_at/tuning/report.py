@@ -9,11 +9,12 @@ fare in l_2 and l_1.
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from raytrain_at.evaluation.threats import NORMS
-from raytrain_at.tuning.spaces import SearchSpace, format_value
+from raytrain_at.tuning.spaces import SearchSpace
 
 if TYPE_CHECKING:
     from raytrain_at.tuning.study import TrialRecord
@@ -23,9 +24,18 @@ TRAINING_COLUMNS = ("heldout_clean_accuracy", "heldout_robust_accuracy", "train_
 EVALUATION_COLUMNS = ("clean_acc", *(f"robust_acc_{norm}" for norm in NORMS))
 
 
+def shown_value(value: object) -> str:
+    """A sampled value as a table cell: ``table7:2``, ``0.001``, ``true``, ``[0.9, 0.95]``."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(shown_value(v) for v in value) + "]"
+    return str(value)
+
+
 def trial_label(record: "TrialRecord") -> str:
     """The sampled values, short: ``table7:2`` or ``optim.lr=0.001, aug.preset=basic``."""
-    values = [format_value(v).strip('"') for v in record.sample.values()]
+    values = [shown_value(v) for v in record.sample.values()]
     if len(values) == 1:
         return values[0]
     return ", ".join(f"{key}={value}" for key, value in zip(record.sample, values))
@@ -40,7 +50,7 @@ def results_rows(records: list["TrialRecord"], space: SearchSpace) -> list[dict[
     rows = []
     for record in records:
         row = {"trial_id": record.trial_id}
-        row.update({key: format_value(value).strip('"') for key, value in record.sample.items()})
+        row.update({key: shown_value(value) for key, value in record.sample.items()})
         row.update({"status": record.status, "epochs": str(record.epochs)})
         for column in dict.fromkeys((space.metric, *TRAINING_COLUMNS)):
             row[column] = _cell(record.metrics.get(column))

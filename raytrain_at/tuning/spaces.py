@@ -15,12 +15,14 @@ A space names a base recipe, overrides applied to every trial (``fixed``), the s
     scheduler: {kind: asha, grace_period: 1, reduction_factor: 2}   # time unit: reported epochs
     num_samples: 1                                        # Ray repeats the grid this often
 
-Why a loader of its own: a Tune run starts many trials; a typo in a key or a stem name must fail
-here, before Ray starts anything, not minutes later inside a worker. :func:`load_space` checks
-every key against ``flatten(load_config(recipe))`` (with a close-match hint), runs every grid and
-choice value (and both ends of each range) through :func:`~raytrain_at.config.load_config`, builds
-the model on PyTorch's meta device for every stem / model / resolution value (shape checks only: no
-memory, no weights), and checks the metric, mode and scheduler.
+The file is read by the project's one YAML loader (:mod:`raytrain_at.config_loader`: a ``base:``
+chain of spaces, dotted keys, ``4/255`` radii). A trial's sample is a nested dict
+(``{"model": {"stem": "table7:4"}}``) deep-merged into the recipe with the ``fixed`` keys, never
+written out as text. A Tune run starts many trials, so a typo in a key or a stem name must fail
+here, before Ray starts anything: :func:`load_space` checks every key against the recipe's keys
+(with a close-match hint), runs every grid and choice value (and both ends of each range) through
+:func:`~raytrain_at.config.load_config`, builds the model on PyTorch's meta device for every stem /
+model / resolution value (shape checks only), and checks the metric, mode and scheduler.
 
 Write exponents with a dot in YAML (``5.0e-3``, not ``5e-3``): PyYAML reads ``5e-3`` as a string.
 Values are replaced by the config's parsed value anyway, so such a string still becomes a float.
@@ -34,19 +36,23 @@ import itertools
 import json
 import math
 import os
-from fractions import Fraction
-from importlib import resources
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
-                      model_validator)
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
-from raytrain_at.config import RunConfig, flatten, load_config
+from raytrain_at.config import RunConfig, flatten, load_config, recipe_data
+from raytrain_at.config_loader import (
+    SPACES,
+    StrictModel,
+    deep_merge,
+    flat_keys,
+    nest,
+    parse_radius,
+    validate,
+)
 from raytrain_at.errors import UserError
-
-SPACES_DIR = "tune_spaces"
 
 # What the training loop (raytrain_at/training/loop.py, ``train_epoch`` and ``evaluate_heldout``)
 # reports once per epoch, with the direction that means "better". Only these can steer a search:
@@ -64,13 +70,7 @@ _MAX_CHECKED_COMBINATIONS = 512
 
 
 # --------------------------------------------------------------------------- the YAML schema
-class StrictSection(BaseModel):
-    """A YAML section that refuses unknown fields (a typo is an error, not a silent default)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-class Distribution(StrictSection):
+class Distribution(StrictModel):
     """How one key is searched: exactly one of ``grid``, ``choice``, ``uniform``, ``loguniform``.
 
     Attributes:
@@ -86,7 +86,7 @@ class Distribution(StrictSection):
     loguniform: tuple[float, float] | None = None
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> "Distribution":
+    def _exactly_one(self) -> Distribution:
         given = [name for name in ("grid", "choice", "uniform", "loguniform")
                  if getattr(self, name) is not None]
         if len(given) != 1:
@@ -120,12 +120,19 @@ class Distribution(StrictSection):
         return self.grid if self.grid is not None else self.choice
 
     @property
+    def first(self) -> Any:
+        """The first listed value, or the lower bound of a range."""
+        if self.values is not None:
+            return self.values[0]
+        return self.bounds[0] if self.bounds is not None else None
+
+    @property
     def bounds(self) -> tuple[float, float] | None:
         """``(lo, hi)`` of a range; None for a grid or choice."""
         return self.uniform if self.uniform is not None else self.loguniform
 
 
-class SchedulerSpec(StrictSection):
+class SchedulerSpec(StrictModel):
     """The Tune trial scheduler. Time is counted in reported epochs (one report per epoch).
 
     Attributes:
@@ -141,7 +148,7 @@ class SchedulerSpec(StrictSection):
     max_t: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
-    def _asha_options_only_for_asha(self) -> "SchedulerSpec":
+    def _asha_options_only_for_asha(self) -> SchedulerSpec:
         # Silently ignoring a grace period would hide that the user thinks trials get stopped.
         extra = {"grace_period", "reduction_factor", "max_t"} & self.model_fields_set
         if self.kind == "fifo" and extra:
@@ -149,7 +156,7 @@ class SchedulerSpec(StrictSection):
         return self
 
 
-def evaluation_data(spec: "StudyEvaluation", trial: RunConfig) -> str | None:
+def evaluation_data(spec: StudyEvaluation, trial: RunConfig) -> str | None:
     """The data a study reports its best trials on: ``evaluation.data``, or the bundled
     dataset's test split when the trials train on a bundled one; None when neither is set."""
     from raytrain_at.data.write import BUNDLED
@@ -159,7 +166,7 @@ def evaluation_data(spec: "StudyEvaluation", trial: RunConfig) -> str | None:
     return trial.data.train if trial.data.train in BUNDLED else None
 
 
-class StudyEvaluation(StrictSection):
+class StudyEvaluation(StrictModel):
     """How the study's best trials are evaluated with AutoAttack (and the best registered).
 
     Attributes:
@@ -195,16 +202,16 @@ class StudyEvaluation(StrictSection):
     @classmethod
     def _radii_as_fractions(cls, value: Any) -> Any:
         if isinstance(value, dict):
-            return {norm: _radius(eps) for norm, eps in value.items()}
+            return {norm: parse_radius(eps) for norm, eps in value.items()}
         return value
 
     @field_validator("eps_sweep", mode="before")
     @classmethod
     def _sweep_as_fractions(cls, value: Any) -> Any:
-        return [_radius(eps) for eps in value] if isinstance(value, list) else value
+        return [parse_radius(eps) for eps in value] if isinstance(value, list) else value
 
     @model_validator(mode="after")
-    def _positive_radii(self) -> "StudyEvaluation":
+    def _positive_radii(self) -> StudyEvaluation:
         for norm, eps in self.eps.items():
             if not (math.isfinite(eps) and eps > 0):
                 raise ValueError(f"eps.{norm} {eps} must be a positive radius")
@@ -214,7 +221,7 @@ class StudyEvaluation(StrictSection):
         return self
 
 
-class SearchSpace(StrictSection):
+class SearchSpace(StrictModel):
     """A validated Ray Tune search space over the run config's dotted keys.
 
     Build it with :func:`load_space`, which also checks it against the base recipe; constructing
@@ -271,9 +278,11 @@ class SearchSpace(StrictSection):
         return self.grid_size() * self.num_samples
 
     def to_tune_param_space(self) -> dict[str, Any]:
-        """The ``param_space`` for ``ray.tune.Tuner``: searched keys only, flat dotted names.
+        """The ``param_space`` for ``ray.tune.Tuner``: the searched keys only, nested like the
+        run config (``{"model": {"stem": grid_search([...])}}``), so the config Tune hands a
+        trial is a nested sample that :meth:`trial_config` merges into the recipe as it is.
 
-        Fixed overrides are not in it: :meth:`trial_overrides` adds them to every trial.
+        Fixed keys are not in it: :meth:`trial_values` adds them to every trial.
         """
         from ray import tune  # lazily: loading and validating a space must not need Ray
 
@@ -282,53 +291,44 @@ class SearchSpace(StrictSection):
         for key, dist in self.search.items():
             if dist.values is not None:
                 space[key] = makers[dist.kind](list(dist.values))
-            else:
+            elif dist.bounds is not None:
                 lo, hi = dist.bounds
                 space[key] = (tune.uniform if dist.kind == "uniform" else tune.loguniform)(lo, hi)
-        return space
+        return nest(space)
 
-    def trial_overrides(self, sample: dict[str, Any]) -> list[str]:
-        """Dotted ``key=value`` overrides of one trial for ``load_config(self.recipe, ...)``.
-
-        Args:
-            sample: the trial's config as Ray Tune passes it: one value per searched key.
-
-        Returns:
-            The fixed overrides, then the sampled ones (so a sample wins over nothing: keys are
-            disjoint), each value written so that ``parse_override`` reads it back unchanged.
+    def flat_sample(self, sample: Mapping[str, Any]) -> dict[str, Any]:
+        """A trial's sample (nested as Tune passes it, or dotted) as ``{searched key: value}``.
 
         Raises:
             UserError: a searched key is missing from ``sample`` or ``sample`` has other keys.
         """
-        missing = [key for key in self.search if key not in sample]
-        unknown = [key for key in sample if key not in self.search]
+        flat = flat_keys(nest(sample, "trial sample key"))
+        missing = [key for key in self.search if key not in flat]
+        unknown = [key for key in flat if key not in self.search]
         if missing or unknown:
             raise UserError(f"trial sample for search space {self.name!r} does not match its "
                             f"keys: missing {missing}, unexpected {unknown}")
-        return ([f"{key}={format_value(value)}" for key, value in self.fixed.items()]
-                + [f"{key}={format_value(sample[key])}" for key in self.search])
+        return {key: flat[key] for key in self.search}
 
-    def fixed_overrides(self) -> list[str]:
-        """The dotted ``key=value`` overrides every trial gets (the ``fixed`` section)."""
-        return self._fixed_overrides()
+    def trial_values(self, sample: Mapping[str, Any]) -> dict[str, Any]:
+        """What one trial changes in the recipe, as one nested dict: the fixed keys, then the
+        sample (keys are disjoint, so the order only matters for reading)."""
+        return deep_merge(nest(self.fixed), nest(self.flat_sample(sample)))
 
-    def sample_overrides(self, sample: dict[str, Any]) -> list[str]:
-        """The searched part of :meth:`trial_overrides`: one ``key=value`` per searched key."""
-        return self.trial_overrides(sample)[len(self.fixed):]
-
-    def trial_config(self, sample: dict[str, Any]) -> RunConfig:
-        """The validated run config of one trial (base recipe + fixed + sample)."""
-        return load_config(self.recipe, self.trial_overrides(sample))
+    def trial_config(self, sample: Mapping[str, Any]) -> RunConfig:
+        """The validated run config of one trial: the recipe merged with the fixed keys and the
+        trial's sample."""
+        return validate(RunConfig, recipe_data(self.recipe, self.trial_values(sample)))
 
     def scheduler_max_t(self) -> int:
         """ASHA's last epoch: ``scheduler.max_t`` or the trials' ``schedule.epochs``."""
         if self.scheduler.max_t is not None:
             return self.scheduler.max_t
-        return load_config(self.recipe, self._fixed_overrides() + self._first_values()
+        return load_config(self.recipe, values={**self.fixed, **self._first_values()}
                            ).schedule.epochs
 
     # ----------------------------------------------------------------------- validation
-    def validate_against_config(self) -> "SearchSpace":
+    def validate_against_config(self) -> SearchSpace:
         """Check keys, values, metric and scheduler against the base recipe; see the module doc.
 
         Grid and choice values are replaced by the config's parsed value (``"5e-3"`` -> 0.005), so
@@ -350,14 +350,14 @@ class SearchSpace(StrictSection):
         if both:
             raise UserError(f"{where}: key {both[0]!r} is both fixed and searched")
 
-        fixed = self._fixed_overrides()
+        fixed = dict(self.fixed)
         fixed_config = self._load_in_context(fixed, self._first_values(), "fixed overrides")
         if any(_affects_model(key) for key in self.fixed):
             _check_model(fixed_config, f"{where}: fixed overrides")
         for key, dist in self.search.items():
             self._check_distribution(key, dist, fixed, flat[key])
         self._check_combinations(fixed)
-        trial_base = self._load(fixed + self._first_values(), "first grid point")
+        trial_base = self._load({**fixed, **self._first_values()}, "first grid point")
         self._check_metric(trial_base)
         self._check_scheduler(trial_base)
         self._check_evaluation_data(trial_base)
@@ -376,42 +376,36 @@ class SearchSpace(StrictSection):
     def _where(self) -> str:
         return f"search space {str(self._source) if self._source else self.name!r}"
 
-    def _fixed_overrides(self) -> list[str]:
-        return [f"{key}={format_value(value)}" for key, value in self.fixed.items()]
+    def _first_values(self, skip: str | None = None) -> dict[str, Any]:
+        """The first value of every searched key (its first grid point or lower bound)."""
+        return {key: dist.first for key, dist in self.search.items() if key != skip}
 
-    def _first_values(self, skip: str | None = None) -> list[str]:
-        firsts = []
-        for key, dist in self.search.items():
-            if key != skip:
-                first = dist.values[0] if dist.values is not None else dist.bounds[0]
-                firsts.append(f"{key}={format_value(first)}")
-        return firsts
-
-    def _load(self, overrides: list[str], what: str) -> RunConfig:
+    def _load(self, values: dict[str, Any], what: str) -> RunConfig:
         try:
-            return load_config(self.recipe, overrides)
+            return load_config(self.recipe, values=values)
         except UserError as exc:
             raise UserError(f"{self._where()}: {what}: {exc}") from None
 
-    def _load_in_context(self, overrides: list[str], context: list[str], what: str) -> RunConfig:
-        """Load ``overrides`` alone; if that fails, with ``context`` (other searched keys).
+    def _load_in_context(self, values: dict[str, Any], context: dict[str, Any], what: str
+                         ) -> RunConfig:
+        """Load ``values`` alone; if that fails, with ``context`` (other searched keys).
 
-        Why both: alone, an error is the overrides' own and names them; but a cross-key rule
+        Why both: alone, an error is the values' own and names them; but a cross-key rule
         (attack.eps_t2 >= attack.eps_t1, batch / worker divisibility) may need a searched key to
         complete them. When both fail for different reasons, the error with the context is
         reported, naming the context: it is the error of a trial that would run.
         """
         try:
-            return load_config(self.recipe, overrides)
+            return load_config(self.recipe, values=values)
         except UserError as alone:
             if not context:
                 raise UserError(f"{self._where()}: {what}: {alone}") from None
             try:
-                return load_config(self.recipe, overrides + context)
+                return load_config(self.recipe, values={**values, **context})
             except UserError as together:
                 if str(together) == str(alone):
                     raise UserError(f"{self._where()}: {what}: {alone}") from None
-                raise UserError(f"{self._where()}: {what} (with {', '.join(context)}): "
+                raise UserError(f"{self._where()}: {what} (with {', '.join(_shown(context))}): "
                                 f"{together}") from None
 
     def _check_key(self, key: str, section: str, flat: dict[str, Any]) -> None:
@@ -423,7 +417,7 @@ class SearchSpace(StrictSection):
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise UserError(f"{self._where()}: unknown {section} key {key!r}{hint}")
 
-    def _check_distribution(self, key: str, dist: Distribution, fixed: list[str],
+    def _check_distribution(self, key: str, dist: Distribution, fixed: dict[str, Any],
                             default: Any) -> None:
         context = self._first_values(skip=key)
         if dist.bounds is not None:
@@ -433,15 +427,15 @@ class SearchSpace(StrictSection):
                                 f"{type(default).__name__} values; use grid or choice, not "
                                 f"{dist.kind}")
             for end in dist.bounds:
-                config = self._load_in_context(fixed + [f"{key}={format_value(end)}"], context,
+                config = self._load_in_context({**fixed, key: end}, context,
                                                f"search key {key!r} {dist.kind} bound {end!r}")
                 if not isinstance(flatten(config)[key], float):
                     raise UserError(f"{self._where()}: search key {key!r} is not a float key; use "
                                     f"grid or choice, not {dist.kind}")
             return
         parsed = []
-        for value in dist.values:
-            config = self._load_in_context(fixed + [f"{key}={format_value(value)}"], context,
+        for value in dist.values or []:
+            config = self._load_in_context({**fixed, key: value}, context,
                                            f"search key {key!r} value {value!r}")
             if _affects_model(key):
                 _check_model(config, f"{self._where()}: search key {key!r} value {value!r}")
@@ -454,16 +448,15 @@ class SearchSpace(StrictSection):
         else:
             dist.choice = parsed
 
-    def _check_combinations(self, fixed: list[str]) -> None:
+    def _check_combinations(self, fixed: dict[str, Any]) -> None:
         finite = {key: d.values for key, d in self.search.items() if d.values is not None}
         size = math.prod(len(v) for v in finite.values())
         if len(finite) < 2 or size > _MAX_CHECKED_COMBINATIONS:
             return
-        ranges = [f"{k}={format_value(d.bounds[0])}" for k, d in self.search.items()
-                  if d.bounds is not None]
+        ranges = {k: d.bounds[0] for k, d in self.search.items() if d.bounds is not None}
         for combo in itertools.product(*finite.values()):
-            overrides = [f"{k}={format_value(v)}" for k, v in zip(finite, combo)]
-            self._load(fixed + overrides + ranges, f"combination {overrides}")
+            values = dict(zip(finite, combo))
+            self._load({**fixed, **values, **ranges}, f"combination {_shown(values)}")
 
     def _check_metric(self, config: RunConfig) -> None:
         if self.metric not in METRIC_MODES:
@@ -492,7 +485,8 @@ class SearchSpace(StrictSection):
         epochs = config.schedule.epochs
         if "schedule.epochs" in self.search:  # the longest trials decide what ASHA can see
             dist = self.search["schedule.epochs"]
-            epochs = max(dist.values) if dist.values is not None else int(dist.bounds[1])
+            top = max(dist.values) if dist.values is not None else (dist.bounds or (0, 0))[1]
+            epochs = int(top)
         max_t = self.scheduler.max_t or epochs
         if max_t > epochs:
             raise UserError(f"{self._where()}: scheduler.max_t {max_t} exceeds schedule.epochs "
@@ -504,43 +498,9 @@ class SearchSpace(StrictSection):
 
 
 # --------------------------------------------------------------------------- helpers
-def _radius(value: Any) -> Any:
-    """``"8/255"`` as a float (as papers write radii); anything else is left to pydantic."""
-    if isinstance(value, str) and "/" in value:
-        try:
-            return float(Fraction(value.strip()))
-        except (ValueError, ZeroDivisionError):
-            return value
-    return value
-
-
-def format_value(value: Any) -> str:
-    """Write a value for a dotted override so that ``parse_override`` (YAML) reads it back as is.
-
-    Strings are JSON-quoted (``"table7:4"``, ``"null"`` stays a string); floats always carry a dot
-    before any exponent, because PyYAML reads ``1e-05`` as a string but ``1.0e-05`` as a float.
-    """
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return {math.inf: ".inf", -math.inf: "-.inf"}.get(value, ".nan")
-        text = repr(value)
-        mantissa, _, exponent = text.partition("e")
-        if "." not in mantissa:
-            mantissa += ".0"
-        if exponent and exponent[0] not in "+-":
-            exponent = "+" + exponent
-        return f"{mantissa}e{exponent}" if exponent else mantissa
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(format_value(v) for v in value) + "]"
-    raise UserError(f"value {value!r} of type {type(value).__name__} cannot be a config override")
+def _shown(values: Mapping[str, Any]) -> list[str]:
+    """``["attack.eps_t1=4.0", ...]``: values as an error message names them (not parsed)."""
+    return [f"{key}={value}" for key, value in values.items()]
 
 
 def _affects_model(key: str) -> bool:
@@ -588,12 +548,12 @@ def _check_model_shape(name: str, stem: str | None, num_classes: int, small_inpu
 def spaces_dir() -> Path:
     """The bundled search spaces: package data, so a regular ``pip install`` ships them (the
     checkout's ``tune_spaces/`` is a link to this folder)."""
-    return Path(str(resources.files("raytrain_at").joinpath(SPACES_DIR)))
+    return SPACES.bundled_dir()
 
 
 def available_spaces() -> list[str]:
     """Names of the bundled search spaces (without ``.yaml``)."""
-    return sorted(p.stem for p in spaces_dir().glob("*.yaml"))
+    return SPACES.available()
 
 
 def resolve_space(path_or_name: str | os.PathLike[str]) -> Path:
@@ -602,19 +562,7 @@ def resolve_space(path_or_name: str | os.PathLike[str]) -> Path:
     Raises:
         UserError: the file does not exist, or the name is not a bundled space.
     """
-    text = os.fspath(path_or_name)
-    path = Path(text)
-    if path.suffix in (".yaml", ".yml") or os.sep in text or "/" in text:
-        if not path.is_file():
-            raise UserError(f"search space file {text!r} does not exist")
-        return path
-    candidate = spaces_dir() / f"{text}.yaml"
-    if not candidate.is_file():
-        names = available_spaces()
-        close = difflib.get_close_matches(text, names, n=1, cutoff=0.6)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise UserError(f"unknown search space {text!r}{hint}; available: {', '.join(names)}")
-    return candidate
+    return SPACES.resolve(path_or_name)
 
 
 def load_space(path_or_name: str | os.PathLike[str]) -> SearchSpace:
@@ -627,31 +575,7 @@ def load_space(path_or_name: str | os.PathLike[str]) -> SearchSpace:
         UserError: one line naming the file and the culprit (unknown key with a close match,
             bad value or stem, unreported metric, wrong mode, bad scheduler).
     """
-    path = resolve_space(path_or_name)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise UserError(f"search space {str(path)!r} is not valid YAML: "
-                        f"{str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"search space {str(path)!r} must be a mapping (description, recipe, "
-                        "fixed, search, metric, mode, scheduler, num_samples)")
-    try:
-        space = SearchSpace.model_validate(data)
-    except ValidationError as exc:
-        raise UserError(f"search space {str(path)!r}: {validation_message(exc)}") from None
+    data, path = SPACES.read(path_or_name)
+    space = validate(SearchSpace, data, f"search space {str(path)!r}", noun="field")
     space._source = path
     return space.validate_against_config()
-
-
-def validation_message(error: ValidationError) -> str:
-    """The first validation error as one line: ``where: what`` or ``unknown field 'x'``."""
-    first = error.errors()[0]
-    where = ".".join(str(part) for part in first["loc"])
-    message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        return f"unknown field {where!r}"
-    value = first.get("input")
-    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-        message += f" (got {value!r})"  # name the culprit value, not only its place
-    return f"{where}: {message}" if where else message

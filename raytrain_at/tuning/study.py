@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from raytrain_at.config import RunConfig, apply_overrides
+from raytrain_at.config import RunConfig
+from raytrain_at.config_loader import deep_merge, flat_keys, nest, validate
 from raytrain_at.errors import UserError
 from raytrain_at.tuning.spaces import SchedulerSpec, SearchSpace, evaluation_data
 
@@ -104,18 +105,17 @@ class _TrialContext:
 
     study: str
     space: SearchSpace
-    base: dict[str, Any]  # the validated config of base recipe + fixed overrides
+    base: dict[str, Any]  # the validated config of base recipe + fixed keys, nested
     storage_path: str
     parent_run_id: str
 
 
 # --------------------------------------------------------------------------- the trial
 def trial_config(context: _TrialContext, sample: dict[str, Any]) -> RunConfig:
-    """The run config of one trial: the study's base config plus the sampled values."""
-    import copy
-
-    data = apply_overrides(copy.deepcopy(context.base), context.space.sample_overrides(sample))
-    return RunConfig.model_validate(data)
+    """The run config of one trial: the study's base config with the trial's sample (nested as
+    Tune passes it, or dotted as a :class:`TrialRecord` keeps it) merged in."""
+    data = deep_merge(context.base, nest(context.space.flat_sample(sample)))
+    return validate(RunConfig, data)
 
 
 def _run_trial(sample: dict[str, Any], context: _TrialContext) -> None:
@@ -228,10 +228,10 @@ def run_study(space: SearchSpace, options: StudyOptions = StudyOptions()) -> Stu
     if not all(c.isalnum() or c in "._-" for c in name):
         raise UserError(f"study name {name!r} may only use letters, digits, '.', '_' and '-'")
     tracking_uri = default_tracking_uri()
-    fixed = space.fixed_overrides() + [f"tracking.tracking_uri={tracking_uri}"]
     from raytrain_at.config import load_config
 
-    base = load_config(space.recipe, fixed)
+    base = load_config(space.recipe,
+                       values={**space.fixed, "tracking.tracking_uri": tracking_uri})
     storage, local = _storage(options, base)
     # On the driver, before Ray: datasets and weights of the first trial (a bad path fails here,
     # and the bundled data is written once instead of by concurrent trials).
@@ -303,8 +303,13 @@ def run_study(space: SearchSpace, options: StudyOptions = StudyOptions()) -> Stu
 
 
 def _first_sample(space: SearchSpace) -> dict[str, Any]:
-    return {key: (dist.values[0] if dist.values is not None else dist.bounds[0])
-            for key, dist in space.search.items()}
+    return {key: dist.first for key, dist in space.search.items()}
+
+
+def _searched(space: SearchSpace, config: dict[str, Any]) -> dict[str, Any]:
+    """The searched keys of a trial's (nested) Tune config as ``{dotted key: value}``."""
+    flat = flat_keys(config)
+    return {key: flat.get(key) for key in space.search}
 
 
 def _records(grid, space: SearchSpace, epochs: int) -> list[TrialRecord]:
@@ -312,7 +317,7 @@ def _records(grid, space: SearchSpace, epochs: int) -> list[TrialRecord]:
     records = []
     for result in grid:
         metrics = dict(result.metrics or {})
-        sample = {key: (result.config or {}).get(key) for key in space.search}
+        sample = _searched(space, result.config or {})
         reached = int(metrics.get("epoch", 0))
         if result.error is not None:
             status: TrialStatus = "errored"
