@@ -68,7 +68,8 @@ def test_twin_runs_the_same_scripts_as_the_aws_cluster() -> None:
 def test_twin_ray_ports_are_explicit_and_not_rays_defaults() -> None:
     local = _load("cluster_local.yaml")
     head_start = next(c for c in local["head_start_ray_commands"] if "ray start" in c)
-    ports = {flag: int(port) for flag, port in re.findall(r"--((?:[\w-]+-)?port)=(\d+)", head_start)}
+    flags = re.findall(r"--((?:[\w-]+-)?port)=(\d+)", head_start)
+    ports = {flag: int(port) for flag, port in flags}
     for flag in ("port", "dashboard-port", "ray-client-server-port",
                  "dashboard-agent-listen-port", "object-manager-port", "node-manager-port",
                  "runtime-env-agent-port", "metrics-export-port"):
@@ -86,7 +87,7 @@ def _node_env(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, 
     env = {"HOME": str(home), "PATH": "/usr/bin:/bin:/usr/sbin:/sbin",
            "RAYTRAIN_AT_PROJECT": str(tmp_path / "project")}
     result = subprocess.run(["bash", str(SCRIPTS / "node_env.sh"), *args], env=env,
-                            capture_output=True, text=True, timeout=30)
+                            check=False, capture_output=True, text=True, timeout=30)
     return result, home / ".raytrain-at.env"
 
 
@@ -129,7 +130,7 @@ def test_stage_data_copies_from_a_local_source_without_bucket_or_aws(tmp_path) -
            "RAYTRAIN_AT_BETON_SOURCE": f"{source}/", "RAYTRAIN_AT_DATA": str(tmp_path / "link"),
            "RAYTRAIN_AT_STAGE_ROOT": str(tmp_path / "disk")}
     result = subprocess.run(["bash", str(SCRIPTS / "stage_data.sh")], env=env,
-                            capture_output=True, text=True, timeout=30)
+                            check=False, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     staged = tmp_path / "link"
     assert (staged / "a.beton").read_bytes() == b"beton"
@@ -137,8 +138,8 @@ def test_stage_data_copies_from_a_local_source_without_bucket_or_aws(tmp_path) -
 
 
 def test_rehearsal_script_rejects_unknown_arguments() -> None:
-    result = subprocess.run(["bash", str(SCRIPT), "--bogus"], capture_output=True, text=True,
-                            timeout=30)
+    result = subprocess.run(["bash", str(SCRIPT), "--bogus"], check=False,
+                            capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "rehearse_ray_up.sh: unknown argument '--bogus' (try --help)"]
