@@ -89,8 +89,23 @@ cleanup() {
         kill -KILL "$NS_PID" 2>/dev/null || true
         wait "$NS_PID" 2>/dev/null || true
     fi
-    # The launcher's own files on this side: cluster state and lock, SSH control sockets.
+    # The launcher's own files on this side: cluster state and lock, its cached copy of the
+    # config (`ray down` and `ray rsync-down` write one) and the SSH control folder.
     rm -f "/tmp/ray/cluster-$NAME.state" "/tmp/ray/cluster-$NAME.lock"
+    if [[ -f "$WORK/cluster.yaml" ]]; then
+        "$PY" - "$WORK/cluster.yaml" <<'PY' | while read -r path; do rm -rf "$path"; done || true
+import getpass, hashlib, json, sys, tempfile
+import yaml
+from ray.autoscaler._private.util import prepare_config
+with open(sys.argv[1]) as f:
+    config = yaml.safe_load(f)
+digest = hashlib.sha256(json.dumps([prepare_config(config)], sort_keys=True).encode())
+print(f"{tempfile.gettempdir()}/ray-config-{digest.hexdigest()}")
+user, name = (hashlib.sha256(v.encode()).hexdigest()[:10] for v in (getpass.getuser(),
+                                                                     config["cluster_name"]))
+print(f"/tmp/ray_ssh_{user}/{name}")
+PY
+    fi
     if [[ "${REHEARSAL_KEEP:-0}" == 1 || $rc -ne 0 ]]; then
         log "work folder kept: $WORK"
     else
@@ -143,7 +158,7 @@ mkdir -p /run/sshd
 wait
 INIT
 
-log "node: SSH server on 127.0.0.1:$SSH_PORT in its own namespace (work folder $WORK)"
+log "cluster $NAME: SSH server on 127.0.0.1:$SSH_PORT in its own namespace (work folder $WORK)"
 unshare --mount --pid --fork --mount-proc --kill-child=SIGKILL bash "$WORK/node_init.sh" \
     > "$WORK/node.log" 2>&1 &
 NS_PID=$!
@@ -193,7 +208,7 @@ log "ray exec: raytrain-at data write-ffcv + stage_data.sh"
      raytrain-at data write-ffcv digits ~/raytrain-at-betons/digits_val.beton --split val &&
      bash ~/raytrain-at/scripts/cluster/stage_data.sh && ray status' \
     > "$WORK/ray-exec.log" 2>&1 || { tail -n 40 "$WORK/ray-exec.log" >&2; exit 1; }
-grep -E "^\[stage\]|Active:|node_" "$WORK/ray-exec.log" || true
+grep -E "^\[stage\]|^ *[0-9]+ local\.cluster\.node" "$WORK/ray-exec.log" || true
 
 # A job through the job server, as a user submits one: the cluster's token fetched with
 # `ray rsync-down`, the dashboard on the head's 127.0.0.1 port.

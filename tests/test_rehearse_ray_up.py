@@ -183,9 +183,14 @@ def test_ray_up_exec_job_down_over_local_ssh() -> None:
     assert "digits_val.beton" in seen["betons"]  # written by `ray exec raytrain-at ...`, staged
     assert seen["tracking"] == "http://127.0.0.1:26390" and seen["mlflow_health"] == "OK"
 
-    # Nothing is left: the work folder, the SSH server, Ray's and MLflow's ports.
+    # Nothing is left: the work folder, the launcher's files, the SSH server, Ray's and
+    # MLflow's ports.
     work = re.search(r"work folder (/\S+)\)", output).group(1)
     assert not Path(work).exists()
+    name = re.search(r"cluster (raytrain-at-rehearsal-\d+):", output).group(1)
+    assert not Path(f"/tmp/ray/cluster-{name}.state").exists()
+    cached = [p for p in Path("/tmp").glob("ray-config-*") if name in p.read_text()]
+    assert not cached, f"the launcher's config cache is left: {cached}"
     ssh_port = int(re.search(r"SSH server on 127\.0\.0\.1:(\d+)", output).group(1))
     for port in (ssh_port, 26380, 26384, 26390):
         assert not _port_open(port), f"port {port} still answers after the rehearsal"
