@@ -10,7 +10,7 @@
 # without touching the original). The SSH server is Debian's openssh-server, started by this
 # script on a free port of 127.0.0.1 only, admitting one key made for this run.
 #
-# Usage: sudo scripts/rehearse_ray_up.sh            (as root; ~2-4 minutes on 2 cores)
+# Usage: sudo scripts/rehearse_ray_up.sh            (as root; ~3-5 minutes on 2 cores)
 #   RAYTRAIN_AT_BASE_VENV   the built environment to start from (default: the checkout's .venv)
 #   REHEARSAL_KEEP=1        keep the work folder (logs, the rendered config) after the run
 # Prints `REHEARSAL <name> <json>` lines with what the job saw on the head. Every process it
@@ -21,7 +21,7 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 BASE_VENV=${RAYTRAIN_AT_BASE_VENV:-$REPO/.venv}
 case "${1:-}" in
     "") ;;
-    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "rehearse_ray_up.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
 esac
 if [[ $(id -u) -ne 0 ]]; then
