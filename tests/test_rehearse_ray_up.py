@@ -160,7 +160,7 @@ def test_ray_up_exec_job_down_over_local_ssh() -> None:
     process = subprocess.Popen(["bash", str(SCRIPT)], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        output, _ = process.communicate(timeout=540)
+        output, _ = process.communicate(timeout=600)
     except subprocess.TimeoutExpired:
         # The script's EXIT trap takes the cluster down and stops its namespace; if it hangs
         # too, SIGKILL to its group ends unshare, whose child (the node) then gets SIGKILL.
