@@ -11,9 +11,15 @@
 #   PATH                 the project's virtual environment first (ray, raytrain-at, mlflow)
 #   RAY_AUTH_MODE=token  Ray's token authentication on every node (token: ~/.ray/auth_token)
 #
-# Usage: node_env.sh [--bucket NAME] [--region REGION]
+# Usage: node_env.sh [--bucket NAME] [--region REGION] [LOCAL TWIN OPTIONS]
 #   --bucket, --region   set once by the first setup command; later calls keep the stored values
 #                        (the region is the cluster's, for the aws CLI and Ray's S3 storage)
+# Options of the local twin (cluster_local.yaml, `ray up` over SSH on one machine), given at every
+# call; cluster.yaml uses none of them:
+#   --no-bucket          no object store: MLflow artifacts on the head's disk ($HOME/mlflow/
+#                        artifacts) and datasets copied from $HOME/raytrain-at-betons/
+#   --head-ip IP         the head's address instead of its private IP (127.0.0.1 on one machine)
+#   --mlflow-port PORT   the MLflow server's port instead of 5000
 #   The head's IP is $RAY_HEAD_IP, which the Ray launcher exports to every set-up and start
 #   command it runs on a worker node; on the head node (where it is not set) it is this node's
 #   own private IP. Re-run at every Ray start, so a head that comes back with a new IP is
@@ -25,10 +31,16 @@ PROJECT=${RAYTRAIN_AT_PROJECT:-$HOME/raytrain-at}
 DATA_LINK=${RAYTRAIN_AT_DATA_LINK:-/mnt/raytrain-at-data}
 BUCKET=""
 REGION=""
+NO_BUCKET=0
+HEAD_IP_OPTION=""
+MLFLOW_PORT_OPTION=""
 while (( $# )); do
     case "$1" in
         --bucket) BUCKET=${2:?--bucket needs a name}; shift 2 ;;
         --region) REGION=${2:?--region needs a name}; shift 2 ;;
+        --no-bucket) NO_BUCKET=1; shift ;;
+        --head-ip) HEAD_IP_OPTION=${2:?--head-ip needs an address}; shift 2 ;;
+        --mlflow-port) MLFLOW_PORT_OPTION=${2:?--mlflow-port needs a port}; shift 2 ;;
         *) echo "node_env.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -36,7 +48,9 @@ done
 stored() { [[ -f "$ENV_FILE" ]] && sed -n "s/^export $1=//p" "$ENV_FILE" | tail -n 1; }
 [[ -n "$BUCKET" ]] || BUCKET=$(stored RAYTRAIN_AT_BUCKET || true)
 [[ -n "$REGION" ]] || REGION=$(stored AWS_DEFAULT_REGION || true)
-if [[ -z "$BUCKET" || "$BUCKET" == CHANGE-ME* ]]; then
+if (( NO_BUCKET )); then
+    BUCKET=""
+elif [[ -z "$BUCKET" || "$BUCKET" == CHANGE-ME* ]]; then
     echo "node_env.sh: set your S3 bucket in cluster.yaml (setup_commands: --bucket NAME)" >&2
     exit 2
 fi
@@ -48,7 +62,12 @@ private_ip() {
     [[ -n "$ip" ]] || ip=$(hostname -I | awk '{print $1}')
     echo "$ip"
 }
-HEAD_IP=${RAY_HEAD_IP:-$(private_ip)}
+HEAD_IP=${RAY_HEAD_IP:-${HEAD_IP_OPTION:-$(private_ip)}}
+MLFLOW_PORT=${MLFLOW_PORT_OPTION:-5000}
+if [[ ! "$MLFLOW_PORT" =~ ^[0-9]+$ ]]; then
+    echo "node_env.sh: --mlflow-port needs a number, not '$MLFLOW_PORT'" >&2
+    exit 2
+fi
 
 # Ray's token authentication: every node uses the head's token (generated on the head by
 # head_start_ray_commands, copied to workers by cluster_synced_files before their set-up). The
@@ -63,17 +82,25 @@ fi
 tmp=$(mktemp "$ENV_FILE.XXXX")
 cat > "$tmp" <<ENV
 # Written by scripts/cluster/node_env.sh; rewritten at every Ray start.
-export RAYTRAIN_AT_BUCKET=$BUCKET
+${BUCKET:+export RAYTRAIN_AT_BUCKET=$BUCKET}
 ${REGION:+export AWS_DEFAULT_REGION=$REGION}
 export RAYTRAIN_AT_DATA=$DATA_LINK
-export MLFLOW_TRACKING_URI=http://$HEAD_IP:5000
+export MLFLOW_TRACKING_URI=http://$HEAD_IP:$MLFLOW_PORT
+${MLFLOW_PORT_OPTION:+export MLFLOW_PORT=$MLFLOW_PORT_OPTION}
 export RAYTRAIN_AT_HEAD_IP=$HEAD_IP
 export RAY_AUTH_MODE=token
 case ":\$PATH:" in *":$PROJECT/.venv/bin:"*) ;; *) export PATH="$PROJECT/.venv/bin:\$PATH" ;; esac
 ENV
+if (( NO_BUCKET )); then
+    # The local twin: start_mlflow.sh and stage_data.sh read these instead of the bucket.
+    cat >> "$tmp" <<ENV
+export MLFLOW_ARTIFACTS_DESTINATION=$HOME/mlflow/artifacts
+export RAYTRAIN_AT_BETON_SOURCE=$HOME/raytrain-at-betons/
+ENV
+fi
 mv "$tmp" "$ENV_FILE"
 
 BASHRC=${RAYTRAIN_AT_BASHRC:-$HOME/.bashrc}
 LINE="[ -f $ENV_FILE ] && . $ENV_FILE"
 grep -qxF "$LINE" "$BASHRC" 2>/dev/null || echo "$LINE" >> "$BASHRC"
-echo "[node_env] $ENV_FILE: bucket $BUCKET, MLflow at http://$HEAD_IP:5000"
+echo "[node_env] $ENV_FILE: bucket ${BUCKET:-none}, MLflow at http://$HEAD_IP:$MLFLOW_PORT"

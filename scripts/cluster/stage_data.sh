@@ -22,11 +22,14 @@ ENV_FILE=${RAYTRAIN_AT_ENV_FILE:-$HOME/.raytrain-at.env}
 # shellcheck disable=SC1090
 [[ -f "$ENV_FILE" ]] && . "$ENV_FILE"
 BUCKET=${RAYTRAIN_AT_BUCKET:-}
-if [[ -z "$BUCKET" || "$BUCKET" == CHANGE-ME* ]]; then
+# A local folder as the source (the local twin, cluster_local.yaml: node_env.sh --no-bucket)
+# needs no bucket and no aws CLI.
+SOURCE=${RAYTRAIN_AT_BETON_SOURCE:-}
+if [[ -z "$SOURCE" && ( -z "$BUCKET" || "$BUCKET" == CHANGE-ME* ) ]]; then
     echo "[stage] RAYTRAIN_AT_BUCKET is not set: set your bucket in cluster.yaml" >&2
     exit 2
 fi
-SOURCE=${RAYTRAIN_AT_BETON_SOURCE:-s3://$BUCKET/betons/}
+SOURCE=${SOURCE:-s3://$BUCKET/betons/}
 LINK=${RAYTRAIN_AT_DATA:-/mnt/raytrain-at-data}
 AWS=${AWS_CLI:-aws}
 SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
@@ -73,7 +76,7 @@ if [[ "$(readlink "$LINK" 2>/dev/null)" != "$TARGET" ]]; then
     ln -sfn "$TARGET" "$LINK" 2>/dev/null || $SUDO ln -sfn "$TARGET" "$LINK"
 fi
 
-if ! command -v "$AWS" >/dev/null; then
+if [[ "$SOURCE" == s3://* ]] && ! command -v "$AWS" >/dev/null; then
     echo "[stage] the aws CLI is missing: installing it into the project's venv"
     "${RAYTRAIN_AT_PROJECT:-$HOME/raytrain-at}/.venv/bin/pip" install -q awscli
     AWS=${RAYTRAIN_AT_PROJECT:-$HOME/raytrain-at}/.venv/bin/aws
@@ -88,8 +91,14 @@ printf '[default]\ns3 =\n    max_concurrent_requests = 64\n    multipart_chunksi
 exec 9> "$TARGET/.stage.lock"
 flock 9
 start=$(date +%s)
-AWS_CONFIG_FILE=$S3_CONFIG "$AWS" s3 sync "$SOURCE" "$TARGET/" \
-    --exclude "*" --include "*.beton" --only-show-errors --no-progress
+if [[ "$SOURCE" == s3://* ]]; then
+    AWS_CONFIG_FILE=$S3_CONFIG "$AWS" s3 sync "$SOURCE" "$TARGET/" \
+        --exclude "*" --include "*.beton" --only-show-errors --no-progress
+else
+    shopt -s nullglob
+    local_files=("${SOURCE%/}"/*.beton)
+    (( ${#local_files[@]} == 0 )) || cp -u "${local_files[@]}" "$TARGET/"
+fi
 shopt -s nullglob
 files=("$TARGET"/*.beton)
 if (( ${#files[@]} == 0 )); then

@@ -80,6 +80,10 @@ if [[ "$BACKEND" == sqlite:///* && ! -f "$DB_FILE" && -n "$BUCKET" ]] && command
     aws s3 cp --only-show-errors "s3://$BUCKET/mlflow-backup/mlflow.db" "$DB_FILE"
 fi
 
+# The second address, loopback, unless the head's address is loopback already (the local twin,
+# cluster_local.yaml): gunicorn would bind the same address twice and fail.
+LOOPBACK_BIND="--bind 127.0.0.1:$PORT "
+[[ "$HOST_IP" == 127.0.0.1 ]] && LOOPBACK_BIND=""
 # Host headers MLflow answers (DNS-rebinding guard): the two addresses it listens on.
 export MLFLOW_SERVER_ALLOWED_HOSTS="localhost,localhost:$PORT,127.0.0.1,127.0.0.1:$PORT,$HOST_IP,$HOST_IP:$PORT"
 echo "[mlflow] $(date -u +%FT%TZ) starting: backend ${BACKEND%%:*}, artifacts $ARTIFACTS," \
@@ -89,7 +93,7 @@ setsid nohup "$MLFLOW" server \
     --backend-store-uri "$BACKEND" \
     --artifacts-destination "$ARTIFACTS" \
     --host "$HOST_IP" --port "$PORT" --workers "$WORKERS" \
-    --gunicorn-opts "--bind 127.0.0.1:$PORT --timeout 600" \
+    --gunicorn-opts "$LOOPBACK_BIND--timeout 600" \
     >> "$LOG" 2>&1 < /dev/null &
 echo $! > "$PID_FILE"
 
