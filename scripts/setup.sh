@@ -60,7 +60,7 @@ else
     install=(pip_quiet)
 fi
 
-"${install[@]}" --upgrade pip setuptools wheel
+"${install[@]}" --upgrade pip "setuptools<81" wheel  # the project pins setuptools<81
 # FFCV's setup.py imports numpy and needs pkg-config at build time: build it without isolation
 # after numpy is in the environment.
 "${install[@]}" numpy pillow
