@@ -217,18 +217,3 @@ def flowers102_samples(root: str | Path, split: str = "train") -> list[Sample]:
             raise UserError(f"Flowers-102 image {str(path)!r} listed in setid.mat is missing")
         samples.append(Sample(label=int(labels[image_id - 1]) - 1, path=path))
     return samples
-
-
-def detect_format(source: str) -> str:
-    """Guess the layout of ``source``: digits, cifar, flowers102, one of the robust fine-tuning
-    benchmark's datasets (see :mod:`raytrain_at.data.benchmark_datasets`) or imagefolder."""
-    from raytrain_at.data.benchmark_datasets import detect_benchmark_format
-
-    if source == "digits":
-        return "digits"
-    root = Path(source)
-    if (root / "data_batch_1").exists() or ((root / "train").is_file() and (root / "meta").exists()):
-        return "cifar"
-    if (root / "imagelabels.mat").exists():
-        return "flowers102"
-    return detect_benchmark_format(root) or "imagefolder"

@@ -23,10 +23,10 @@ from safetensors.torch import save_file
 
 from raytrain_at.errors import UserError
 from raytrain_at.models.backbones import set_test_resolution
+from raytrain_at.models.locate import MODEL_FILE, local_model_file
 from raytrain_at.models.pixel_space import PixelSpaceClassifier, unwrap
 
 SPEC_KEY = "raytrain_at.model_spec"
-MODEL_FILE = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -118,8 +118,6 @@ def init_normalisation(init: str | None
     if init is None or init.startswith("hub:"):
         return None
     if init.startswith(("runs:/", "models:/")):
-        from raytrain_at.model_refs import local_model_file
-
         path = local_model_file(init)
     else:
         path = Path(init).expanduser()

@@ -29,6 +29,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from raytrain_at.errors import UserError
+from raytrain_at.tracking.artifacts import resolve_version
 from raytrain_at.tracking.experiments import ensure_experiment
 from raytrain_at.tracking.runs import default_tracking_uri
 
@@ -282,15 +283,7 @@ class ModelRegistry:
 
     def resolve(self, reference: str):
         """The model version a ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` names."""
-        body = reference.removeprefix("models:/")
-        try:
-            if "@" in body:
-                name, alias = body.split("@", 1)
-                return self.client.get_model_version_by_alias(name, alias)
-            name, _, number = body.partition("/")
-            return self.client.get_model_version(name, number)
-        except MlflowException as exc:
-            raise UserError(f"{reference!r}: {str(exc).splitlines()[0]}") from None
+        return resolve_version(self.client, reference)
 
     def has_model(self, name: str) -> bool:
         """Whether a registered model of this name exists (with or without versions)."""
