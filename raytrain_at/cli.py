@@ -215,7 +215,8 @@ def benchmark(
 
 @app.command()
 def evaluate(
-    model_ref: str = typer.Argument(..., help="model.safetensors, checkpoint folder, runs:/ID/model "
+    model_ref: str = typer.Argument(..., help="model.safetensors, checkpoint folder, "
+                                    "runs:/ID/model "
                                     "or models:/NAME@ALIAS"),
     data: str = typer.Option(..., help=".beton file (e.g. robustbench5k.beton) or 'digits'"),
     norms: str = typer.Option("linf,l2,l1", help="comma-separated threat models"),
@@ -296,7 +297,8 @@ def _int_list(text: str, what: str) -> list[int]:
 
 @app.command()
 def register(
-    model_ref: str = typer.Argument(..., help="model.safetensors, checkpoint folder, runs:/ID/model "
+    model_ref: str = typer.Argument(..., help="model.safetensors, checkpoint folder, "
+                                    "runs:/ID/model "
                                     "or models:/NAME@ALIAS"),
     name: str = typer.Option(..., help="registered model name"),
     eval_: Path = typer.Option(None, "--eval", help="result JSON of raytrain-at evaluate"),

@@ -99,7 +99,7 @@ class AttackSection(_Section):
         return _fraction(value)
 
     @model_validator(mode="after")
-    def _schedule_bounds(self) -> "AttackSection":
+    def _schedule_bounds(self) -> AttackSection:
         if self.eps_t2 < self.eps_t1:
             raise ValueError(f"attack.eps_t2 ({self.eps_t2}) must be >= attack.eps_t1 "
                              f"({self.eps_t1})")
@@ -178,7 +178,7 @@ class RunConfig(_Section):
     tracking: TrackingSection = TrackingSection()
 
     @model_validator(mode="after")
-    def _consistent(self) -> "RunConfig":
+    def _consistent(self) -> RunConfig:
         per_worker, rest = divmod(self.schedule.global_batch_size, self.scaling.num_workers)
         if rest:
             raise ValueError(f"schedule.global_batch_size {self.schedule.global_batch_size} is not "
@@ -261,7 +261,8 @@ def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise UserError(f"recipe {str(path)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"recipe {str(path)!r} is not valid YAML: "
+                        f"{str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise UserError(f"recipe {str(path)!r} must be a mapping of config sections")
     base = data.pop("base", None)

@@ -8,7 +8,6 @@ safetensors file and is rebuilt through the timm registry, never by unpickling.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 import torch.nn as nn

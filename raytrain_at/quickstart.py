@@ -5,9 +5,9 @@ adversarially (2-step APGD, l_inf 8/255) and once clean, both tracked in MLflow,
 selected epoch of each (best on the validation digits carved from the training split: robust
 accuracy for the adversarial run, clean accuracy for the clean one) with its clean and l_inf APGD
 robust accuracy. The adversarially trained model (its selected weights, ``runs:/ID/model``) is
-then evaluated on the test digits with the standard AutoAttack in l_inf, l_2 and l_1 (2 Ray workers),
-registered in MLflow's model registry, and the leaderboard is printed. ``raytrain-at models``
-prints the model-size table (Table 14).
+then evaluated on the test digits with the standard AutoAttack in l_inf, l_2 and l_1 (2 Ray
+workers), registered in MLflow's model registry, and the leaderboard is printed.
+``raytrain-at models`` prints the model-size table (Table 14).
 
 Standard AutoAttack is expensive: about 9 s per image and norm for this model on 2 CPU cores
 (APGD-T and FAB-T with 9 target classes, Square with 5,000 queries), so the quickstart attacks the

@@ -1,4 +1,4 @@
-"""APGD (Croce & Hein, 2020) for l_inf, l_2 and l_1 (Croce & Hein, 2021), in evaluation and training use.
+"""APGD for l_inf, l_2 and l_1 (Croce & Hein, 2020 and 2021), for evaluation and training.
 
 Units: ``eps`` is the radius in [0, 1] pixel scale over the whole image, e.g. l_inf 4/255,
 l_2 2.0, l_1 75 at 224x224 (the paper's evaluation radii).
@@ -104,7 +104,7 @@ class APGD:
     @classmethod
     def for_training(cls, model: nn.Module, *, norm: Norm = "linf", eps: float = 4 / 255,
                      n_iter: int = 2, seed: int = 0, random_start: bool = False,
-                     check_range: bool = True, compile_step: bool = False) -> "APGD":
+                     check_range: bool = True, compile_step: bool = False) -> APGD:
         """APGD-AT: few CE iterations returning the highest-loss point (clean input included),
         by default started from the clean input as the paper's code does."""
         return cls(model, norm=norm, eps=eps, n_iter=n_iter, loss="ce", seed=seed,
@@ -137,7 +137,8 @@ class APGD:
             raise ValueError(f"loss {self.loss!r} needs at least {needed} classes, model has "
                              f"{n_classes}")
         if self.loss == "dlr-targeted" and self.n_target_classes > n_classes - 1:
-            raise ValueError(f"n_target_classes={self.n_target_classes} exceeds the {n_classes - 1} "
+            raise ValueError(f"n_target_classes={self.n_target_classes} exceeds the "
+                             f"{n_classes - 1} "
                              "wrong classes")
 
     def _max_loss_point(self, x: torch.Tensor, y: torch.Tensor,
@@ -355,7 +356,7 @@ def _sparse_sign_direction(grad: torch.Tensor, topk: torch.Tensor) -> torch.Tens
     return signs.view_as(grad)
 
 
-def robust_accuracy(model: nn.Module, attack: "APGD", x: torch.Tensor, y: torch.Tensor) -> float:
+def robust_accuracy(model: nn.Module, attack: APGD, x: torch.Tensor, y: torch.Tensor) -> float:
     """Fraction of ``x`` still classified correctly after ``attack`` (evaluation mode)."""
     x_adv = attack.perturb(x, y)
     with torch.no_grad(), attack_mode(model):

@@ -15,7 +15,8 @@ FGVC-Aircraft  ``data/images/<id>.jpg``, ``data/variants.txt`` (100 variants),  
                ``data/images_variant_<split>.txt`` ("<id> <variant>" lines)       trainval / test
 Oxford-IIIT    ``images/<name>.jpg``, ``annotations/{trainval,test}.txt``          trainval / test
 Pet            ("<name> <class 1..37> <species> <breed>" lines)
-Stanford Cars  ``cars_train/``, ``cars_test/``, ``devkit/cars_train_annos.mat`` and   trainval / test
+Stanford Cars  ``cars_train/``, ``cars_test/``, ``devkit/cars_train_annos.mat`` and   trainval /
+test
                ``cars_test_annos_withlabels.mat`` (in SRC or ``devkit/``): the
                ``annotations`` struct with ``fname`` and ``class`` (1..196)
 UC Merced      ``UCMerced_LandUse/Images/<class>/*.tif`` (21 classes x 100,         trainval (80 per

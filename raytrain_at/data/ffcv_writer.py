@@ -16,7 +16,8 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -50,7 +51,8 @@ class WriteOptions:
 
     def validate(self) -> None:
         if self.write_mode not in WRITE_MODES:
-            raise UserError(f"--write-mode {self.write_mode!r} is not one of {', '.join(WRITE_MODES)}")
+            raise UserError(f"--write-mode {self.write_mode!r} is not one of "
+                            f"{', '.join(WRITE_MODES)}")
         if self.max_resolution is not None and self.max_resolution < 8:
             raise UserError(f"--max-res {self.max_resolution} is below 8 pixels")
         if not 1 <= self.jpeg_quality <= 100:
@@ -101,7 +103,8 @@ def _pixels(sample: Sample) -> np.ndarray:
     return np.ascontiguousarray(pixels)
 
 
-def write_beton(samples: Sequence[Sample], out_path: str | Path, options: WriteOptions = WriteOptions()
+def write_beton(samples: Sequence[Sample], out_path: str | Path,
+                options: WriteOptions = WriteOptions()
                 ) -> Path:
     """Write ``samples`` (image + label) to ``out_path`` in FFCV format.
 
@@ -139,7 +142,8 @@ def write_beton(samples: Sequence[Sample], out_path: str | Path, options: WriteO
             }
             writer = DatasetWriter(str(tmp), fields, num_workers=options.num_workers)
             writer.from_indexed_dataset(_SafeImages(samples, Path(failure_dir)),
-                                        chunksize=max(1, min(100, len(samples) // (4 * options.num_workers) or 1)))
+                                        chunksize=max(1, min(100, len(samples)
+                                                             // (4 * options.num_workers) or 1)))
             failures = sorted(Path(failure_dir).glob("*.txt"))
             if failures:
                 first = failures[0].read_text().split("\t", 1)

@@ -135,7 +135,8 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
     """CIFAR's python batches are pickles; allow only what they contain (dicts, lists, numpy
     arrays), so a tampered file cannot run code."""
 
-    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"),
+                ("numpy._core.multiarray", "_reconstruct"),
                 ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
                 ("numpy._core.multiarray", "scalar")}
 
@@ -183,12 +184,13 @@ def cifar_samples(root: str | Path, split: str = "train") -> list[Sample]:
         if not path.exists():
             raise UserError(f"CIFAR batch {str(path)!r} is missing")
         batch = _load_cifar_batch(path)
-        data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        data = data.transpose(0, 2, 3, 1)
         labels = batch.get(label_key, batch.get("labels"))
         if labels is None or len(labels) != len(data):
             raise UserError(f"CIFAR batch {str(path)!r} has no matching {label_key!r}")
-        samples.extend(Sample(label=int(l), pixels=np.ascontiguousarray(img))
-                       for img, l in zip(data, labels))
+        samples.extend(Sample(label=int(label), pixels=np.ascontiguousarray(img))
+                       for img, label in zip(data, labels))
     return samples if split == "test" else carve(samples, [s.label for s in samples], split,
                                                  "CIFAR")
 

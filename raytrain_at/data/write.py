@@ -35,7 +35,8 @@ def detect_format(source: str) -> str:
     if source == "digits":
         return "digits"
     root = Path(source)
-    if (root / "data_batch_1").exists() or ((root / "train").is_file() and (root / "meta").exists()):
+    if (root / "data_batch_1").exists() \
+            or ((root / "train").is_file() and (root / "meta").exists()):
         return "cifar"
     if (root / "imagelabels.mat").exists():
         return "flowers102"

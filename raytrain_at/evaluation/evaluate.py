@@ -231,7 +231,7 @@ class Evaluation:
             trustworthy=all(g.passed for g in guard_list),
             wall_seconds=time.perf_counter() - start,
             code_version=raytrain_at.__version__,
-            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+            created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
         write_result(result, self.out)
         return result
 

@@ -49,7 +49,8 @@ class ThreatResult(_Strict):
     after_attack: dict[str, float]
     broken_by: dict[str, int]
     max_perturbation: float
-    status: list[str] = Field(description="per image: misclassified, the breaking attack, or robust")
+    status: list[str] = Field(
+        description="per image: misclassified, the breaking attack, or robust")
     unconfirmed: int = Field(0, description="fast kernels: breaks the exact model did not "
                              "confirm (those images were attacked again with exact kernels)")
 

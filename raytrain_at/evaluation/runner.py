@@ -21,7 +21,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -75,7 +75,7 @@ class EvalJob:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "EvalJob":
+    def from_dict(cls, data: dict) -> EvalJob:
         data = dict(data, ids=tuple(data["ids"]),
                     threats=tuple(ThreatModel(**t) for t in data["threats"]))
         return cls(**data)

@@ -14,7 +14,8 @@ from timm.models.convnext import ConvNeXtBlock
 
 
 class IsotropicConvNeXt(nn.Module):
-    """Isotropic ConvNeXt: ``stem`` (stride ``patch_size``) -> ``blocks`` -> mean pool -> LN -> head.
+    """Isotropic ConvNeXt: ``stem`` (stride ``patch_size``) -> ``blocks`` -> mean pool -> LN ->
+    head.
 
     Args:
         num_classes: classifier outputs; 0 gives pooled features.

@@ -66,7 +66,7 @@ class ModelSpec:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str, source: str) -> "ModelSpec":
+    def from_json(cls, text: str, source: str) -> ModelSpec:
         """Parse a stored spec; ``source`` names the file in error messages."""
         try:
             data = json.loads(text)
@@ -86,7 +86,7 @@ class ModelSpec:
         return spec
 
     @classmethod
-    def from_run_config(cls, config: Any) -> "ModelSpec":
+    def from_run_config(cls, config: Any) -> ModelSpec:
         """The spec of a training run (a :class:`raytrain_at.config.RunConfig`); a run that
         starts from a model file keeps that file's normalisation (an imported RobustBench model
         takes raw pixels)."""

@@ -142,7 +142,8 @@ def load_backbone_weights(model: nn.Module, source: str | Path | None, *, model_
             continue
         if tuple(own[key].shape) != tuple(tensor.shape):
             raise UserError(f"checkpoint {str(source)!r} does not fit {name}: {key} has shape "
-                            f"{list(tensor.shape)} in the checkpoint, {list(own[key].shape)} in the "
+                            f"{list(tensor.shape)} in the checkpoint, "
+                            f"{list(own[key].shape)} in the "
                             "model")
         to_load[key] = tensor
     if not to_load:

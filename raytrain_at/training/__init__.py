@@ -1,4 +1,4 @@
-"""Training: adversarial objectives (pure functions); engine, loop and launch come with Ray Train."""
+"""Training: adversarial objectives (pure functions); engine, loop and launch use Ray Train."""
 
 from raytrain_at.training.objectives import ObjectiveConfig, training_step_loss
 

@@ -18,7 +18,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -278,7 +278,7 @@ class WorkerLoop:
                 "train_eps": eps, "lr": float(self.optimizer.param_groups[0]["lr"]),
                 "epoch_seconds": time.perf_counter() - start}
 
-    def _progress(self, interval: "_Interval", totals: torch.Tensor, seen: int) -> StepProgress:
+    def _progress(self, interval: _Interval, totals: torch.Tensor, seen: int) -> StepProgress:
         """The progress since the last report (reads the running sums: one host sync)."""
         now = time.perf_counter()
         loss_sum, correct = totals.tolist()

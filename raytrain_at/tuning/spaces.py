@@ -86,7 +86,7 @@ class Distribution(StrictSection):
     loguniform: tuple[float, float] | None = None
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> "Distribution":
+    def _exactly_one(self) -> Distribution:
         given = [name for name in ("grid", "choice", "uniform", "loguniform")
                  if getattr(self, name) is not None]
         if len(given) != 1:
@@ -141,7 +141,7 @@ class SchedulerSpec(StrictSection):
     max_t: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
-    def _asha_options_only_for_asha(self) -> "SchedulerSpec":
+    def _asha_options_only_for_asha(self) -> SchedulerSpec:
         # Silently ignoring a grace period would hide that the user thinks trials get stopped.
         extra = {"grace_period", "reduction_factor", "max_t"} & self.model_fields_set
         if self.kind == "fifo" and extra:
@@ -149,7 +149,7 @@ class SchedulerSpec(StrictSection):
         return self
 
 
-def evaluation_data(spec: "StudyEvaluation", trial: RunConfig) -> str | None:
+def evaluation_data(spec: StudyEvaluation, trial: RunConfig) -> str | None:
     """The data a study reports its best trials on: ``evaluation.data``, or the bundled
     dataset's test split when the trials train on a bundled one; None when neither is set."""
     from raytrain_at.data.write import BUNDLED
@@ -204,7 +204,7 @@ class StudyEvaluation(StrictSection):
         return [_radius(eps) for eps in value] if isinstance(value, list) else value
 
     @model_validator(mode="after")
-    def _positive_radii(self) -> "StudyEvaluation":
+    def _positive_radii(self) -> StudyEvaluation:
         for norm, eps in self.eps.items():
             if not (math.isfinite(eps) and eps > 0):
                 raise ValueError(f"eps.{norm} {eps} must be a positive radius")
@@ -328,7 +328,7 @@ class SearchSpace(StrictSection):
                            ).schedule.epochs
 
     # ----------------------------------------------------------------------- validation
-    def validate_against_config(self) -> "SearchSpace":
+    def validate_against_config(self) -> SearchSpace:
         """Check keys, values, metric and scheduler against the base recipe; see the module doc.
 
         Grid and choice values are replaced by the config's parsed value (``"5e-3"`` -> 0.005), so
