@@ -36,7 +36,7 @@ import torch.nn as nn
 
 from raytrain_at.attacks.base import (attack_mode, check_inputs, input_gradient, input_loss,
                                       predictions_correct)
-from raytrain_at.attacks.losses import cross_entropy, dlr, dlr_targeted, hard_labels
+from raytrain_at.attacks.losses import cross_entropy, dlr, dlr_targeted
 from raytrain_at.attacks.threat_models import NORMS, Norm, normalize, project, random_start
 
 Loss = Literal["ce", "dlr", "dlr-targeted"]
@@ -354,10 +354,3 @@ def _sparse_sign_direction(grad: torch.Tensor, topk: torch.Tensor) -> torch.Tens
     signs = grad.reshape(grad.shape[0], -1).sign() * mask
     signs = signs / (signs.abs().sum(dim=1, keepdim=True) + 1e-10)
     return signs.view_as(grad)
-
-
-def robust_accuracy(model: nn.Module, attack: APGD, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Fraction of ``x`` still classified correctly after ``attack`` (evaluation mode)."""
-    x_adv = attack.perturb(x, y)
-    with torch.no_grad(), attack_mode(model):
-        return (model(x_adv).argmax(dim=1) == hard_labels(y)).float().mean().item()

@@ -1,5 +1,5 @@
 """Training: adversarial objectives (pure functions); engine, loop and launch use Ray Train."""
 
-from raytrain_at.training.objectives import ObjectiveConfig, training_step_loss
+from raytrain_at.training.objectives import ObjectiveConfig, StepLoss, training_step_loss
 
-__all__ = ["ObjectiveConfig", "training_step_loss"]
+__all__ = ["ObjectiveConfig", "StepLoss", "training_step_loss"]
