@@ -30,7 +30,7 @@ from kornia.enhance import (
     solarize,
 )
 from kornia.geometry.transform import invert_affine_transform, warp_affine
-from timm.data import Mixup
+from timm.data.mixup import Mixup
 from timm.data.random_erasing import RandomErasing
 
 __all__ = ["PRESETS", "RAND_OPS", "BatchRandAugment", "DeviceAugment", "Preset", "level_to_arg"]
@@ -274,7 +274,7 @@ def _seeded_global_rngs(states: np.ndarray, device: torch.device) -> Iterator[No
         cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()]
     np_state, py_state = np.random.get_state(), random.getstate()
     with torch.random.fork_rng(devices=cuda_devices, device_type="cuda"):
-        torch.random.default_generator.manual_seed(torch_seed)
+        torch.default_generator.manual_seed(torch_seed)
         for index in cuda_devices:
             torch.cuda.default_generators[index].manual_seed(torch_seed)
         np.random.seed(int(states[2]))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from timm.layers import trunc_normal_
+from timm.layers.weight_init import trunc_normal_
 from timm.models.convnext import ConvNeXtBlock
 
 

@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 
 import torch.nn as nn
-from timm.layers import LayerNorm2d
+from timm.layers.norm import LayerNorm2d
 
 from raytrain_at.errors import UserError
 
