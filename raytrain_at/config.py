@@ -13,14 +13,14 @@ training file.
 
 from __future__ import annotations
 
+import difflib
 from fractions import Fraction
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from raytrain_at.errors import UserError
 
@@ -280,8 +280,6 @@ def resolve_recipe(name_or_path: str) -> Path:
         return path
     candidate = recipes_dir() / f"{name_or_path}.yaml"
     if not candidate.is_file():
-        import difflib
-
         close = difflib.get_close_matches(name_or_path, available_recipes(), n=1, cutoff=0.6)
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise UserError(f"unknown recipe {name_or_path!r}{hint}; `raytrain-at recipes` lists "

@@ -8,7 +8,18 @@ Python's start-up.
 from __future__ import annotations
 
 import ast
+from dataclasses import dataclass
 from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Import:
+    """One imported module: who imports it, where, and whether from inside a function."""
+
+    importer: str
+    target: str  # a module of the package, or the dotted name of an outside one
+    line: int
+    in_function: bool
 
 
 def module_name(package_root: Path, path: Path) -> str:
@@ -30,15 +41,18 @@ def _resolve(importer: str, is_package: bool, node: ast.ImportFrom) -> str:
     return ".".join(base + ([node.module] if node.module else []))
 
 
-def import_graph(package_root: Path) -> dict[str, set[str]]:
-    """Edges module -> modules of the same package it imports (module level or in functions)."""
+def imports(package_root: Path) -> tuple[set[str], list[Import]]:
+    """The package's modules and every import statement's targets in them."""
     package = package_root.name
     files = {module_name(package_root, p): p for p in sorted(package_root.rglob("*.py"))}
-    graph: dict[str, set[str]] = {name: set() for name in files}
+    found: list[Import] = []
     for name, path in files.items():
         is_package = path.name == "__init__.py"
-        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-            targets: list[str] = []
+        tree = ast.parse(path.read_text(), filename=str(path))
+        in_function = {id(node) for func in ast.walk(tree)
+                       if isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef))
+                       for node in ast.walk(func)}
+        for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
@@ -46,14 +60,25 @@ def import_graph(package_root: Path) -> dict[str, set[str]]:
                 # `from pkg import mod` imports the submodule when there is one; else a name in pkg.
                 targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in files else base
                            for a in node.names]
+            else:
+                continue
             for target in targets:
-                if not target.startswith(package):
-                    continue
-                # `import a.b.c` imports the deepest module the package has along that path.
-                while target not in files and "." in target:
-                    target = target.rsplit(".", 1)[0]
-                if target in files and target != name:
-                    graph[name].add(target)
+                if target.split(".")[0] == package:
+                    # `import a.b.c` imports the deepest module the package has along that path.
+                    while target not in files and "." in target:
+                        target = target.rsplit(".", 1)[0]
+                if target != name:
+                    found.append(Import(name, target, node.lineno, id(node) in in_function))
+    return set(files), found
+
+
+def import_graph(package_root: Path) -> dict[str, set[str]]:
+    """Edges module -> modules of the same package it imports (module level or in functions)."""
+    modules, found = imports(package_root)
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for imp in found:
+        if imp.target in modules:
+            graph[imp.importer].add(imp.target)
     return graph
 
 
@@ -90,3 +115,24 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         if v not in index:
             visit(v)
     return found
+
+
+def loads_slow(module: str, modules: set[str], found: list[Import], slow: set[str]) -> bool:
+    """Whether importing `module` loads one of the `slow` top-level packages at import time
+    (through its own module-level imports, its parent packages' and theirs)."""
+    top_level: dict[str, set[str]] = {}
+    for imp in found:
+        if not imp.in_function:
+            top_level.setdefault(imp.importer, set()).add(imp.target)
+    seen: set[str] = set()
+    pending = [module]
+    while pending:
+        current = pending.pop()
+        if current.split(".")[0] in slow:
+            return True
+        if current in seen or current not in modules:
+            continue
+        seen.add(current)
+        parents = [".".join(current.split(".")[:i]) for i in range(1, current.count(".") + 1)]
+        pending += sorted(top_level.get(current, set())) + parents
+    return False

@@ -33,9 +33,10 @@ output equals Resize-then-CenterCrop.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from collections.abc import Callable
+from dataclasses import replace
 
+import PIL
 import numpy as np
 from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
 from ffcv.libffcv import imdecode
@@ -54,8 +55,6 @@ _BICUBIC_SUPPORT = 2.0
 def _pillow_major_version() -> int:
     """Major version of the installed Pillow (0 if it cannot be told)."""
     try:
-        import PIL
-
         return int(PIL.__version__.split(".")[0])
     except (ImportError, ValueError, AttributeError):
         return 0

@@ -14,12 +14,13 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
-from collections.abc import Sequence
 
 import numpy as np
+from PIL import Image
 
 from raytrain_at.data.sources import Sample
 from raytrain_at.errors import UserError
@@ -92,8 +93,6 @@ def _pixels(sample: Sample) -> np.ndarray:
     if sample.pixels is not None:
         pixels = sample.pixels
     else:
-        from PIL import Image
-
         with Image.open(sample.path) as image:
             pixels = np.asarray(image.convert("RGB"))
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:

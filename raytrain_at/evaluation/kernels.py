@@ -20,8 +20,9 @@ the faster arithmetic. On a CPU both modes run the same kernels.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import copy
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -84,6 +85,5 @@ def attack_model(model: nn.Module, kernels: str, device: torch.device) -> nn.Mod
     check_kernels(kernels)
     if kernels == "exact" or device.type != "cuda":
         return model
-    import copy
 
     return ChannelsLastModel(copy.deepcopy(model)).eval()

@@ -14,8 +14,10 @@ import tempfile
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from rich.table import Table
 
 from raytrain_at.errors import UserError
+from raytrain_at.evaluation.threats import ThreatModel
 
 FORMAT = "raytrain_at.evaluation/1"
 
@@ -172,10 +174,6 @@ def read_result(path: str | Path) -> EvaluationResult:
 
 def summary_table(result: EvaluationResult):
     """A rich table of the result (one screen)."""
-    from rich.table import Table
-
-    from raytrain_at.evaluation.threats import ThreatModel
-
     # The model by name and weights hash: a checkpoint path would wrap over several lines
     # (the result JSON and the caller's output carry the full reference).
     table = Table(title=f"AutoAttack ({result.version}) - {result.model.name} "

@@ -20,15 +20,16 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-from collections.abc import Callable
 
 from mlflow.entities import Dataset, DatasetInput, InputTag, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+import raytrain_at
 from raytrain_at.errors import UserError
 from raytrain_at.tracking.artifacts import resolve_version
 from raytrain_at.tracking.experiments import ensure_experiment
@@ -65,8 +66,6 @@ def _retry(action: Callable[[], T], what: str, attempts: int = 40) -> T:
 
 def code_version() -> str:
     """The package version, plus the git commit when running from a checkout."""
-    import raytrain_at
-
     version = raytrain_at.__version__
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,

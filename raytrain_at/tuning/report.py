@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from rich.table import Table
+
+from raytrain_at.console import make_console
 from raytrain_at.evaluation.threats import NORMS
 from raytrain_at.tuning.spaces import SearchSpace, format_value
 
@@ -69,10 +72,6 @@ def results_rows(records: list[TrialRecord], space: SearchSpace) -> list[dict[st
 
 def print_table(records: list[TrialRecord], space: SearchSpace, title: str) -> None:
     """The results as a rich table, best first by the metric (errored trials last)."""
-    from rich.table import Table
-
-    from raytrain_at.console import make_console
-
     def order(record: TrialRecord) -> tuple[int, float]:
         value = record.metrics.get(space.metric)
         if value is None:

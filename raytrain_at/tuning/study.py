@@ -18,6 +18,7 @@ designs generalise), and the best evaluated one is registered.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -27,6 +28,9 @@ from typing import Any, Literal
 
 from raytrain_at.config import RunConfig, apply_overrides
 from raytrain_at.errors import UserError
+from raytrain_at.ray_logs import worker_log_file
+from raytrain_at.ray_runtime import init_ray
+from raytrain_at.storage import default_home
 from raytrain_at.tuning.report import TrialRecord, TrialStatus, write_report
 from raytrain_at.tuning.spaces import SchedulerSpec, SearchSpace, evaluation_data
 
@@ -97,8 +101,6 @@ class _TrialContext:
 # --------------------------------------------------------------------------- the trial
 def trial_config(context: _TrialContext, sample: dict[str, Any]) -> RunConfig:
     """The run config of one trial: the study's base config plus the sampled values."""
-    import copy
-
     data = apply_overrides(copy.deepcopy(context.base), context.space.sample_overrides(sample))
     return RunConfig.model_validate(data)
 
@@ -181,8 +183,6 @@ def _scheduler(space: SearchSpace):
 
 def _storage(options: StudyOptions, base: RunConfig) -> tuple[str, Path]:
     """(Ray storage for Train runs and Tune, local folder for this study's reports)."""
-    from raytrain_at.storage import default_home
-
     chosen = options.storage_path or base.tracking.storage_path or str(default_home())
     if "://" in chosen:
         return chosen.rstrip("/"), default_home()
@@ -202,8 +202,6 @@ def run_study(space: SearchSpace, options: StudyOptions = StudyOptions()) -> Stu
     """
     from ray import tune
 
-    from raytrain_at.ray_logs import worker_log_file
-    from raytrain_at.ray_runtime import init_ray
     from raytrain_at.tracking.runs import TrainingRun, default_tracking_uri
     from raytrain_at.training.launch import prepare_run
 
