@@ -1,29 +1,10 @@
 """APGD for l_inf, l_2 and l_1 (Croce & Hein, 2020 and 2021), for evaluation and training.
 
 Units: ``eps`` is the radius in [0, 1] pixel scale over the whole image, e.g. l_inf 4/255,
-l_2 2.0, l_1 75 at 224x224 (the paper's evaluation radii).
-
-Algorithm, as in the reference AutoAttack implementation (this is an independent implementation
-that matches its robust accuracy, see tests/test_attack_reference.py):
-
-* start from a random point of the ball (or the clean input with ``random_start=False``);
-* step size ``2 * eps`` for l_inf and l_2, ``eps`` for l_1; heavy-ball momentum 0.75 after the
-  first step (l_inf, l_2); l_1 steps move ``step`` of l_1 mass along the signs of the largest
-  ``topk`` fraction of gradient coordinates;
-* checkpoints: for l_inf / l_2 after 22% of the iterations, then every window shrinking by 3% to
-  at least 6%: halve the step (and restart from the best point) where the loss rose in at most
-  ``rho`` of the window's steps, or where the step was not reduced last time and the best loss did
-  not improve since. For l_1 every 4% of the iterations the sparsity ``topk`` follows the best
-  point's support and the step is reset (support shrank) or divided by 1.5 (within [eps/10, eps]);
-* restarts only attack the points still classified correctly; the targeted DLR loss runs over the
-  ``n_target_classes`` most likely wrong classes.
-
-Two uses:
-
-* evaluation (default): returns an adversarial example where one was found, else the clean input,
-  so ``accuracy(model(perturb(x, y)), y)`` is the robust accuracy;
-* training (``APGD.for_training``): 1-3 iterations, returns the highest-loss point among the
-  clean input and all iterates (APGD-AT of the paper), and accepts MixUp/CutMix soft targets.
+l_2 2.0, l_1 75 at 224x224 (the paper's evaluation radii). An independent implementation that
+matches the reference AutoAttack's robust accuracy (tests/test_attack_reference.py), written here
+so training can use it (few steps, highest-loss point, soft targets); docs/attacks.md describes
+the algorithm and its two uses.
 """
 
 from __future__ import annotations
