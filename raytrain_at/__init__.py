@@ -7,6 +7,7 @@ nothing heavy, so ``raytrain-at --help`` answers without loading torch, timm, Ra
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from raytrain_at.errors import UserError
@@ -20,7 +21,5 @@ _LAZY = {"create_robust_model": "raytrain_at.models", "load_model": "raytrain_at
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'raytrain_at' has no attribute {name!r}")

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import typer
 
 from raytrain_at import __version__
-from raytrain_at.console import setup_console
+from raytrain_at.console import make_console, setup_console
 from raytrain_at.errors import RunFailed, UserError
+from raytrain_at.evaluation.threats import (PAPER_RESOLUTIONS, PAPER_SWEEP_EPS, THREAT_TITLES,
+                                            parse_eps, parse_eps_list, parse_norms)
+from raytrain_at.registry.leaderboard_formats import FORMATS, print_table, render
 
-# Only typer, pydantic and yaml load at import time: every command imports its heavy packages
-# (torch, timm, Ray, MLflow) in its body, so ``--help`` and usage errors answer at once.
+# Only typer, rich and light project modules load at import time: every command imports the
+# config (pydantic, yaml) and its heavy packages (torch, timm, Ray, MLflow) in its body, so
+# ``--help`` and usage errors answer at once (tests/test_imports.py keeps that rule).
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   context_settings={"help_option_names": ["-h", "--help"]},
                   help="Adversarially robust ImageNet classifiers: train, evaluate, register.")
@@ -46,7 +52,6 @@ def recipes_list(ctx: typer.Context) -> None:
     """The bundled recipes: model, epochs, attack, batch size and the paper row each reproduces."""
     if ctx.invoked_subcommand is not None:
         return
-    from raytrain_at.console import make_console
     from raytrain_at.recipe_table import recipe_table
 
     make_console().print(recipe_table())
@@ -80,7 +85,6 @@ def quickstart(
 @app.command()
 def models(resolution: int = typer.Option(224, help="input side for the FLOP count")) -> None:
     """Print every registered model's parameters and FLOPs beside the paper's Table 14."""
-    from raytrain_at.console import make_console
     from raytrain_at.quickstart import model_size_table
 
     if resolution < 32:
@@ -97,8 +101,6 @@ def inspect(
     num_classes: int = typer.Option(1000, help="classifier outputs"),
 ) -> None:
     """Build one model (optionally with a stem spec and clean weights) and describe it as JSON."""
-    import json
-
     from raytrain_at.models.summary import describe_model
 
     if num_classes < 1:
@@ -215,7 +217,8 @@ def benchmark(
 
 @app.command()
 def evaluate(
-    model_ref: str = typer.Argument(..., help="model.safetensors, checkpoint folder, runs:/ID/model "
+    model_ref: str = typer.Argument(..., help="model.safetensors, checkpoint folder, "
+                                    "runs:/ID/model "
                                     "or models:/NAME@ALIAS"),
     data: str = typer.Option(..., help=".beton file (e.g. robustbench5k.beton) or 'digits'"),
     norms: str = typer.Option("linf,l2,l1", help="comma-separated threat models"),
@@ -253,11 +256,8 @@ def evaluate(
 ) -> None:
     """AutoAttack a model in l_inf / l_2 / l_1 (sharded, resumable); optional sweeps and
     corruptions; writes a result JSON and prints the summary."""
-    from raytrain_at.console import make_console
     from raytrain_at.evaluation.evaluate import EvaluationRequest, evaluate as run_evaluation
     from raytrain_at.evaluation.result import summary_table
-    from raytrain_at.evaluation.threats import (PAPER_RESOLUTIONS, PAPER_SWEEP_EPS, parse_eps,
-                                                parse_eps_list, parse_norms)
 
     radii = {norm: parse_eps(text, f"--eps-{norm}")
              for norm, text in (("linf", eps_linf), ("l2", eps_l2), ("l1", eps_l1)) if text}
@@ -296,7 +296,8 @@ def _int_list(text: str, what: str) -> list[int]:
 
 @app.command()
 def register(
-    model_ref: str = typer.Argument(..., help="model.safetensors, checkpoint folder, runs:/ID/model "
+    model_ref: str = typer.Argument(..., help="model.safetensors, checkpoint folder, "
+                                    "runs:/ID/model "
                                     "or models:/NAME@ALIAS"),
     name: str = typer.Option(..., help="registered model name"),
     eval_: Path = typer.Option(None, "--eval", help="result JSON of raytrain-at evaluate"),
@@ -335,8 +336,6 @@ def leaderboard(
     format_: str = typer.Option("table", "--format", help="table | markdown | csv | json"),
 ) -> None:
     """The registered models as the paper's Table 2 (with radius, data and n), best first."""
-    from raytrain_at.evaluation.threats import THREAT_TITLES
-    from raytrain_at.registry.leaderboard_formats import FORMATS, print_table, render
     from raytrain_at.registry.register import leaderboard as rows_of
 
     if format_ not in FORMATS:
@@ -370,8 +369,6 @@ def write_ffcv(
     digits_side: int = typer.Option(32, help="side of the upscaled digits"),
 ) -> None:
     """Convert a dataset to FFCV format (atomic: a failed write leaves no file)."""
-    from dataclasses import replace
-
     from raytrain_at.data.write import default_options, write_dataset
 
     options = default_options(subset)
@@ -388,8 +385,6 @@ def write_ffcv(
 @data_app.command("info")
 def data_info(path: Path = typer.Argument(..., help=".beton file")) -> None:
     """Validate a .beton file and print its size, fields and label counts as JSON."""
-    import json
-
     from raytrain_at.data.inspection import describe_beton
 
     print(json.dumps(describe_beton(path), indent=2))

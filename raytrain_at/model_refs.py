@@ -8,37 +8,14 @@ safetensors file and is rebuilt through the timm registry, never by unpickling.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from raytrain_at.errors import UserError
-from raytrain_at.models.model_files import MODEL_FILE, LoadedModel, load_model_file
+from raytrain_at.models.locate import local_model_file
+from raytrain_at.models.model_files import LoadedModel, load_model_file
 
-
-def local_model_file(reference: str, tracking_uri: str | None = None) -> Path:
-    """The local model file ``reference`` names (MLflow references are downloaded first)."""
-    from raytrain_at.tracking.artifacts import download, is_mlflow_reference
-
-    if is_mlflow_reference(reference):
-        path = download(reference, tracking_uri)
-    else:
-        path = Path(reference).expanduser()
-        if not path.exists():
-            raise UserError(f"model reference {reference!r}: no such file or folder (expected "
-                            "a model.safetensors, a checkpoint folder, runs:/... or models:/...)")
-    if path.is_dir():
-        found = path / MODEL_FILE
-        if not found.is_file():
-            nested = sorted(path.rglob(MODEL_FILE))
-            if len(nested) != 1:
-                raise UserError(f"model reference {reference!r}: no {MODEL_FILE} in the folder"
-                                if not nested else f"model reference {reference!r}: "
-                                f"{len(nested)} model files below it; name one")
-            found = nested[0]
-        path = found
-    return path
+__all__ = ["load_model", "local_model_file", "resolve_model"]
 
 
 def resolve_model(reference: str, *, resolution: int | None = None,

@@ -5,9 +5,9 @@ adversarially (2-step APGD, l_inf 8/255) and once clean, both tracked in MLflow,
 selected epoch of each (best on the validation digits carved from the training split: robust
 accuracy for the adversarial run, clean accuracy for the clean one) with its clean and l_inf APGD
 robust accuracy. The adversarially trained model (its selected weights, ``runs:/ID/model``) is
-then evaluated on the test digits with the standard AutoAttack in l_inf, l_2 and l_1 (2 Ray workers),
-registered in MLflow's model registry, and the leaderboard is printed. ``raytrain-at models``
-prints the model-size table (Table 14).
+then evaluated on the test digits with the standard AutoAttack in l_inf, l_2 and l_1 (2 Ray
+workers), registered in MLflow's model registry, and the leaderboard is printed.
+``raytrain-at models`` prints the model-size table (Table 14).
 
 Standard AutoAttack is expensive: about 9 s per image and norm for this model on 2 CPU cores
 (APGD-T and FAB-T with 9 target classes, Square with 5,000 queries), so the quickstart attacks the
@@ -17,6 +17,7 @@ first ``eval_n`` test digits (default 16); ``raytrain-at evaluate`` takes the wh
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import timm
 from rich.console import Console
@@ -26,6 +27,7 @@ from raytrain_at.console import make_console
 from raytrain_at.models import complexity, stem_spec_of
 from raytrain_at.models.paper_tables import TABLE14
 from raytrain_at.models.stems import design_name
+from raytrain_at.registry.leaderboard_formats import print_table
 
 
 def model_size_table(console: Console, resolution: int = 224) -> None:
@@ -112,11 +114,8 @@ def _evaluate_and_register(console: Console, model_ref: str, config, eval_n: int
     """Standard AutoAttack, registration, and the leaderboard. Radii: l_inf at the training
     radius; l_2 1.0 and l_1 8.0, because the paper's radii scaled from 224 to 32 pixels (0.29 and
     1.5) leave every upsampled 8x8 digit robust and would say nothing about generalisation."""
-    from pathlib import Path
-
     from raytrain_at.evaluation.evaluate import EvaluationRequest, evaluate
     from raytrain_at.evaluation.result import summary_table
-    from raytrain_at.registry.leaderboard_formats import print_table
     from raytrain_at.registry.register import leaderboard, leaderboard_table, register_model
 
     console.print(f"[bold]evaluating[/bold] the adversarially trained model: standard AutoAttack "

@@ -12,6 +12,8 @@ import logging
 import socket
 import time
 
+from raytrain_at import ray_logs
+from raytrain_at.console import VERBOSE_ENV, is_verbose
 from raytrain_at.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -36,9 +38,6 @@ def init_ray(address: str | None = None, *, dashboard: bool = False) -> None:
         UserError: ``address`` is given and no Ray cluster answers there.
     """
     import ray
-
-    from raytrain_at import ray_logs
-    from raytrain_at.console import VERBOSE_ENV, is_verbose
 
     if ray.is_initialized():
         return

@@ -97,7 +97,7 @@ def bench_augmentation(batch: int, device: str, repeats: int = 5) -> dict:
     def step() -> None:
         out = training_step_loss(model, attack, x_aug, soft, ObjectiveSection())
         optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
+        out.loss.backward()
         optimizer.step()
 
     step_ms = timed(step) if repeats else float("nan")

@@ -154,7 +154,7 @@ def build_ours(name: str, resolution: int, device: torch.device, compile_model: 
         with autocast(device, dtype):
             out = training_step_loss(net, attack, images, labels, objective)
         optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
+        out.loss.backward()
         optimizer.step()
         ema.update(model)
 

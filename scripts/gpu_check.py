@@ -14,7 +14,7 @@ deepspeed       a DeepSpeed bf16 ZeRO-1 run of ``WorkerLoop`` (the project's per
                 no Ray) on the bundled digits: loss falls, the EMA stays fp32, channels_last
                 survives the engine, host syncs per step
 loader          FFCV train loader into the device and the heavy device augmentation
-t_step          ours' step time at several per-GPU batches: t_step(B) of BENCHMARKS.md
+t_step          ours' step time at several per-GPU batches: t_step(B) of docs/benchmarking.md
 
 The parts reuse the benchmark scripts (``bench_train_step``, ``bench_eval``, ``bench_loader``,
 ``bench_augment``) and the project's own modules; nothing here re-implements a step. A part whose

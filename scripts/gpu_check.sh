@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU readiness check: every GPU figure the project needs, one JSON document (scripts/gpu_check.py
-# says what each part measures; BENCHMARKS.md "GPU readiness check" how to run it on a lent GPU).
+# says what each part measures; docs/benchmarking.md "GPU readiness check" how to run it on a
+# lent GPU).
 #
 #   scripts/gpu_check.sh --prepare     here: build .whl/, the cp312 wheels the GPU machine lacks
 #   scripts/gpu_check.sh               there: install .whl/ (pip --no-index) and run every part,

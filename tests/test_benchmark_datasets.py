@@ -14,7 +14,7 @@ from raytrain_at.data.benchmark_datasets import (caltech101_samples, fgvc_aircra
                                                  oxford_pet_samples, stanford_cars_samples,
                                                  uc_merced_samples)
 from raytrain_at.data.inspection import beton_labels
-from raytrain_at.data.sources import detect_format
+from raytrain_at.data.write import detect_format
 from raytrain_at.data.write import write_dataset
 from raytrain_at.errors import UserError
 

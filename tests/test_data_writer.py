@@ -146,7 +146,8 @@ def test_cli_write_and_errors(tmp_path) -> None:
 def test_flowers102_layout(tmp_path) -> None:
     from data_fixtures import make_flowers102
 
-    from raytrain_at.data.sources import detect_format, flowers102_samples
+    from raytrain_at.data.sources import flowers102_samples
+    from raytrain_at.data.write import detect_format
 
     root = make_flowers102(tmp_path / "flowers-102")
     assert detect_format(str(root)) == "flowers102"

@@ -56,8 +56,6 @@ def test_output_contract(preset: str, batch: tuple[torch.Tensor, torch.Tensor]) 
 
 
 def test_properties() -> None:
-    assert not DeviceAugment("basic", NUM_CLASSES).loader_flip
-    assert DeviceAugment("3aug", NUM_CLASSES).loader_flip and DeviceAugment("heavy", NUM_CLASSES).loader_flip
     assert DeviceAugment("heavy", NUM_CLASSES).soft_targets
     assert not DeviceAugment("basic", NUM_CLASSES).soft_targets
     assert not DeviceAugment("3aug", NUM_CLASSES).soft_targets

@@ -157,7 +157,7 @@ def _plain_order_epoch(loop) -> None:
     for images, labels in loop.train_data:
         images, targets = loop.augment(images, labels)
         out = training_step_loss(loop.engine.module, attack, images, targets, loop.objective)
-        loop.engine.backward(out["loss"])
+        loop.engine.backward(out.loss)
         loop.engine.step()
         loop.ema.update(loop.engine.module)
 

@@ -69,7 +69,7 @@ def test_failed_run_is_one_line_with_the_log(tmp_path, monkeypatch, capsys) -> N
     where the workers' output is, exit 1, no traceback and no hundred lines of Ray's tables."""
     import ray.train
 
-    from raytrain_at import cli, ray_runtime
+    from raytrain_at import cli
     from raytrain_at.training import launch as launch_module
 
     class OutOfMemoryTrainer:  # what TorchTrainer.fit raises when the memory monitor kills workers
@@ -81,7 +81,7 @@ def test_failed_run_is_one_line_with_the_log(tmp_path, monkeypatch, capsys) -> N
     monkeypatch.setenv("RAYTRAIN_AT_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setattr(launch_module, "build_trainer", lambda prepared: OutOfMemoryTrainer())
-    monkeypatch.setattr(ray_runtime, "init_ray", lambda address=None: None)  # no Ray needed
+    monkeypatch.setattr(launch_module, "init_ray", lambda address=None: None)  # no Ray needed
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as stopped:
         cli.main(["train", "quickstart", "--set", "schedule.epochs=1"])

@@ -1,9 +1,8 @@
 """Attacks on [0, 1] images: ``Attack(model, ...).perturb(x, y) -> x_adv``."""
 
-from raytrain_at.attacks.apgd import APGD, robust_accuracy
+from raytrain_at.attacks.apgd import APGD
 from raytrain_at.attacks.base import Attack, attack_mode
 from raytrain_at.attacks.pgd import FGSM, PGD
 from raytrain_at.attacks.threat_models import NORMS, lp_norm, project
 
-__all__ = ["APGD", "FGSM", "NORMS", "PGD", "Attack", "attack_mode", "lp_norm", "project",
-           "robust_accuracy"]
+__all__ = ["APGD", "FGSM", "NORMS", "PGD", "Attack", "attack_mode", "lp_norm", "project"]

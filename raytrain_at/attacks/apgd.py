@@ -1,29 +1,10 @@
-"""APGD (Croce & Hein, 2020) for l_inf, l_2 and l_1 (Croce & Hein, 2021), in evaluation and training use.
+"""APGD for l_inf, l_2 and l_1 (Croce & Hein, 2020 and 2021), for evaluation and training.
 
 Units: ``eps`` is the radius in [0, 1] pixel scale over the whole image, e.g. l_inf 4/255,
-l_2 2.0, l_1 75 at 224x224 (the paper's evaluation radii).
-
-Algorithm, as in the reference AutoAttack implementation (this is an independent implementation
-that matches its robust accuracy, see tests/test_attack_reference.py):
-
-* start from a random point of the ball (or the clean input with ``random_start=False``);
-* step size ``2 * eps`` for l_inf and l_2, ``eps`` for l_1; heavy-ball momentum 0.75 after the
-  first step (l_inf, l_2); l_1 steps move ``step`` of l_1 mass along the signs of the largest
-  ``topk`` fraction of gradient coordinates;
-* checkpoints: for l_inf / l_2 after 22% of the iterations, then every window shrinking by 3% to
-  at least 6%: halve the step (and restart from the best point) where the loss rose in at most
-  ``rho`` of the window's steps, or where the step was not reduced last time and the best loss did
-  not improve since. For l_1 every 4% of the iterations the sparsity ``topk`` follows the best
-  point's support and the step is reset (support shrank) or divided by 1.5 (within [eps/10, eps]);
-* restarts only attack the points still classified correctly; the targeted DLR loss runs over the
-  ``n_target_classes`` most likely wrong classes.
-
-Two uses:
-
-* evaluation (default): returns an adversarial example where one was found, else the clean input,
-  so ``accuracy(model(perturb(x, y)), y)`` is the robust accuracy;
-* training (``APGD.for_training``): 1-3 iterations, returns the highest-loss point among the
-  clean input and all iterates (APGD-AT of the paper), and accepts MixUp/CutMix soft targets.
+l_2 2.0, l_1 75 at 224x224 (the paper's evaluation radii). An independent implementation that
+matches the reference AutoAttack's robust accuracy (tests/test_attack_reference.py), written here
+so training can use it (few steps, highest-loss point, soft targets); docs/attacks.md describes
+the algorithm and its two uses.
 """
 
 from __future__ import annotations
@@ -36,7 +17,7 @@ import torch.nn as nn
 
 from raytrain_at.attacks.base import (attack_mode, check_inputs, input_gradient, input_loss,
                                       predictions_correct)
-from raytrain_at.attacks.losses import cross_entropy, dlr, dlr_targeted, hard_labels
+from raytrain_at.attacks.losses import cross_entropy, dlr, dlr_targeted
 from raytrain_at.attacks.threat_models import NORMS, Norm, normalize, project, random_start
 
 Loss = Literal["ce", "dlr", "dlr-targeted"]
@@ -104,7 +85,7 @@ class APGD:
     @classmethod
     def for_training(cls, model: nn.Module, *, norm: Norm = "linf", eps: float = 4 / 255,
                      n_iter: int = 2, seed: int = 0, random_start: bool = False,
-                     check_range: bool = True, compile_step: bool = False) -> "APGD":
+                     check_range: bool = True, compile_step: bool = False) -> APGD:
         """APGD-AT: few CE iterations returning the highest-loss point (clean input included),
         by default started from the clean input as the paper's code does."""
         return cls(model, norm=norm, eps=eps, n_iter=n_iter, loss="ce", seed=seed,
@@ -137,7 +118,8 @@ class APGD:
             raise ValueError(f"loss {self.loss!r} needs at least {needed} classes, model has "
                              f"{n_classes}")
         if self.loss == "dlr-targeted" and self.n_target_classes > n_classes - 1:
-            raise ValueError(f"n_target_classes={self.n_target_classes} exceeds the {n_classes - 1} "
+            raise ValueError(f"n_target_classes={self.n_target_classes} exceeds the "
+                             f"{n_classes - 1} "
                              "wrong classes")
 
     def _max_loss_point(self, x: torch.Tensor, y: torch.Tensor,
@@ -353,10 +335,3 @@ def _sparse_sign_direction(grad: torch.Tensor, topk: torch.Tensor) -> torch.Tens
     signs = grad.reshape(grad.shape[0], -1).sign() * mask
     signs = signs / (signs.abs().sum(dim=1, keepdim=True) + 1e-10)
     return signs.view_as(grad)
-
-
-def robust_accuracy(model: nn.Module, attack: "APGD", x: torch.Tensor, y: torch.Tensor) -> float:
-    """Fraction of ``x`` still classified correctly after ``attack`` (evaluation mode)."""
-    x_adv = attack.perturb(x, y)
-    with torch.no_grad(), attack_mode(model):
-        return (model(x_adv).argmax(dim=1) == hard_labels(y)).float().mean().item()

@@ -11,7 +11,8 @@ every module's train/eval flag are exactly as before the call. Gradients are tak
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Protocol
+from typing import Protocol
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
@@ -28,7 +29,8 @@ class Attack(Protocol):
 @contextmanager
 def attack_mode(model: nn.Module, eval_mode: bool = True) -> Iterator[None]:
     """Run the block with the model in eval mode (the paper attacks in eval mode), then restore
-    every module's own train/eval flag (not just the top-level one: frozen BN layers stay frozen)."""
+    every module's own train/eval flag (not just the top-level one: frozen BN layers stay
+    frozen)."""
     flags = [(m, m.training) for m in model.modules()]
     if eval_mode:
         model.eval()

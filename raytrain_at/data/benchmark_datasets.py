@@ -1,32 +1,9 @@
 """Readers for the robust fine-tuning benchmark's datasets, from their distributed layouts.
 
 Each reader returns the :class:`~raytrain_at.data.sources.Sample` list of one split (image path
-and class index), which ``raytrain-at data write-ffcv SRC OUT.beton --split S`` writes to FFCV.
-Labels are 0-based, classes in the order stated per reader. Where a dataset has no official split
-the split here is deterministic (a seeded shuffle per class, fixed below), so every machine
-writes the same files.
-
-=============  ================================================================  ===============
-dataset        layout (SRC is the folder holding it)                              splits
-=============  ================================================================  ===============
-Caltech-101    ``101_ObjectCategories/<class>/*.jpg`` (BACKGROUND_Google left      trainval (30 per
-               out: 101 classes, sorted names)                                    class) / test
-FGVC-Aircraft  ``data/images/<id>.jpg``, ``data/variants.txt`` (100 variants),      train / val /
-               ``data/images_variant_<split>.txt`` ("<id> <variant>" lines)       trainval / test
-Oxford-IIIT    ``images/<name>.jpg``, ``annotations/{trainval,test}.txt``          trainval / test
-Pet            ("<name> <class 1..37> <species> <breed>" lines)
-Stanford Cars  ``cars_train/``, ``cars_test/``, ``devkit/cars_train_annos.mat`` and   trainval / test
-               ``cars_test_annos_withlabels.mat`` (in SRC or ``devkit/``): the
-               ``annotations`` struct with ``fname`` and ``class`` (1..196)
-UC Merced      ``UCMerced_LandUse/Images/<class>/*.tif`` (21 classes x 100,         trainval (80 per
-               sorted names)                                                      class) / test
-=============  ================================================================  ===============
-
-Where the table names ``trainval`` (no official validation split), ``val`` is a seeded,
-class-balanced 10% of it and ``train`` the rest (:mod:`raytrain_at.data.validation_split`):
-checkpoints and hyperparameters are selected on ``val``, results reported on ``test``.
-
-The .mat files are read with ``scipy.io.loadmat`` (plain arrays, no code execution).
+and 0-based class index) for ``raytrain-at data write-ffcv SRC OUT.beton --split S``. Where a
+dataset has no official split, the split is a seeded, class-balanced one, so every machine writes
+the same files. docs/data.md lists each dataset's layout and splits.
 """
 
 from __future__ import annotations

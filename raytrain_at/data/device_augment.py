@@ -1,132 +1,10 @@
 """Batched training augmentation on the device, after the FFCV loader's random-resized-crop.
 
-The FFCV train loader (:func:`raytrain_at.data.ffcv_loaders.train_loader`) decodes, random-resized-crops
-and (for ``3aug`` / ``heavy``) horizontally flips; it hands float batches in ``[0, 1]`` of shape
-``(B, 3, H, W)`` to the device. :class:`DeviceAugment` does the rest of the paper's recipes
-(Singh, Croce, Hein 2023, App. A.2 / D.2) on those batches, on whatever device they live on:
-
-======  ============================================================  ===============================
-preset  on the device (after crop [+ flip] in the loader)             targets
-======  ============================================================  ===============================
-basic   nothing (the loader's crop is all; ``loader_flip`` False)     ``(B,)`` int64 hard labels
-3aug    colour jitter: kornia ``ColorJitter(0.3, 0.3, 0.3, 0)``, p=1  ``(B,)`` int64 hard labels
-heavy   RandAugment ``rand-m9-mstd0.5-inc1`` -> random erasing        ``(B, num_classes)`` float soft
-        p=0.25 'pixel' -> MixUp 0.8 / CutMix 1.0 (switch 0.5,         targets (rows sum to 1)
-        mode 'batch', label smoothing 0.1) -> clamp to ``[0, 1]``
-======  ============================================================  ===============================
-
-Choices, and why
-----------------
-* **3aug.** DeiT-III's "3-Augment" proper picks one of grayscale / solarize / Gaussian blur per image
-  on top of colour jitter 0.3; the paper describes its 3aug as *basic + flip + colour jitter*, so this
-  preset does only that. Kornia's ``ColorJitter`` (not ``ColorJiggle``) uses torchvision's formulas
-  (multiplicative brightness, contrast blended with the grayscale mean, saturation blended with
-  grayscale), i.e. the ``torchvision.transforms.ColorJitter(0.3, 0.3, 0.3)`` DeiT-III uses. One
-  difference: kornia draws the order of the three adjustments once per batch, torchvision per image
-  (the factors themselves are per image).
-* **heavy, order.** The paper's code (``nmndeep/revisiting-at``: ``dataset_convnext_like.py``,
-  ``parserr.Arguments_augment``, ``main.py``) builds timm's ``create_transform`` per image
-  (RandAugment, then RandomErasing) and applies ``timm.data.Mixup`` to the batch afterwards, so random
-  erasing comes *before* MixUp/CutMix here too (erasing is per image; a mixed image can carry a
-  partner's erased patch, as in the reference).
-* **heavy, random erasing fill.** timm's ``mode='pixel'`` fills with N(0, 1) noise, meant for
-  normalised images. The reference code, however, calls ``create_transform`` with ``mean=(0, 0, 0)``,
-  ``std=(1, 1, 1)`` (the model normalises inside, as here), so its erased pixels *are* N(0, 1) noise in
-  ``[0, 1]`` pixel space, and its APGD training attack clamps every input to ``[0, 1]`` before the first
-  forward pass. The model therefore trained on ``clamp(N(0, 1), 0, 1)`` in erased regions. We keep
-  timm's ``RandomErasing(mode='pixel')`` unchanged and clamp the final batch to ``[0, 1]``: that
-  reproduces what the reference model saw, and keeps our output contract. (Normalising with ImageNet
-  mean/std around the erasing would give milder N(mean, std) noise, which is *not* what the paper did.)
-  The same ``mean=0`` is why RandAugment's geometric ops fill with black (timm's ``img_mean`` hparam is
-  derived from ``mean``).
-* **heavy, interpolation.** The reference sets ``train_interpolation='bicubic'``, which timm passes to
-  RandAugment's geometric ops; we warp with bicubic too (and clamp, as bicubic can overshoot).
-
-RandAugment: kornia vs timm ``rand-m9-mstd0.5-inc1``
----------------------------------------------------
-timm's RandAugment (``timm.data.auto_augment``): per *image*, choose 2 ops uniformly **with
-replacement** from the 15 ``_RAND_INCREASING_TRANSFORMS``; each chosen op runs with probability 0.5;
-each application draws its magnitude from N(9, 0.5) clipped to ``[0, 10]`` and, for signed ops, a
-random sign; ``level / 10`` scales each op's range. It is PIL-only and per image.
-
-``kornia.augmentation.auto.RandAugment`` (0.9.0) cannot be used as is:
-
-* it picks the ``n`` ops **once per batch** (``rand_selector`` draws one ``randperm`` per forward), so
-  every image of a batch gets the same two ops: not the per-sample randomness wanted here;
-* ops are drawn without replacement; magnitude is the fixed ``m / 30`` (no magnitude noise); every op
-  is built with probability 1 (no per-op ``p=0.5``); there are no "increasing" variants;
-* several ops differ in meaning (table below).
-
-Kornia's *functional* ops (``kornia.enhance``, ``kornia.geometry.transform.warp_affine``) do take a
-per-sample parameter tensor and most follow PIL exactly. So :class:`BatchRandAugment` samples timm's
-policy itself (per image: op choice, gate, magnitude, sign; all on a CPU ``torch.Generator``, so no
-device syncs and the same choices on any device) and runs each op once per layer on the images that
-chose it, with kornia's functional ops. What is hand-written, and why:
-
-* the sampling and ``level -> argument`` mapping (the timm formulas, vectorised; tests check them
-  against ``timm.data.auto_augment.LEVEL_TO_ARG``) - no library samples timm's policy per sample;
-* ``SolarizeAdd`` (one ``torch.where``) - kornia's ``solarize(additions=...)`` adds to *every* pixel and
-  then inverts those at or above the threshold; PIL/timm add only below 128 and never invert;
-* the 2x3 matrices of the five geometric ops - kornia's ``RandomShear``/``get_shear_matrix2d`` shear
-  about the centre by an *angle*, PIL about the top-left corner by a *factor*; the matrices here are
-  PIL's, converted to kornia's pixel convention (nearest-neighbour output matches PIL exactly);
-* AutoContrast leaves a constant channel unchanged (PIL does; ``normalize_min_max`` maps it to 0).
-
-Op by op (timm's level L = magnitude clipped to ``[0, 10]``; kornia's ``m`` is in ``(0, 30)``, so timm's
-M = 9 corresponds to kornia's m = 27; in brackets: the value at L = 9):
-
-====================  =======================================  ======================================  =================================
-timm op (inc1)        timm argument at level L (L = 9)         kornia ``RandAugment`` default policy   used here
-====================  =======================================  ======================================  =================================
-AutoContrast          -                                        ``auto_contrast`` (min-max; a constant  ``normalize_min_max`` + constant-
-                                                               channel -> 0)                           channel guard
-Equalize              -                                        ``equalize`` (= PIL)                    ``kornia.enhance.equalize``
-Invert                -                                        ``invert``                              ``kornia.enhance.invert``
-Rotate                +-30 L/10 deg (+-27), fill mean (= 0)    ``rotate`` +-30 m/30 deg                PIL matrix, ``warp_affine``
-PosterizeIncreasing   keep 4 - int(4 L/10) bits (1)            ``posterize`` int(8 - 4 m/30) bits      ``kornia.enhance.posterize``
-                                                               (4..8, severity decreasing in m)
-SolarizeIncreasing    invert >= 256 - int(256 L/10) (26)       ``solarize`` threshold m/30             ``kornia.enhance.solarize``,
-                                                               (severity decreasing in m)              threshold ``t / 255``
-SolarizeAdd           +int(110 L/10) (99) where < 128          ``solarize_add``: +0.43 m/30 on all     hand-written ``torch.where``
-                                                               pixels, then invert those >= 0.5
-ColorIncreasing       blend with gray, factor 1 +- 0.9 L/10    ``color``: HSV saturation x             ``adjust_saturation_with_``
-                      (1.81 / 0.19), at least 0.1              (0.1 + 1.8 m/30), no random sign        ``gray_subtraction`` (= PIL)
-ContrastIncreasing    blend with gray mean, same factor        ``contrast``: *multiplies* pixels       ``adjust_contrast_with_``
-                                                               by 0.1 + 1.8 m/30                       ``mean_subtraction`` (= PIL)
-BrightnessIncreasing  multiply, same factor                    ``brightness``: *adds* factor - 1       ``adjust_brightness_``
-                                                                                                       ``accumulative`` (= PIL)
-SharpnessIncreasing   blend with 3x3 smooth, same factor       ``sharpness`` 0.1 + 1.8 m/30            ``kornia.enhance.sharpness``
-ShearX / ShearY       factor +-0.3 L/10 (+-0.27) about the     +-0.3 m/30 x 180 **degrees** (factor    PIL matrix, ``warp_affine``
-                      top-left corner                          tan(48.6 deg) = 1.14 at m = 27) about
-                                                               the centre
-TranslateXRel / YRel  +-0.45 L/10 of width / height (+-0.405)  +-0.1 m/30 of width / height            PIL matrix, ``warp_affine``
-====================  =======================================  ======================================  =================================
-
-Remaining differences to timm (checked against timm's PIL ops in ``tests/test_device_augment.py``):
-
-* the ops work on floats, PIL on uint8 (PIL truncates AutoContrast's scaling, rounds the gray mean of
-  Contrast and the gray image of Color, rounds blends): on uint8-valued inputs Equalize, Invert,
-  Posterize, Solarize and SolarizeAdd agree exactly, AutoContrast and Brightness within 1/255,
-  Color/Contrast/Sharpness within 1.5/255;
-* geometric ops use PIL's matrices exactly (identical output with nearest-neighbour sampling), but
-  bicubic is torch's ``grid_sample`` kernel (a = -0.75; PIL's a = -0.5), and pixels within two pixels
-  of the fill border are blended with the fill, where PIL samples clamped edge pixels;
-* PosterizeIncreasing at level 10 (about 2 % of its applications with N(9, 0.5)) keeps 0 bits, a
-  black image, as Pillow did when the paper was run (Pillow 13 raises ``ValueError`` there instead).
-
-Reproducibility
----------------
-Kornia's ``ColorJitter`` and timm's ``RandomErasing`` draw from the global torch RNG (CPU and the
-images' CUDA device), timm's ``Mixup`` from numpy's global RNG, ``RandomErasing``'s boxes from
-python's ``random``. Each call of :class:`DeviceAugment` derives seeds from ``(seed, call index)``
-(``numpy.random.SeedSequence``), and runs inside ``torch.random.fork_rng`` with those three global RNGs
-seeded and restored afterwards: the caller's RNG streams are untouched, and two fresh objects with
-the same seed give identical outputs call by call for identical inputs on the same device.
-RandAugment's choices come from a private CPU generator, so they are the same on CPU and GPU; the
-erasing noise is drawn on the images' device, so CPU and GPU outputs differ there. Successive calls of one
-object differ (the call index moves on). Give each data-parallel rank its own seed (e.g.
-``seed + rank``) so ranks do not augment alike. The call index is not checkpointed: a resumed run
-restarts its augmentation stream.
+Presets ``basic`` (nothing), ``3aug`` (colour jitter) and ``heavy`` (per-image RandAugment
+``rand-m9-mstd0.5-inc1``, random erasing, MixUp/CutMix with label smoothing) as in the paper's
+recipes (App. A.2 / D.2), on float ``(B, 3, H, W)`` batches in ``[0, 1]`` on any device. RandAugment
+is sampled here per image because kornia's picks one set of ops per batch; docs/augmentation.md
+gives the op-by-op comparison with timm and kornia, the choices and the seeding.
 """
 
 from __future__ import annotations
@@ -134,7 +12,8 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-from typing import Callable, Iterator, Literal
+from collections.abc import Callable, Iterator
+from typing import Literal
 
 import numpy as np
 import torch
@@ -151,7 +30,7 @@ from kornia.enhance import (
     solarize,
 )
 from kornia.geometry.transform import invert_affine_transform, warp_affine
-from timm.data import Mixup
+from timm.data.mixup import Mixup
 from timm.data.random_erasing import RandomErasing
 
 __all__ = ["PRESETS", "RAND_OPS", "BatchRandAugment", "DeviceAugment", "Preset", "level_to_arg"]
@@ -168,7 +47,8 @@ RAND_OPS: tuple[str, ...] = (
 _GEOMETRIC: tuple[str, ...] = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
 _ARG_OPS = frozenset(RAND_OPS) - {"AutoContrast", "Equalize", "Invert"}
 _LEVEL_DENOM = 10.0  # timm's _LEVEL_DENOM: magnitude M means level M / 10 of each op's range
-_TRANSLATE_PCT = 0.45  # timm's default 'translate_pct' for TranslateXRel/YRel (not set by create_transform)
+# timm's default 'translate_pct' for TranslateXRel/YRel (create_transform does not set it).
+_TRANSLATE_PCT = 0.45
 
 
 def level_to_arg(name: str, level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
@@ -182,8 +62,9 @@ def level_to_arg(name: str, level: torch.Tensor, sign: torch.Tensor) -> torch.Te
         sign: per-sample ``+1`` / ``-1`` (timm's ``_randomly_negate``); ignored by unsigned ops.
 
     Returns:
-        Per-sample argument in timm's units: degrees (Rotate), bits kept (Posterize), the 0..256 threshold
-        (Solarize), the 0..128 addend (SolarizeAdd), the enhance factor, the shear factor or the translate
+        Per-sample argument in timm's units: degrees (Rotate), bits kept (Posterize), the
+        0..256 threshold (Solarize), the 0..128 addend (SolarizeAdd), the enhance factor, the
+        shear factor or the translate
         fraction of the image size.
 
     Raises:
@@ -199,7 +80,8 @@ def level_to_arg(name: str, level: torch.Tensor, sign: torch.Tensor) -> torch.Te
         return 256 - torch.clamp(torch.floor(frac * 256), max=256).long()
     if name == "SolarizeAdd":
         return torch.clamp(torch.floor(frac * 110), max=128).long()
-    if name in ("ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing"):
+    if name in ("ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
+                "SharpnessIncreasing"):
         return torch.clamp(1.0 + frac * 0.9 * sign, min=0.1)
     if name in ("ShearX", "ShearY"):
         return frac * 0.3 * sign
@@ -242,7 +124,8 @@ _PIXEL_OPS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 
 
 def _pil_inverse_matrix(name: str, arg: float, height: int, width: int) -> list[float]:
-    """PIL's output -> input affine ``(a, b, c, d, e, f)`` for one geometric op (as timm calls PIL)."""
+    """PIL's output -> input affine ``(a, b, c, d, e, f)`` for one geometric op (as timm calls
+    PIL)."""
     if name == "ShearX":
         return [1.0, arg, 0.0, 0.0, 1.0, 0.0]
     if name == "ShearY":
@@ -269,9 +152,10 @@ def _forward_matrices(inv: torch.Tensor) -> torch.Tensor:
 
 
 class BatchRandAugment:
-    """timm's RandAugment (``rand-m{M}-n{N}-p{P}-mstd{S}-inc1``) per sample on a float batch, with kornia ops.
+    """timm's RandAugment (``rand-m{M}-n{N}-p{P}-mstd{S}-inc1``) per sample on a float batch,
+    with kornia ops.
 
-    See the module docstring for the op table and the differences to timm.
+    See docs/augmentation.md for the op table and the differences to timm.
 
     Args:
         num_ops: ops per image (timm's ``n``), each chosen uniformly with replacement.
@@ -279,7 +163,8 @@ class BatchRandAugment:
         magnitude_std: std of the per-application magnitude noise (timm's ``mstd``); ``inf`` samples
             uniformly in ``[0, magnitude]`` as timm does.
         prob: probability that a chosen op is applied (timm's ``p``).
-        interpolation: ``'bicubic'`` (the paper's ``train_interpolation``), ``'bilinear'`` or ``'nearest'``.
+        interpolation: ``'bicubic'`` (the paper's ``train_interpolation``), ``'bilinear'`` or
+        ``'nearest'``.
         fill: value for pixels a geometric op moves in from outside (the paper's ``img_mean`` is 0).
 
     Raises:
@@ -297,7 +182,8 @@ class BatchRandAugment:
         if not 0.0 <= prob <= 1.0:
             raise ValueError(f"randaug_prob must be in [0, 1], got {prob!r}")
         if interpolation not in ("bicubic", "bilinear", "nearest"):
-            raise ValueError(f"interpolation must be 'bicubic', 'bilinear' or 'nearest', got {interpolation!r}")
+            raise ValueError("interpolation must be 'bicubic', 'bilinear' or 'nearest', "
+                             f"got {interpolation!r}")
         if not 0.0 <= fill <= 1.0:
             raise ValueError(f"fill must be in [0, 1], got {fill!r}")
         self.num_ops = num_ops
@@ -313,10 +199,12 @@ class BatchRandAugment:
         elif math.isinf(self.magnitude_std):
             level = torch.rand(n, generator=generator, dtype=torch.float64) * self.magnitude
         else:
-            level = self.magnitude + self.magnitude_std * torch.randn(n, generator=generator, dtype=torch.float64)
+            level = self.magnitude + self.magnitude_std * torch.randn(n, generator=generator,
+                                                                      dtype=torch.float64)
         return level.clamp(0.0, _LEVEL_DENOM)
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
         """Augment each image of the batch independently.
 
         Args:
@@ -341,9 +229,11 @@ class BatchRandAugment:
         return out
 
     def _apply_layer(self, out: torch.Tensor, op_index: torch.Tensor, applied: torch.Tensor,
-                     level: torch.Tensor, sign: torch.Tensor, height: int, width: int) -> torch.Tensor:
+                     level: torch.Tensor, sign: torch.Tensor, height: int,
+                     width: int) -> torch.Tensor:
         # The choices live on the CPU, so selecting each op's images costs no device sync.
-        rows_of = {name: torch.nonzero(applied & (op_index == k)).flatten() for k, name in enumerate(RAND_OPS)}
+        rows_of = {name: torch.nonzero(applied & (op_index == k)).flatten()
+                   for k, name in enumerate(RAND_OPS)}
         for name, op in _PIXEL_OPS.items():
             rows = rows_of[name]
             if rows.numel() == 0:
@@ -364,7 +254,8 @@ class BatchRandAugment:
             dev_rows = rows.to(out.device, non_blocking=True)
             warped = warp_affine(out.index_select(0, dev_rows), matrices, (height, width),
                                  mode=self.interpolation, padding_mode="fill", align_corners=False,
-                                 fill_value=torch.full((3,), self.fill, device=out.device, dtype=out.dtype))
+                                 fill_value=torch.full((3,), self.fill, device=out.device,
+                                                       dtype=out.dtype))
             out.index_copy_(0, dev_rows, warped.clamp_(0.0, 1.0))  # bicubic overshoots
         return out
 
@@ -383,7 +274,7 @@ def _seeded_global_rngs(states: np.ndarray, device: torch.device) -> Iterator[No
         cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()]
     np_state, py_state = np.random.get_state(), random.getstate()
     with torch.random.fork_rng(devices=cuda_devices, device_type="cuda"):
-        torch.random.default_generator.manual_seed(torch_seed)
+        torch.default_generator.manual_seed(torch_seed)
         for index in cuda_devices:
             torch.cuda.default_generators[index].manual_seed(torch_seed)
         np.random.seed(int(states[2]))
@@ -396,13 +287,14 @@ def _seeded_global_rngs(states: np.ndarray, device: torch.device) -> Iterator[No
 
 
 class DeviceAugment:
-    """The paper's augmentation presets on device batches (see the module docstring).
+    """The paper's augmentation presets on device batches (docs/augmentation.md).
 
     Args:
         preset: ``'basic'``, ``'3aug'`` or ``'heavy'``.
         num_classes: number of classes (for heavy's soft targets); at least 2.
         seed: base seed; outputs depend only on (seed, call index, inputs).
-        label_smoothing: heavy only, folded into the soft targets (``[0, 1)``). For basic/3aug the loss
+        label_smoothing: heavy only, folded into the soft targets (``[0, 1)``). For basic/3aug
+        the loss
             applies it.
         randaug_ops: RandAugment ops per image.
         randaug_magnitude: RandAugment magnitude in ``[0, 10]``.
@@ -419,8 +311,10 @@ class DeviceAugment:
         ValueError: an argument out of range, naming it.
     """
 
-    def __init__(self, preset: Preset, num_classes: int, *, seed: int = 0, label_smoothing: float = 0.1,
-                 randaug_ops: int = 2, randaug_magnitude: float = 9.0, randaug_magnitude_std: float = 0.5,
+    def __init__(self, preset: Preset, num_classes: int, *, seed: int = 0,
+                 label_smoothing: float = 0.1,
+                 randaug_ops: int = 2, randaug_magnitude: float = 9.0,
+                 randaug_magnitude_std: float = 0.5,
                  randaug_prob: float = 0.5, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0,
                  switch_prob: float = 0.5, erase_prob: float = 0.25,
                  check_range: bool = True) -> None:
@@ -445,15 +339,19 @@ class DeviceAugment:
         self.check_range = check_range
         self._calls = 0
         # Built for every preset so that bad RandAugment arguments are rejected whatever the preset.
-        self.randaugment = BatchRandAugment(randaug_ops, randaug_magnitude, randaug_magnitude_std, randaug_prob)
+        self.randaugment = BatchRandAugment(randaug_ops, randaug_magnitude, randaug_magnitude_std,
+                                            randaug_prob)
         self.erase_prob = float(erase_prob)
         mixing = mixup_alpha > 0.0 or cutmix_alpha > 0.0
-        # prob=0 with both alphas 0: timm's Mixup would assert; then it only smooths the one-hot targets.
-        self.mixup = Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=1.0 if mixing else 0.0,
+        # prob=0 with both alphas 0: timm's Mixup would assert; then it only smooths the one-hot
+        # targets.
+        self.mixup = Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
+                           prob=1.0 if mixing else 0.0,
                            switch_prob=switch_prob, mode="batch", correct_lam=True,
                            label_smoothing=self.label_smoothing, num_classes=num_classes)
         # DeiT-III's torchvision ColorJitter(0.3, 0.3, 0.3) (hue 0), on every image.
-        self.color_jitter = ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.0, p=1.0)
+        self.color_jitter = ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.0,
+                                        p=1.0)
 
     @property
     def calls(self) -> int:
@@ -468,19 +366,16 @@ class DeviceAugment:
         self._calls = int(value)
 
     @property
-    def loader_flip(self) -> bool:
-        """Whether the FFCV loader should flip horizontally (the paper's basic has no flip)."""
-        return self.preset != "basic"
-
-    @property
     def soft_targets(self) -> bool:
-        """True when targets are ``(B, num_classes)`` probabilities (heavy) rather than class indices."""
+        """True when targets are ``(B, num_classes)`` probabilities (heavy), not class indices."""
         return self.preset == "heavy"
 
     def _check_batch(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        if not isinstance(images, torch.Tensor) or images.ndim != 4 or not images.is_floating_point():
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 \
+                or not images.is_floating_point():
             raise ValueError("images must be a 4-D floating-point tensor (B, 3, H, W), got "
-                             f"{getattr(images, 'dtype', type(images))} of shape {tuple(getattr(images, 'shape', ()))}")
+                             f"{getattr(images, 'dtype', type(images))} of shape "
+                             f"{tuple(getattr(images, 'shape', ()))}")
         if images.shape[1] != 3:
             raise ValueError(f"images must have 3 channels, got shape {tuple(images.shape)}")
         if images.device.type not in ("cpu", "cuda"):
@@ -488,9 +383,11 @@ class DeviceAugment:
         if (not isinstance(labels, torch.Tensor) or labels.shape != images.shape[:1]
                 or labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex()):
             raise ValueError(f"labels must be an integer tensor of shape ({images.shape[0]},), got "
-                             f"{getattr(labels, 'dtype', type(labels))} of shape {tuple(getattr(labels, 'shape', ()))}")
+                             f"{getattr(labels, 'dtype', type(labels))} of shape "
+                             f"{tuple(getattr(labels, 'shape', ()))}")
         if self.preset == "heavy" and images.shape[0] % 2:
-            raise ValueError(f"images: the heavy preset (timm Mixup) needs an even batch size, got {images.shape[0]}")
+            raise ValueError("images: the heavy preset (timm Mixup) needs an even batch size, "
+                             f"got {images.shape[0]}")
         if self.check_range and images.numel():
             # One reduction and one sync; NaN fails both comparisons.
             low, high = torch.aminmax(images)
@@ -498,19 +395,20 @@ class DeviceAugment:
             if not (low >= 0.0 and high <= 1.0):
                 raise ValueError(f"images must be in [0, 1], got values in [{low}, {high}]")
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, images: torch.Tensor,
+                 labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Augment one batch.
 
         Args:
             images: float ``(B, 3, H, W)`` in ``[0, 1]`` on cpu or cuda; not modified.
-            labels: integer ``(B,)`` class indices in ``[0, num_classes)`` (not range-checked: that would
-                cost a device sync).
+            labels: integer ``(B,)`` class indices in ``[0, num_classes)`` (not range-checked:
+                that would cost a device sync).
 
         Returns:
-            ``(images, targets)``: float32 images in ``[0, 1]``, same shape and device; targets ``(B,)``
-            int64 (on the labels' device) for basic/3aug, ``(B, num_classes)`` float32 rows summing to 1
-            on the images' device for heavy. basic returns float32 images and int64 labels as they came,
-            without a copy.
+            ``(images, targets)``: float32 images in ``[0, 1]``, same shape and device; targets
+            ``(B,)`` int64 (on the labels' device) for basic/3aug, ``(B, num_classes)`` float32
+            rows summing to 1 on the images' device for heavy. basic returns float32 images and
+            int64 labels as they came, without a copy.
 
         Raises:
             ValueError: bad images or labels (shape, dtype, range, odd batch for heavy).
@@ -521,16 +419,19 @@ class DeviceAugment:
         self._calls += 1
         if self.preset == "basic":
             return images, labels
-        states = np.random.SeedSequence(entropy=self.seed, spawn_key=(call,)).generate_state(5, dtype=np.uint32)
+        seeds = np.random.SeedSequence(entropy=self.seed, spawn_key=(call,))
+        states = seeds.generate_state(5, dtype=np.uint32)
         with _seeded_global_rngs(states, images.device):
             if self.preset == "3aug":
                 return self.color_jitter(images).clamp_(0.0, 1.0), labels
             # heavy: a private CPU generator for RandAugment's choices (device-independent).
             generator = torch.Generator().manual_seed(int(states[4]))
-            out = self.randaugment(images, generator)  # a new tensor: the in-place steps below are safe
+            # A new tensor: the in-place steps below are safe.
+            out = self.randaugment(images, generator)
             if self.erase_prob > 0.0:
                 out = RandomErasing(probability=self.erase_prob, mode="pixel", max_count=1,
                                     device=out.device)(out)
             out, targets = self.mixup(out, labels.to(out.device))
-        # Erased N(0, 1) noise, clamped as the reference's attack clamps its inputs (module docstring).
+        # Erased N(0, 1) noise, clamped as the reference's attack clamps its inputs
+        # (docs/augmentation.md).
         return out.clamp_(0.0, 1.0), targets

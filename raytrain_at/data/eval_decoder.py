@@ -1,41 +1,18 @@
 """The paper's evaluation preprocessing as an FFCV decoder: PIL bicubic resize, then centre crop.
 
-The paper (like timm and RobustBench) evaluates ImageNet models on
-``Resize(floor(res / crop_pct), BICUBIC)`` followed by ``CenterCrop(res)``, run by torchvision on
-PIL images. FFCV's ``CenterCropRGBImageDecoder`` crops the same region but resizes inside its C
-library with OpenCV ``INTER_AREA``, which gives different pixels. Neither FFCV, OpenCV nor any
-other library available here offers Pillow's antialiased bicubic resampling as something callable
-from inside a numba-compiled FFCV pipeline stage, so :class:`BicubicCenterCropDecoder` implements
-it by hand.
-
-The resampler follows Pillow's convention (``libImaging/Resample.c``) so that it matches Pillow
-bit for bit:
-
-* bicubic kernel with ``a = -0.5`` and support 2, widened by the scale factor when downsampling
-  (antialiasing); output pixel ``x`` centred at ``(x + 0.5) * in_size / out_size`` in the source;
-  taps from ``int(center - support + 0.5)`` to ``int(center + support + 0.5)`` clipped to the image;
-  weights normalised to sum 1, then quantised to 22-bit fixed point;
-* separable filtering with integer accumulation, each pass rounded and clipped to uint8 (Pillow
-  stores its intermediate image as uint8, so the order of the passes changes a few pixels, by up
-  to ~20 grey levels on white noise, by 1 or 2 on photographs). Pillow up to 12 filters
-  horizontally first (12.2+ goes vertical first for images over 100 times taller than wide, which
-  is not reproduced here); Pillow 13 filters vertically first when the height shrinks by more
-  than twice as many pixels as the width, ``h - new_h > 2 * (w - new_w)``. That rule was inferred
-  by probing Pillow 13.0.0 on thousands of random sizes (no exception found); the Pillow sources
-  at hand predate it. The rule of the installed Pillow is used, so that this decoder and
-  :func:`paper_eval_transform` agree exactly in any one environment.
-
-Only the ``res x res`` window that the centre crop keeps is computed, but each of its pixels reads
-the source exactly as a full resize would (the filter may reach outside the crop window), so the
-output equals Resize-then-CenterCrop.
+FFCV's own centre-crop decoder resizes with OpenCV ``INTER_AREA``, not the PIL bicubic that the
+paper, timm and RobustBench evaluate with, and no library offers Pillow's antialiased bicubic inside
+a numba-compiled FFCV stage; so :class:`BicubicCenterCropDecoder` reimplements Pillow's resampler,
+bit for bit (measured identical to torchvision's Resize + CenterCrop). docs/data.md has the details.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
+import PIL
 import numpy as np
 from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
 from ffcv.libffcv import imdecode
@@ -54,14 +31,12 @@ _BICUBIC_SUPPORT = 2.0
 def _pillow_major_version() -> int:
     """Major version of the installed Pillow (0 if it cannot be told)."""
     try:
-        import PIL
-
         return int(PIL.__version__.split(".")[0])
     except (ImportError, ValueError, AttributeError):
         return 0
 
 
-# Whether to reproduce Pillow 13's choice of the vertical pass first (see the module docstring).
+# Whether to reproduce Pillow 13's choice of the vertical pass first (docs/data.md).
 _VERTICAL_FIRST_RULE = _pillow_major_version() >= 13
 
 

@@ -14,11 +14,13 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
+from PIL import Image
 
 from raytrain_at.data.sources import Sample
 from raytrain_at.errors import UserError
@@ -50,7 +52,8 @@ class WriteOptions:
 
     def validate(self) -> None:
         if self.write_mode not in WRITE_MODES:
-            raise UserError(f"--write-mode {self.write_mode!r} is not one of {', '.join(WRITE_MODES)}")
+            raise UserError(f"--write-mode {self.write_mode!r} is not one of "
+                            f"{', '.join(WRITE_MODES)}")
         if self.max_resolution is not None and self.max_resolution < 8:
             raise UserError(f"--max-res {self.max_resolution} is below 8 pixels")
         if not 1 <= self.jpeg_quality <= 100:
@@ -90,8 +93,6 @@ def _pixels(sample: Sample) -> np.ndarray:
     if sample.pixels is not None:
         pixels = sample.pixels
     else:
-        from PIL import Image
-
         with Image.open(sample.path) as image:
             pixels = np.asarray(image.convert("RGB"))
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
@@ -101,7 +102,8 @@ def _pixels(sample: Sample) -> np.ndarray:
     return np.ascontiguousarray(pixels)
 
 
-def write_beton(samples: Sequence[Sample], out_path: str | Path, options: WriteOptions = WriteOptions()
+def write_beton(samples: Sequence[Sample], out_path: str | Path,
+                options: WriteOptions = WriteOptions()
                 ) -> Path:
     """Write ``samples`` (image + label) to ``out_path`` in FFCV format.
 
@@ -139,7 +141,8 @@ def write_beton(samples: Sequence[Sample], out_path: str | Path, options: WriteO
             }
             writer = DatasetWriter(str(tmp), fields, num_workers=options.num_workers)
             writer.from_indexed_dataset(_SafeImages(samples, Path(failure_dir)),
-                                        chunksize=max(1, min(100, len(samples) // (4 * options.num_workers) or 1)))
+                                        chunksize=max(1, min(100, len(samples)
+                                                             // (4 * options.num_workers) or 1)))
             failures = sorted(Path(failure_dir).glob("*.txt"))
             if failures:
                 first = failures[0].read_text().split("\t", 1)

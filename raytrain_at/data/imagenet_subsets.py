@@ -35,7 +35,8 @@ def imagenet_class_index() -> dict[str, int]:
 @lru_cache(maxsize=1)
 def robustbench_5k_ids() -> tuple[str, ...]:
     """The RobustBench ImageNet ids, ``<synset>/<file name>``, in RobustBench's order."""
-    text = resources.files("raytrain_at.data").joinpath("robustbench_imagenet_5k_ids.txt").read_text()
+    ids = resources.files("raytrain_at.data").joinpath("robustbench_imagenet_5k_ids.txt")
+    text = ids.read_text()
     return tuple(line.strip() for line in text.splitlines() if line.strip())
 
 

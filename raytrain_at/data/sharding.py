@@ -47,7 +47,7 @@ class ShardedOrder(TraversalOrder):
         _check_rank(rank, world_size)
         self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
 
-    def __call__(self, loader) -> "ShardedOrder":
+    def __call__(self, loader) -> ShardedOrder:
         TraversalOrder.__init__(self, loader)
         if self.seed is None:
             self.seed = 0

@@ -135,7 +135,8 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
     """CIFAR's python batches are pickles; allow only what they contain (dicts, lists, numpy
     arrays), so a tampered file cannot run code."""
 
-    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"),
+                ("numpy._core.multiarray", "_reconstruct"),
                 ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
                 ("numpy._core.multiarray", "scalar")}
 
@@ -183,12 +184,13 @@ def cifar_samples(root: str | Path, split: str = "train") -> list[Sample]:
         if not path.exists():
             raise UserError(f"CIFAR batch {str(path)!r} is missing")
         batch = _load_cifar_batch(path)
-        data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        data = data.transpose(0, 2, 3, 1)
         labels = batch.get(label_key, batch.get("labels"))
         if labels is None or len(labels) != len(data):
             raise UserError(f"CIFAR batch {str(path)!r} has no matching {label_key!r}")
-        samples.extend(Sample(label=int(l), pixels=np.ascontiguousarray(img))
-                       for img, l in zip(data, labels))
+        samples.extend(Sample(label=int(label), pixels=np.ascontiguousarray(img))
+                       for img, label in zip(data, labels))
     return samples if split == "test" else carve(samples, [s.label for s in samples], split,
                                                  "CIFAR")
 
@@ -217,18 +219,3 @@ def flowers102_samples(root: str | Path, split: str = "train") -> list[Sample]:
             raise UserError(f"Flowers-102 image {str(path)!r} listed in setid.mat is missing")
         samples.append(Sample(label=int(labels[image_id - 1]) - 1, path=path))
     return samples
-
-
-def detect_format(source: str) -> str:
-    """Guess the layout of ``source``: digits, cifar, flowers102, one of the robust fine-tuning
-    benchmark's datasets (see :mod:`raytrain_at.data.benchmark_datasets`) or imagefolder."""
-    from raytrain_at.data.benchmark_datasets import detect_benchmark_format
-
-    if source == "digits":
-        return "digits"
-    root = Path(source)
-    if (root / "data_batch_1").exists() or ((root / "train").is_file() and (root / "meta").exists()):
-        return "cifar"
-    if (root / "imagelabels.mat").exists():
-        return "flowers102"
-    return detect_benchmark_format(root) or "imagefolder"

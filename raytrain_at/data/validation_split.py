@@ -9,7 +9,8 @@ class and :data:`VAL_SEED`, so every machine carves the same images.
 
 from __future__ import annotations
 
-from typing import Sequence, TypeVar
+from typing import TypeVar
+from collections.abc import Sequence
 
 import numpy as np
 

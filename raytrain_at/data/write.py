@@ -10,22 +10,39 @@ index; other trees are labelled in sorted folder order.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 from pathlib import Path
 from typing import Literal
 
 from raytrain_at.data import imagenet_subsets as subsets
-from raytrain_at.data.benchmark_datasets import READERS as BENCHMARK_READERS
+from raytrain_at.data.benchmark_datasets import (READERS as BENCHMARK_READERS,
+                                                 detect_benchmark_format)
 from raytrain_at.data.ffcv_writer import FULL_QUALITY, WriteOptions, write_beton
-from raytrain_at.data.sources import (Sample, cifar_samples, detect_format, digits_samples,
-                                      flowers102_samples, image_folder_samples, list_class_folders)
+from raytrain_at.data.sources import (Sample, cifar_samples, digits_samples, flowers102_samples,
+                                      image_folder_samples, list_class_folders)
 from raytrain_at.errors import UserError
 
 log = logging.getLogger(__name__)
 
 Subset = Literal["robustbench5k", "heldout4k"]
 SUBSETS: tuple[str, ...] = ("robustbench5k", "heldout4k")
+
+
+def detect_format(source: str) -> str:
+    """Guess the layout of ``source``: digits, cifar, flowers102, one of the robust fine-tuning
+    benchmark's datasets (see :mod:`raytrain_at.data.benchmark_datasets`) or imagefolder."""
+    if source == "digits":
+        return "digits"
+    root = Path(source)
+    if (root / "data_batch_1").exists() \
+            or ((root / "train").is_file() and (root / "meta").exists()):
+        return "cifar"
+    if (root / "imagelabels.mat").exists():
+        return "flowers102"
+    return detect_benchmark_format(root) or "imagefolder"
 
 
 def _split_dir(root: Path, split: str) -> Path:
@@ -130,9 +147,6 @@ def bundled_beton(name: str, split: str, storage: Path) -> str:
     Written with original pixels: FFCV's 'proportion' mode JPEG-compresses a random half of the
     images in its writer processes, so two writes of the same data would hold different pixels
     (and a fresh machine would train and evaluate on other images than the last one did)."""
-    import contextlib
-    import io
-
     if name not in BUNDLED:
         raise UserError(f"unknown bundled dataset {name!r} (bundled: {', '.join(BUNDLED)})")
     target = Path(storage) / "datasets" / f"{name}_{split}.beton"

@@ -16,7 +16,7 @@ Versions:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn

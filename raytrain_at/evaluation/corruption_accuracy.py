@@ -16,9 +16,11 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from tqdm import tqdm
 
 from raytrain_at.evaluation.corruptions import COMMON_CORRUPTIONS, corrupt_batch
 from raytrain_at.evaluation.result import CorruptionResult
+from raytrain_at.ray_runtime import init_ray
 
 Protocol = Literal["mix", "imagenet-c"]
 PROTOCOLS: tuple[str, ...] = ("mix", "imagenet-c")
@@ -31,8 +33,6 @@ def corruption_accuracy(model: torch.nn.Module, data_path: str, ids: list[int], 
                         batch_size: int, device: torch.device,
                         protocol: Protocol = "mix") -> CorruptionResult:
     """Accuracy of ``model`` on corrupted copies of the images ``ids`` of ``data_path``."""
-    from tqdm import tqdm
-
     from raytrain_at.evaluation.runner import load_images
 
     model = model.to(device).eval()
@@ -106,8 +106,6 @@ def corruption_accuracy_on_device(model: torch.nn.Module, model_ref: str, *,
         return corruption_accuracy(model, resolution=resolution, device=torch.device("cpu"),
                                    **kwargs)
     import ray
-
-    from raytrain_at.ray_runtime import init_ray
 
     init_ray(address)
     task = ray.remote(_remote_corruption_accuracy).options(

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import operator
 import warnings
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch

@@ -14,22 +14,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 import raytrain_at
 from raytrain_at.errors import UserError
 from raytrain_at.evaluation import guards as checks
 from raytrain_at.evaluation.autoattack import check_version
 from raytrain_at.evaluation.corruption_accuracy import PROTOCOLS, corruption_accuracy_on_device
 from raytrain_at.evaluation.kernels import check_kernels
-from raytrain_at.evaluation.result import (DataInfo, EpsSweep,
-                                           EvaluationResult, GuardOutcome, ModelInfo,
-                                           ResolutionPoint, ResolutionSweep, SweepPoint,
+from raytrain_at.evaluation.result import (DataInfo, EpsSweep, EvaluationResult, GuardOutcome,
+                                           ModelInfo, ResolutionPoint, ResolutionSweep, SweepPoint,
                                            ThreatResult, write_result)
 from raytrain_at.evaluation.runner import EvalJob, ThreatOutcome, merge, run_job
-from raytrain_at.evaluation.sweeps import (expected_robustness, plot_eps_sweep,
-                                           plot_resolution_sweep)
+from raytrain_at.evaluation.sweeps import expected_robustness, plot_eps_sweep, plot_resolution_sweep
 from raytrain_at.evaluation.threats import NORMS, PAPER_EPS, ThreatModel, scaled_eps
 from raytrain_at.models.model_files import LoadedModel
+from raytrain_at.storage import default_home
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +134,6 @@ class Evaluation:
         from raytrain_at.data.ffcv_loaders import inspect_beton
         from raytrain_at.data.inspection import beton_labels
         from raytrain_at.model_refs import resolve_model
-        from raytrain_at.storage import default_home
 
         _validate(request)
         self.request = request
@@ -231,7 +228,7 @@ class Evaluation:
             trustworthy=all(g.passed for g in guard_list),
             wall_seconds=time.perf_counter() - start,
             code_version=raytrain_at.__version__,
-            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+            created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
         write_result(result, self.out)
         return result
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 AUTOATTACK_LOGGER = "auto-attack"
 # Kinds of AutoAttack warnings, recognised by a phrase of their message.

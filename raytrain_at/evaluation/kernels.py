@@ -12,16 +12,17 @@ weaken the attacks, and a compiled model recompiles for every survivor-set size 
 AutoAttack's dynamic-defence check.
 
 Verification: TF32 rounds the attack's arithmetic differently, so a point the fast model
-misclassifies could in principle be correct under exact arithmetic. In ``fast`` mode the clean pass and every
-reported break are therefore re-run with exact kernels (one forward per image), and a break the
-exact model does not confirm is not counted: the robust accuracy never drops because of the
-faster arithmetic. On a CPU both modes run the same kernels.
+misclassifies could in principle be correct under exact arithmetic. In ``fast`` mode the clean pass
+and every reported break are therefore re-run with exact kernels (one forward per image), and a
+break the exact model does not confirm is not counted: the robust accuracy never drops because of
+the faster arithmetic. On a CPU both modes run the same kernels.
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -84,6 +85,5 @@ def attack_model(model: nn.Module, kernels: str, device: torch.device) -> nn.Mod
     check_kernels(kernels)
     if kernels == "exact" or device.type != "cuda":
         return model
-    import copy
 
     return ChannelsLastModel(copy.deepcopy(model)).eval()

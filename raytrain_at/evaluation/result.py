@@ -14,9 +14,11 @@ import tempfile
 from pathlib import Path
 
 from pydantic import Field, ValidationError
+from rich.table import Table
 
 from raytrain_at.config_loader import StrictModel
 from raytrain_at.errors import UserError
+from raytrain_at.evaluation.threats import ThreatModel
 
 FORMAT = "raytrain_at.evaluation/1"
 
@@ -46,7 +48,8 @@ class ThreatResult(StrictModel):
     after_attack: dict[str, float]
     broken_by: dict[str, int]
     max_perturbation: float
-    status: list[str] = Field(description="per image: misclassified, the breaking attack, or robust")
+    status: list[str] = Field(
+        description="per image: misclassified, the breaking attack, or robust")
     unconfirmed: int = Field(0, description="fast kernels: breaks the exact model did not "
                              "confirm (those images were attacked again with exact kernels)")
 
@@ -168,10 +171,6 @@ def read_result(path: str | Path) -> EvaluationResult:
 
 def summary_table(result: EvaluationResult):
     """A rich table of the result (one screen)."""
-    from rich.table import Table
-
-    from raytrain_at.evaluation.threats import ThreatModel
-
     # The model by name and weights hash: a checkpoint path would wrap over several lines
     # (the result JSON and the caller's output carry the full reference).
     table = Table(title=f"AutoAttack ({result.version}) - {result.model.name} "

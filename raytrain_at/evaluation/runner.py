@@ -19,12 +19,13 @@ import hashlib
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from raytrain_at.errors import UserError
 from raytrain_at.evaluation.autoattack import (MISCLASSIFIED, ROBUST, VERSIONS, ChunkRecord,
@@ -32,6 +33,8 @@ from raytrain_at.evaluation.autoattack import (MISCLASSIFIED, ROBUST, VERSIONS, 
 from raytrain_at.evaluation.guards import capture_autoattack_warnings
 from raytrain_at.evaluation.kernels import attack_model
 from raytrain_at.evaluation.threats import ThreatModel
+from raytrain_at.ray_logs import worker_log_file
+from raytrain_at.ray_runtime import init_ray
 
 FORMAT = 1
 
@@ -75,7 +78,7 @@ class EvalJob:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "EvalJob":
+    def from_dict(cls, data: dict) -> EvalJob:
         data = dict(data, ids=tuple(data["ids"]),
                     threats=tuple(ThreatModel(**t) for t in data["threats"]))
         return cls(**data)
@@ -211,13 +214,9 @@ def run_job(job: EvalJob, *, workers: int = 1, address: str | None = None,
             use_gpu: bool = False, description: str = "AutoAttack") -> None:
     """Evaluate every chunk of ``job`` (resuming), on ``workers`` Ray workers or in this process
     (one worker and no cluster address), with a progress bar over the attacked images."""
-    from tqdm import tqdm
-
     if job.version not in VERSIONS:
         raise UserError(f"unknown attack version {job.version!r}")
     if not (workers == 1 and address is None):
-        from raytrain_at.ray_runtime import init_ray
-
         init_ray(address)  # before the bar: an unreachable address is then one clean line
     # Counted in images (over all threat models), so the bar shows images/s and an ETA. Off a
     # terminal it redraws once a minute: a log file gets a few updates, not hundreds.
@@ -237,9 +236,6 @@ def run_job(job: EvalJob, *, workers: int = 1, address: str | None = None,
 
 def _run_on_ray(job: EvalJob, workers: int, address: str | None, use_gpu: bool, bar) -> None:
     import ray
-
-    from raytrain_at.ray_logs import worker_log_file
-    from raytrain_at.ray_runtime import init_ray
 
     init_ray(address)
     pending = pending_chunks(job)

@@ -4,7 +4,7 @@ resolution (App. D.5), and their plots."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -21,8 +21,9 @@ from typing import Any
 
 from raytrain_at.errors import UserError
 from raytrain_at.finetune_benchmark.spec import Configuration, configurations, load_benchmark
-from raytrain_at.finetune_benchmark.table import (aggregates, plot_summary, print_table,
-                                                  read_rows, write_csv, write_row)
+from raytrain_at.finetune_benchmark.table import (aggregates, plot_summary, print_table, read_rows,
+                                                  write_csv, write_row)
+from raytrain_at.storage import default_home
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,6 @@ class BenchmarkOutcome:
 
 
 def benchmark_folder(name: str, storage_path: str | None) -> Path:
-    from raytrain_at.storage import default_home
-
     local = (Path(storage_path).expanduser().resolve()
              if storage_path and "://" not in storage_path else default_home())
     return local / "benchmarks" / name

@@ -17,6 +17,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from rich.table import Table
+
+from raytrain_at.console import make_console
+
 # The five measurements, as EvaluationResult.metrics() names them.
 MEASUREMENTS = ("clean_acc", "robust_acc_linf", "robust_acc_l2", "robust_acc_l1",
                 "corruption_acc")
@@ -84,10 +88,6 @@ def _text(value: Any) -> str:
 
 
 def print_table(rows: list[dict[str, Any]], title: str) -> None:
-    from rich.table import Table
-
-    from raytrain_at.console import make_console
-
     table = Table(title=title)
     shown = ["backbone", "dataset", "loss", "protocol", *MEASUREMENTS, "sum", "geometric_mean"]
     names = {"clean_acc": "clean", "robust_acc_linf": "l_inf", "robust_acc_l2": "l_2",

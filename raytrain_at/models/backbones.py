@@ -8,7 +8,7 @@ inputs all go through :func:`adapter_for`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import torch.nn as nn
 from timm.models.convnext import ConvNeXt

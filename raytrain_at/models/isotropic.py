@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from timm.layers import trunc_normal_
+from timm.layers.weight_init import trunc_normal_
 from timm.models.convnext import ConvNeXtBlock
 
 
 class IsotropicConvNeXt(nn.Module):
-    """Isotropic ConvNeXt: ``stem`` (stride ``patch_size``) -> ``blocks`` -> mean pool -> LN -> head.
+    """Isotropic ConvNeXt: ``stem`` (stride ``patch_size``) -> ``blocks`` -> mean pool -> LN ->
+    head.
 
     Args:
         num_classes: classifier outputs; 0 gives pooled features.

@@ -23,10 +23,10 @@ from safetensors.torch import save_file
 
 from raytrain_at.errors import UserError
 from raytrain_at.models.backbones import set_test_resolution
+from raytrain_at.models.locate import MODEL_FILE, local_model_file
 from raytrain_at.models.pixel_space import PixelSpaceClassifier, unwrap
 
 SPEC_KEY = "raytrain_at.model_spec"
-MODEL_FILE = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ class ModelSpec:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str, source: str) -> "ModelSpec":
+    def from_json(cls, text: str, source: str) -> ModelSpec:
         """Parse a stored spec; ``source`` names the file in error messages."""
         try:
             data = json.loads(text)
@@ -86,7 +86,7 @@ class ModelSpec:
         return spec
 
     @classmethod
-    def from_run_config(cls, config: Any) -> "ModelSpec":
+    def from_run_config(cls, config: Any) -> ModelSpec:
         """The spec of a training run (a :class:`raytrain_at.config.RunConfig`); a run that
         starts from a model file keeps that file's normalisation (an imported RobustBench model
         takes raw pixels)."""
@@ -118,8 +118,6 @@ def init_normalisation(init: str | None
     if init is None or init.startswith("hub:"):
         return None
     if init.startswith(("runs:/", "models:/")):
-        from raytrain_at.model_refs import local_model_file
-
         path = local_model_file(init)
     else:
         path = Path(init).expanduser()

@@ -7,7 +7,7 @@ backbone's pretrained configuration, and nothing outside ever normalises.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -37,7 +37,8 @@ class PixelSpaceClassifier(nn.Module):
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The backbone inside a :class:`PixelSpaceClassifier` (or DeepSpeed/DDP wrapper), else ``model``."""
+    """The backbone inside a :class:`PixelSpaceClassifier` (or DeepSpeed/DDP wrapper), else
+    ``model``."""
     while True:
         if isinstance(model, PixelSpaceClassifier):
             model = model.backbone

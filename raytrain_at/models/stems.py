@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 
 import torch.nn as nn
-from timm.layers import LayerNorm2d
+from timm.layers.norm import LayerNorm2d
 
 from raytrain_at.errors import UserError
 
@@ -46,7 +46,8 @@ NAMED_STEMS: dict[str, str] = {
     "table8:P1": "k4s4cDL",
     "table8:C1": "k3s2c64LG-k3s2cDLG",
     "table8:C2": "k3s2c64LG-k3s2c96LG-k3s1cDLG",
-    # Table 9, ViT-S (N = 48, D = 384). "*" = 3x3 stride 2, "**" = 7x7 stride 4, none = 3x3 stride 1.
+    # Table 9, ViT-S (N = 48, D = 384). "*" = 3x3 stride 2, "**" = 7x7 stride 4, none = 3x3 stride
+    # 1.
     "table9:P1": "k16s16cD",
     "table9:C1": "k3s2c48LG-k3s2c96LG-k3s2c192LG-k3s2c384LG-k1s1cD",
     "table9:C2": "k3s2c48LG-k3s2c48LG-k3s2c48LG-k3s2c384LG-k1s1cD",
@@ -94,7 +95,8 @@ def parse_stem(spec: str) -> StemSpec:
         UserError: naming the offending layer when the spec is malformed.
     """
     if not isinstance(spec, str) or not spec.strip():
-        raise UserError(f"stem spec {spec!r} is empty: give a design name (e.g. table7:6) or a spec "
+        raise UserError(f"stem spec {spec!r} is empty: give a design name (e.g. table7:6) or "
+                        "a spec "
                         "like k3s2c48LG-k3s2cDLG")
     text = NAMED_STEMS.get(spec.strip(), spec.strip())
     if ":" in text:
@@ -109,7 +111,8 @@ def parse_stem(spec: str) -> StemSpec:
         kernel, stride = int(match["k"]), int(match["s"])
         channels = None if match["c"] == "D" else int(match["c"])
         if kernel < 1 or stride < 1 or channels == 0:
-            raise UserError(f"stem spec {spec!r}: layer {index} {token!r} has a zero kernel, stride "
+            raise UserError(f"stem spec {spec!r}: layer {index} {token!r} has a zero kernel, "
+                            "stride "
                             "or width")
         if kernel < stride:
             raise UserError(f"stem spec {spec!r}: layer {index} {token!r} has kernel {kernel} "
@@ -139,7 +142,8 @@ def validate_stem(spec: str | StemSpec, *, stride: int, width: int, model_name: 
     """
     parsed = spec if isinstance(spec, StemSpec) else parse_stem(spec)
     if parsed.total_stride != stride:
-        raise UserError(f"stem spec {parsed.text!r}: total stride {parsed.total_stride} does not fit "
+        raise UserError(f"stem spec {parsed.text!r}: total stride {parsed.total_stride} does "
+                        "not fit "
                         f"{model_name}, which needs {stride}")
     out = parsed.out_channels(width)
     if out != width:

@@ -16,7 +16,8 @@ def describe_model(name: str, *, stem: str | None = None, weights: str | Path | 
     """Build ``name`` (with an optional stem spec and clean weights) and describe it.
 
     Raises:
-        UserError: unknown name, bad stem spec, unreadable or non-fitting checkpoint, bad resolution.
+        UserError: unknown name, bad stem spec, unreadable or non-fitting checkpoint, bad
+        resolution.
     """
     model = create_robust_model(name, num_classes=num_classes, stem=stem, resolution=resolution)
     report = None

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from raytrain_at.errors import UserError
 from raytrain_at.models.backbones import adapter_for, stem_spec_of
+from raytrain_at.models.locate import local_model_file
 from raytrain_at.models.pixel_space import unwrap
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,6 @@ def read_state_dict(source: str | Path) -> dict[str, torch.Tensor]:
     if text.startswith("hub:"):
         return _hub_state_dict(text[4:])
     if text.startswith(("runs:/", "models:/")):  # a registered or logged robust model
-        from raytrain_at.model_refs import local_model_file
-
         text = str(local_model_file(text))
     path = Path(text)
     if not path.is_file():
@@ -143,7 +142,8 @@ def load_backbone_weights(model: nn.Module, source: str | Path | None, *, model_
             continue
         if tuple(own[key].shape) != tuple(tensor.shape):
             raise UserError(f"checkpoint {str(source)!r} does not fit {name}: {key} has shape "
-                            f"{list(tensor.shape)} in the checkpoint, {list(own[key].shape)} in the "
+                            f"{list(tensor.shape)} in the checkpoint, "
+                            f"{list(own[key].shape)} in the "
                             "model")
         to_load[key] = tensor
     if not to_load:

@@ -170,7 +170,8 @@ def vit_base_cvst(pretrained: bool = False, **kwargs: Any) -> nn.Module:
                   "vit_base_patch16_224.augreg_in1k", pretrained, kwargs)
 
 
-# Isotropic ConvNeXt-S (18 blocks, width 384, 16x16 PatchStem) and its ConvStem variant (Table 9 C1).
+# Isotropic ConvNeXt-S (18 blocks, width 384, 16x16 PatchStem) and its ConvStem variant (Table 9
+# C1).
 @register_model
 def convnext_iso_small(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """Isotropic ConvNeXt-S: 22.3M parameters."""

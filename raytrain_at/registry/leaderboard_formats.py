@@ -14,6 +14,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.measure import Measurement
+from rich.table import Table
+
 from raytrain_at.errors import UserError
 
 FORMATS = ("table", "markdown", "csv", "json")
@@ -103,8 +107,6 @@ def text_rows(items: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
 
 def rich_table(items: list[dict[str, Any]], title: str):
     """A rich table in the layout of the paper's Table 2, with radius, data and n."""
-    from rich.table import Table
-
     table = Table(title=title)
     headers, cells = text_rows(items)
     for header in headers:
@@ -150,9 +152,6 @@ def render(rows: list[dict[str, Any]], fmt: str, title: str) -> str | Any:
 def print_table(table) -> None:
     """Print a rich table as wide as the terminal, or ``COLUMNS`` when set; when output is
     neither (a pipe, a file) as wide as the table needs, so no cell is cut."""
-    from rich.console import Console
-    from rich.measure import Measurement
-
     columns = os.environ.get("COLUMNS", "")
     if columns.isdigit() and int(columns) > 0:
         console = Console(width=int(columns))

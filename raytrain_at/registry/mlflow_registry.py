@@ -20,15 +20,18 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from mlflow.entities import Dataset, DatasetInput, InputTag, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+import raytrain_at
 from raytrain_at.errors import UserError
+from raytrain_at.tracking.artifacts import resolve_version
 from raytrain_at.tracking.experiments import ensure_experiment
 from raytrain_at.tracking.runs import default_tracking_uri
 
@@ -63,8 +66,6 @@ def _retry(action: Callable[[], T], what: str, attempts: int = 40) -> T:
 
 def code_version() -> str:
     """The package version, plus the git commit when running from a checkout."""
-    import raytrain_at
-
     version = raytrain_at.__version__
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -282,15 +283,7 @@ class ModelRegistry:
 
     def resolve(self, reference: str):
         """The model version a ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` names."""
-        body = reference.removeprefix("models:/")
-        try:
-            if "@" in body:
-                name, alias = body.split("@", 1)
-                return self.client.get_model_version_by_alias(name, alias)
-            name, _, number = body.partition("/")
-            return self.client.get_model_version(name, number)
-        except MlflowException as exc:
-            raise UserError(f"{reference!r}: {str(exc).splitlines()[0]}") from None
+        return resolve_version(self.client, reference)
 
     def has_model(self, name: str) -> bool:
         """Whether a registered model of this name exists (with or without versions)."""

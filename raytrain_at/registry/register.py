@@ -19,9 +19,9 @@ from typing import Any
 from raytrain_at.errors import UserError
 from raytrain_at.evaluation.result import EvaluationResult, read_result
 from raytrain_at.evaluation.threats import THREAT_TITLES
-from raytrain_at.registry.leaderboard_formats import records
 from raytrain_at.model_refs import local_model_file
 from raytrain_at.models.model_files import file_sha256, read_model_spec
+from raytrain_at.registry.leaderboard_formats import records, rich_table
 
 GUARDS_FILE = "guards.json"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -186,6 +186,4 @@ def leaderboard(threat: str = "linf", size: str | None = None, name: str | None 
 
 def leaderboard_table(rows: list[dict[str, Any]], threat: str):
     """A rich table in the layout of the paper's Table 2, with radius, data and n."""
-    from raytrain_at.registry.leaderboard_formats import rich_table
-
     return rich_table(records(rows), f"Registered robust models, sorted by {THREAT_TITLES[threat]}")

@@ -9,12 +9,32 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from raytrain_at.errors import UserError
+
+if TYPE_CHECKING:  # mlflow is imported where it is used: it takes seconds
+    from mlflow.entities.model_registry import ModelVersion
+    from mlflow.tracking import MlflowClient
 
 
 def is_mlflow_reference(reference: str) -> bool:
     return reference.startswith(("runs:/", "models:/"))
+
+
+def resolve_version(client: MlflowClient, reference: str) -> ModelVersion:
+    """The model version a ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` names."""
+    from mlflow.exceptions import MlflowException
+
+    body = reference.removeprefix("models:/")
+    try:
+        if "@" in body:
+            name, alias = body.split("@", 1)
+            return client.get_model_version_by_alias(name, alias)
+        name, _, number = body.partition("/")
+        return client.get_model_version(name, number)
+    except MlflowException as exc:
+        raise UserError(f"{reference!r}: {str(exc).splitlines()[0]}") from None
 
 
 def _registry_download_uri(reference: str, tracking_uri: str) -> str:
@@ -24,10 +44,8 @@ def _registry_download_uri(reference: str, tracking_uri: str) -> str:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from raytrain_at.registry.mlflow_registry import ModelRegistry
-
-    version = ModelRegistry(tracking_uri).resolve(reference)
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    version = resolve_version(client, reference)
     try:
         return client.get_model_version_download_uri(version.name, str(version.version))
     except MlflowException as exc:

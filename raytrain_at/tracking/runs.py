@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +56,6 @@ class TrainingRun:
             self.client.log_batch(self.run_id, params=fresh[start:start + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        import time
-
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
                  if isinstance(v, (int, float))]

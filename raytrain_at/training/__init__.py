@@ -1,5 +1,5 @@
-"""Training: adversarial objectives (pure functions); engine, loop and launch come with Ray Train."""
+"""Training: adversarial objectives (pure functions); engine, loop and launch use Ray Train."""
 
-from raytrain_at.training.objectives import training_step_loss
+from raytrain_at.training.objectives import StepLoss, training_step_loss
 
-__all__ = ["training_step_loss"]
+__all__ = ["StepLoss", "training_step_loss"]

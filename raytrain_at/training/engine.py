@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from timm.optim import param_groups_weight_decay
-from timm.utils import ModelEmaV3
+from timm.utils.model_ema import ModelEmaV3
 
 from raytrain_at.config import RunConfig
 from raytrain_at.models.pixel_space import unwrap

@@ -24,6 +24,9 @@ import torch
 from raytrain_at.config import RunConfig, flatten
 from raytrain_at.console import is_verbose, user_line
 from raytrain_at.errors import RunFailed, UserError, first_lines
+from raytrain_at.ray_logs import worker_log_file
+from raytrain_at.ray_runtime import init_ray
+from raytrain_at.storage import default_home
 from raytrain_at.training.progress import epoch_line, progress_line
 
 log = logging.getLogger(__name__)
@@ -59,8 +62,6 @@ class PreparedRun:
 
 
 def default_storage() -> Path:
-    from raytrain_at.storage import default_home
-
     return default_home()
 
 
@@ -288,9 +289,6 @@ def launch(prepared: PreparedRun, *, address: str | None = None):
     All worker output goes to ``<run folder>/console.log`` (also logged to the MLflow run);
     the console shows rank 0's progress and epoch lines (everything with ``-v``).
     """
-    from raytrain_at.ray_logs import worker_log_file
-    from raytrain_at.ray_runtime import init_ray
-
     if (prepared.config.scaling.use_gpu and not torch.cuda.is_available()
             and address is None):
         raise UserError("scaling.use_gpu is true but this machine has no GPU (use --address "

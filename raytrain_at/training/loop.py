@@ -1,11 +1,11 @@
 """The per-worker training loop: one class that runs with or without Ray.
 
-Per step: sharded FFCV batch -> on-device augmentation -> inner maximisation (model in eval mode)
--> objective -> DeepSpeed backward/step -> EMA update. Per epoch: held-out clean and APGD robust
-accuracy of the EMA weights (summed over ranks), a checkpoint (each rank writes its DeepSpeed
-shard; rank 0 adds the EMA and the loop state) and one report. The loop knows nothing about Ray or
-MLflow: it calls the ``report`` function it is given (Ray's in ``train_loop_per_worker``, a plain
-one in single-process runs and benchmarks).
+Per step (``WorkerLoop.train_step``): sharded FFCV batch -> on-device augmentation -> inner
+maximisation (model in eval mode) -> objective -> DeepSpeed backward/step -> EMA update.
+Per epoch: held-out clean and APGD robust accuracy of the EMA weights (summed over ranks), a
+checkpoint (each rank writes its DeepSpeed shard; rank 0 adds the EMA and the loop state) and one
+report. The loop knows nothing about Ray or MLflow: it calls the ``report`` function it is given
+(Ray's in ``train_loop_per_worker``, a plain one in single-process runs and benchmarks).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from raytrain_at.attacks import APGD, FGSM, PGD
+from raytrain_at.attacks.base import Attack
 from raytrain_at.config import RunConfig
 from raytrain_at.data.device_augment import DeviceAugment
 from raytrain_at.data.ffcv_loaders import eval_loader, inspect_beton, train_loader
@@ -35,7 +36,7 @@ from raytrain_at.models.model_files import (MODEL_FILE, ModelSpec, init_normalis
                                            save_model_file)
 from raytrain_at.training.engine import (build_ema, build_engine, freeze_all_but_head,
                                          resolve_precision)
-from raytrain_at.training.objectives import training_step_loss
+from raytrain_at.training.objectives import StepLoss, attack_points, objective_loss
 from raytrain_at.training.schedules import radius_factor
 from raytrain_at.training.selection import Selection, selection_description, selection_metric
 
@@ -114,6 +115,10 @@ class _Unperturbed:
 
 def build_attack(model: nn.Module, config: RunConfig, eps: float, seed: int):
     """The training attack at radius ``eps`` (None for clean objectives).
+
+    ``eps`` is ``config.attack.eps`` (a float since the config was built) times the radius
+    schedule's factor (:meth:`WorkerLoop.current_eps`); it goes to ``APGD.for_training`` as is:
+    docs/training.md lists these hops.
 
     The loop's images are the loader's uint8 / 255, augmented and clamped to [0, 1], so APGD
     skips its range check, which would make the host wait for the device every step.
@@ -250,23 +255,10 @@ class WorkerLoop:
         upcoming = self._next_augmented(batches)
         while upcoming is not None:
             images, targets = upcoming
-            with self._autocast():
-                out = training_step_loss(self.engine.module, attack, images, targets,
-                                         self.objective)
-            self.engine.backward(out["loss"])
-            # One batch of lookahead: DeepSpeed's step makes the host wait for the device (its
-            # gradient checks), so the next batch is fetched and its augmentation queued before
-            # that wait, while the GPU still runs this backward. Augmentation draws depend only on
-            # (seed, call index) and leave the global RNGs as they were, so the order changes
-            # nothing (tested: the same weights as fetching after the step).
-            upcoming = self._next_augmented(batches)
-            self.engine.step()
-            if self.ema is not None:
-                self.ema.update(self.engine.module)
+            out, upcoming = self.train_step(attack, images, targets, batches)
             batch = images.shape[0]
             seen += batch
-            totals += torch.stack([out["metrics"]["loss"].double(),
-                                   out["metrics"]["accuracy"].double()]) * batch
+            totals += torch.stack([out.loss.detach().double(), out.accuracy.double()]) * batch
             interval.steps += 1
             # Not at the end of the epoch: the epoch's own report follows at once.
             if (self.on_progress is not None and upcoming is not None
@@ -278,7 +270,30 @@ class WorkerLoop:
                 "train_eps": eps, "lr": float(self.optimizer.param_groups[0]["lr"]),
                 "epoch_seconds": time.perf_counter() - start}
 
-    def _progress(self, interval: "_Interval", totals: torch.Tensor, seen: int) -> StepProgress:
+    def train_step(self, attack: Attack | None, images: torch.Tensor, targets: torch.Tensor,
+                   batches: Iterator) -> tuple[StepLoss, tuple[torch.Tensor, torch.Tensor] | None]:
+        """One optimisation step, top to bottom: attack -> loss -> backward -> step -> EMA.
+
+        Returns the step's loss record and the next augmented batch (None after the last),
+        fetched between backward and step (see the comment there).
+        """
+        model = self.engine.module
+        with self._autocast():
+            x_adv = attack_points(attack, images, targets, self.objective)  # model in eval mode
+            out = objective_loss(model, images, x_adv, targets, self.objective)
+        self.engine.backward(out.loss)
+        # One batch of lookahead: DeepSpeed's step makes the host wait for the device (its
+        # gradient checks), so the next batch is fetched and its augmentation queued before
+        # that wait, while the GPU still runs this backward. Augmentation draws depend only on
+        # (seed, call index) and leave the global RNGs as they were, so the order changes
+        # nothing (tested: the same weights as fetching after the step).
+        upcoming = self._next_augmented(batches)
+        self.engine.step()
+        if self.ema is not None:
+            self.ema.update(model)
+        return out, upcoming
+
+    def _progress(self, interval: _Interval, totals: torch.Tensor, seen: int) -> StepProgress:
         """The progress since the last report (reads the running sums: one host sync)."""
         now = time.perf_counter()
         loss_sum, correct = totals.tolist()

@@ -14,7 +14,7 @@ Objectives:
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -33,9 +33,65 @@ def _soft_or_smoothed_ce(logits: torch.Tensor, targets: torch.Tensor, smoothing:
     return F.cross_entropy(logits, targets, label_smoothing=smoothing)
 
 
+@dataclass(frozen=True)
+class StepLoss:
+    """One batch's objective: what the step backpropagates and what it reports.
+
+    Attributes:
+        loss: scalar with graph, to backpropagate.
+        logits: the model's outputs on the points trained on.
+        x_adv: the attack's points (the clean images for ``clean``), detached.
+        accuracy: detached scalar, accuracy on the points trained on.
+        clean_accuracy: detached scalar, TRADES only: accuracy on the clean images.
+        kl: detached scalar, TRADES only: the KL term before ``beta``.
+
+    Metrics stay device tensors so the caller chooses when to synchronise with the host.
+    """
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    x_adv: torch.Tensor
+    accuracy: torch.Tensor
+    clean_accuracy: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
+
+
+def attack_points(attack: Attack | None, images: torch.Tensor, targets: torch.Tensor,
+                  config: ObjectiveSection) -> torch.Tensor:
+    """The points the objective trains on: the attack's (detached), or the images for ``clean``."""
+    if config.kind == "clean":
+        return images
+    if attack is None:
+        raise ValueError(f"objective {config.kind!r} needs an attack")
+    return attack.perturb(images, targets).detach()
+
+
+def objective_loss(model: nn.Module, images: torch.Tensor, x_adv: torch.Tensor,
+                   targets: torch.Tensor, config: ObjectiveSection) -> StepLoss:
+    """The loss of one batch given the attack's points ``x_adv`` (see :func:`attack_points`)."""
+    labels = hard_labels(targets)
+    clean_accuracy = kl = None
+    if config.kind == "trades":
+        # One forward of clean and adversarial together: BatchNorm sees both, as in TRADES.
+        both = model(torch.cat([images, x_adv])).float()
+        clean_logits, logits = both[: images.shape[0]], both[images.shape[0]:]
+        natural = _soft_or_smoothed_ce(clean_logits, targets, config.label_smoothing)
+        kl = F.kl_div(F.log_softmax(logits, dim=1), F.softmax(clean_logits, dim=1),
+                      reduction="batchmean")
+        loss = natural + config.trades_beta * kl
+        clean_accuracy = (clean_logits.argmax(1) == labels).float().mean().detach()
+        kl = kl.detach()
+    else:  # adversarial (x_adv are the attack's points) or clean (x_adv are the images)
+        logits = model(x_adv)
+        loss = _soft_or_smoothed_ce(logits, targets, config.label_smoothing)
+    accuracy = (logits.detach().argmax(1) == labels).float().mean()
+    return StepLoss(loss=loss, logits=logits, x_adv=x_adv, accuracy=accuracy,
+                    clean_accuracy=clean_accuracy, kl=kl)
+
+
 def training_step_loss(model: nn.Module, attack: Attack | None, images: torch.Tensor,
-                       targets: torch.Tensor, config: ObjectiveSection) -> dict[str, Any]:
-    """Compute the training loss of one batch.
+                       targets: torch.Tensor, config: ObjectiveSection) -> StepLoss:
+    """Compute the training loss of one batch: the attack, then the objective on its points.
 
     Args:
         model: the classifier in train mode, taking [0, 1] images.
@@ -45,35 +101,7 @@ def training_step_loss(model: nn.Module, attack: Attack | None, images: torch.Te
         config: the run config's ``objective`` section.
 
     Returns:
-        ``loss`` (scalar with graph, to backpropagate), ``logits`` (on the points trained on),
-        ``x_adv`` (the attack's points; the clean images for ``clean``), and ``metrics``: detached
-        scalar tensors (``loss``, ``accuracy`` on the trained points, ``clean_accuracy`` for TRADES)
-        so the caller chooses when to synchronise with the host.
+        The loss with its graph, the logits, the attack's points and detached metrics.
     """
-    if config.kind != "clean" and attack is None:
-        raise ValueError(f"objective {config.kind!r} needs an attack")
-    labels = hard_labels(targets)
-    if config.kind == "clean":
-        x_train = images
-        logits = model(images)
-        loss = _soft_or_smoothed_ce(logits, targets, config.label_smoothing)
-        extra: dict[str, torch.Tensor] = {}
-    else:
-        x_train = attack.perturb(images, targets).detach()
-        if config.kind == "adversarial":
-            logits = model(x_train)
-            loss = _soft_or_smoothed_ce(logits, targets, config.label_smoothing)
-            extra = {}
-        else:
-            # One forward of clean and adversarial together: BatchNorm sees both, as in TRADES.
-            both = model(torch.cat([images, x_train])).float()
-            clean_logits, logits = both[: images.shape[0]], both[images.shape[0]:]
-            natural = _soft_or_smoothed_ce(clean_logits, targets, config.label_smoothing)
-            kl = F.kl_div(F.log_softmax(logits, dim=1), F.softmax(clean_logits, dim=1),
-                          reduction="batchmean")
-            loss = natural + config.trades_beta * kl
-            extra = {"clean_accuracy": (clean_logits.argmax(1) == labels).float().mean().detach(),
-                     "kl": kl.detach()}
-    metrics = {"loss": loss.detach(),
-               "accuracy": (logits.detach().argmax(1) == labels).float().mean(), **extra}
-    return {"loss": loss, "logits": logits, "x_adv": x_train, "metrics": metrics}
+    x_adv = attack_points(attack, images, targets, config)
+    return objective_loss(model, images, x_adv, targets, config)

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Literal
 
+from rich.table import Table
+
+from raytrain_at.console import make_console
 from raytrain_at.evaluation.threats import NORMS
 from raytrain_at.tuning.spaces import SearchSpace
 
-if TYPE_CHECKING:
-    from raytrain_at.tuning.study import TrialRecord
+TrialStatus = Literal["completed", "stopped early", "errored"]
 
 # Reported training metrics shown for every trial (when the loop reported them).
 TRAINING_COLUMNS = ("heldout_clean_accuracy", "heldout_robust_accuracy", "train_loss")
@@ -33,7 +36,22 @@ def shown_value(value: object) -> str:
     return str(value)
 
 
-def trial_label(record: "TrialRecord") -> str:
+@dataclass
+class TrialRecord:
+    """One trial's outcome, as the table, the CSV and the plot show it."""
+
+    trial_id: str
+    sample: dict[str, Any]
+    metrics: dict[str, float]
+    epochs: int
+    status: TrialStatus
+    run_id: str | None = None
+    error: str | None = None
+    evaluation: dict[str, float] = field(default_factory=dict)  # clean / robust per threat
+    evaluation_path: str | None = None
+
+
+def trial_label(record: TrialRecord) -> str:
     """The sampled values, short: ``table7:2`` or ``optim.lr=0.001, aug.preset=basic``."""
     values = [shown_value(v) for v in record.sample.values()]
     if len(values) == 1:
@@ -45,7 +63,7 @@ def _cell(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
 
 
-def results_rows(records: list["TrialRecord"], space: SearchSpace) -> list[dict[str, str]]:
+def results_rows(records: list[TrialRecord], space: SearchSpace) -> list[dict[str, str]]:
     """One row per trial: id, searched values, status, epochs, metrics, evaluation, run."""
     rows = []
     for record in records:
@@ -62,13 +80,9 @@ def results_rows(records: list["TrialRecord"], space: SearchSpace) -> list[dict[
     return rows
 
 
-def print_table(records: list["TrialRecord"], space: SearchSpace, title: str) -> None:
+def print_table(records: list[TrialRecord], space: SearchSpace, title: str) -> None:
     """The results as a rich table, best first by the metric (errored trials last)."""
-    from rich.table import Table
-
-    from raytrain_at.console import make_console
-
-    def order(record: "TrialRecord") -> tuple[int, float]:
+    def order(record: TrialRecord) -> tuple[int, float]:
         value = record.metrics.get(space.metric)
         if value is None:
             return (1, 0.0)
@@ -95,7 +109,7 @@ def print_table(records: list["TrialRecord"], space: SearchSpace, title: str) ->
     make_console().print(table)
 
 
-def write_csv(records: list["TrialRecord"], space: SearchSpace, path: Path) -> Path:
+def write_csv(records: list[TrialRecord], space: SearchSpace, path: Path) -> Path:
     rows = results_rows(records, space)
     with open(path, "w", newline="") as out:
         writer = csv.DictWriter(out, fieldnames=list(rows[0]) if rows else ["trial_id"])
@@ -104,7 +118,7 @@ def write_csv(records: list["TrialRecord"], space: SearchSpace, path: Path) -> P
     return path
 
 
-def plot_study(records: list["TrialRecord"], space: SearchSpace, path: Path) -> Path:
+def plot_study(records: list[TrialRecord], space: SearchSpace, path: Path) -> Path:
     """Bars of the metric per trial; AutoAttack per threat of the evaluated trials beside."""
     import matplotlib
 
@@ -148,7 +162,7 @@ def plot_study(records: list["TrialRecord"], space: SearchSpace, path: Path) -> 
     return path
 
 
-def write_report(records: list["TrialRecord"], space: SearchSpace, folder: Path, *,
+def write_report(records: list[TrialRecord], space: SearchSpace, folder: Path, *,
                  quiet: bool = False) -> tuple[Path, Path]:
     """Print the table (unless ``quiet``) and write ``results.csv`` and ``study.png``."""
     if not quiet:

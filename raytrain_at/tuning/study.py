@@ -28,6 +28,10 @@ from typing import Any, Literal
 from raytrain_at.config import RunConfig
 from raytrain_at.config_loader import deep_merge, flat_keys, nest, validate
 from raytrain_at.errors import UserError
+from raytrain_at.ray_logs import worker_log_file
+from raytrain_at.ray_runtime import init_ray
+from raytrain_at.storage import default_home
+from raytrain_at.tuning.report import TrialRecord, TrialStatus, write_report
 from raytrain_at.tuning.spaces import SchedulerSpec, SearchSpace, evaluation_data
 
 log = logging.getLogger(__name__)
@@ -37,7 +41,6 @@ STUDY_TAG = "raytrain_at.tune.study"
 STOPPED_TAG = "raytrain_at.tune.stopped_early"
 PARENT_TAG = "mlflow.parentRunId"
 
-TrialStatus = Literal["completed", "stopped early", "errored"]
 
 
 @dataclass(frozen=True)
@@ -67,21 +70,6 @@ class StudyOptions:
     register_name: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
     quiet: bool = False
-
-
-@dataclass
-class TrialRecord:
-    """One trial's outcome, as the table, the CSV and the plot show it."""
-
-    trial_id: str
-    sample: dict[str, Any]
-    metrics: dict[str, float]
-    epochs: int
-    status: TrialStatus
-    run_id: str | None = None
-    error: str | None = None
-    evaluation: dict[str, float] = field(default_factory=dict)  # clean / robust per threat
-    evaluation_path: str | None = None
 
 
 @dataclass
@@ -196,8 +184,6 @@ def _scheduler(space: SearchSpace):
 
 def _storage(options: StudyOptions, base: RunConfig) -> tuple[str, Path]:
     """(Ray storage for Train runs and Tune, local folder for this study's reports)."""
-    from raytrain_at.storage import default_home
-
     chosen = options.storage_path or base.tracking.storage_path or str(default_home())
     if "://" in chosen:
         return chosen.rstrip("/"), default_home()
@@ -217,11 +203,8 @@ def run_study(space: SearchSpace, options: StudyOptions = StudyOptions()) -> Stu
     """
     from ray import tune
 
-    from raytrain_at.ray_logs import worker_log_file
-    from raytrain_at.ray_runtime import init_ray
     from raytrain_at.tracking.runs import TrainingRun, default_tracking_uri
     from raytrain_at.training.launch import prepare_run
-    from raytrain_at.tuning.report import write_report
 
     space = apply_options(space, options)
     name = options.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -1,0 +1,67 @@
+"""The package's import graph: no cycles, and imports inside functions only where start-up needs
+them (imports inside functions count as edges too)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from import_graph import cycles, import_graph, imports, loads_slow
+
+PACKAGE = Path(__file__).resolve().parents[1] / "raytrain_at"
+
+# What a module may import inside a function: packages whose import takes long enough to slow
+# `raytrain-at --help` or a light command (measured with `python -X importtime`, 2 CPU cores:
+# torch ~3 s, timm ~6 s, sklearn / kornia / pyautoattack ~1.5 s, matplotlib ~0.7 s, scipy ~0.4 s,
+# numpy ~0.15 s; pydantic + yaml make the config ~0.1 s), the heavy optional frameworks, and the
+# project's modules that load any of them.
+SLOW = {"torch", "torchvision", "timm", "kornia", "pyautoattack", "sklearn", "scipy", "matplotlib",
+        "imagecorruptions", "numba", "fvcore", "numpy", "cv2", "safetensors", "pydantic", "yaml",
+        "ray", "deepspeed", "mlflow", "ffcv"}
+
+
+def test_no_import_cycles_in_the_package() -> None:
+    found = cycles(import_graph(PACKAGE))
+    assert not found, "import cycles (module level or inside functions):\n" + "\n".join(
+        " <-> ".join(cycle) for cycle in found)
+
+
+def test_imports_inside_functions_are_only_for_slow_modules() -> None:
+    modules, found = imports(PACKAGE)
+    needless = [f"{imp.importer}:{imp.line} imports {imp.target}" for imp in found
+                if imp.in_function and not loads_slow(imp.target, modules, found, SLOW)]
+    assert not needless, "move these imports to the top of their module:\n" + "\n".join(needless)
+
+
+def _package(root: Path, sources: dict[str, str]) -> Path:
+    for relative, text in sources.items():
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root / "pkg"
+
+
+def test_the_checker_sees_a_cycle_hidden_in_a_function(tmp_path: Path) -> None:
+    package = _package(tmp_path, {
+        "pkg/__init__.py": "", "pkg/sub/__init__.py": "",
+        "pkg/a.py": "from pkg.sub import b\n",
+        "pkg/sub/b.py": "def f():\n    from ..c import g\n",
+        "pkg/c.py": "import pkg.a\n",
+        "pkg/d.py": "from . import a\n",  # imports into the cycle, is not part of it
+    })
+    graph = import_graph(package)
+    assert graph["pkg.sub.b"] == {"pkg.c"}
+    assert cycles(graph) == [["pkg.a", "pkg.c", "pkg.sub.b"]]
+
+
+def test_the_checker_tells_slow_imports_from_needless_ones(tmp_path: Path) -> None:
+    package = _package(tmp_path, {
+        "pkg/__init__.py": "", "pkg/heavy/__init__.py": "import torch\n",
+        "pkg/heavy/model.py": "X = 1\n",  # light itself, but its package imports torch
+        "pkg/light.py": "import json\n",
+        "pkg/cli.py": ("def run():\n    import torch\n    from pkg.heavy.model import X\n"
+                       "    from pkg import light\n    import json\n"),
+    })
+    modules, found = imports(package)
+    lazy = {imp.target: loads_slow(imp.target, modules, found, SLOW)
+            for imp in found if imp.importer == "pkg.cli"}
+    assert lazy == {"torch": True, "pkg.heavy.model": True, "pkg.light": False, "json": False}
