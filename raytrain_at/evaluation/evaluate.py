@@ -54,9 +54,9 @@ class EvaluationRequest:
     batch_size: int = 250
     seed: int = 0
     out: Path | None = None
-    state_root: Path | None = None
+    state_root: str | Path | None = None
     address: str | None = None
-    use_gpu: bool = False
+    use_gpu: bool | None = None
     eps_sweep: list[float] | None = None
     sweep_norm: str = "linf"
     sweep_version: str = "apgdt"
@@ -76,7 +76,9 @@ def resolve_data(data: str, storage: Path) -> str:
         return bundled_beton(data, "test", storage)
     path = Path(data).expanduser()
     inspect_beton(path)  # one-line errors for missing, foreign or truncated files
-    return str(path.resolve())
+    # Absolute but not resolved: a staged file's link (the same path on every node) is what
+    # workers open, not where it points on the driver's node.
+    return str(path.absolute())
 
 
 def _validate(request: EvaluationRequest) -> None:
@@ -136,12 +138,25 @@ class Evaluation:
         from raytrain_at.data.ffcv_loaders import inspect_beton
         from raytrain_at.data.inspection import beton_labels
         from raytrain_at.model_refs import resolve_model
-        from raytrain_at.storage import default_home
+        from raytrain_at.storage import check_root, default_home, explicit_root
 
         _validate(request)
         self.request = request
         home = default_home()
-        self.state_root = Path(request.state_root or home / "eval-state")
+        explicit = explicit_root(str(request.state_root) if request.state_root else None)
+        if request.address is not None:
+            from raytrain_at.ray_runtime import init_ray
+            from raytrain_at.storage import require_shared_root
+
+            init_ray(request.address)
+            require_shared_root(explicit, "evaluation")
+        # The chunk records: under the shared storage root (every node writes, the driver
+        # merges), else this machine's home.
+        if request.state_root:
+            self.state_root = explicit
+        else:
+            self.state_root = f"{explicit}/eval-state" if explicit else str(home / "eval-state")
+        check_root(self.state_root)
         self.loaded: LoadedModel = resolve_model(request.model_ref,
                                                  tracking_uri=request.tracking_uri)
         self.spec = self.loaded.spec
@@ -176,7 +191,7 @@ class Evaluation:
                        data_path=self.data_path, ids=tuple(self.ids), resolution=resolution,
                        crop_pct=self.spec.crop_pct, threats=tuple(threats), version=version,
                        seed=r.seed, batch_size=r.batch_size, num_classes=self.spec.num_classes,
-                       state_root=str(self.state_root), tracking_uri=r.tracking_uri,
+                       state_root=self.state_root, tracking_uri=r.tracking_uri,
                        kernels=r.kernels)
 
     def _run(self, job: EvalJob, label: str) -> dict[ThreatModel, ThreatOutcome]:
@@ -208,7 +223,7 @@ class Evaluation:
                 model = resolve_model(r.model_ref, resolution=self.resolution,
                                       tracking_uri=r.tracking_uri).module
             corruption = corruption_accuracy_on_device(
-                model, r.model_ref, tracking_uri=r.tracking_uri, use_gpu=r.use_gpu,
+                model, r.model_ref, tracking_uri=r.tracking_uri, use_gpu=bool(r.use_gpu),
                 address=r.address, resolution=self.resolution, data_path=self.data_path,
                 ids=self.ids, crop_pct=self.spec.crop_pct, severity=r.severity, seed=r.seed,
                 batch_size=r.batch_size, protocol=r.corruption_protocol)

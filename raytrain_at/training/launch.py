@@ -51,6 +51,9 @@ class PreparedRun:
     storage_path: str
     # Extra MLflow tags of the run (a Tune trial: its parent study run and trial id).
     run_tags: dict[str, str] = field(default_factory=dict)
+    # Whether the storage root was set (option, config, $RAYTRAIN_AT_STORAGE) rather than the
+    # node-local home, which a run over several nodes refuses (raytrain_at.storage).
+    shared_storage: bool = False
 
     def worker_payload(self) -> dict[str, Any]:
         return {"run": self.config.model_dump(mode="json"), "train_path": self.train_path,
@@ -132,8 +135,12 @@ def prepare_run(config: RunConfig, *, run_name: str | None = None,
     from raytrain_at.tracking.experiments import absolute_tracking_uri
     from raytrain_at.tracking.runs import default_tracking_uri
 
+    from raytrain_at.storage import check_root, explicit_root
+
     config = config.model_copy(deep=True)
-    chosen = str(storage_path or config.tracking.storage_path or default_storage())
+    explicit = explicit_root(storage_path, config.tracking.storage_path)
+    chosen = explicit or str(default_storage())
+    check_root(chosen)
     _check_weights(config)
     if "://" in chosen:
         # Cloud storage (s3://, gs://) for Ray Train's checkpoints: kept as a URI, and the
@@ -150,7 +157,8 @@ def prepare_run(config: RunConfig, *, run_name: str | None = None,
         raise UserError(f"run name {name!r} may only use letters, digits, '.', '_' and '-'")
     uri = absolute_tracking_uri(config.tracking.tracking_uri or default_tracking_uri())
     return PreparedRun(config=config, train_path=train, heldout_path=heldout, tracking_uri=uri,
-                       run_name=name, storage_path=runs, run_tags=dict(run_tags or {}))
+                       run_name=name, storage_path=runs, run_tags=dict(run_tags or {}),
+                       shared_storage=explicit is not None)
 
 
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
@@ -169,6 +177,9 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     os.environ.setdefault("LOCAL_RANK", str(context.get_local_rank()))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
+    # model.init may name the clean run by reference (runs:/ID/model, models:/NAME@ALIAS): a
+    # worker on another node resolves it against the run's own tracking server.
+    os.environ.setdefault("MLFLOW_TRACKING_URI", payload["tracking_uri"])
     config = RunConfig.model_validate(payload["run"])
     loop = WorkerLoop(config, place, payload["train_path"], payload["heldout_path"])
     checkpoint = ray.train.get_checkpoint()
@@ -290,12 +301,14 @@ def launch(prepared: PreparedRun, *, address: str | None = None):
     """
     from raytrain_at.ray_logs import worker_log_file
     from raytrain_at.ray_runtime import init_ray
+    from raytrain_at.storage import require_shared_root
 
     if (prepared.config.scaling.use_gpu and not torch.cuda.is_available()
             and address is None):
         raise UserError("scaling.use_gpu is true but this machine has no GPU (use --address "
                         "for a cluster, or --set scaling.use_gpu=false)")
     init_ray(address)
+    require_shared_root("set" if prepared.shared_storage else None, "training")
     log_path = run_folder(prepared) / "console.log"
     with worker_log_file(log_path):
         try:
