@@ -130,3 +130,34 @@ def test_evaluate_with_a_missing_bucket_writes_nothing(state_dir, culprit, store
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and culprit in lines[0], lines
     assert not out.exists()
+
+
+def test_tracking_server_down_is_one_line():
+    from raytrain_at.tracking.experiments import check_tracking_server
+    from tests.s3_store import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(UserError, match="does not answer") as info:
+        check_tracking_server(uri, timeout_s=2)
+    assert uri in str(info.value) and "\n" not in str(info.value)
+    check_tracking_server("sqlite:///never-opened.db")  # no server to ask
+
+
+def test_run_name_reference_names_the_latest_run_of_that_name(tmp_path):
+    """``run:EXPERIMENT/RUN_NAME``: how an AT recipe names its clean pre-training."""
+    from mlflow.tracking import MlflowClient
+
+    from raytrain_at.tracking.artifacts import run_name_reference
+    from raytrain_at.tracking.runs import RUN_NAME_TAG
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("clean-pretraining",
+                                          artifact_location=str(tmp_path / "artifacts"))
+    run = client.create_run(experiment, tags={RUN_NAME_TAG: "clean_convnext_tiny_cvst"})
+    reference = run_name_reference("run:clean-pretraining/clean_convnext_tiny_cvst", uri)
+    assert reference == f"runs:/{run.info.run_id}/model"
+    with pytest.raises(UserError, match="clean_vit_small_cvst"):
+        run_name_reference("run:clean-pretraining/clean_vit_small_cvst", uri)
+    with pytest.raises(UserError, match="run:EXPERIMENT/RUN_NAME"):
+        run_name_reference("run:no-slash", uri)

@@ -45,7 +45,8 @@ class LoadReport:
 
 def read_state_dict(source: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from a safetensors file, a torch file (weights only), ``hub:NAME``, or
-    an MLflow model reference (``models:/NAME@ALIAS``, ``runs:/ID/model``).
+    an MLflow model reference (``models:/NAME@ALIAS``, ``runs:/ID/model``,
+    ``run:EXPERIMENT/RUN_NAME``).
 
     Raises:
         UserError: for a missing or unreadable file, or a hub download that fails.
@@ -53,7 +54,7 @@ def read_state_dict(source: str | Path) -> dict[str, torch.Tensor]:
     text = str(source)
     if text.startswith("hub:"):
         return _hub_state_dict(text[4:])
-    if text.startswith(("runs:/", "models:/")):  # a registered or logged robust model
+    if text.startswith(("runs:/", "models:/", "run:")):  # a logged or registered model
         from raytrain_at.model_refs import local_model_file
 
         text = str(local_model_file(text))

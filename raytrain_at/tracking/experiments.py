@@ -42,6 +42,23 @@ def absolute_tracking_uri(uri: str) -> str:
     return uri
 
 
+def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
+    """One line when an ``http(s)://`` tracking server does not answer its health check (MLflow's
+    own client retries for minutes before it says so); other stores need no server."""
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise UserError(f"MLflow tracking server {uri} does not answer ({reason}): start it "
+                        "(scripts/cluster/start_mlflow.sh on a cluster) or set "
+                        "MLFLOW_TRACKING_URI") from None
+
+
 def artifact_root(tracking_uri: str) -> Path | None:
     """The local folder under which new experiments of a local store keep artifacts, or None
     when the store decides itself (a server's proxied artifacts, a file store's own folder)."""

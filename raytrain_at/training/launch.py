@@ -118,7 +118,7 @@ def _check_weights(config: RunConfig) -> None:
     m = config.model
     for key in ("pretrained", "init"):
         value = getattr(m, key)
-        if value is not None and not value.startswith(("hub:", "models:/", "runs:/")):
+        if value is not None and not value.startswith(("hub:", "models:/", "runs:/", "run:")):
             setattr(m, key, expand_path(value, f"model.{key}"))
     build_model(config)
 
@@ -137,10 +137,14 @@ def prepare_run(config: RunConfig, *, run_name: str | None = None,
 
     from raytrain_at.storage import check_root, explicit_root
 
+    from raytrain_at.tracking.experiments import check_tracking_server
+
     config = config.model_copy(deep=True)
     explicit = explicit_root(storage_path, config.tracking.storage_path)
     chosen = explicit or str(default_storage())
     check_root(chosen)
+    uri = absolute_tracking_uri(config.tracking.tracking_uri or default_tracking_uri())
+    check_tracking_server(uri)
     _check_weights(config)
     if "://" in chosen:
         # Cloud storage (s3://, gs://) for Ray Train's checkpoints: kept as a URI, and the
@@ -155,7 +159,6 @@ def prepare_run(config: RunConfig, *, run_name: str | None = None,
     name = run_name or config.tracking.run_name or default_run_name(config)
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise UserError(f"run name {name!r} may only use letters, digits, '.', '_' and '-'")
-    uri = absolute_tracking_uri(config.tracking.tracking_uri or default_tracking_uri())
     return PreparedRun(config=config, train_path=train, heldout_path=heldout, tracking_uri=uri,
                        run_name=name, storage_path=runs, run_tags=dict(run_tags or {}),
                        shared_storage=explicit is not None)

@@ -4,6 +4,9 @@
 # so Ray itself, its workers and `ray attach` shells all see it):
 #   AWS_DEFAULT_REGION   the cluster's region
 #   RAYTRAIN_AT_BUCKET   the S3 bucket (betons/, ray-results/, mlflow-artifacts/, mlflow-backup/)
+#   RAYTRAIN_AT_STORAGE  s3://BUCKET/ray-results: the storage root every node sees (Ray Train
+#                        checkpoints, Tune results, the sharded evaluation's chunk records);
+#                        a multi-node run refuses to start without one
 #   RAYTRAIN_AT_DATA     where stage_data.sh puts the .beton files: the same path on every node,
 #                        because the driver expands $RAYTRAIN_AT_DATA and ships the result to the
 #                        workers
@@ -64,6 +67,7 @@ tmp=$(mktemp "$ENV_FILE.XXXX")
 cat > "$tmp" <<ENV
 # Written by scripts/cluster/node_env.sh; rewritten at every Ray start.
 export RAYTRAIN_AT_BUCKET=$BUCKET
+export RAYTRAIN_AT_STORAGE=s3://$BUCKET/ray-results
 ${REGION:+export AWS_DEFAULT_REGION=$REGION}
 export RAYTRAIN_AT_DATA=$DATA_LINK
 export MLFLOW_TRACKING_URI=http://$HEAD_IP:5000
