@@ -1,0 +1,105 @@
+"""Process helpers of the cluster rehearsal (scripts/cluster_rehearsal.sh).
+
+``ports N``: N free TCP ports on 127.0.0.1 outside Ray's default ranges, one per line, so the
+rehearsal's Ray nodes never collide with another Ray on this machine.
+``stop DIR``: stop every process whose command line names DIR, and all their descendants, by PID
+(TERM, then KILL): what ``ray start --temp-dir DIR/...`` started (GCS, raylets, agents, workers)
+and nothing else. ``ray stop`` would stop every Ray of this machine's users.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct bindable ports in 20000-32000 (below Linux's ephemeral range)."""
+    rng = random.Random()
+    chosen: list[int] = []
+    while len(chosen) < count:
+        port = rng.randrange(20000, 32000)
+        if port not in chosen and _bindable(port):
+            chosen.append(port)
+    return chosen
+
+
+def _parents() -> dict[int, int]:
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                found[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
+def processes_of(folder: str) -> set[int]:
+    """PIDs whose command line names ``folder``, with their descendants (Ray workers rename
+    themselves ``ray::...``; only the process tree finds them)."""
+    parents = _parents()
+    me = os.getpid()
+    roots = set()
+    for pid in parents:
+        if pid == me:
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if folder.encode() in cmdline:
+            roots.add(pid)
+    found, frontier = set(roots), set(roots)
+    while frontier:
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
+        found |= frontier
+    return found - {me, os.getppid()}
+
+
+def stop(folder: str) -> int:
+    """TERM, then KILL what is left; returns how many processes survived (0 normally)."""
+    for sig, wait in ((signal.SIGTERM, 8.0), (signal.SIGKILL, 5.0)):
+        for pid in processes_of(folder):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and processes_of(folder):
+            time.sleep(0.25)
+        if not processes_of(folder):
+            return 0
+    return len(processes_of(folder))
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) == 2 and argv[0] == "ports":
+        print("\n".join(str(p) for p in free_ports(int(argv[1]))))
+        return 0
+    if len(argv) == 2 and argv[0] == "stop":
+        left = stop(argv[1])
+        if left:
+            print(f"rehearsal_procs: {left} processes of {argv[1]} survived", file=sys.stderr)
+        return 1 if left else 0
+    print("usage: rehearsal_procs.py ports N | stop DIR", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
