@@ -17,8 +17,9 @@
 #   1. clean pre-training (2 workers, one per node) -> its selected epoch is runs:/ID/model
 #   2. adversarial training from that reference (model.init=runs:/ID/model); rank 1's worker
 #      process killed by PID mid-epoch 2 -> the run completes, at most one epoch lost
-#   3. sharded AutoAttack over both nodes; the driver killed by PID after the first records,
-#      re-run -> the result equals a single-process evaluation's
+#   3. sharded AutoAttack over both nodes; the driver killed by PID after the first records;
+#      re-run and node2 lost (its processes killed by PID): one line, no result; re-run on
+#      node1 -> the result equals a single-process evaluation's
 #   4. register the model; a separate process that knows only the tracking URI loads the
 #      champion and predicts
 # Every process started is stopped by its PID at the end, pass or fail.
@@ -89,7 +90,9 @@ COMMON=(PATH="$BIN:/usr/bin:/bin" PYTHONPATH="$CODE" AWS_ACCESS_KEY_ID=rehearsal
         RAYTRAIN_AT_STORAGE="$STORAGE" MLFLOW_TRACKING_URI="$TRACKING"
         RAY_AUTH_MODE=token RAY_AUTH_TOKEN="$("$PY" -c 'import secrets; print(secrets.token_hex(32))')"
         RAY_USAGE_STATS_ENABLED=0 RAYTRAIN_AT_PID_DIR="$WORK/pids" HF_HUB_OFFLINE=1
-        OMP_NUM_THREADS=1 LANG=C.UTF-8)
+        OMP_NUM_THREADS=1 LANG=C.UTF-8
+        # A build cache, not state: DeepSpeed's CPU op compiled once (about 25 s), not per node.
+        TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}")
 node_env() { echo HOME="$WORK/$1/home" "${COMMON[@]}"; }
 for node in head node1 node2; do mkdir -p "$WORK/$node/home" "$WORK/$node/work"; done
 read -r -a HEAD_ENV <<< "$(node_env head)"
@@ -272,7 +275,38 @@ EOF
 kill -KILL "$EVAL_PID" 2>/dev/null && say "   killed the evaluation driver (PID $EVAL_PID)"
 wait "$EVAL_PID" 2>/dev/null || true
 [[ ! -e "$WORK/head/work/killed.json" ]] || fail "the killed evaluation wrote a result"
-say "   resuming the same evaluation"
+records() {  # finished chunk records under the storage root
+    on_head "$PY" - "$STORAGE/eval-state" <<'EOF'
+import sys
+import pyarrow.fs as pafs
+from raytrain_at.storage import filesystem
+fs, root = filesystem(sys.argv[1])
+found = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+print(sum(1 for i in found if i.base_name.startswith("chunk-")))
+EOF
+}
+BEFORE=$(records)
+say "   resumed; node2 lost (all its processes killed by PID) once it has written a record"
+on_head "${EVAL[@]}" --workers 2 --address "$ADDRESS" --out "$WORK/head/work/lost.json" \
+    > "$WORK/logs/eval-lost.log" 2>&1 &
+EVAL_PID=$!
+STARTED+=("$EVAL_PID")
+for _ in $(seq 1200); do
+    (( $(records) > BEFORE )) && break
+    kill -0 "$EVAL_PID" 2>/dev/null || break
+    sleep 1
+done
+$PROCS stop "$WORK/node2" || true
+set +e
+wait "$EVAL_PID"
+rc=$?
+set -e
+LOST=$(grep -h "^error: " "$WORK/logs/eval-lost.log" | head -n 1)
+(( rc != 0 )) && [[ "$LOST" == *"evaluation worker was lost"* ]] \
+    || { tail -n 30 "$WORK/logs/eval-lost.log" >&2; fail "a lost node was not one line"; }
+[[ ! -e "$WORK/head/work/lost.json" ]] || fail "the evaluation that lost a node wrote a result"
+say "   node2 lost (exit $rc): $LOST"
+say "   resuming the same evaluation on what is left (node1)"
 on_head "${EVAL[@]}" --workers 2 --address "$ADDRESS" --out "$WORK/head/work/sharded.json" \
     > "$WORK/logs/eval-resumed.log" 2>&1 \
     || { tail -n 30 "$WORK/logs/eval-resumed.log" >&2; fail "the resumed sharded evaluation"; }

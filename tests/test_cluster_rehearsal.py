@@ -1,7 +1,7 @@
 """The cluster rehearsal (scripts/cluster_rehearsal.sh): a Ray head and two worker nodes with
 separate homes, an S3 store (moto) and the MLflow server, through which clean pre-training, the
 adversarial run from its reference with a killed worker, the sharded evaluation with a killed
-driver (equal to a single-process one), registration and a client loading the champion all
+driver and a lost node (equal to a single-process one when resumed), registration and a client loading the champion all
 pass. The script stops every process it started, by PID, pass or fail; this test checks that
 none is left. About 6-9 minutes on 2 cores: run with ``-m cluster``."""
 
@@ -37,7 +37,7 @@ def test_rehearsal_end_to_end_stops_every_process() -> None:
     lines = result.stdout
     for expected in ("refused (exit", "clean model: runs:/", "killed rank 1's worker process",
                      "completed 2 epochs after the kill", "killed the evaluation driver",
-                     "champion predicts 200 digits", "REHEARSAL PASSED"):
+                     "node2 lost (exit", "champion predicts 200 digits", "REHEARSAL PASSED"):
         assert expected in lines, (expected, output)
     assert not processes_of(str(work)), "processes of the rehearsal survived"
     assert not work.exists()  # nothing left behind without --keep
