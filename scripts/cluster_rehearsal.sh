@@ -256,7 +256,8 @@ on_head "${EVAL[@]}" --workers 2 --address "$ADDRESS" --out "$WORK/head/work/kil
     > "$WORK/logs/eval-killed.log" 2>&1 &
 EVAL_PID=$!
 STARTED+=("$EVAL_PID")
-on_head "$PY" - "$STORAGE/eval-state" "$EVAL_PID" <<'EOF' || fail "no chunk record appeared"
+on_head "$PY" - "$STORAGE/eval-state" "$EVAL_PID" <<'EOF' \
+    || { tail -n 5 "$WORK/logs/eval-killed.log" >&2; fail "no chunk record under $STORAGE"; }
 import os, sys, time
 import pyarrow.fs as pafs
 from raytrain_at.storage import filesystem
