@@ -161,3 +161,26 @@ def test_run_name_reference_names_the_latest_run_of_that_name(tmp_path):
         run_name_reference("run:clean-pretraining/clean_vit_small_cvst", uri)
     with pytest.raises(UserError, match="run:EXPERIMENT/RUN_NAME"):
         run_name_reference("run:no-slash", uri)
+
+
+@pytest.mark.parametrize("setting, culprit", [
+    ("tracking.tracking_uri=http://127.0.0.1:{port}", "http://127.0.0.1:{port}"),
+    ("tracking.storage_path=s3://no-such-bucket/runs", "no-such-bucket"),
+])
+def test_train_stops_on_a_dead_tracking_server_or_missing_bucket(setting, culprit, store,
+                                                                 tmp_path, monkeypatch, capsys):
+    """Before any data is written or Ray started: one line naming the server or bucket."""
+    from raytrain_at.cli import main
+    from tests.s3_store import free_port
+
+    port = free_port()
+    monkeypatch.setenv("RAYTRAIN_AT_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["raytrain-at", "train", "quickstart", "--set",
+                                      setting.format(port=port)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and culprit.format(port=port) in lines[0], lines
+    assert not (tmp_path / "home").exists()  # nothing written
