@@ -146,7 +146,10 @@ def train(
         print(f"run {prepared.run_name} done: "
               f"{epoch_line(metrics, prepared.config.schedule.epochs)}")
     if result.checkpoint is not None:
-        print(f"latest checkpoint: {result.checkpoint.path}")
+        path = result.checkpoint.path
+        if "://" in prepared.storage_path and "://" not in path:  # Ray drops the scheme
+            path = prepared.storage_path.split("://", 1)[0] + "://" + path
+        print(f"latest checkpoint: {path}")
     _print_model_reference(prepared)
     print(f"full log: {run_folder(prepared) / 'console.log'}")
 
