@@ -96,7 +96,8 @@ COMMON=(PATH="$BIN:/usr/bin:/bin" PYTHONPATH="$CODE" AWS_ACCESS_KEY_ID=rehearsal
 node_env() { echo HOME="$WORK/$1/home" "${COMMON[@]}"; }
 for node in head node1 node2; do mkdir -p "$WORK/$node/home" "$WORK/$node/work"; done
 read -r -a HEAD_ENV <<< "$(node_env head)"
-on_head() { (cd "$WORK/head/work" && env -i "${HEAD_ENV[@]}" "$@"); }
+# exec: a command started in the background is then $! itself, so killing that PID kills it.
+on_head() { (cd "$WORK/head/work" && exec env -i "${HEAD_ENV[@]}" "$@"); }
 
 # ---------------------------------------------------------------- the object store
 say "S3 store (moto) on $ENDPOINT, bucket $BUCKET"
