@@ -277,27 +277,17 @@ EOF
 kill -KILL "$EVAL_PID" 2>/dev/null && say "   killed the evaluation driver (PID $EVAL_PID)"
 wait "$EVAL_PID" 2>/dev/null || true
 [[ ! -e "$WORK/head/work/killed.json" ]] || fail "the killed evaluation wrote a result"
-records() {  # finished chunk records under the storage root
-    on_head "$PY" - "$STORAGE/eval-state" <<'EOF'
-import sys
-import pyarrow.fs as pafs
-from raytrain_at.storage import filesystem
-fs, root = filesystem(sys.argv[1])
-found = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-print(sum(1 for i in found if i.base_name.startswith("chunk-")))
-EOF
-}
-BEFORE=$(records)
-say "   resumed; node2 lost (all its processes killed by PID) once it has written a record"
+say "   resumed; node2 lost (all its processes killed by PID) while it runs its shard"
 on_head "${EVAL[@]}" --workers 2 --address "$ADDRESS" --out "$WORK/head/work/lost.json" \
     > "$WORK/logs/eval-lost.log" 2>&1 &
 EVAL_PID=$!
 STARTED+=("$EVAL_PID")
 for _ in $(seq 1200); do
-    (( $(records) > BEFORE )) && break
+    $PROCS running "$WORK/node2" "ray::_ray_evaluate_chunks" && break
     kill -0 "$EVAL_PID" 2>/dev/null || break
-    sleep 1
+    sleep 0.5
 done
+sleep 2  # into its shard
 $PROCS stop "$WORK/node2" || true
 set +e
 wait "$EVAL_PID"

@@ -2,6 +2,8 @@
 
 ``ports N``: N free TCP ports on 127.0.0.1 outside Ray's default ranges, one per line, so the
 rehearsal's Ray nodes never collide with another Ray on this machine.
+``running DIR TEXT``: whether a process of DIR (as for ``stop``) has TEXT in its command line,
+e.g. ``ray::_ray_evaluate_chunks``: a Ray worker of that node running that task (exit 0 if so).
 ``stop DIR``: stop every process whose command line names DIR, and all their descendants, by PID
 (TERM, then KILL): what ``ray start --temp-dir DIR/...`` started (GCS, raylets, agents, workers)
 and nothing else. ``ray stop`` would stop every Ray of this machine's users.
@@ -54,10 +56,15 @@ def processes_of(folder: str) -> set[int]:
     """PIDs whose command line names ``folder``, with their descendants (Ray workers rename
     themselves ``ray::...``; only the process tree finds them)."""
     parents = _parents()
-    me = os.getpid()
+    # This helper and its callers (the rehearsal script, a `timeout` around it) may name the
+    # folder too (--work DIR): never stop them.
+    mine, pid = set(), os.getpid()
+    while pid > 1 and pid not in mine:
+        mine.add(pid)
+        pid = parents.get(pid, 1)
     roots = set()
     for pid in parents:
-        if pid == me:
+        if pid in mine:
             continue
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
@@ -69,7 +76,7 @@ def processes_of(folder: str) -> set[int]:
     while frontier:
         frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
         found |= frontier
-    return found - {me, os.getppid()}
+    return found - mine
 
 
 def stop(folder: str) -> int:
@@ -92,12 +99,20 @@ def main(argv: list[str]) -> int:
     if len(argv) == 2 and argv[0] == "ports":
         print("\n".join(str(p) for p in free_ports(int(argv[1]))))
         return 0
+    if len(argv) == 3 and argv[0] == "running":
+        for pid in processes_of(argv[1]):
+            try:
+                if argv[2].encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return 0
+            except OSError:
+                continue
+        return 1
     if len(argv) == 2 and argv[0] == "stop":
         left = stop(argv[1])
         if left:
             print(f"rehearsal_procs: {left} processes of {argv[1]} survived", file=sys.stderr)
         return 1 if left else 0
-    print("usage: rehearsal_procs.py ports N | stop DIR", file=sys.stderr)
+    print("usage: rehearsal_procs.py ports N | running DIR TEXT | stop DIR", file=sys.stderr)
     return 2
 
 
