@@ -132,12 +132,9 @@ def prepare_run(config: RunConfig, *, run_name: str | None = None,
                 storage_path: str | None = None,
                 run_tags: dict[str, str] | None = None) -> PreparedRun:
     """Validate a run on the driver (datasets, weights, tracking) before any worker starts."""
-    from raytrain_at.tracking.experiments import absolute_tracking_uri
-    from raytrain_at.tracking.runs import default_tracking_uri
-
     from raytrain_at.storage import check_root, explicit_root
-
-    from raytrain_at.tracking.experiments import check_tracking_server
+    from raytrain_at.tracking.experiments import absolute_tracking_uri, check_tracking_server
+    from raytrain_at.tracking.runs import default_tracking_uri
 
     config = config.model_copy(deep=True)
     explicit = explicit_root(storage_path, config.tracking.storage_path)
@@ -180,8 +177,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     os.environ.setdefault("LOCAL_RANK", str(context.get_local_rank()))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
-    # model.init may name the clean run by reference (runs:/ID/model, models:/NAME@ALIAS): a
-    # worker on another node resolves it against the run's own tracking server.
+    # model.init may name the clean run by reference (run:EXPERIMENT/NAME, runs:/ID/model,
+    # models:/NAME@ALIAS): a worker on another node resolves it on the run's tracking server.
     os.environ.setdefault("MLFLOW_TRACKING_URI", payload["tracking_uri"])
     config = RunConfig.model_validate(payload["run"])
     loop = WorkerLoop(config, place, payload["train_path"], payload["heldout_path"])
