@@ -74,7 +74,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-mapfile -t PORTS < <($PROCS ports 24)
+mapfile -t PORTS < <($PROCS ports 24 3 61)  # 24 single ports, 3 worker-port ranges
 S3_PORT=${PORTS[0]}; MLFLOW_PORT=${PORTS[1]}; GCS_PORT=${PORTS[2]}; DASH_PORT=${PORTS[3]}
 ENDPOINT=http://127.0.0.1:$S3_PORT
 BUCKET=rehearsal-$(basename "$WORK" | tr 'A-Z_' 'a-z-')
@@ -132,7 +132,6 @@ node_ports() {  # six ports of the node's own and a worker-port range
          "--dashboard-agent-listen-port=${p[2]} --dashboard-agent-grpc-port=${p[3]}" \
          "--runtime-env-agent-port=${p[4]} --metrics-export-port=${p[5]}"
 }
-mapfile -t WPORTS < <($PROCS ports 3)
 start_node() {  # NAME CPUS PORT-OFFSET [--head ...]
     local name=$1 cpus=$2 offset=$3; shift 3
     local -a env_args
@@ -142,8 +141,8 @@ start_node() {  # NAME CPUS PORT-OFFSET [--head ...]
         --node-ip-address=127.0.0.1 --num-cpus="$cpus" --num-gpus=0 \
         --object-store-memory=100000000 --disable-usage-stats \
         --temp-dir="$WORK/$name/ray" $(node_ports "${PORTS[@]:offset:6}") \
-        --min-worker-port=$((WPORTS[offset / 6 - 1] / 100 * 100)) \
-        --max-worker-port=$((WPORTS[offset / 6 - 1] / 100 * 100 + 60)) \
+        --min-worker-port=$((PORTS[23 + offset / 6])) \
+        --max-worker-port=$((PORTS[23 + offset / 6] + 60)) \
         > "$WORK/logs/ray-$name.log" 2>&1) || { tail -n 30 "$WORK/logs/ray-$name.log" >&2
                                               fail "ray start of $name"; }
 }

@@ -1,7 +1,9 @@
 """Process helpers of the cluster rehearsal (scripts/cluster_rehearsal.sh).
 
-``ports N``: N free TCP ports on 127.0.0.1 outside Ray's default ranges, one per line, so the
-rehearsal's Ray nodes never collide with another Ray on this machine.
+``ports N [B SIZE]``: N free TCP ports on 127.0.0.1 outside Ray's default ranges, one per line,
+then the first port of each of B blocks of SIZE consecutive free ports (Ray's worker ports), all
+distinct, so the rehearsal's Ray nodes collide neither with each other nor with another Ray on
+this machine.
 ``running DIR TEXT``: whether a process of DIR (as for ``stop``) has TEXT in its command line,
 e.g. ``ray::_ray_evaluate_chunks``: a Ray worker of that node running that task (exit 0 if so).
 ``stop DIR``: stop every process whose command line names DIR, and all their descendants, by PID
@@ -29,15 +31,25 @@ def _bindable(port: int) -> bool:
     return True
 
 
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct bindable ports in 20000-32000 (below Linux's ephemeral range)."""
+def free_ports(count: int, blocks: int = 0, size: int = 1) -> list[int]:
+    """``count`` distinct bindable ports, then the starts of ``blocks`` runs of ``size``
+    consecutive ones, none shared, in 20000-32000 (below Linux's ephemeral range)."""
     rng = random.Random()
-    chosen: list[int] = []
-    while len(chosen) < count:
+    taken: set[int] = set()
+    singles: list[int] = []
+    starts: list[int] = []
+    while len(starts) < blocks:
+        start = rng.randrange(20000, 32000 - size)
+        block = set(range(start, start + size))
+        if not block & taken and all(_bindable(p) for p in block):
+            taken |= block
+            starts.append(start)
+    while len(singles) < count:
         port = rng.randrange(20000, 32000)
-        if port not in chosen and _bindable(port):
-            chosen.append(port)
-    return chosen
+        if port not in taken and _bindable(port):
+            taken.add(port)
+            singles.append(port)
+    return singles + starts
 
 
 def _parents() -> dict[int, int]:
@@ -96,8 +108,8 @@ def stop(folder: str) -> int:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) == 2 and argv[0] == "ports":
-        print("\n".join(str(p) for p in free_ports(int(argv[1]))))
+    if argv[:1] == ["ports"] and len(argv) in (2, 4):
+        print("\n".join(str(p) for p in free_ports(*(int(a) for a in argv[1:]))))
         return 0
     if len(argv) == 3 and argv[0] == "running":
         for pid in processes_of(argv[1]):
@@ -112,7 +124,7 @@ def main(argv: list[str]) -> int:
         if left:
             print(f"rehearsal_procs: {left} processes of {argv[1]} survived", file=sys.stderr)
         return 1 if left else 0
-    print("usage: rehearsal_procs.py ports N | running DIR TEXT | stop DIR", file=sys.stderr)
+    print("usage: rehearsal_procs.py ports N [B SIZE] | running DIR TEXT | stop DIR", file=sys.stderr)
     return 2
 
 
