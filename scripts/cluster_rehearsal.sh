@@ -93,8 +93,10 @@ COMMON=(PATH="$BIN:/usr/bin:/bin" PYTHONPATH="$CODE" AWS_ACCESS_KEY_ID=rehearsal
         OMP_NUM_THREADS=1 LANG=C.UTF-8
         # A build cache, not state: DeepSpeed's CPU op compiled once (about 25 s), not per node.
         TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}")
-node_env() { echo HOME="$WORK/$1/home" "${COMMON[@]}"; }
-for node in head node1 node2; do mkdir -p "$WORK/$node/home" "$WORK/$node/work"; done
+# TMPDIR too: Ray restores a checkpoint from S3 into a temporary folder named after it, which
+# two "machines" sharing /tmp would download into (and delete under) each other's feet.
+node_env() { echo HOME="$WORK/$1/home" TMPDIR="$WORK/$1/tmp" "${COMMON[@]}"; }
+for node in head node1 node2; do mkdir -p "$WORK/$node/home" "$WORK/$node/work" "$WORK/$node/tmp"; done
 read -r -a HEAD_ENV <<< "$(node_env head)"
 # exec: a command started in the background is then $! itself, so killing that PID kills it.
 on_head() { (cd "$WORK/head/work" && exec env -i "${HEAD_ENV[@]}" "$@"); }
