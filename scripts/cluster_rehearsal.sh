@@ -228,7 +228,8 @@ grep -q "done: epoch 2/2" "$WORK/logs/adversarial.log" \
 # new workers resumed from its checkpoint.
 [[ "$(cat "$WORK/pids/rank0-epoch0.pid" "$WORK/pids/rank1-epoch0.pid")" == "$FIRST_EPOCH" ]] \
     || fail "epoch 1 was trained again after the kill"
-MODEL_REF=$(grep -h "^model: runs:/" "$WORK/logs/adversarial.log" | tail -n 1 | cut -d' ' -f2)
+MODEL_REF=$(grep -h "^model: runs:/" "$WORK/logs/adversarial.log" | tail -n 1 | cut -d' ' -f2 \
+            || true)
 [[ -n "$MODEL_REF" ]] || MODEL_REF=$(on_head "$PY" - <<'EOF'
 from raytrain_at.tracking.runs import find_run_id
 import os
