@@ -279,13 +279,25 @@ EOF
 kill -KILL "$EVAL_PID" 2>/dev/null && say "   killed the evaluation driver (PID $EVAL_PID)"
 wait "$EVAL_PID" 2>/dev/null || true
 [[ ! -e "$WORK/head/work/killed.json" ]] || fail "the killed evaluation wrote a result"
+# The killed driver's tasks outlive it for a while: wait until they are gone, so that node2 is
+# free for a shard of the next run.
+for _ in $(seq 600); do
+    $PROCS running "$WORK" "ray::_ray_evaluate_chunks" || break
+    sleep 1
+done
+# Ray writes ":task_name:<task>" into a worker's .out file when it starts a task there.
+shards_on_node2() {
+    cat "$WORK"/node2/ray/session_*/logs/worker-*.out 2>/dev/null \
+        | grep -c ":task_name:_ray_evaluate_chunks" || true
+}
+SHARDS=$(shards_on_node2)
 say "   resumed; node2 lost (all its processes killed by PID) while it runs its shard"
 on_head "${EVAL[@]}" --workers 2 --address "$ADDRESS" --out "$WORK/head/work/lost.json" \
     > "$WORK/logs/eval-lost.log" 2>&1 &
 EVAL_PID=$!
 STARTED+=("$EVAL_PID")
 for _ in $(seq 1200); do
-    $PROCS running "$WORK/node2" "ray::_ray_evaluate_chunks" && break
+    (( $(shards_on_node2) > SHARDS )) && break
     kill -0 "$EVAL_PID" 2>/dev/null || break
     sleep 0.5
 done
