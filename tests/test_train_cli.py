@@ -53,12 +53,14 @@ def test_unreadable_checkpoint_stops_before_workers(tmp_path) -> None:
 
 def test_cloud_storage_path_stays_a_uri(tmp_path, monkeypatch) -> None:
     """`--storage-path s3://...` (the cluster's checkpoints) is handed to Ray as a URI; the
-    bundled data goes to the local home."""
+    bundled data goes to the local home. The bucket must exist (an S3 store on 127.0.0.1)."""
     from raytrain_at.config import load_config
     from raytrain_at.training.launch import prepare_run
+    from tests.s3_store import object_store
 
     monkeypatch.setenv("RAYTRAIN_AT_HOME", str(tmp_path))
-    prepared = prepare_run(load_config("quickstart"), run_name="cloud",
-                           storage_path="s3://bucket/ray-results/")
+    with object_store(bucket="bucket"):
+        prepared = prepare_run(load_config("quickstart"), run_name="cloud",
+                               storage_path="s3://bucket/ray-results/")
     assert prepared.storage_path == "s3://bucket/ray-results/runs"
     assert Path(prepared.train_path).is_relative_to(tmp_path)
