@@ -91,6 +91,9 @@ COMMON=(PATH="$BIN:/usr/bin:/bin" PYTHONPATH="$CODE" AWS_ACCESS_KEY_ID=rehearsal
         RAY_AUTH_MODE=token RAY_AUTH_TOKEN="$("$PY" -c 'import secrets; print(secrets.token_hex(32))')"
         RAY_USAGE_STATS_ENABLED=0 RAYTRAIN_AT_PID_DIR="$WORK/pids" HF_HUB_OFFLINE=1
         OMP_NUM_THREADS=1 LANG=C.UTF-8
+        # MLflow's telemetry thread sets and unsets a variable while other threads read the
+        # environment (a KeyError that killed a training worker here); node_env.sh does the same.
+        MLFLOW_DISABLE_TELEMETRY=true
         # A build cache, not state: DeepSpeed's CPU op compiled once (about 25 s), not per node.
         TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}")
 # TMPDIR too: Ray restores a checkpoint from S3 into a temporary folder named after it, which

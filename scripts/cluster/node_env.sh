@@ -13,6 +13,9 @@
 #   MLFLOW_TRACKING_URI  the MLflow server on the head node's private IP
 #   PATH                 the project's virtual environment first (ray, raytrain-at, mlflow)
 #   RAY_AUTH_MODE=token  Ray's token authentication on every node (token: ~/.ray/auth_token)
+#   MLFLOW_DISABLE_TELEMETRY=true  MLflow 3.17's telemetry thread sets and unsets an environment
+#                        variable while other threads iterate the environment: a KeyError that
+#                        killed a training worker in the cluster rehearsal
 #
 # Usage: node_env.sh [--bucket NAME] [--region REGION]
 #   --bucket, --region   set once by the first setup command; later calls keep the stored values
@@ -73,6 +76,7 @@ export RAYTRAIN_AT_DATA=$DATA_LINK
 export MLFLOW_TRACKING_URI=http://$HEAD_IP:5000
 export RAYTRAIN_AT_HEAD_IP=$HEAD_IP
 export RAY_AUTH_MODE=token
+export MLFLOW_DISABLE_TELEMETRY=true
 case ":\$PATH:" in *":$PROJECT/.venv/bin:"*) ;; *) export PATH="$PROJECT/.venv/bin:\$PATH" ;; esac
 ENV
 mv "$tmp" "$ENV_FILE"
