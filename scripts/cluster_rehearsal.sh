@@ -68,7 +68,8 @@ cleanup() {
     [[ -n "${MLFLOW_HOME:-}" ]] && env "${HEAD_ENV[@]}" bash "$ROOT/scripts/cluster/start_mlflow.sh" --stop >/dev/null
     $PROCS stop "$WORK" || rc=1
     for pid in "${STARTED[@]}"; do kill -KILL "$pid" 2>/dev/null; done
-    if (( KEEP )); then echo "[rehearsal] kept $WORK"; else rm -rf "$WORK"; fi
+    # A failed run keeps its folder: the logs say what went wrong.
+    if (( KEEP || rc != 0 )); then echo "[rehearsal] kept $WORK"; else rm -rf "$WORK"; fi
     exit "$rc"
 }
 trap cleanup EXIT
@@ -310,7 +311,7 @@ set +e
 wait "$EVAL_PID"
 rc=$?
 set -e
-LOST=$(grep -h "^error: " "$WORK/logs/eval-lost.log" | head -n 1)
+LOST=$(grep -ho "error: .*" "$WORK/logs/eval-lost.log" | head -n 1 || true)
 (( rc != 0 )) && [[ "$LOST" == *"evaluation worker was lost"* ]] \
     || { tail -n 30 "$WORK/logs/eval-lost.log" >&2; fail "a lost node was not one line"; }
 [[ ! -e "$WORK/head/work/lost.json" ]] || fail "the evaluation that lost a node wrote a result"
