@@ -283,8 +283,8 @@ EOF
 kill -KILL "$EVAL_PID" 2>/dev/null && say "   killed the evaluation driver (PID $EVAL_PID)"
 wait "$EVAL_PID" 2>/dev/null || true
 [[ ! -e "$WORK/head/work/killed.json" ]] || fail "the killed evaluation wrote a result"
-# The killed driver's tasks outlive it for a while: wait until they are gone, so that node2 is
-# free for a shard of the next run.
+# The killed driver's tasks outlive it for a while (Ray lets them finish their chunks): wait
+# until they are gone, so that node2 is free for a shard of the next run.
 for _ in $(seq 600); do
     $PROCS running "$WORK" "ray::_ray_evaluate_chunks" || break
     sleep 1
@@ -295,8 +295,10 @@ shards_on_node2() {
         | grep -c ":task_name:_ray_evaluate_chunks" || true
 }
 SHARDS=$(shards_on_node2)
-say "   resumed; node2 lost (all its processes killed by PID) while it runs its shard"
-on_head "${EVAL[@]}" --workers 2 --address "$ADDRESS" --out "$WORK/head/work/lost.json" \
+# A node lost mid-evaluation, on a job of its own (60 images): the killed driver's tasks may
+# have finished the first job by now.
+say "   another evaluation (--n 60); node2 lost (its processes killed by PID) during its shard"
+on_head "${EVAL[@]}" --n 60 --workers 2 --address "$ADDRESS" --out "$WORK/head/work/lost.json" \
     > "$WORK/logs/eval-lost.log" 2>&1 &
 EVAL_PID=$!
 STARTED+=("$EVAL_PID")
