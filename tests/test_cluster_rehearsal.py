@@ -1,9 +1,9 @@
 """The cluster rehearsal (scripts/cluster_rehearsal.sh): a Ray head and two worker nodes with
 separate homes, an S3 store (moto) and the MLflow server, through which clean pre-training, the
 adversarial run from its reference with a killed worker, the sharded evaluation with a killed
-driver and a lost node (equal to a single-process one when resumed), registration and a client loading the champion all
-pass. The script stops every process it started, by PID, pass or fail; this test checks that
-none is left. About 6-9 minutes on 2 cores: run with ``-m cluster``."""
+driver and a lost node (equal to a single-process one when resumed), registration and a client
+loading the champion all pass. The script stops every process it started, by PID, pass or fail;
+this test checks that none is left. About 6-9 minutes on 2 cores: run with ``-m cluster``."""
 
 from __future__ import annotations
 

@@ -124,7 +124,8 @@ def main(argv: list[str]) -> int:
         if left:
             print(f"rehearsal_procs: {left} processes of {argv[1]} survived", file=sys.stderr)
         return 1 if left else 0
-    print("usage: rehearsal_procs.py ports N [B SIZE] | running DIR TEXT | stop DIR", file=sys.stderr)
+    print("usage: rehearsal_procs.py ports N [B SIZE] | running DIR TEXT | stop DIR",
+          file=sys.stderr)
     return 2
 
 
