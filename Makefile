@@ -3,7 +3,7 @@
 VENV  := .venv
 STAMP := $(VENV)/.raytrain-at-installed
 
-.PHONY: demo test setup browser-check
+.PHONY: demo test setup browser-check cluster-rehearsal
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
@@ -21,3 +21,8 @@ test: $(STAMP)
 browser-check: $(STAMP)
 	bash scripts/setup_browser.sh
 	$(VENV)/bin/python -m pytest -m slow tests/test_registry_server.py -k "screenshot or models_page"
+
+# The cluster rehearsal: Ray head + 2 worker nodes with separate homes, an S3 store (moto) and the
+# MLflow server on this machine, the main job through them (scripts/cluster_rehearsal.sh).
+cluster-rehearsal: $(STAMP)
+	$(VENV)/bin/python -m pytest -m cluster tests/test_cluster_rehearsal.py

@@ -148,8 +148,26 @@ def train(
         print(f"run {prepared.run_name} done: "
               f"{epoch_line(metrics, prepared.config.schedule.epochs)}")
     if result.checkpoint is not None:
-        print(f"latest checkpoint: {result.checkpoint.path}")
+        path = result.checkpoint.path
+        if "://" in prepared.storage_path and "://" not in path:  # Ray drops the scheme
+            path = prepared.storage_path.split("://", 1)[0] + "://" + path
+        print(f"latest checkpoint: {path}")
+    _print_model_reference(prepared)
     print(f"full log: {run_folder(prepared) / 'console.log'}")
+
+
+def _print_model_reference(prepared) -> None:
+    """The run's selected model by reference, what ``model.init`` of a follow-up run (clean
+    pre-training -> adversarial training), ``evaluate`` and ``register`` take."""
+    from raytrain_at.tracking.runs import find_run_id
+
+    try:
+        run_id = find_run_id(prepared.tracking_uri, prepared.config.tracking.experiment,
+                             prepared.run_name)
+    except Exception as exc:  # noqa: BLE001 - the training itself succeeded
+        print(f"model: (MLflow run not found: {exc})")
+        return
+    print(f"model: runs:/{run_id}/model")
 
 
 @app.command()
@@ -237,9 +255,12 @@ def evaluate(
     batch_size: int = typer.Option(250, help="images per chunk and attack batch"),
     seed: int = typer.Option(0, help="AutoAttack seed"),
     out: Path = typer.Option(None, help="result JSON [evaluation-<hash>.json]"),
-    state_dir: Path = typer.Option(None, help="resume state root [~/.raytrain_at/eval-state]"),
+    state_dir: str = typer.Option(None, help="resume state root, a folder or s3:// URI "
+                                  "[$RAYTRAIN_AT_STORAGE/eval-state, else "
+                                  "~/.raytrain_at/eval-state]"),
     address: str = typer.Option(None, help="Ray cluster address (auto on a cluster node)"),
-    gpu: bool = typer.Option(False, help="one GPU per worker"),
+    gpu: bool = typer.Option(None, "--gpu/--no-gpu",
+                             help="one GPU per worker [when the machine or cluster has GPUs]"),
     eps_sweep: str = typer.Option(None, help="also sweep radii: 'paper' (Table 5: 2,4,6,8/255) "
                                   "or a list like 1/255,2/255"),
     sweep_norm: str = typer.Option("linf", help="norm of the eps sweep"),

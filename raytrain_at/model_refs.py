@@ -2,7 +2,9 @@
 
 A reference is a model file (``model.safetensors`` with its spec), a folder holding one (a
 training checkpoint), ``runs:/RUN_ID/model`` (a training run's final weights in MLflow) or
-``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` (the registry). Every form ends in the same
+``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` (the registry) or ``run:EXPERIMENT/RUN_NAME``
+(the latest run of that name's model: how an adversarial recipe names its clean pre-training,
+whose ``model`` is already the selected epoch). Every form ends in the same
 safetensors file and is rebuilt through the timm registry, never by unpickling.
 """
 

@@ -271,6 +271,8 @@ def test_worker_start_commands_export_tracking_uri_and_stage_data(prepared, node
     assert Path(os.readlink(link)) == node["tmp"] / "nvme" / "raytrain-at-data"
     env_file = (node["home"] / ".raytrain-at.env").read_text()
     assert "export MLFLOW_TRACKING_URI=http://10.1.2.3:5000" in env_file
+    # The storage root every node sees: a multi-node run refuses to start without one.
+    assert "export RAYTRAIN_AT_STORAGE=s3://my-bucket/ray-results" in env_file
     assert "export RAYTRAIN_AT_BUCKET=my-bucket" in env_file
     assert f"export AWS_DEFAULT_REGION={prepared['provider']['region']}" in env_file
     bashrc = (node["home"] / ".bashrc").read_text()

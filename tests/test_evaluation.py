@@ -94,7 +94,7 @@ def test_two_ray_workers_equal_one_process(single_process_fast, robust_model_fil
     assert sharded.threats["l2"].eps == pytest.approx(2.0 * 16 / 224)
 
 
-@pytest.mark.slow  # about 50 s; .ci/run runs it after the fast suite
+@pytest.mark.slow  # about 50 s; in CI the cluster rehearsal checks the same across nodes
 def test_killed_evaluation_resumes_to_the_same_result(single_process_fast, robust_model_file,
                                                      tmp_path):
     state = tmp_path / "state"

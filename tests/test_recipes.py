@@ -90,12 +90,14 @@ def test_imagenet_recipes_share_the_paper_setup(name):
     assert c.model.num_classes == 1000 and c.data.resolution == 224
     assert c.data.train == "$RAYTRAIN_AT_DATA/imagenet_train.beton"
     assert c.data.heldout == "$RAYTRAIN_AT_DATA/imagenet_heldout4k.beton"
-    assert c.scaling.use_gpu and c.tracking.experiment == "imagenet-at"
+    assert c.scaling.use_gpu and c.tracking.experiment == (
+        "clean-pretraining" if name.startswith("clean_") else "imagenet-at")
     # App. A.1: AdamW 0.9/0.95, wd 0.05, label smoothing 0.1, EMA 0.999.
     assert c.optim.betas == (0.9, 0.95) and c.optim.weight_decay == 0.05
     assert c.objective.label_smoothing == 0.1 and c.optim.ema_decay == 0.999
     for value in (c.model.pretrained, c.model.init):  # no hard-coded local paths
-        assert value is None or value.startswith(("hub:", "$RAYTRAIN_AT_CKPT/", "models:/")), value
+        assert value is None or value.startswith(("hub:", "$RAYTRAIN_AT_CKPT/", "models:/",
+                                                  "run:clean-pretraining/")), value
     if not name.startswith("clean_"):
         assert c.objective.kind == "adversarial" and c.attack.norm == "linf"
     if not name.startswith(("finetune_", "clean_")):
@@ -117,7 +119,7 @@ def test_table2_convnext_tiny_cvst_3step():
     assert c.schedule.epochs == 300 and c.attack.steps == 3
     assert c.schedule.global_batch_size == 1392 and c.optim.warmup_epochs == 20
     assert c.attack.kind == "apgd" and c.aug.preset == "heavy"
-    assert c.model.init == "$RAYTRAIN_AT_CKPT/convnext_tiny_cvst_clean.safetensors"
+    assert c.model.init == "run:clean-pretraining/clean_convnext_tiny_cvst"
 
 
 @pytest.mark.parametrize("name", recipes("table2_"))
@@ -130,7 +132,11 @@ def test_table2_rows(name):
     assert c.aug.preset == "heavy"
     assert (c.model.pretrained is None) != (c.model.init is None)
     if c.model.name.endswith("_cvst"):
-        assert c.model.init == f"$RAYTRAIN_AT_CKPT/{c.model.name}_clean.safetensors"
+        # The clean pre-training by its run's stable name: no file to copy, no variable to set.
+        assert c.model.init == f"run:clean-pretraining/clean_{c.model.name}"
+        clean = cfg(f"clean_{c.model.name}")
+        assert (clean.tracking.experiment, clean.tracking.run_name) == (
+            "clean-pretraining", f"clean_{c.model.name}")
     size = ("large" if "base" in c.model.name else
             "medium" if "medium" in c.model.name or "convnext_small" in c.model.name else "small")
     if size == "small":

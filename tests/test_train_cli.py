@@ -53,13 +53,15 @@ def test_unreadable_checkpoint_stops_before_workers(tmp_path) -> None:
 
 def test_cloud_storage_path_stays_a_uri(tmp_path, monkeypatch) -> None:
     """`--storage-path s3://...` (the cluster's checkpoints) is handed to Ray as a URI; the
-    bundled data goes to the local home."""
+    bundled data goes to the local home. The bucket must exist (an S3 store on 127.0.0.1)."""
     from raytrain_at.config import load_config
     from raytrain_at.training.launch import prepare_run
+    from tests.s3_store import object_store
 
     monkeypatch.setenv("RAYTRAIN_AT_HOME", str(tmp_path))
-    prepared = prepare_run(load_config("quickstart"), run_name="cloud",
-                           storage_path="s3://bucket/ray-results/")
+    with object_store(bucket="bucket"):
+        prepared = prepare_run(load_config("quickstart"), run_name="cloud",
+                               storage_path="s3://bucket/ray-results/")
     assert prepared.storage_path == "s3://bucket/ray-results/runs"
     assert Path(prepared.train_path).is_relative_to(tmp_path)
 
@@ -80,6 +82,7 @@ def test_failed_run_is_one_line_with_the_log(tmp_path, monkeypatch, capsys) -> N
 
     monkeypatch.setenv("RAYTRAIN_AT_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("RAYTRAIN_AT_STORAGE", str(tmp_path / "storage"))  # no Ray to ask
     monkeypatch.setattr(launch_module, "build_trainer", lambda prepared: OutOfMemoryTrainer())
     monkeypatch.setattr(launch_module, "init_ray", lambda address=None: None)  # no Ray needed
     monkeypatch.chdir(tmp_path)

@@ -74,7 +74,7 @@ def test_two_worker_run_trains_tracks_and_resumes(ray_local, tmp_path) -> None:
     assert [s for s, _ in _history(client, run.info.run_id, "train_loss")] == [1, 2, 3]
 
 
-@pytest.mark.slow  # about 70 s; .ci/run runs it after the fast suite
+@pytest.mark.slow  # about 70 s; in CI the cluster rehearsal checks the same across nodes
 def test_killed_worker_is_replaced_and_run_completes(ray_local, tmp_path, monkeypatch) -> None:
     import ray
 

@@ -27,8 +27,8 @@ from raytrain_at.evaluation.runner import EvalJob, ThreatOutcome, merge, run_job
 from raytrain_at.evaluation.sweeps import expected_robustness, plot_eps_sweep, plot_resolution_sweep
 from raytrain_at.evaluation.threats import NORMS, PAPER_EPS, ThreatModel, scaled_eps
 from raytrain_at.models.model_files import LoadedModel
-from raytrain_at.storage import default_home
-
+from raytrain_at.storage import check_root, default_home, explicit_root, require_shared_root
+from raytrain_at.ray_runtime import init_ray
 log = logging.getLogger(__name__)
 
 
@@ -52,9 +52,9 @@ class EvaluationRequest:
     batch_size: int = 250
     seed: int = 0
     out: Path | None = None
-    state_root: Path | None = None
+    state_root: str | Path | None = None
     address: str | None = None
-    use_gpu: bool = False
+    use_gpu: bool | None = None
     eps_sweep: list[float] | None = None
     sweep_norm: str = "linf"
     sweep_version: str = "apgdt"
@@ -74,7 +74,9 @@ def resolve_data(data: str, storage: Path) -> str:
         return bundled_beton(data, "test", storage)
     path = Path(data).expanduser()
     inspect_beton(path)  # one-line errors for missing, foreign or truncated files
-    return str(path.resolve())
+    # Absolute but not resolved: a staged file's link (the same path on every node) is what
+    # workers open, not where it points on the driver's node.
+    return str(path.absolute())
 
 
 def _validate(request: EvaluationRequest) -> None:
@@ -138,7 +140,19 @@ class Evaluation:
         _validate(request)
         self.request = request
         home = default_home()
-        self.state_root = Path(request.state_root or home / "eval-state")
+        explicit = explicit_root(str(request.state_root) if request.state_root else None)
+        if request.address is not None:
+            init_ray(request.address)
+            require_shared_root(explicit, "evaluation")
+        # The chunk records: under the shared storage root (every node writes, the driver
+        # merges), else this machine's home.
+        if request.state_root and explicit:
+            self.state_root: str = explicit
+        elif explicit:
+            self.state_root = f"{explicit}/eval-state"
+        else:
+            self.state_root = str(home / "eval-state")
+        check_root(self.state_root)
         self.loaded: LoadedModel = resolve_model(request.model_ref,
                                                  tracking_uri=request.tracking_uri)
         self.spec = self.loaded.spec
@@ -173,7 +187,7 @@ class Evaluation:
                        data_path=self.data_path, ids=tuple(self.ids), resolution=resolution,
                        crop_pct=self.spec.crop_pct, threats=tuple(threats), version=version,
                        seed=r.seed, batch_size=r.batch_size, num_classes=self.spec.num_classes,
-                       state_root=str(self.state_root), tracking_uri=r.tracking_uri,
+                       state_root=self.state_root, tracking_uri=r.tracking_uri,
                        kernels=r.kernels)
 
     def _run(self, job: EvalJob, label: str) -> dict[ThreatModel, ThreatOutcome]:
@@ -205,7 +219,7 @@ class Evaluation:
                 model = resolve_model(r.model_ref, resolution=self.resolution,
                                       tracking_uri=r.tracking_uri).module
             corruption = corruption_accuracy_on_device(
-                model, r.model_ref, tracking_uri=r.tracking_uri, use_gpu=r.use_gpu,
+                model, r.model_ref, tracking_uri=r.tracking_uri, use_gpu=bool(r.use_gpu),
                 address=r.address, resolution=self.resolution, data_path=self.data_path,
                 ids=self.ids, crop_pct=self.spec.crop_pct, severity=r.severity, seed=r.seed,
                 batch_size=r.batch_size, protocol=r.corruption_protocol)

@@ -10,7 +10,10 @@ was interrupted, so the merged result equals a single-process run.
 
 The state folder is keyed by everything that changes the result (weights hash, data file, image
 ids, resolution, preprocessing, version, seed, batch size), so a re-run of the same evaluation
-resumes and a different one starts afresh.
+resumes and a different one starts afresh. The key is computed once, on the driver, from what
+every node agrees on (the data file's name, size and first MiB, never its resolved path), and it
+lies under the storage root (:mod:`raytrain_at.storage`): ``s3://`` or a shared folder on a
+cluster, so the driver merges what workers on other machines wrote.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,6 +38,7 @@ from raytrain_at.evaluation.kernels import attack_model
 from raytrain_at.evaluation.threats import ThreatModel
 from raytrain_at.ray_logs import worker_log_file
 from raytrain_at.ray_runtime import init_ray
+from raytrain_at.storage import default_home, filesystem, is_uri
 
 FORMAT = 1
 
@@ -54,9 +58,11 @@ class EvalJob:
         seed: AutoAttack's seed (every chunk uses it, as every batch in the reference does).
         batch_size: images per chunk and per attack batch.
         num_classes: the model's outputs (caps the number of target classes).
-        state_root: folder under which the job's state folder is made.
+        state_root: folder or ``s3://`` URI under which the job's state folder is made (on a
+            cluster, the shared storage root: every worker writes there, the driver merges).
         tracking_uri: MLflow tracking URI for ``runs:/`` / ``models:/`` references.
         kernels: ``exact`` or ``fast`` (:mod:`raytrain_at.evaluation.kernels`).
+        state_key: the state folder's name (:func:`state_key`); computed when left empty.
     """
 
     model_ref: str
@@ -73,6 +79,14 @@ class EvalJob:
     state_root: str
     tracking_uri: str | None = None
     kernels: str = "exact"
+    state_key: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.state_key:  # on the driver; workers receive the driver's key
+            object.__setattr__(self, "state_key", state_key(
+                weights_sha256=self.weights_sha256, data_path=self.data_path, ids=self.ids,
+                resolution=self.resolution, crop_pct=self.crop_pct, version=self.version,
+                seed=self.seed, batch_size=self.batch_size, kernels=self.kernels))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,37 +101,69 @@ class EvalJob:
         return [self.ids[i:i + self.batch_size] for i in range(0, len(self.ids), self.batch_size)]
 
     @property
-    def state_dir(self) -> Path:
-        data = Path(self.data_path).resolve()
-        stat = data.stat()
-        identity = {
-            "format": FORMAT, "weights": self.weights_sha256,
-            "data": [str(data), stat.st_size, stat.st_mtime_ns],
-            "ids": hashlib.sha256(np.asarray(self.ids, dtype=np.int64).tobytes()).hexdigest(),
-            "resolution": self.resolution, "crop_pct": self.crop_pct, "version": self.version,
-            "seed": self.seed, "batch_size": self.batch_size,
-        }
-        if self.kernels != "exact":  # exact jobs keep the state folders they had before
-            identity["kernels"] = self.kernels
-        key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-        return Path(self.state_root) / key
+    def state_dir(self) -> str:
+        """The job's state folder: a local path or an ``s3://`` URI under ``state_root``."""
+        return f"{self.state_root.rstrip('/')}/{self.state_key}"
 
-    def record_path(self, threat: ThreatModel, chunk: int) -> Path:
-        return self.state_dir / threat.key / f"chunk-{chunk:05d}.json"
+    def record_path(self, threat: ThreatModel, chunk: int) -> str:
+        return f"{self.state_dir}/{threat.key}/chunk-{chunk:05d}.json"
 
 
-def read_record(path: Path) -> ChunkRecord | None:
-    if not path.is_file():
+def data_fingerprint(data_path: str) -> list:
+    """What identifies a data file wherever it lies: its name, size and the hash of its first
+    MiB. Not its path (a staged copy has another one on each node) nor its mtime (each copy has
+    its own), which a key hashed on one node would disagree on with the others."""
+    path = Path(data_path)
+    with path.open("rb") as handle:
+        head = hashlib.sha256(handle.read(1 << 20)).hexdigest()
+    return [path.name, path.stat().st_size, head]
+
+
+def state_key(*, weights_sha256: str, data_path: str, ids: tuple[int, ...], resolution: int,
+              crop_pct: float, version: str, seed: int, batch_size: int,
+              kernels: str = "exact") -> str:
+    """The state folder name of a job: a hash of everything that changes its result, computed
+    once on the driver and shipped to the workers with the job."""
+    identity = {
+        "format": FORMAT, "weights": weights_sha256, "data": data_fingerprint(data_path),
+        "ids": hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest(),
+        "resolution": resolution, "crop_pct": crop_pct, "version": version, "seed": seed,
+        "batch_size": batch_size,
+    }
+    if kernels != "exact":
+        identity["kernels"] = kernels
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _fs_path(path: str):
+    return filesystem(path)
+
+
+def read_record(path: str | Path) -> ChunkRecord | None:
+    """The chunk record at ``path`` (local or ``s3://``), None when there is none yet."""
+    import pyarrow.fs as pafs
+
+    fs, inner = _fs_path(str(path))
+    if fs.get_file_info(inner).type != pafs.FileType.File:
         return None
-    return ChunkRecord(**json.loads(path.read_text()))
+    with fs.open_input_stream(inner) as handle:
+        return ChunkRecord(**json.loads(handle.read().decode()))
 
 
-def write_record(path: Path, record: ChunkRecord) -> None:
-    """Atomically: a worker killed mid-write leaves the previous record, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record.as_dict()))
-    os.replace(tmp, path)
+def write_record(path: str | Path, record: ChunkRecord) -> None:
+    """Atomically: a worker killed mid-write leaves the previous record, never half of one (a
+    local file is renamed into place; an object store's PUT is atomic by itself)."""
+    data = json.dumps(record.as_dict()).encode()
+    fs, inner = _fs_path(str(path))
+    if is_uri(str(path)):
+        with fs.open_output_stream(inner) as handle:
+            handle.write(data)
+        return
+    local = Path(inner)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_name(f".{local.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, local)
 
 
 def pending_chunks(job: EvalJob) -> list[int]:
@@ -132,13 +178,21 @@ def pending_chunks(job: EvalJob) -> list[int]:
 
 def finished_images(job: EvalJob) -> int:
     """Images attacked so far, summed over threat models (what the progress bar counts)."""
+    import pyarrow.fs as pafs
+
     sizes = [len(chunk) for chunk in job.chunks()]
     finished = 0
     for threat in job.threats:
-        for path in (job.state_dir / threat.key).glob("chunk-*.json"):
-            record = read_record(path)
+        folder = f"{job.state_dir}/{threat.key}"
+        fs, inner = _fs_path(folder)
+        infos = fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
+        prefix = "s3://" if folder.startswith("s3://") else ""
+        for info in infos:
+            if not (info.base_name.startswith("chunk-") and info.base_name.endswith(".json")):
+                continue
+            record = read_record(prefix + info.path)
             if record and record.complete:
-                finished += sizes[int(path.stem.split("-")[1])]
+                finished += sizes[int(info.base_name[len("chunk-"):-len(".json")])]
     return finished
 
 
@@ -210,10 +264,28 @@ def _ray_evaluate_chunks(job_data: dict, chunk_numbers: list[int], device: str,
     evaluate_chunks(EvalJob.from_dict(job_data), chunk_numbers, device=device)
 
 
+def shard_resources(use_gpu: bool | None, workers: int,
+                    cluster: Mapping[str, float]) -> tuple[bool, int, int]:
+    """``(on GPU, CPUs, GPUs)`` one evaluation shard asks Ray for.
+
+    Args:
+        use_gpu: True / False as asked; None: a GPU per shard when ``cluster`` has any (what
+            Tune's and the benchmark's evaluations use), CPU otherwise.
+        workers: shards running at once.
+        cluster: ``ray.cluster_resources()``.
+    """
+    gpu = bool(cluster.get("GPU", 0)) if use_gpu is None else use_gpu
+    if gpu:
+        return True, 1, 1
+    return False, max(1, int(cluster.get("CPU", workers)) // workers), 0
+
+
 def run_job(job: EvalJob, *, workers: int = 1, address: str | None = None,
-            use_gpu: bool = False, description: str = "AutoAttack") -> None:
+            use_gpu: bool | None = None, description: str = "AutoAttack") -> None:
     """Evaluate every chunk of ``job`` (resuming), on ``workers`` Ray workers or in this process
-    (one worker and no cluster address), with a progress bar over the attacked images."""
+    (one worker and no cluster address), with a progress bar over the attacked images.
+
+    ``use_gpu`` None: one GPU per shard where there are GPUs (see :func:`shard_resources`)."""
     if job.version not in VERSIONS:
         raise UserError(f"unknown attack version {job.version!r}")
     if not (workers == 1 and address is None):
@@ -225,8 +297,9 @@ def run_job(job: EvalJob, *, workers: int = 1, address: str | None = None,
                dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 60.0)
     try:
         if workers == 1 and address is None:
+            gpu = torch.cuda.is_available() if use_gpu is None else use_gpu
             evaluate_chunks(job, list(range(len(job.chunks()))),
-                            device="cuda" if use_gpu else "cpu",
+                            device="cuda" if gpu else "cpu",
                             on_record=lambda: bar.update(finished_images(job) - bar.n))
             return
         _run_on_ray(job, workers, address, use_gpu, bar)
@@ -234,24 +307,24 @@ def run_job(job: EvalJob, *, workers: int = 1, address: str | None = None,
         bar.close()
 
 
-def _run_on_ray(job: EvalJob, workers: int, address: str | None, use_gpu: bool, bar) -> None:
+def _run_on_ray(job: EvalJob, workers: int, address: str | None, use_gpu: bool | None,
+                bar) -> None:
     import ray
+    import ray.exceptions
 
     init_ray(address)
     pending = pending_chunks(job)
     if not pending:
         return
     workers = min(workers, len(pending))
-    cpus = max(1, int(ray.cluster_resources().get("CPU", workers)) // workers)
-    if use_gpu:
-        cpus = 1
-    task = ray.remote(_ray_evaluate_chunks).options(
-        num_cpus=cpus, num_gpus=1 if use_gpu else 0, max_retries=0)
-    refs = [task.remote(job.to_dict(), pending[w::workers], "cuda" if use_gpu else "cpu", cpus)
+    gpu, cpus, gpus = shard_resources(use_gpu, workers, ray.cluster_resources())
+    task = ray.remote(_ray_evaluate_chunks).options(num_cpus=cpus, num_gpus=gpus,
+                                                    max_retries=0)
+    refs = [task.remote(job.to_dict(), pending[w::workers], "cuda" if gpu else "cpu", cpus)
             for w in range(workers)]
     remaining = list(refs)
-    # The workers' own output (pyautoattack's prints, warnings) goes to the job's state folder.
-    with worker_log_file(job.state_dir / "console.log"):
+    # The workers' own output (pyautoattack's prints, warnings) goes to the job's console log.
+    with worker_log_file(_console_log(job)):
         while remaining:
             _, remaining = ray.wait(remaining, timeout=1.0)
             finished = finished_images(job)
@@ -264,6 +337,13 @@ def _run_on_ray(job: EvalJob, workers: int, address: str | None, use_gpu: bool, 
         if isinstance(cause, UserError):
             raise cause from None
         raise
+    except ray.exceptions.RayError as exc:
+        # A node or worker process lost mid-shard: its finished chunks are kept, so the same
+        # command resumes; no result is written from a partial job.
+        done = len(job.chunks()) - len(pending_chunks(job))
+        raise UserError(f"an evaluation worker was lost ({type(exc).__name__}); {done} of "
+                        f"{len(job.chunks())} chunks are saved in {job.state_dir}: run the "
+                        "same command again to resume") from None
 
 
 @dataclass
@@ -310,3 +390,11 @@ def merge(job: EvalJob) -> dict[ThreatModel, ThreatOutcome]:
             max_perturbation=largest, warnings=warnings, status=status,
             unconfirmed=unconfirmed)
     return outcomes
+
+
+def _console_log(job: EvalJob) -> Path:
+    """Where the workers' own output goes: the job's state folder when it is local, this
+    machine's home otherwise (a log file is appended line by line, which S3 cannot do)."""
+    if is_uri(job.state_root):
+        return default_home() / "eval-logs" / job.state_key / "console.log"
+    return Path(job.state_dir) / "console.log"

@@ -46,7 +46,8 @@ class LoadReport:
 
 def read_state_dict(source: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from a safetensors file, a torch file (weights only), ``hub:NAME``, or
-    an MLflow model reference (``models:/NAME@ALIAS``, ``runs:/ID/model``).
+    an MLflow model reference (``models:/NAME@ALIAS``, ``runs:/ID/model``,
+    ``run:EXPERIMENT/RUN_NAME``).
 
     Raises:
         UserError: for a missing or unreadable file, or a hub download that fails.
@@ -54,7 +55,7 @@ def read_state_dict(source: str | Path) -> dict[str, torch.Tensor]:
     text = str(source)
     if text.startswith("hub:"):
         return _hub_state_dict(text[4:])
-    if text.startswith(("runs:/", "models:/")):  # a registered or logged robust model
+    if text.startswith(("runs:/", "models:/", "run:")):  # a logged or registered model
         text = str(local_model_file(text))
     path = Path(text)
     if not path.is_file():

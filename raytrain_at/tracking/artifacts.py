@@ -1,6 +1,7 @@
 """Fetch model files named by MLflow references (``runs:/RUN_ID/path``, ``models:/NAME@ALIAS``,
-``models:/NAME/VERSION``) into a local folder, with one-line errors for unknown runs, models,
-versions and aliases."""
+``models:/NAME/VERSION``, and ``run:EXPERIMENT/RUN_NAME``: a training run's model by the stable
+name a recipe gives it) into a local folder, with one-line errors for unknown runs, models,
+versions and aliases, and for a tracking server that does not answer."""
 
 from __future__ import annotations
 
@@ -18,8 +19,26 @@ if TYPE_CHECKING:  # mlflow is imported where it is used: it takes seconds
     from mlflow.tracking import MlflowClient
 
 
+REFERENCE_PREFIXES = ("runs:/", "models:/", "run:")
+
+
 def is_mlflow_reference(reference: str) -> bool:
-    return reference.startswith(("runs:/", "models:/"))
+    return reference.startswith(REFERENCE_PREFIXES)
+
+
+def run_name_reference(reference: str, tracking_uri: str) -> str:
+    """``run:EXPERIMENT/RUN_NAME`` -> ``runs:/RUN_ID/model``: the model (selected epoch) of the
+    latest run of that name, e.g. a clean pre-training an adversarial recipe starts from."""
+    from raytrain_at.tracking.runs import find_run_id
+
+    experiment, sep, name = reference[len("run:"):].partition("/")
+    if not (sep and experiment and name):
+        raise UserError(f"{reference!r}: a run-name reference is run:EXPERIMENT/RUN_NAME")
+    try:
+        run_id = find_run_id(tracking_uri, experiment, name)
+    except LookupError as exc:
+        raise UserError(f"{reference!r}: {exc} (train its recipe first)") from None
+    return f"runs:/{run_id}/model"
 
 
 def resolve_version(client: MlflowClient, reference: str) -> ModelVersion:
@@ -68,7 +87,12 @@ def download(reference: str, tracking_uri: str | None = None,
     # A model folder is a few files: MLflow's per-file progress bar only adds a dozen lines to
     # the console of every command that loads a runs:/ or models:/ reference.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from raytrain_at.tracking.experiments import check_tracking_server
+
     uri = tracking_uri or mlflow.get_tracking_uri()
+    check_tracking_server(uri)
+    if reference.startswith("run:"):
+        reference = run_name_reference(reference, uri)
     target = Path(destination) if destination else _scratch_dir()
     if reference.startswith("runs:/") and len(reference.rstrip("/").split("/")) < 3:
         raise UserError(f"{reference!r}: a run reference is runs:/RUN_ID/ARTIFACT_PATH "

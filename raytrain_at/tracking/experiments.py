@@ -17,6 +17,8 @@ import hashlib
 import logging
 import re
 from pathlib import Path
+import urllib.error
+import urllib.request
 from urllib.parse import unquote, urlparse
 
 from mlflow.exceptions import MlflowException
@@ -40,6 +42,21 @@ def absolute_tracking_uri(uri: str) -> str:
     if "://" not in uri and not uri.startswith("file:"):
         return Path(uri).resolve().as_uri()
     return uri
+
+
+def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
+    """One line when an ``http(s)://`` tracking server does not answer its health check (MLflow's
+    own client retries for minutes before it says so); other stores need no server."""
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise UserError(f"MLflow tracking server {uri} does not answer ({reason}): start it "
+                        "(scripts/cluster/start_mlflow.sh on a cluster) or set "
+                        "MLFLOW_TRACKING_URI") from None
 
 
 def artifact_root(tracking_uri: str) -> Path | None:

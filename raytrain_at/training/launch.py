@@ -26,7 +26,7 @@ from raytrain_at.console import is_verbose, user_line
 from raytrain_at.errors import RunFailed, UserError, first_lines
 from raytrain_at.ray_logs import worker_log_file
 from raytrain_at.ray_runtime import init_ray
-from raytrain_at.storage import default_home
+from raytrain_at.storage import check_root, default_home, explicit_root, require_shared_root
 from raytrain_at.training.progress import epoch_line, progress_line
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,9 @@ class PreparedRun:
     storage_path: str
     # Extra MLflow tags of the run (a Tune trial: its parent study run and trial id).
     run_tags: dict[str, str] = field(default_factory=dict)
+    # Whether the storage root was set (option, config, $RAYTRAIN_AT_STORAGE) rather than the
+    # node-local home, which a run over several nodes refuses (raytrain_at.storage).
+    shared_storage: bool = False
 
     def worker_payload(self) -> dict[str, Any]:
         return {"run": self.config.model_dump(mode="json"), "train_path": self.train_path,
@@ -116,7 +119,7 @@ def _check_weights(config: RunConfig) -> None:
     m = config.model
     for key in ("pretrained", "init"):
         value = getattr(m, key)
-        if value is not None and not value.startswith(("hub:", "models:/", "runs:/")):
+        if value is not None and not value.startswith(("hub:", "models:/", "runs:/", "run:")):
             setattr(m, key, expand_path(value, f"model.{key}"))
     build_model(config)
 
@@ -130,11 +133,15 @@ def prepare_run(config: RunConfig, *, run_name: str | None = None,
                 storage_path: str | None = None,
                 run_tags: dict[str, str] | None = None) -> PreparedRun:
     """Validate a run on the driver (datasets, weights, tracking) before any worker starts."""
-    from raytrain_at.tracking.experiments import absolute_tracking_uri
+    from raytrain_at.tracking.experiments import absolute_tracking_uri, check_tracking_server
     from raytrain_at.tracking.runs import default_tracking_uri
 
     config = config.model_copy(deep=True)
-    chosen = str(storage_path or config.tracking.storage_path or default_storage())
+    explicit = explicit_root(storage_path, config.tracking.storage_path)
+    chosen = explicit or str(default_storage())
+    check_root(chosen)
+    uri = absolute_tracking_uri(config.tracking.tracking_uri or default_tracking_uri())
+    check_tracking_server(uri)
     _check_weights(config)
     if "://" in chosen:
         # Cloud storage (s3://, gs://) for Ray Train's checkpoints: kept as a URI, and the
@@ -149,9 +156,9 @@ def prepare_run(config: RunConfig, *, run_name: str | None = None,
     name = run_name or config.tracking.run_name or default_run_name(config)
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise UserError(f"run name {name!r} may only use letters, digits, '.', '_' and '-'")
-    uri = absolute_tracking_uri(config.tracking.tracking_uri or default_tracking_uri())
     return PreparedRun(config=config, train_path=train, heldout_path=heldout, tracking_uri=uri,
-                       run_name=name, storage_path=runs, run_tags=dict(run_tags or {}))
+                       run_name=name, storage_path=runs, run_tags=dict(run_tags or {}),
+                       shared_storage=explicit is not None)
 
 
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
@@ -170,6 +177,9 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     os.environ.setdefault("LOCAL_RANK", str(context.get_local_rank()))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
+    # model.init may name the clean run by reference (run:EXPERIMENT/NAME, runs:/ID/model,
+    # models:/NAME@ALIAS): a worker on another node resolves it on the run's tracking server.
+    os.environ.setdefault("MLFLOW_TRACKING_URI", payload["tracking_uri"])
     config = RunConfig.model_validate(payload["run"])
     loop = WorkerLoop(config, place, payload["train_path"], payload["heldout_path"])
     checkpoint = ray.train.get_checkpoint()
@@ -294,6 +304,7 @@ def launch(prepared: PreparedRun, *, address: str | None = None):
         raise UserError("scaling.use_gpu is true but this machine has no GPU (use --address "
                         "for a cluster, or --set scaling.use_gpu=false)")
     init_ray(address)
+    require_shared_root("set" if prepared.shared_storage else None, "training")
     log_path = run_folder(prepared) / "console.log"
     from ray.train import TrainingFailedError
 

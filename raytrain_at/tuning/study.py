@@ -30,7 +30,7 @@ from raytrain_at.config_loader import deep_merge, flat_keys, nest, validate
 from raytrain_at.errors import UserError
 from raytrain_at.ray_logs import worker_log_file
 from raytrain_at.ray_runtime import init_ray
-from raytrain_at.storage import default_home
+from raytrain_at.storage import default_home, explicit_root, require_shared_root, storage_root
 from raytrain_at.tuning.report import TrialRecord, TrialStatus, write_report
 from raytrain_at.tuning.spaces import SchedulerSpec, SearchSpace, evaluation_data
 
@@ -184,7 +184,7 @@ def _scheduler(space: SearchSpace):
 
 def _storage(options: StudyOptions, base: RunConfig) -> tuple[str, Path]:
     """(Ray storage for Train runs and Tune, local folder for this study's reports)."""
-    chosen = options.storage_path or base.tracking.storage_path or str(default_home())
+    chosen = storage_root(options.storage_path, base.tracking.storage_path)
     if "://" in chosen:
         return chosen.rstrip("/"), default_home()
     local = Path(chosen).expanduser().resolve()
@@ -220,10 +220,11 @@ def run_study(space: SearchSpace, options: StudyOptions = StudyOptions()) -> Stu
     # and the bundled data is written once instead of by concurrent trials).
     prepare_run(trial_config(_TrialContext(name, space, base.model_dump(mode="json"), storage,
                                            ""), _first_sample(space)), storage_path=storage)
+    init_ray(options.address, dashboard=True)
+    require_shared_root(explicit_root(options.storage_path, base.tracking.storage_path),
+                        "the Tune study")
     report_dir = local / "tune" / name
     report_dir.mkdir(parents=True, exist_ok=True)
-
-    init_ray(options.address, dashboard=True)
     import ray
 
     concurrency = options.max_concurrent or trial_concurrency(
@@ -371,7 +372,10 @@ def evaluate_best(context: _TrialContext, records: list[TrialRecord], report_dir
             eps=dict(spec.eps), version=spec.version, n=n, workers=spec.workers,
             corruptions=spec.corruptions, severity=spec.severity, eps_sweep=spec.eps_sweep,
             batch_size=max(1, -(-(n or 250) // spec.workers)),
-            out=report_dir / f"evaluation-{record.trial_id}.json", tracking_uri=tracking_uri)
+            out=report_dir / f"evaluation-{record.trial_id}.json", tracking_uri=tracking_uri,
+            # The study's storage root: on a cluster, every shard's node writes its chunk
+            # records there; one GPU per shard where the cluster has GPUs.
+            state_root=f"{context.storage_path}/eval-state", use_gpu=None)
         log.info("evaluating trial %s (%s) with AutoAttack %s", record.trial_id, record.run_id,
                  spec.version)
         result, path = evaluate(request)

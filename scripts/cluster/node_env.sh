@@ -4,12 +4,18 @@
 # so Ray itself, its workers and `ray attach` shells all see it):
 #   AWS_DEFAULT_REGION   the cluster's region
 #   RAYTRAIN_AT_BUCKET   the S3 bucket (betons/, ray-results/, mlflow-artifacts/, mlflow-backup/)
+#   RAYTRAIN_AT_STORAGE  s3://BUCKET/ray-results: the storage root every node sees (Ray Train
+#                        checkpoints, Tune results, the sharded evaluation's chunk records);
+#                        a multi-node run refuses to start without one
 #   RAYTRAIN_AT_DATA     where stage_data.sh puts the .beton files: the same path on every node,
 #                        because the driver expands $RAYTRAIN_AT_DATA and ships the result to the
 #                        workers
 #   MLFLOW_TRACKING_URI  the MLflow server on the head node's private IP
 #   PATH                 the project's virtual environment first (ray, raytrain-at, mlflow)
 #   RAY_AUTH_MODE=token  Ray's token authentication on every node (token: ~/.ray/auth_token)
+#   MLFLOW_DISABLE_TELEMETRY=true  MLflow 3.17's telemetry thread sets and unsets an environment
+#                        variable while other threads iterate the environment: a KeyError that
+#                        killed a training worker in the cluster rehearsal
 #
 # Usage: node_env.sh [--bucket NAME] [--region REGION] [LOCAL TWIN OPTIONS]
 #   --bucket, --region   set once by the first setup command; later calls keep the stored values
@@ -83,12 +89,14 @@ tmp=$(mktemp "$ENV_FILE.XXXX")
 cat > "$tmp" <<ENV
 # Written by scripts/cluster/node_env.sh; rewritten at every Ray start.
 ${BUCKET:+export RAYTRAIN_AT_BUCKET=$BUCKET}
+${BUCKET:+export RAYTRAIN_AT_STORAGE=s3://$BUCKET/ray-results}
 ${REGION:+export AWS_DEFAULT_REGION=$REGION}
 export RAYTRAIN_AT_DATA=$DATA_LINK
 export MLFLOW_TRACKING_URI=http://$HEAD_IP:$MLFLOW_PORT
 ${MLFLOW_PORT_OPTION:+export MLFLOW_PORT=$MLFLOW_PORT_OPTION}
 export RAYTRAIN_AT_HEAD_IP=$HEAD_IP
 export RAY_AUTH_MODE=token
+export MLFLOW_DISABLE_TELEMETRY=true
 case ":\$PATH:" in *":$PROJECT/.venv/bin:"*) ;; *) export PATH="$PROJECT/.venv/bin:\$PATH" ;; esac
 ENV
 if (( NO_BUCKET )); then

@@ -9,6 +9,8 @@
 #                   needs `pip install psycopg2-binary` in the venv).
 #   artifacts       proxied by the server to s3://$RAYTRAIN_AT_BUCKET/mlflow-artifacts, so clients
 #                   (workers, your laptop) need no S3 credentials, only the head's IAM role does.
+#                   $AWS_ENDPOINT_URL, when set, names an S3-compatible store instead of AWS S3
+#                   (the rehearsal's, scripts/cluster_rehearsal.sh); the s3:// URIs stay the same.
 #   network         bound to the head's private IP (workers reach it there) and to 127.0.0.1
 #                   (what `ray attach cluster.yaml -p 5000` forwards to: Ray's SSH tunnel ends at
 #                   localhost on the head); never 0.0.0.0. gunicorn serves both addresses (uvicorn,
@@ -80,10 +82,14 @@ if [[ "$BACKEND" == sqlite:///* && ! -f "$DB_FILE" && -n "$BUCKET" ]] && command
     aws s3 cp --only-show-errors "s3://$BUCKET/mlflow-backup/mlflow.db" "$DB_FILE"
 fi
 
+# MLflow's S3 client (boto3) takes its endpoint from MLFLOW_S3_ENDPOINT_URL.
+if [[ -n "${AWS_ENDPOINT_URL:-}" ]]; then
+    export MLFLOW_S3_ENDPOINT_URL=${MLFLOW_S3_ENDPOINT_URL:-$AWS_ENDPOINT_URL}
+fi
 # The second address, loopback, unless the head's address is loopback already (the local twin,
-# cluster_local.yaml): gunicorn would bind the same address twice and fail.
-LOOPBACK_BIND="--bind 127.0.0.1:$PORT "
-[[ "$HOST_IP" == 127.0.0.1 ]] && LOOPBACK_BIND=""
+# cluster_local.yaml, or the rehearsal): gunicorn would bind the same address twice and fail.
+EXTRA_BIND="--bind 127.0.0.1:$PORT "
+[[ "$HOST_IP" == 127.0.0.1 ]] && EXTRA_BIND=""
 # Host headers MLflow answers (DNS-rebinding guard): the two addresses it listens on.
 export MLFLOW_SERVER_ALLOWED_HOSTS="localhost,localhost:$PORT,127.0.0.1,127.0.0.1:$PORT,$HOST_IP,$HOST_IP:$PORT"
 echo "[mlflow] $(date -u +%FT%TZ) starting: backend ${BACKEND%%:*}, artifacts $ARTIFACTS," \
@@ -93,7 +99,7 @@ setsid nohup "$MLFLOW" server \
     --backend-store-uri "$BACKEND" \
     --artifacts-destination "$ARTIFACTS" \
     --host "$HOST_IP" --port "$PORT" --workers "$WORKERS" \
-    --gunicorn-opts "$LOOPBACK_BIND--timeout 600" \
+    --gunicorn-opts "${EXTRA_BIND}--timeout 600" \
     >> "$LOG" 2>&1 < /dev/null &
 echo $! > "$PID_FILE"
 

@@ -1,0 +1,360 @@
+#!/usr/bin/env bash
+# The cluster rehearsal: a Ray cluster on this machine that behaves like separate machines, and
+# the main job through it end to end on the bundled digits.
+#
+#   object store   moto's S3 server on 127.0.0.1 (a real S3 API): s3://$BUCKET, the same URIs
+#                  as on AWS, only AWS_ENDPOINT_URL differs
+#   MLflow         scripts/cluster/start_mlflow.sh on the head: SQLite backend, artifacts proxied
+#                  to s3://$BUCKET/mlflow-artifacts
+#   Ray            `ray start --head` (0 CPUs, like the AWS head) and two worker nodes (1 CPU
+#                  each), each with its own HOME, working folder and Ray temp folder, on ports
+#                  of their own; every command gets the address explicitly
+#   storage root   RAYTRAIN_AT_STORAGE=s3://$BUCKET/raytrain-at (what node_env.sh writes):
+#                  checkpoints, evaluation state
+#
+# Steps (each prints one "[rehearsal] ..." line; the run ends with "REHEARSAL PASSED"):
+#   0. a multi-node run without a storage root stops with one line naming the setting
+#   1. clean pre-training (2 workers, one per node) -> its selected epoch is runs:/ID/model
+#   2. adversarial training from that reference (model.init=runs:/ID/model); rank 1's worker
+#      process killed by PID mid-epoch 2 -> the run completes, at most one epoch lost
+#   3. sharded AutoAttack over both nodes; the driver killed by PID after the first records;
+#      re-run and node2 lost (its processes killed by PID): one line, no result; re-run on
+#      node1 -> the result equals a single-process evaluation's
+#   4. register the model; a separate process that knows only the tracking URI loads the
+#      champion and predicts
+# Every process started is stopped by its PID at the end, pass or fail.
+#
+# Usage: scripts/cluster_rehearsal.sh [--work DIR] [--keep] [--code DIR]
+#   --work DIR   working folder (default: a new /tmp/rtr-XXXX; short, Ray's socket paths)
+#   --keep       keep the working folder (logs, results) afterwards
+#   --code DIR   the checkout whose raytrain_at runs (default: this one), e.g. an older one to
+#                show what the rehearsal catches
+# About 6-9 minutes on 2 CPU cores.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+PY=${PYTHON:-$ROOT/.venv/bin/python}
+[[ -x "$PY" ]] || PY=$(command -v python3)
+BIN=$(dirname "$PY")
+WORK=""
+KEEP=0
+CODE=$ROOT
+while (( $# )); do
+    case "$1" in
+        --work) WORK=${2:?--work needs a folder}; shift 2 ;;
+        --keep) KEEP=1; shift ;;
+        --code) CODE=$(cd "${2:?--code needs a folder}" && pwd); shift 2 ;;
+        *) echo "cluster_rehearsal.sh: unknown argument $1" >&2; exit 2 ;;
+    esac
+done
+for tool in "$BIN/ray" "$BIN/mlflow"; do
+    [[ -x "$tool" ]] || { echo "cluster_rehearsal.sh: $tool not found (run make setup)" >&2; exit 2; }
+done
+"$PY" -c "import moto.server" 2>/dev/null \
+    || { echo "cluster_rehearsal.sh: moto[server] is not installed (pip install -e '.[dev]')" >&2
+         exit 2; }
+if [[ -z "$WORK" ]]; then WORK=$(mktemp -d /tmp/rtr-XXXX); else mkdir -p "$WORK"; fi
+WORK=$(cd "$WORK" && pwd)
+PROCS="$PY $ROOT/scripts/cluster/rehearsal_procs.py"
+STARTED=()    # PIDs this script started directly (moto, drivers); Ray's and MLflow's are below
+
+say() { echo "[rehearsal] $(date -u +%T) $*"; }
+fail() { echo "[rehearsal] FAILED: $*" >&2; exit 1; }
+
+cleanup() {
+    local rc=$?
+    set +e
+    for pid in "${STARTED[@]}"; do kill -TERM "$pid" 2>/dev/null; done
+    [[ -n "${MLFLOW_HOME:-}" ]] && env "${HEAD_ENV[@]}" bash "$ROOT/scripts/cluster/start_mlflow.sh" --stop >/dev/null
+    $PROCS stop "$WORK" || rc=1
+    for pid in "${STARTED[@]}"; do kill -KILL "$pid" 2>/dev/null; done
+    # A failed run keeps its folder: the logs say what went wrong.
+    if (( KEEP || rc != 0 )); then echo "[rehearsal] kept $WORK"; else rm -rf "$WORK"; fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+mapfile -t PORTS < <($PROCS ports 24 3 61)  # 24 single ports, 3 worker-port ranges
+S3_PORT=${PORTS[0]}; MLFLOW_PORT=${PORTS[1]}; GCS_PORT=${PORTS[2]}; DASH_PORT=${PORTS[3]}
+ENDPOINT=http://127.0.0.1:$S3_PORT
+BUCKET=rehearsal-$(basename "$WORK" | tr 'A-Z_' 'a-z-')
+STORAGE=s3://$BUCKET/raytrain-at
+ADDRESS=127.0.0.1:$GCS_PORT
+TRACKING=http://127.0.0.1:$MLFLOW_PORT
+mkdir -p "$WORK/pids" "$WORK/logs"
+
+# What every node's processes share (node_env.sh writes the same on a cluster), plus a HOME of
+# their own. No credentials in files: moto accepts any key.
+COMMON=(PATH="$BIN:/usr/bin:/bin" PYTHONPATH="$CODE" AWS_ACCESS_KEY_ID=rehearsal
+        AWS_SECRET_ACCESS_KEY=rehearsal AWS_DEFAULT_REGION=us-east-1 AWS_ENDPOINT_URL="$ENDPOINT"
+        RAYTRAIN_AT_STORAGE="$STORAGE" MLFLOW_TRACKING_URI="$TRACKING"
+        RAY_AUTH_MODE=token RAY_AUTH_TOKEN="$("$PY" -c 'import secrets; print(secrets.token_hex(32))')"
+        RAY_USAGE_STATS_ENABLED=0 RAYTRAIN_AT_PID_DIR="$WORK/pids" HF_HUB_OFFLINE=1
+        OMP_NUM_THREADS=1 LANG=C.UTF-8
+        # MLflow's telemetry thread sets and unsets a variable while other threads read the
+        # environment (a KeyError that killed a training worker here); node_env.sh does the same.
+        MLFLOW_DISABLE_TELEMETRY=true
+        # A build cache, not state: DeepSpeed's CPU op compiled once (about 25 s), not per node.
+        TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}")
+# TMPDIR too: Ray restores a checkpoint from S3 into a temporary folder named after it, which
+# two "machines" sharing /tmp would download into (and delete under) each other's feet.
+node_env() { echo HOME="$WORK/$1/home" TMPDIR="$WORK/$1/tmp" "${COMMON[@]}"; }
+for node in head node1 node2; do mkdir -p "$WORK/$node/home" "$WORK/$node/work" "$WORK/$node/tmp"; done
+read -r -a HEAD_ENV <<< "$(node_env head)"
+# exec: a command started in the background is then $! itself, so killing that PID kills it.
+on_head() { (cd "$WORK/head/work" && exec env -i "${HEAD_ENV[@]}" "$@"); }
+
+# ---------------------------------------------------------------- the object store
+say "S3 store (moto) on $ENDPOINT, bucket $BUCKET"
+env -i "${HEAD_ENV[@]}" "$PY" -m moto.server -H 127.0.0.1 -p "$S3_PORT" \
+    > "$WORK/logs/moto.log" 2>&1 &
+STARTED+=($!)
+on_head "$PY" - "$BUCKET" <<'EOF'
+import os, sys, time, urllib.request
+import pyarrow.fs as pafs
+endpoint = os.environ["AWS_ENDPOINT_URL"]
+for _ in range(150):
+    try:
+        urllib.request.urlopen(endpoint, timeout=1).close()
+        break
+    except OSError:
+        time.sleep(0.2)
+pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True).create_dir(sys.argv[1])
+EOF
+
+# ---------------------------------------------------------------- MLflow on the head
+say "MLflow tracking server on $TRACKING (SQLite, artifacts proxied to s3://$BUCKET)"
+MLFLOW_HOME=$WORK/head/home/mlflow
+HEAD_ENV+=(RAYTRAIN_AT_BUCKET="$BUCKET" MLFLOW_HOME="$MLFLOW_HOME" MLFLOW_PORT="$MLFLOW_PORT"
+           MLFLOW_HOST_IP=127.0.0.1 MLFLOW_BIN="$BIN/mlflow" MLFLOW_WORKERS=1
+           MLFLOW_LOG="$WORK/logs/mlflow.log" RAYTRAIN_AT_ENV_FILE=/nonexistent)
+on_head bash "$ROOT/scripts/cluster/start_mlflow.sh"
+
+# ---------------------------------------------------------------- Ray: head + 2 worker nodes
+node_ports() {  # six ports of the node's own and a worker-port range
+    local p=("$@")
+    echo "--node-manager-port=${p[0]} --object-manager-port=${p[1]}" \
+         "--dashboard-agent-listen-port=${p[2]} --dashboard-agent-grpc-port=${p[3]}" \
+         "--runtime-env-agent-port=${p[4]} --metrics-export-port=${p[5]}"
+}
+start_node() {  # NAME CPUS PORT-OFFSET [--head ...]
+    local name=$1 cpus=$2 offset=$3; shift 3
+    local -a env_args
+    read -r -a env_args <<< "$(node_env "$name")"
+    # shellcheck disable=SC2046
+    (cd "$WORK/$name/work" && env -i "${env_args[@]}" "$BIN/ray" start "$@" \
+        --node-ip-address=127.0.0.1 --num-cpus="$cpus" --num-gpus=0 \
+        --object-store-memory=100000000 --disable-usage-stats \
+        --temp-dir="$WORK/$name/ray" $(node_ports "${PORTS[@]:offset:6}") \
+        --min-worker-port=$((PORTS[23 + offset / 6])) \
+        --max-worker-port=$((PORTS[23 + offset / 6] + 60)) \
+        > "$WORK/logs/ray-$name.log" 2>&1) || { tail -n 30 "$WORK/logs/ray-$name.log" >&2
+                                              fail "ray start of $name"; }
+}
+say "Ray head on $ADDRESS (0 CPUs) and worker nodes node1, node2 (1 CPU each)"
+start_node head 0 6 --head --port="$GCS_PORT" --include-dashboard=false \
+    --dashboard-port="$DASH_PORT"
+start_node node1 1 12 --address="$ADDRESS"
+start_node node2 1 18 --address="$ADDRESS"
+on_head "$PY" - "$ADDRESS" <<'EOF' || fail "the three nodes did not join"
+import sys, time, ray
+ray.init(address=sys.argv[1], log_to_driver=False)
+for _ in range(60):
+    if sum(n["Alive"] for n in ray.nodes()) == 3:
+        break
+    time.sleep(1)
+alive = sum(n["Alive"] for n in ray.nodes())
+print(f"[rehearsal] {alive} nodes alive, resources {ray.cluster_resources()}")
+sys.exit(0 if alive == 3 else 1)
+EOF
+
+TRAIN_FAST=(--set data.train_size=256 --set data.heldout_size=64 --set attack.heldout_steps=2
+            --set scaling.cpus_per_worker=1 --set optim.warmup_epochs=0)
+
+# ---------------------------------------------------------------- 0. no storage root
+if [[ "$CODE" != "$ROOT" ]]; then
+    say "0. skipped with --code (another checkout may not know RAYTRAIN_AT_STORAGE)"
+else
+say "0. a multi-node run without RAYTRAIN_AT_STORAGE stops before any work"
+set +e
+on_head env -u RAYTRAIN_AT_STORAGE raytrain-at train quickstart --address "$ADDRESS" \
+    --run-name no-root "${TRAIN_FAST[@]}" > "$WORK/logs/no-root.log" 2>&1
+rc=$?
+set -e
+grep -q "RAYTRAIN_AT_STORAGE" "$WORK/logs/no-root.log" && (( rc != 0 )) \
+    || { cat "$WORK/logs/no-root.log" >&2; fail "a run without a storage root was not refused"; }
+say "   refused (exit $rc): $(grep -h "RAYTRAIN_AT_STORAGE" "$WORK/logs/no-root.log" | head -n 1)"
+fi
+
+# ---------------------------------------------------------------- 1. clean pre-training
+say "1. clean pre-training on both nodes"
+on_head raytrain-at train quickstart --address "$ADDRESS" --run-name clean \
+    --set objective.kind=clean --set attack.kind=none --set tracking.experiment=rehearsal \
+    --set schedule.epochs=1 "${TRAIN_FAST[@]}" > "$WORK/logs/clean.log" 2>&1 \
+    || { tail -n 40 "$WORK/logs/clean.log" >&2; fail "clean pre-training"; }
+CLEAN_REF=$(on_head "$PY" - <<'EOF'
+from raytrain_at.tracking.runs import find_run_id
+import os
+print(f"runs:/{find_run_id(os.environ['MLFLOW_TRACKING_URI'], 'rehearsal', 'clean')}/model")
+EOF
+)
+say "   clean model: $CLEAN_REF"
+
+# ---------------------------------------------------------------- 2. adversarial training
+say "2. adversarial training from $CLEAN_REF; rank 1 killed mid-epoch 2"
+rm -f "$WORK/pids"/*.pid
+on_head raytrain-at train quickstart --address "$ADDRESS" --run-name adversarial \
+    --set model.init="$CLEAN_REF" --set tracking.experiment=rehearsal \
+    --set schedule.epochs=2 --set scaling.max_failures=1 "${TRAIN_FAST[@]}" \
+    > "$WORK/logs/adversarial.log" 2>&1 &
+TRAIN_PID=$!
+STARTED+=("$TRAIN_PID")
+KILLED=""
+for _ in $(seq 1200); do
+    if [[ -s "$WORK/pids/rank1-epoch1.pid" ]]; then
+        sleep 1.5  # mid-epoch
+        KILLED=$(cat "$WORK/pids/rank1-epoch1.pid")
+        FIRST_EPOCH=$(cat "$WORK/pids/rank0-epoch0.pid" "$WORK/pids/rank1-epoch0.pid")
+        kill -KILL "$KILLED" && say "   killed rank 1's worker process (PID $KILLED) in epoch 2"
+        break
+    fi
+    kill -0 "$TRAIN_PID" 2>/dev/null || break
+    sleep 0.5
+done
+wait "$TRAIN_PID" || { tail -n 40 "$WORK/logs/adversarial.log" >&2; fail "adversarial training"; }
+[[ -n "$KILLED" ]] || fail "rank 1 never reached epoch 2"
+AGAIN=$(cat "$WORK/pids/rank1-epoch1.pid")
+[[ "$AGAIN" != "$KILLED" ]] || fail "epoch 2 was not run again by a new worker"
+grep -q "done: epoch 2/2" "$WORK/logs/adversarial.log" \
+    || { tail -n 20 "$WORK/logs/adversarial.log" >&2; fail "the run did not complete 2 epochs"; }
+# At most one epoch lost: epoch 1 was not trained again (its files would name new PIDs); the
+# new workers resumed from its checkpoint.
+[[ "$(cat "$WORK/pids/rank0-epoch0.pid" "$WORK/pids/rank1-epoch0.pid")" == "$FIRST_EPOCH" ]] \
+    || fail "epoch 1 was trained again after the kill"
+MODEL_REF=$(grep -h "^model: runs:/" "$WORK/logs/adversarial.log" | tail -n 1 | cut -d' ' -f2 \
+            || true)
+[[ -n "$MODEL_REF" ]] || MODEL_REF=$(on_head "$PY" - <<'EOF'
+from raytrain_at.tracking.runs import find_run_id
+import os
+print(f"runs:/{find_run_id(os.environ['MLFLOW_TRACKING_URI'], 'rehearsal', 'adversarial')}/model")
+EOF
+)
+on_head "$PY" - <<'EOF' || fail "the adversarial run's MLflow record is wrong"
+# One MLflow run, finished, with one metrics line per epoch (the re-run epoch logged once more
+# at the same step, not as a third epoch).
+import os, sys
+from mlflow.tracking import MlflowClient
+from raytrain_at.tracking.runs import find_run_id
+uri = os.environ["MLFLOW_TRACKING_URI"]
+client = MlflowClient(uri)
+run = client.get_run(find_run_id(uri, "rehearsal", "adversarial"))
+steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "train_loss")})
+print(f"[rehearsal]    MLflow run {run.info.status}, train_loss at epochs {steps}")
+sys.exit(0 if run.info.status == "FINISHED" and steps == [1, 2] else 1)
+EOF
+say "   completed 2 epochs after the kill (epoch 2 re-run by PID $AGAIN): $MODEL_REF"
+
+# ---------------------------------------------------------------- 3. sharded AutoAttack
+EVAL=(raytrain-at evaluate "$MODEL_REF" --data digits --norms linf --version apgdt --n 40
+      --batch-size 10)
+say "3. sharded AutoAttack over both nodes, driver killed after the first chunk records"
+on_head "${EVAL[@]}" --workers 2 --address "$ADDRESS" --out "$WORK/head/work/killed.json" \
+    > "$WORK/logs/eval-killed.log" 2>&1 &
+EVAL_PID=$!
+STARTED+=("$EVAL_PID")
+on_head "$PY" - "$STORAGE/eval-state" "$EVAL_PID" <<'EOF' \
+    || { tail -n 5 "$WORK/logs/eval-killed.log" >&2; fail "no chunk record under $STORAGE"; }
+import os, sys, time
+import pyarrow.fs as pafs  # not the product's helpers: --code may name a checkout without them
+fs = pafs.S3FileSystem(endpoint_override=os.environ["AWS_ENDPOINT_URL"])
+root = sys.argv[1][len("s3://"):]
+for _ in range(1200):
+    found = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    if any(i.base_name.startswith("chunk-") for i in found):
+        sys.exit(0)
+    try:
+        os.kill(int(sys.argv[2]), 0)
+    except ProcessLookupError:
+        sys.exit(1)
+    time.sleep(0.5)
+sys.exit(1)
+EOF
+kill -KILL "$EVAL_PID" 2>/dev/null && say "   killed the evaluation driver (PID $EVAL_PID)"
+wait "$EVAL_PID" 2>/dev/null || true
+[[ ! -e "$WORK/head/work/killed.json" ]] || fail "the killed evaluation wrote a result"
+# The killed driver's tasks outlive it for a while (Ray lets them finish their chunks): wait
+# until they are gone, so that node2 is free for a shard of the next run.
+for _ in $(seq 600); do
+    $PROCS running "$WORK" "ray::_ray_evaluate_chunks" || break
+    sleep 1
+done
+# Ray writes ":task_name:<task>" into a worker's .out file when it starts a task there.
+shards_on_node2() {
+    cat "$WORK"/node2/ray/session_*/logs/worker-*.out 2>/dev/null \
+        | grep -c ":task_name:_ray_evaluate_chunks" || true
+}
+SHARDS=$(shards_on_node2)
+# A node lost mid-evaluation, on a job of its own (60 images): the killed driver's tasks may
+# have finished the first job by now.
+say "   another evaluation (--n 60); node2 lost (its processes killed by PID) during its shard"
+on_head "${EVAL[@]}" --n 60 --workers 2 --address "$ADDRESS" --out "$WORK/head/work/lost.json" \
+    > "$WORK/logs/eval-lost.log" 2>&1 &
+EVAL_PID=$!
+STARTED+=("$EVAL_PID")
+for _ in $(seq 1200); do
+    (( $(shards_on_node2) > SHARDS )) && break
+    kill -0 "$EVAL_PID" 2>/dev/null || break
+    sleep 0.5
+done
+sleep 2  # into its shard
+$PROCS stop "$WORK/node2" || true
+set +e
+wait "$EVAL_PID"
+rc=$?
+set -e
+LOST=$(grep -ho "error: .*" "$WORK/logs/eval-lost.log" | head -n 1 || true)
+(( rc != 0 )) && [[ "$LOST" == *"evaluation worker was lost"* ]] \
+    || { tail -n 30 "$WORK/logs/eval-lost.log" >&2; fail "a lost node was not one line"; }
+[[ ! -e "$WORK/head/work/lost.json" ]] || fail "the evaluation that lost a node wrote a result"
+say "   node2 lost (exit $rc): $LOST"
+say "   resuming the same evaluation on what is left (node1)"
+on_head "${EVAL[@]}" --workers 2 --address "$ADDRESS" --out "$WORK/head/work/sharded.json" \
+    > "$WORK/logs/eval-resumed.log" 2>&1 \
+    || { tail -n 30 "$WORK/logs/eval-resumed.log" >&2; fail "the resumed sharded evaluation"; }
+say "   single-process reference (its own local state)"
+on_head env -u RAYTRAIN_AT_STORAGE "${EVAL[@]}" --state-dir "$WORK/head/work/single-state" \
+    --out "$WORK/head/work/single.json" > "$WORK/logs/eval-single.log" 2>&1 \
+    || { tail -n 30 "$WORK/logs/eval-single.log" >&2; fail "the single-process evaluation"; }
+on_head "$PY" - "$WORK/head/work/sharded.json" "$WORK/head/work/single.json" <<'EOF' \
+    || fail "the sharded result differs from the single-process one"
+import json, sys
+sharded, single = (json.load(open(p)) for p in sys.argv[1:])
+a, b = sharded["threats"]["linf"], single["threats"]["linf"]
+print(f"[rehearsal]    sharded: robust {a['robust_accuracy']:.3f} clean {a['clean_accuracy']:.3f}"
+      f" | single process: robust {b['robust_accuracy']:.3f} clean {b['clean_accuracy']:.3f}")
+sys.exit(0 if a["status"] == b["status"] and a["robust_accuracy"] == b["robust_accuracy"] else 1)
+EOF
+
+# ---------------------------------------------------------------- 4. register, load, predict
+say "4. register; a separate process with only the tracking URI loads the champion"
+on_head raytrain-at register "$MODEL_REF" --name rehearsal-digits \
+    --eval "$WORK/head/work/sharded.json" > "$WORK/logs/register.log" 2>&1 \
+    || { cat "$WORK/logs/register.log" >&2; fail "register"; }
+mkdir -p "$WORK/client/home"
+(cd "$WORK/client" && env -i PATH="$BIN:/usr/bin:/bin" PYTHONPATH="$CODE" \
+    HOME="$WORK/client/home" MLFLOW_TRACKING_URI="$TRACKING" HF_HUB_OFFLINE=1 "$PY" - <<'EOF'
+import torch
+import raytrain_at
+from raytrain_at.data.sources import digits_tensors
+model = raytrain_at.load_model("models:/rehearsal-digits@champion-linf")
+x, y = digits_tensors(side=32)
+with torch.no_grad():
+    predicted = model(x[-200:]).argmax(1)
+accuracy = predicted.eq(y[-200:]).float().mean().item()
+print(f"[rehearsal]    champion predicts 200 digits: accuracy {accuracy:.3f}")
+assert predicted.shape == (200,)
+EOF
+) || fail "the client could not load and run the champion"
+
+say "REHEARSAL PASSED"
