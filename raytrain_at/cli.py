@@ -441,7 +441,8 @@ def main(argv: list[str] | None = None) -> None:
 def _show_usage_error(exc: Exception) -> None:
     """The usage line of the command that failed, then one ``error:`` line (no help box)."""
     ctx = getattr(exc, "ctx", None)
-    message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+    message = (exc.format_message()  # pyright: ignore[reportAttributeAccessIssue]  # click's
+               if hasattr(exc, "format_message") else str(exc))
     if not message.strip():  # a group called without a command: typer has printed its help
         return
     if ctx is not None and message.lstrip().startswith("Usage:"):  # the same, as plain text

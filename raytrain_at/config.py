@@ -37,9 +37,9 @@ class ModelSection(StrictModel):
 
     name: str = "convnext_tiny_cvst"
     stem: str | None = None
-    num_classes: int = Field(1000, ge=2)
+    num_classes: int = Field(default=1000, ge=2)
     small_input: bool = False
-    drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    drop_path_rate: float = Field(default=0.0, ge=0.0, lt=1.0)
     # Initial weights: a clean checkpoint for the non-stem parameters (file or hub:NAME), or a
     # full checkpoint / registered model to fine-tune from (``init``).
     pretrained: str | None = None
@@ -56,19 +56,19 @@ class DataSection(StrictModel):
 
     train: str = "digits"
     heldout: str | None = None
-    resolution: int = Field(224, ge=16, le=2048)
-    train_size: int | None = Field(None, ge=1)  # use only the first N training samples
-    heldout_size: int | None = Field(None, ge=1)  # use only the first N held-out samples
-    loader_workers: int = Field(2, ge=1)
+    resolution: int = Field(default=224, ge=16, le=2048)
+    train_size: int | None = Field(default=None, ge=1)  # use only the first N training samples
+    heldout_size: int | None = Field(default=None, ge=1)  # use only the first N held-out samples
+    loader_workers: int = Field(default=2, ge=1)
 
 
 class AugSection(StrictModel):
     """Augmentation preset (paper App. A.2 / D.2)."""
 
     preset: Literal["basic", "3aug", "heavy"] = "heavy"
-    mixup_alpha: float = Field(0.8, ge=0.0)
-    cutmix_alpha: float = Field(1.0, ge=0.0)
-    erase_prob: float = Field(0.25, ge=0.0, le=1.0)
+    mixup_alpha: float = Field(default=0.8, ge=0.0)
+    cutmix_alpha: float = Field(default=1.0, ge=0.0)
+    erase_prob: float = Field(default=0.25, ge=0.0, le=1.0)
 
 
 class AttackSection(StrictModel):
@@ -76,15 +76,15 @@ class AttackSection(StrictModel):
 
     kind: Literal["apgd", "pgd", "fgsm", "none"] = "apgd"
     norm: Literal["linf", "l2", "l1"] = "linf"
-    eps: float = Field(4 / 255, gt=0.0)
-    steps: int = Field(2, ge=1, le=100)
-    heldout_steps: int = Field(1, ge=1, le=100)
+    eps: float = Field(default=4 / 255, gt=0.0)
+    steps: int = Field(default=2, ge=1, le=100)
+    heldout_steps: int = Field(default=1, ge=1, le=100)
     # Training attack start: the clean input (the paper's code, False) or a uniform random point
     # of the ball (True; one more forward-backward per step).
     random_start: bool = False
     eps_schedule: Literal["fixed", "linear", "epsilon_scheduling"] = "fixed"
-    eps_t1: float = Field(0.0, ge=0.0)
-    eps_t2: float = Field(0.0, ge=0.0)
+    eps_t1: float = Field(default=0.0, ge=0.0)
+    eps_t2: float = Field(default=0.0, ge=0.0)
 
     @field_validator("eps", mode="before")
     @classmethod
@@ -107,8 +107,8 @@ class ObjectiveSection(StrictModel):
     """
 
     kind: Literal["adversarial", "trades", "clean"] = "adversarial"
-    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
-    trades_beta: float = Field(1.0, ge=0.0)
+    label_smoothing: float = Field(default=0.1, ge=0.0, lt=1.0)
+    trades_beta: float = Field(default=1.0, ge=0.0)
 
 
 class OptimSection(StrictModel):
@@ -120,16 +120,16 @@ class OptimSection(StrictModel):
     (scaled by each group's peak) after the warm-up; ``constant`` keeps the peak.
     """
 
-    lr: float = Field(1e-3, gt=0.0)
-    min_lr: float = Field(1e-6, ge=0.0)
-    weight_decay: float = Field(0.05, ge=0.0)
-    head_lr: float | None = Field(None, gt=0.0)
-    head_weight_decay: float | None = Field(None, ge=0.0)
+    lr: float = Field(default=1e-3, gt=0.0)
+    min_lr: float = Field(default=1e-6, ge=0.0)
+    weight_decay: float = Field(default=0.05, ge=0.0)
+    head_lr: float | None = Field(default=None, gt=0.0)
+    head_weight_decay: float | None = Field(default=None, ge=0.0)
     schedule: Literal["cosine", "constant"] = "cosine"
     betas: tuple[float, float] = (0.9, 0.95)
-    warmup_epochs: float = Field(10, ge=0.0)
-    grad_clip: float | None = Field(None, gt=0.0)
-    ema_decay: float | None = Field(0.999, ge=0.0, lt=1.0)
+    warmup_epochs: float = Field(default=10, ge=0.0)
+    grad_clip: float | None = Field(default=None, gt=0.0)
+    ema_decay: float | None = Field(default=0.999, ge=0.0, lt=1.0)
     zero_stage: Literal[0, 1, 2] = 1
 
 
@@ -137,18 +137,18 @@ class ScheduleSection(StrictModel):
     """Epochs, batch, checkpoints. ``select_by``: the held-out metric that selects the run's
     model (``auto``: clean accuracy for clean training, APGD robust accuracy otherwise)."""
 
-    epochs: int = Field(50, ge=1)
-    global_batch_size: int = Field(1024, ge=1)
-    checkpoint_every: int = Field(1, ge=1)
-    log_every_steps: int = Field(50, ge=1)
+    epochs: int = Field(default=50, ge=1)
+    global_batch_size: int = Field(default=1024, ge=1)
+    checkpoint_every: int = Field(default=1, ge=1)
+    log_every_steps: int = Field(default=50, ge=1)
     select_by: Literal["auto", "robust", "clean"] = "auto"
 
 
 class ScalingSection(StrictModel):
-    num_workers: int = Field(2, ge=1)
+    num_workers: int = Field(default=2, ge=1)
     use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0.0)
-    max_failures: int = Field(2, ge=0)
+    cpus_per_worker: float = Field(default=1.0, gt=0.0)
+    max_failures: int = Field(default=2, ge=0)
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     channels_last: bool = True
     compile: bool = False

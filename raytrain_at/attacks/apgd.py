@@ -10,7 +10,7 @@ the algorithm and its two uses.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 import torch
 import torch.nn as nn
@@ -21,6 +21,11 @@ from raytrain_at.attacks.losses import cross_entropy, dlr, dlr_targeted
 from raytrain_at.attacks.threat_models import NORMS, Norm, normalize, project, random_start
 
 Loss = Literal["ce", "dlr", "dlr-targeted"]
+
+if TYPE_CHECKING:
+    # (highest-loss point, its loss, fooled mask, fooling point); the last two when tracked.
+    _RunResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+
 LOSSES: tuple[str, ...] = ("ce", "dlr", "dlr-targeted")
 
 
@@ -151,12 +156,14 @@ class APGD:
                 if rank is not None:
                     target = clean_logits[idx].argsort(dim=1)[:, -rank]
                 _, _, fooled, x_fooled = self._run_schedule(x[idx], y[idx], target, generator)
+                # Set: evaluation tracks the fooling points (return_max_loss is False here).
+                fooled, x_fooled = cast(torch.Tensor, fooled), cast(torch.Tensor, x_fooled)
                 adv[idx[fooled]] = x_fooled[fooled]
                 robust[idx[fooled]] = False
         return adv
 
     def _run_schedule(self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None,
-                      generator: torch.Generator):
+                      generator: torch.Generator) -> _RunResult:
         if not self.large_radius_schedule:
             return self._run(x, y, target, generator, self.eps, self.n_iter, x_init=None)
         # l_1 large-radius schedule: 3, 2, 1 x eps, each stage from the previous best point.
@@ -170,7 +177,7 @@ class APGD:
             x_init = project(x, x_init, "l1", radius)
             result = self._run(x, y, target, generator, radius, n, x_init=x_init)
             x_init = result[0]
-        return result
+        return cast("_RunResult", result)  # three stages: never None
 
     # ------------------------------------------------------------------ one run
     def _loss(self, logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None
@@ -179,10 +186,11 @@ class APGD:
             return cross_entropy(logits, y)
         if self.loss == "dlr":
             return dlr(logits, y)
-        return dlr_targeted(logits, y, target)
+        return dlr_targeted(logits, y, cast(torch.Tensor, target))  # set for dlr-targeted
 
     def _run(self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None,
-             generator: torch.Generator, eps: float, n_iter: int, x_init: torch.Tensor | None):
+             generator: torch.Generator, eps: float, n_iter: int, x_init: torch.Tensor | None
+             ) -> _RunResult:
         """One APGD run. Returns (highest-loss point, its loss, fooled mask, fooling point)."""
         batch = x.shape[0]
         n_features = x[0].numel()
@@ -254,8 +262,9 @@ class APGD:
                 # device to count the selected rows (a host synchronisation per iteration).
                 if track_fooled:
                     now_fooled = ~predictions_correct(logits, y)
-                    x_fooled = torch.where(_col(now_fooled, x), x_cur, x_fooled)
-                    fooled |= now_fooled
+                    # Both set when track_fooled.
+                    x_fooled = torch.where(_col(now_fooled, x), x_cur, cast(torch.Tensor, x_fooled))
+                    fooled |= now_fooled  # pyright: ignore[reportOperatorIssue]
                 improved = loss_cur > best_loss
                 x_best = torch.where(_col(improved, x), x_cur, x_best)
                 best_loss = torch.where(improved, loss_cur, best_loss)
@@ -279,7 +288,8 @@ class APGD:
                     restart = shrank
                 else:
                     oscillating = increases <= window * self.rho
-                    stalled = ~reduced_at_check & (best_at_check >= best_loss)
+                    # Bound above for every norm but l1.
+                    stalled = ~reduced_at_check & (best_at_check >= best_loss)  # pyright: ignore[reportOperatorIssue]
                     restart = oscillating | stalled
                     reduced_at_check = restart
                     best_at_check = best_loss.clone()

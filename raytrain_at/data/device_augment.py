@@ -429,8 +429,9 @@ class DeviceAugment:
             # A new tensor: the in-place steps below are safe.
             out = self.randaugment(images, generator)
             if self.erase_prob > 0.0:
+                # timm annotates device as str; it passes it on to torch, which takes either.
                 out = RandomErasing(probability=self.erase_prob, mode="pixel", max_count=1,
-                                    device=out.device)(out)
+                                    device=out.device)(out)  # pyright: ignore[reportArgumentType]
             out, targets = self.mixup(out, labels.to(out.device))
         # Erased N(0, 1) noise, clamped as the reference's attack clamps its inputs
         # (docs/augmentation.md).

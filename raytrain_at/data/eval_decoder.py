@@ -269,12 +269,14 @@ class BicubicCenterCropDecoder(SimpleRGBImageDecoder):
         res = np.uint64(self.resolution)
         output_shape = (self.resolution, self.resolution, 3)
         u8 = np.dtype("<u1")
+        # FFCV annotates shapes as tuples of int; numpy integers are what it sizes buffers with.
         return (
             replace(previous_state, jit_mode=True, shape=output_shape, dtype=u8),
             (AllocationQuery(output_shape, u8),
-             AllocationQuery((max_height * max_width * np.uint64(3),), u8),
+             AllocationQuery((max_height * max_width * np.uint64(3),), u8),  # pyright: ignore[reportArgumentType]
              # The first pass keeps at most every source row (or column), res pixels each.
-             AllocationQuery((max(max_height, max_width) * res * np.uint64(3),), u8)),
+             AllocationQuery((max(max_height, max_width) * res * np.uint64(3),),  # pyright: ignore[reportArgumentType]
+                             u8)),
         )
 
     def generate_code(self) -> Callable:
@@ -291,7 +293,8 @@ class BicubicCenterCropDecoder(SimpleRGBImageDecoder):
             for dst_ix in my_range(len(batch_indices)):
                 source_ix = batch_indices[dst_ix]
                 field = metadata[source_ix]
-                image_data = mem_read(field["data_ptr"], storage_state)
+                # FFCV's memory_read is annotated as a bound method; compiled, it takes the state.
+                image_data = mem_read(field["data_ptr"], storage_state)  # pyright: ignore[reportCallIssue]
                 height = np.uint32(field["height"])
                 width = np.uint32(field["width"])
                 if field["mode"] == jpg:

@@ -120,7 +120,7 @@ def _label_pipeline(device: torch.device) -> list:
 def _image_tail(device: torch.device) -> list:
     from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
 
-    ops = [ToTensor()]
+    ops: list = [ToTensor()]
     if device.type != "cpu":
         ops.append(ToDevice(device, non_blocking=True))
     ops.append(ToTorchImage(channels_last=True))
@@ -158,13 +158,14 @@ def train_loader(path: str | Path, *, batch_size: int, resolution: int = 224, ra
         raise UserError(f"batch size {batch_size} must be >= 1")
     device = torch.device(device)
     _check_indices(indices, info)
-    image_ops = [RandomResizedCropRGBImageDecoder((resolution, resolution), scale=scale,
+    image_ops: list = [RandomResizedCropRGBImageDecoder((resolution, resolution), scale=scale,
                                                   ratio=(3 / 4, 4 / 3))]
     if flip:
         image_ops.append(RandomHorizontalFlip())
     loader = Loader(str(info.path), batch_size=batch_size, num_workers=num_workers,
                     order=ShardedOrder(rank, world_size, shuffle=True), seed=seed,
-                    os_cache=os_cache, drop_last=drop_last, indices=indices,
+                    os_cache=os_cache, drop_last=drop_last,
+                    indices=indices,  # pyright: ignore[reportArgumentType]  # FFCV: any sequence
                     pipelines={"image": image_ops + _image_tail(device),
                                "label": _label_pipeline(device)})
     if len(loader) == 0:
@@ -193,7 +194,7 @@ def eval_loader(path: str | Path, *, batch_size: int, resolution: int = 224,
     _check_indices(indices, info)
     loader = Loader(str(info.path), batch_size=batch_size, num_workers=num_workers,
                     order=ShardedOrder(rank, world_size, shuffle=False), drop_last=False,
-                    indices=indices,
+                    indices=indices,  # pyright: ignore[reportArgumentType]  # FFCV: any sequence
                     pipelines={"image": [BicubicCenterCropDecoder(resolution, crop_pct)]
                                + _image_tail(device),
                                "label": _label_pipeline(device)})

@@ -93,7 +93,7 @@ def _pixels(sample: Sample) -> np.ndarray:
     if sample.pixels is not None:
         pixels = sample.pixels
     else:
-        with Image.open(sample.path) as image:
+        with Image.open(sample.path) as image:  # pyright: ignore[reportArgumentType]  # no pixels: a path
             pixels = np.asarray(image.convert("RGB"))
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
         raise ValueError(f"expected uint8 HxWx3 pixels, got {pixels.dtype} {pixels.shape}")
@@ -134,7 +134,8 @@ def write_beton(samples: Sequence[Sample], out_path: str | Path,
         try:
             fields = {
                 "image": RGBImageField(write_mode=options.write_mode,
-                                       max_resolution=options.max_resolution,
+                                       # FFCV annotates int; its default is None.
+                                       max_resolution=options.max_resolution,  # pyright: ignore[reportArgumentType]
                                        jpeg_quality=options.jpeg_quality,
                                        compress_probability=options.compress_probability),
                 "label": IntField(),

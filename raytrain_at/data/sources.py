@@ -19,6 +19,7 @@ import io
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,7 +51,7 @@ def digits_tensors(side: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """All digits as float images (N, 3, side, side) in [0, 1] and int64 labels (N,)."""
     from sklearn.datasets import load_digits
 
-    digits = load_digits()
+    digits: Any = load_digits()  # sklearn's stubs: a Bunch or a tuple, by return_X_y
     x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
     x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False).clamp(0, 1)
     return x.repeat(1, 3, 1, 1), torch.tensor(digits.target, dtype=torch.long)
@@ -66,7 +67,8 @@ def digits_split_indices(split: str) -> np.ndarray:
     if split not in CARVED_SPLITS:
         raise UserError(f"digits split {split!r} is not one of {', '.join(CARVED_SPLITS)}")
     trainval = np.sort(order[:DIGITS_TRAIN])
-    return np.asarray(carve(list(trainval), load_digits().target[trainval], split, "digits"))
+    # sklearn's stubs: a Bunch or a tuple, by return_X_y.
+    return np.asarray(carve(list(trainval), load_digits().target[trainval], split, "digits"))  # pyright: ignore[reportAttributeAccessIssue]
 
 
 def digits_samples(split: str = "train", side: int = 32) -> list[Sample]:

@@ -23,7 +23,7 @@ CARVED_SPLITS: tuple[str, ...] = ("train", "val", "trainval", "test")
 T = TypeVar("T")
 
 
-def validation_mask(labels: Sequence[int], fraction: float = VAL_FRACTION,
+def validation_mask(labels: Sequence[int] | np.ndarray, fraction: float = VAL_FRACTION,
                     seed: int = VAL_SEED) -> np.ndarray:
     """Boolean mask over ``labels``: True for the validation images.
 

@@ -80,8 +80,8 @@ class Distribution(StrictModel):
         loguniform: ``[lo, hi]`` with ``lo > 0``, drawn log-uniformly (``tune.loguniform``).
     """
 
-    grid: list[Any] | None = Field(None, min_length=1)
-    choice: list[Any] | None = Field(None, min_length=1)
+    grid: list[Any] | None = Field(default=None, min_length=1)
+    choice: list[Any] | None = Field(default=None, min_length=1)
     uniform: tuple[float, float] | None = None
     loguniform: tuple[float, float] | None = None
 
@@ -143,9 +143,9 @@ class SchedulerSpec(StrictModel):
     """
 
     kind: Literal["asha", "fifo"] = "fifo"
-    grace_period: int = Field(1, ge=1)
-    reduction_factor: float = Field(2.0, gt=1.0)
-    max_t: int | None = Field(None, ge=1)
+    grace_period: int = Field(default=1, ge=1)
+    reduction_factor: float = Field(default=2.0, gt=1.0)
+    max_t: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _asha_options_only_for_asha(self) -> SchedulerSpec:
@@ -187,15 +187,15 @@ class StudyEvaluation(StrictModel):
     """
 
     data: str | None = None
-    n: int | None = Field(None, ge=2)
+    n: int | None = Field(default=None, ge=2)
     version: Literal["standard", "fast", "apgdt"] = "standard"
-    norms: list[Literal["linf", "l2", "l1"]] = Field(["linf", "l2", "l1"], min_length=1)
+    norms: list[Literal["linf", "l2", "l1"]] = Field(default=["linf", "l2", "l1"], min_length=1)
     eps: dict[Literal["linf", "l2", "l1"], float] = Field(default_factory=dict)
-    top: int = Field(1, ge=0)
-    workers: int = Field(2, ge=1)
+    top: int = Field(default=1, ge=0)
+    workers: int = Field(default=2, ge=1)
     corruptions: bool = False
-    severity: int = Field(3, ge=1, le=5)
-    eps_sweep: list[float] | None = Field(None, min_length=2)
+    severity: int = Field(default=3, ge=1, le=5)
+    eps_sweep: list[float] | None = Field(default=None, min_length=2)
     register_best: bool = True
 
     @field_validator("eps", mode="before")
@@ -246,7 +246,7 @@ class SearchSpace(StrictModel):
     metric: str = "heldout_robust_accuracy"
     mode: Literal["max", "min"] = "max"
     scheduler: SchedulerSpec = SchedulerSpec()
-    num_samples: int = Field(1, ge=1)
+    num_samples: int = Field(default=1, ge=1)
     evaluation: StudyEvaluation = StudyEvaluation()
 
     _source: Path | None = PrivateAttr(None)
