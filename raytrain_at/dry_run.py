@@ -6,6 +6,8 @@ resources are those of the run's Ray Train ``ScalingConfig`` (the same function 
 
 from __future__ import annotations
 
+from typing import cast
+
 from raytrain_at.config import RunConfig, to_yaml
 
 
@@ -41,7 +43,7 @@ def describe_study(space) -> str:
 
     base = load_config(space.recipe, values=space.fixed)
     workers = ray_resources(base)
-    trial_total = dict(workers["total"])
+    trial_total = dict(cast("dict[str, float]", workers["total"]))
     trial_total["CPU"] = trial_total.get("CPU", 0.0) + TRIAL_DRIVER_CPU
     summary = {
         "space": space.name, "source": str(space.source) if space.source else None,

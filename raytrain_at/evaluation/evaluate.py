@@ -13,6 +13,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import raytrain_at
 from raytrain_at.errors import UserError
@@ -248,26 +249,27 @@ class Evaluation:
 
     def _eps_sweep(self) -> tuple[EpsSweep, list[ThreatOutcome], checks.Guard]:
         r = self.request
-        threats = [ThreatModel(r.sweep_norm, eps) for eps in r.eps_sweep]
+        radii = cast("list[float]", r.eps_sweep)  # called only when set
+        threats = [ThreatModel(r.sweep_norm, eps) for eps in radii]
         outcomes = self._run(self.job(threats, r.sweep_version, self.resolution),
                              f"eps sweep {r.sweep_version}")
         robust = [outcomes[t].robust_accuracy for t in threats]
         clean = outcomes[threats[0]].clean_accuracy
         plot = plot_eps_sweep(self.out.with_name(self.out.stem + "_eps.png"), r.sweep_norm,
-                              clean, r.eps_sweep, robust,
+                              clean, radii, robust,
                               f"{self.spec.name} ({r.sweep_version}, n={len(self.ids)})")
         sweep = EpsSweep(norm=r.sweep_norm, version=r.sweep_version, clean_accuracy=clean,
                          points=[SweepPoint(eps=e, robust_accuracy=a)
-                                 for e, a in zip(r.eps_sweep, robust)],
-                         expected_robustness=expected_robustness(clean, r.eps_sweep, robust),
+                                 for e, a in zip(radii, robust)],
+                         expected_robustness=expected_robustness(clean, radii, robust),
                          plot=str(plot))
-        monotone = checks.non_increasing(r.sweep_norm, [0.0, *r.eps_sweep], [clean, *robust])
+        monotone = checks.non_increasing(r.sweep_norm, [0.0, *radii], [clean, *robust])
         return sweep, list(outcomes.values()), monotone
 
     def _resolution_sweep(self) -> tuple[ResolutionSweep, list[ThreatOutcome]]:
         r = self.request
         points, every = [], []
-        for side in r.resolution_sweep:
+        for side in cast("list[int]", r.resolution_sweep):  # called only when set
             # l_2 / l_1 radii grow with the side (constant budget per pixel, App. D.5).
             threats = [scaled_eps(self.threat(norm, self.resolution), side, self.resolution)
                        for norm in r.norms]

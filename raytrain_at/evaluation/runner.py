@@ -211,7 +211,7 @@ def load_images(data_path: str, ids: list[int], *, resolution: int, crop_pct: fl
 
 
 def evaluate_chunks(job: EvalJob, chunk_numbers: list[int], *, device: str = "cpu",
-                    on_record: Callable[[], None] = lambda: None) -> None:
+                    on_record: Callable[[], object] = lambda: None) -> None:
     """Attack the given chunks under every threat model, resuming saved records."""
     from raytrain_at.model_refs import resolve_model
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 from raytrain_at.config_loader import fraction_value
 from raytrain_at.errors import UserError
 
 # Project names -> pyautoattack's names.
-AUTOATTACK_NORMS: dict[str, str] = {"linf": "Linf", "l2": "L2", "l1": "L1"}
+AUTOATTACK_NORMS: dict[str, Literal["Linf", "L2", "L1"]] = {"linf": "Linf", "l2": "L2", "l1": "L1"}
 NORMS: tuple[str, ...] = tuple(AUTOATTACK_NORMS)
 # The paper's radii at 224x224 (Sec. 3.1).
 PAPER_EPS: dict[str, float] = {"linf": 4 / 255, "l2": 2.0, "l1": 75.0}
