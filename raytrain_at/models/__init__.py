@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import timm
 
@@ -73,5 +73,5 @@ def create_robust_model(name: str, *, num_classes: int = 1000, stem: str | None 
         load_backbone_weights(backbone, weights, model_name=name, skip_head=skip_head)
     if resolution is not None:
         set_test_resolution(backbone, resolution)
-    cfg = backbone.pretrained_cfg
+    cfg = cast("dict[str, Any]", backbone.pretrained_cfg)  # timm's, typed Tensor | Module
     return PixelSpaceClassifier(backbone, mean=cfg["mean"], std=cfg["std"])

@@ -8,6 +8,7 @@ inputs all go through :func:`adapter_for`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 from collections.abc import Callable
 
 import torch.nn as nn
@@ -34,9 +35,10 @@ class BackboneAdapter:
 
     family: str
     stem_prefix: str
-    stride: Callable[[nn.Module], int]
-    width: Callable[[nn.Module], int]
-    get_stem: Callable[[nn.Module], nn.Module]
+    # Any: the family's model class, whose attributes nn.Module's __getattr__ leaves untyped.
+    stride: Callable[[Any], int]
+    width: Callable[[Any], int]
+    get_stem: Callable[[Any], nn.Module]
     set_stem: Callable[[nn.Module, nn.Module], None]
     min_side: int
 
@@ -47,7 +49,7 @@ def _set_convnext_stem(model: nn.Module, stem: nn.Module) -> None:
 
 def _set_vit_stem(model: nn.Module, stem: nn.Module) -> None:
     # PatchEmbed keeps its flatten/norm/grid bookkeeping; only the projection becomes the stem.
-    model.patch_embed.proj = stem
+    model.patch_embed.proj = stem  # pyright: ignore[reportAttributeAccessIssue]  # a PatchEmbed
 
 
 _ADAPTERS: dict[type, BackboneAdapter] = {
@@ -89,7 +91,7 @@ def replace_stem(model: nn.Module, spec: str | StemSpec, model_name: str) -> Con
     stem = build_stem(spec, stride=adapter.stride(model), width=adapter.width(model),
                       model_name=model_name, in_chans=in_chans)
     adapter.set_stem(model, stem)
-    model.stem_spec = stem.spec.text
+    model.stem_spec = stem.spec.text  # pyright: ignore[reportArgumentType]  # torch types Module attributes as Tensor | Module
     return stem
 
 
@@ -148,6 +150,8 @@ def use_small_input_strides(model: nn.Module) -> None:
     for conv in convs:
         if conv.stride[0] == 2:
             conv.stride = (1, 1)
-    first_down = [m for m in model.stages[1].downsample.modules() if isinstance(m, nn.Conv2d)][0]
+    # ConvNeXt's submodules, typed Tensor | Module by nn.Module.__getattr__.
+    first_down = [m for m in model.stages[1].downsample.modules()  # pyright: ignore[reportAttributeAccessIssue]
+                  if isinstance(m, nn.Conv2d)][0]
     first_down.stride = (1, 1)
-    model.small_input = True
+    model.small_input = True  # pyright: ignore[reportArgumentType]  # torch types Module attributes as Tensor | Module

@@ -36,12 +36,12 @@ def count_params(model: nn.Module) -> int:
 def _unfused_attention(model: nn.Module) -> Iterator[None]:
     switched = [m for m in model.modules() if getattr(m, "fused_attn", False) is True]
     for module in switched:
-        module.fused_attn = False
+        module.fused_attn = False  # pyright: ignore[reportArgumentType]  # torch types Module attributes as Tensor | Module
     try:
         yield
     finally:
         for module in switched:
-            module.fused_attn = True
+            module.fused_attn = True  # pyright: ignore[reportArgumentType]  # torch types Module attributes as Tensor | Module
 
 
 def count_flops(model: nn.Module, resolution: int = 224, in_chans: int = 3) -> int:

@@ -14,7 +14,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -95,7 +95,7 @@ class ModelSpec:
                    stem=config.model.stem, small_input=config.model.small_input,
                    resolution=config.data.resolution, mean=mean, std=std)
 
-    def build(self) -> nn.Module:
+    def build(self) -> PixelSpaceClassifier:
         """A freshly initialised model of this spec at its training resolution."""
         from raytrain_at.models import create_robust_model
 
@@ -149,12 +149,16 @@ def record_preprocessing(model: nn.Module, spec: ModelSpec) -> None:
     base = dict(getattr(backbone, "pretrained_cfg", None) or {})
     shared = dict(input_size=(3, spec.resolution, spec.resolution), crop_pct=spec.crop_pct,
                   interpolation="bicubic", num_classes=spec.num_classes)
-    mean = [float(v) for v in model.mean.flatten()] if hasattr(model, "mean") else base.get("mean")
-    std = [float(v) for v in model.std.flatten()] if hasattr(model, "std") else base.get("std")
-    backbone.pretrained_cfg = backbone.default_cfg = dict(base, **shared, mean=tuple(mean),
-                                                          std=tuple(std))
+    # Attributes through nn.Module's __getattr__ (typed Tensor | Module); timm's cfg has a mean
+    # and std.
+    mean = ([float(v) for v in cast(torch.Tensor, model.mean).flatten()]
+            if hasattr(model, "mean") else base.get("mean"))
+    std = ([float(v) for v in cast(torch.Tensor, model.std).flatten()]
+           if hasattr(model, "std") else base.get("std"))
+    backbone.pretrained_cfg = backbone.default_cfg = dict(  # pyright: ignore[reportArgumentType]
+        base, **shared, mean=tuple(mean), std=tuple(std))  # pyright: ignore[reportArgumentType]
     if model is not backbone:
-        model.pretrained_cfg = model.default_cfg = dict(
+        model.pretrained_cfg = model.default_cfg = dict(  # pyright: ignore[reportArgumentType]
             base, **shared, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
 

@@ -24,7 +24,13 @@ class PixelSpaceClassifier(nn.Module):
     ``backbone.``), and the statistics come from the model's recorded preprocessing.
     """
 
-    def __init__(self, backbone: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+    # Declared for the type checker: nn.Module.__getattr__ types them as Tensor | Module.
+    backbone: nn.Module
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, backbone: nn.Module, mean: Sequence[float] | torch.Tensor,
+                 std: Sequence[float] | torch.Tensor) -> None:
         super().__init__()
         self.backbone = backbone
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1),

@@ -48,7 +48,7 @@ def _finish(model: nn.Module, name: str, stem: str | None, cfg: dict[str, Any],
     """Swap in the stem, record the cfg, and load clean weights into the non-stem parameters."""
     if stem is not None:
         replace_stem(model, stem, name)
-    model.pretrained_cfg = model.default_cfg = cfg
+    model.pretrained_cfg = model.default_cfg = cfg  # pyright: ignore[reportArgumentType]  # torch types Module attributes as Tensor | Module
     if pretrained:
         from raytrain_at.models.weights import load_backbone_weights
 
@@ -75,7 +75,8 @@ def _iso_model(name: str, default_stem: str | None, pretrained: bool, kwargs: di
     if small_input:
         raise UserError(f"small_input is only defined for ConvNeXt backbones, not {name} "
                         "(paper App. D.6)")
-    model = IsotropicConvNeXt(**dict(dict(depth=18, dim=384, patch_size=16), **kwargs))
+    # The defaults' dict is inferred as dict[str, int]; kwargs may carry any option.
+    model = IsotropicConvNeXt(**dict(dict(depth=18, dim=384, patch_size=16), **kwargs))  # pyright: ignore[reportArgumentType]
     cfg = dict(architecture=name, input_size=(3, 224, 224), crop_pct=0.875,
                interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
                num_classes=model.num_classes, first_conv="stem.0" if stem else "stem",
