@@ -174,7 +174,7 @@ class ModelRegistry:
                 params=_params_text(params), model_type=MODEL_TYPE), "logged model")
             _retry(lambda: client.log_model_artifacts(model.model_id, str(model_dir)),
                    "artifacts")
-            link: dict[str, str] = {}
+            link: dict[str, Any] = {}  # dataset_name and dataset_digest, when logged
             if dataset is not None:
                 _retry(lambda: client.log_inputs(run_id, datasets=[DatasetInput(
                     dataset.entity(), tags=[InputTag("mlflow.data.context", "evaluation")])]),

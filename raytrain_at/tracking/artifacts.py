@@ -100,8 +100,9 @@ def download(reference: str, tracking_uri: str | None = None,
     source = _registry_download_uri(reference, uri) if reference.startswith("models:/") \
         else reference
     try:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(target),
-                                                    tracking_uri=uri)
+        # mlflow has no __all__ naming its submodules.
+        local = mlflow.artifacts.download_artifacts(  # pyright: ignore[reportPrivateImportUsage]
+            artifact_uri=source, dst_path=str(target), tracking_uri=uri)
     except MlflowException as exc:
         first = str(exc.message if hasattr(exc, "message") else exc).strip().splitlines()[0]
         raise UserError(f"{reference!r}: {first}") from None

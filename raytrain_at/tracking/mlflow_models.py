@@ -60,7 +60,8 @@ def write_mlflow_model(model_file: str | Path, folder: str | Path) -> Path:
     loaded = load_model_file(model_file)
     folder = Path(folder)
     try:
-        mlflow.pytorch.save_model(
+        # mlflow has no __all__ naming its submodules.
+        mlflow.pytorch.save_model(  # pyright: ignore[reportPrivateImportUsage]
             loaded.module.eval(), str(folder),
             input_example=input_example(loaded.spec.resolution), serialization_format="pt2",
             pip_requirements=_requirements(),

@@ -13,11 +13,11 @@ model in bf16).
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
-from timm.optim import param_groups_weight_decay
+from timm.optim import param_groups_weight_decay  # pyright: ignore[reportPrivateImportUsage]
 from timm.utils.model_ema import ModelEmaV3
 
 from raytrain_at.config import RunConfig
@@ -125,7 +125,7 @@ def build_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimize
                               head_weight_decay=o.head_weight_decay)
     # DeepSpeed hands this optimizer its own fp32 (master / ZeRO-partition) tensors on the same
     # device, so the fused kernel still applies after deepspeed.initialize.
-    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas),
+    return torch.optim.AdamW(groups, lr=o.lr, betas=cast("tuple[float, float]", tuple(o.betas)),
                              fused=fused_adamw_supported(model))
 
 
@@ -150,7 +150,9 @@ def build_engine(model: nn.Module, config: RunConfig, steps_per_epoch: int, devi
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch)
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        # DeepSpeed annotates torch's old _LRScheduler; LambdaLR derives from LRScheduler.
+        model=model, optimizer=optimizer,
+        lr_scheduler=scheduler,  # pyright: ignore[reportArgumentType]
         config=deepspeed_config(config, precision))
     return engine, optimizer, scheduler
 

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -104,12 +104,13 @@ def prepare_data(config: RunConfig, storage: Path) -> tuple[str, str | None]:
     for key, (value, _) in splits.items():
         if value not in (None, "digits"):
             paths[key] = expand_path(value, key)
-            _validate_dataset(paths[key], key, config)
+            _validate_dataset(cast(str, paths[key]), key, config)
     for key, (value, split) in splits.items():
         if value == "digits":
             paths[key] = bundled_beton("digits", split, storage)
-            _validate_dataset(paths[key], key, config)
-    return paths["data.train"], paths.get("data.heldout")
+            _validate_dataset(cast(str, paths[key]), key, config)
+    # data.train is a str: one of the two loops above set it.
+    return cast(str, paths["data.train"]), paths.get("data.heldout")
 
 
 def _check_weights(config: RunConfig) -> None:

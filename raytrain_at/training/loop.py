@@ -18,6 +18,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -142,7 +143,7 @@ def build_attack(model: nn.Module, config: RunConfig, eps: float, seed: int):
 def build_model(config: RunConfig) -> nn.Module:
     """The model of a run, with its clean weights or full initial checkpoint."""
     m = config.model
-    extra = {"drop_path_rate": m.drop_path_rate} if m.drop_path_rate else {}
+    extra: dict[str, Any] = {"drop_path_rate": m.drop_path_rate} if m.drop_path_rate else {}
     model = create_robust_model(m.name, num_classes=m.num_classes, stem=m.stem,
                                 weights=m.pretrained, small_input=m.small_input,
                                 skip_head="if_mismatched", **extra)
@@ -171,6 +172,10 @@ def training_metadata(config: RunConfig, epoch: int,
 
 class WorkerLoop:
     """Everything one worker needs to train: model, engine, EMA, loaders, augmentation."""
+
+    # For the type checker: DeepSpeed returns the torch optimizer or its own wrapper (both have
+    # param_groups). The engine's and the EMA's ``module`` are typed Tensor | Module: cast below.
+    optimizer: Any
 
     def __init__(self, config: RunConfig, place: WorkerPlace, train_path: str,
                  heldout_path: str | None) -> None:
@@ -218,7 +223,7 @@ class WorkerLoop:
     @property
     def eval_model(self) -> nn.Module:
         """The weights that are evaluated and shipped: the EMA when kept, else the live model."""
-        return self.ema.module if self.ema is not None else self.engine.module
+        return cast(nn.Module, self.ema.module if self.ema is not None else self.engine.module)
 
     def _autocast(self):
         if self.precision == "bf16":
@@ -241,10 +246,10 @@ class WorkerLoop:
         """Train one epoch; returns metrics averaged over ranks."""
         # Linear probing keeps the frozen backbone in eval mode (BatchNorm statistics, dropout);
         # the head is a linear layer, which behaves the same in both modes.
-        self.engine.module.train(not self.config.model.linear_probe)
+        cast(nn.Module, self.engine.module).train(not self.config.model.linear_probe)
         self.train_data.set_epoch(self.epoch)
         eps = self.current_eps(float(self.epoch))
-        attack = build_attack(self.engine.module, self.config, eps,
+        attack = build_attack(cast(nn.Module, self.engine.module), self.config, eps,
                               seed=self.config.seed + 7919 * self.epoch + self.place.rank)
         totals = torch.zeros(2, dtype=torch.float64, device=self.place.device)
         seen = 0  # batch sizes are known on the host: no device tensor per step for the count
@@ -277,7 +282,7 @@ class WorkerLoop:
         Returns the step's loss record and the next augmented batch (None after the last),
         fetched between backward and step (see the comment there).
         """
-        model = self.engine.module
+        model = cast(nn.Module, self.engine.module)
         with self._autocast():
             x_adv = attack_points(attack, images, targets, self.objective)  # model in eval mode
             out = objective_loss(model, images, x_adv, targets, self.objective)

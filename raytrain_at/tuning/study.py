@@ -21,9 +21,10 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from raytrain_at.config import RunConfig
 from raytrain_at.config_loader import deep_merge, flat_keys, nest, validate
@@ -145,7 +146,7 @@ def apply_options(space: SearchSpace, options: StudyOptions) -> SearchSpace:
 TRIAL_DRIVER_CPU = 0.01
 
 
-def trial_concurrency(config: RunConfig, resources: dict[str, float], *,
+def trial_concurrency(config: RunConfig, resources: Mapping[str, float], *,
                       local: bool) -> int:
     """How many trials fit at once: the cluster's GPUs (or CPUs) over one trial's need.
 
@@ -369,7 +370,8 @@ def evaluate_best(context: _TrialContext, records: list[TrialRecord], report_dir
         n = spec.n
         request = EvaluationRequest(
             model_ref=f"runs:/{record.run_id}/model", data=data, norms=list(spec.norms),
-            eps=dict(spec.eps), version=spec.version, n=n, workers=spec.workers,
+            eps=cast("dict[str, float]", dict(spec.eps)), version=spec.version, n=n,
+            workers=spec.workers,
             corruptions=spec.corruptions, severity=spec.severity, eps_sweep=spec.eps_sweep,
             batch_size=max(1, -(-(n or 250) // spec.workers)),
             out=report_dir / f"evaluation-{record.trial_id}.json", tracking_uri=tracking_uri,
@@ -393,7 +395,8 @@ def register_best(best: TrialRecord, name: str, tracking_uri: str) -> str:
     from raytrain_at.evaluation.result import read_result
     from raytrain_at.registry.register import register_model
 
-    trustworthy = read_result(best.evaluation_path).trustworthy
+    # evaluate_best sets the path of the record it returns.
+    trustworthy = read_result(cast(str, best.evaluation_path)).trustworthy
     done = register_model(f"runs:/{best.run_id}/model", name, eval_path=best.evaluation_path,
                           force=not trustworthy, tracking_uri=tracking_uri)
     for note in done.alias_notes:
