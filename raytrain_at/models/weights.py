@@ -130,7 +130,7 @@ def load_backbone_weights(model: nn.Module, source: str | Path | None, *, model_
     to_load: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
         # The checkpoint's PatchStem lives under the same prefix as our ConvStem.
-        if has_conv_stem and key.startswith(adapter.stem_prefix):  # pyright: ignore[reportOptionalMemberAccess]
+        if has_conv_stem and key.startswith(adapter.stem_prefix):  # pyright: ignore[reportOptionalMemberAccess]  # set when has_conv_stem
             report.skipped_stem.append(key)
             continue
         if key.startswith(head_prefixes) and (skip_head is True or (
@@ -150,7 +150,7 @@ def load_backbone_weights(model: nn.Module, source: str | Path | None, *, model_
     if not to_load:
         raise UserError(f"checkpoint {str(source)!r} has no parameters in common with {name}")
     missing = [k for k in own if k not in to_load and not (
-        has_conv_stem and k.startswith(adapter.stem_prefix))  # pyright: ignore[reportOptionalMemberAccess]
+        has_conv_stem and k.startswith(adapter.stem_prefix))  # pyright: ignore[reportOptionalMemberAccess]  # set when has_conv_stem
         and k not in report.skipped_head]
     body.load_state_dict(to_load, strict=False)
     report.loaded = len(to_load)
