@@ -26,5 +26,8 @@ def test_ruff_is_clean() -> None:
 
 
 def test_pyright_basic_is_clean() -> None:
-    result = _run(str(BIN / "basedpyright"), "--pythonpath", sys.executable)
+    # --project: this checkout's pyproject.toml, never a pyrightconfig.json found further up
+    # (one left in /tmp made a CI clone there check all of /tmp).
+    result = _run(str(BIN / "basedpyright"), "--project", str(ROOT / "pyproject.toml"),
+                  "--pythonpath", sys.executable)
     assert result.returncode == 0, result.stdout + result.stderr
