@@ -2,17 +2,28 @@
 # The cluster rehearsal: a Ray cluster on this machine that behaves like separate machines, and
 # the main job through it end to end on the bundled digits.
 #
+#   disks          each node's processes run in a mount namespace of their own (unshare), where
+#                  $WORK/node is that node's folder ($WORK/real/NAME) and the other nodes'
+#                  folders are hidden: one path on every node, like /home/ubuntu on every
+#                  machine, with other content. HOME, TMPDIR, the Ray temp folder, the working
+#                  folder and the staged datasets lie there; a path that one node writes and
+#                  ships to another names nothing (or something else) on the other node
 #   object store   moto's S3 server on 127.0.0.1 (a real S3 API): s3://$BUCKET, the same URIs
 #                  as on AWS, only AWS_ENDPOINT_URL differs
 #   MLflow         scripts/cluster/start_mlflow.sh on the head: SQLite backend, artifacts proxied
 #                  to s3://$BUCKET/mlflow-artifacts
 #   Ray            `ray start --head` (0 CPUs, like the AWS head) and two worker nodes (1 CPU
-#                  each), each with its own HOME, working folder and Ray temp folder, on ports
-#                  of their own; every command gets the address explicitly
+#                  each), each in its node's namespace (what it starts, raylet and workers,
+#                  inherits it), on ports of their own; every command gets the address
+#                  explicitly; every driver command runs in the head's namespace
+#   data           the digits written once with original pixels and copied to every node's
+#                  disk at the same path ($WORK/node/data, like stage_data.sh's RAYTRAIN_AT_DATA)
 #   storage root   RAYTRAIN_AT_STORAGE=s3://$BUCKET/raytrain-at (what node_env.sh writes):
 #                  checkpoints, evaluation state
 #
 # Steps (each prints one "[rehearsal] ..." line; the run ends with "REHEARSAL PASSED"):
+#   -  a probe: a file the head writes under its HOME is not seen by node1's and node2's Ray
+#      tasks, whose HOME is the same path
 #   0. a multi-node run without a storage root stops with one line naming the setting
 #   1. clean pre-training (2 workers, one per node) -> its selected epoch is runs:/ID/model
 #   2. adversarial training from that reference (model.init=runs:/ID/model); rank 1's worker
@@ -24,11 +35,16 @@
 #      champion and predicts
 # Every process started is stopped by its PID at the end, pass or fail.
 #
-# Usage: scripts/cluster_rehearsal.sh [--work DIR] [--keep] [--code DIR]
+# Usage: scripts/cluster_rehearsal.sh [--work DIR] [--keep] [--code DIR [--only-evaluation]]
 #   --work DIR   working folder (default: a new /tmp/rtr-XXXX; short, Ray's socket paths)
 #   --keep       keep the working folder (logs, results) afterwards
 #   --code DIR   the checkout whose raytrain_at runs (default: this one), e.g. an older one to
 #                show what the rehearsal catches
+#   --only-evaluation
+#                with --code: only step 3 runs that checkout's code, on a model this checkout
+#                trains first (1 clean epoch on a Ray instance of the head's own), for code
+#                whose training cannot run here (step 0 is skipped with --code anyway)
+# Needs root, or unprivileged user namespaces (then unshare --user --map-root-user too).
 # About 6-9 minutes on 2 CPU cores.
 set -euo pipefail
 
@@ -39,14 +55,19 @@ BIN=$(dirname "$PY")
 WORK=""
 KEEP=0
 CODE=$ROOT
+ONLY_EVALUATION=0
 while (( $# )); do
     case "$1" in
         --work) WORK=${2:?--work needs a folder}; shift 2 ;;
         --keep) KEEP=1; shift ;;
         --code) CODE=$(cd "${2:?--code needs a folder}" && pwd); shift 2 ;;
+        --only-evaluation) ONLY_EVALUATION=1; shift ;;
         *) echo "cluster_rehearsal.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
+if (( ONLY_EVALUATION )) && [[ "$CODE" == "$ROOT" ]]; then
+    echo "cluster_rehearsal.sh: --only-evaluation needs --code DIR" >&2; exit 2
+fi
 for tool in "$BIN/ray" "$BIN/mlflow"; do
     [[ -x "$tool" ]] || { echo "cluster_rehearsal.sh: $tool not found (run make setup)" >&2; exit 2; }
 done
@@ -65,7 +86,7 @@ cleanup() {
     local rc=$?
     set +e
     for pid in "${STARTED[@]}"; do kill -TERM "$pid" 2>/dev/null; done
-    [[ -n "${MLFLOW_HOME:-}" ]] && env "${HEAD_ENV[@]}" bash "$ROOT/scripts/cluster/start_mlflow.sh" --stop >/dev/null
+    [[ -n "${MLFLOW_HOME:-}" ]] && on_head bash "$ROOT/scripts/cluster/start_mlflow.sh" --stop >/dev/null
     $PROCS stop "$WORK" || rc=1
     for pid in "${STARTED[@]}"; do kill -KILL "$pid" 2>/dev/null; done
     # A failed run keeps its folder: the logs say what went wrong.
@@ -82,10 +103,10 @@ BUCKET=rehearsal-$(basename "$WORK" | tr 'A-Z_' 'a-z-')
 STORAGE=s3://$BUCKET/raytrain-at
 ADDRESS=127.0.0.1:$GCS_PORT
 TRACKING=http://127.0.0.1:$MLFLOW_PORT
-mkdir -p "$WORK/pids" "$WORK/logs"
+mkdir -p "$WORK/pids" "$WORK/logs" "$WORK/ns" "$WORK/store" "$WORK/node"
 
-# What every node's processes share (node_env.sh writes the same on a cluster), plus a HOME of
-# their own. No credentials in files: moto accepts any key.
+# What every node's processes share (node_env.sh writes the same on a cluster). No credentials
+# in files: moto accepts any key.
 COMMON=(PATH="$BIN:/usr/bin:/bin" PYTHONPATH="$CODE" AWS_ACCESS_KEY_ID=rehearsal
         AWS_SECRET_ACCESS_KEY=rehearsal AWS_DEFAULT_REGION=us-east-1 AWS_ENDPOINT_URL="$ENDPOINT"
         RAYTRAIN_AT_STORAGE="$STORAGE" MLFLOW_TRACKING_URI="$TRACKING"
@@ -97,18 +118,45 @@ COMMON=(PATH="$BIN:/usr/bin:/bin" PYTHONPATH="$CODE" AWS_ACCESS_KEY_ID=rehearsal
         MLFLOW_DISABLE_TELEMETRY=true
         # A build cache, not state: DeepSpeed's CPU op compiled once (about 25 s), not per node.
         TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}")
-# TMPDIR too: Ray restores a checkpoint from S3 into a temporary folder named after it, which
-# two "machines" sharing /tmp would download into (and delete under) each other's feet.
-node_env() { echo HOME="$WORK/$1/home" TMPDIR="$WORK/$1/tmp" "${COMMON[@]}"; }
-for node in head node1 node2; do mkdir -p "$WORK/$node/home" "$WORK/$node/work" "$WORK/$node/tmp"; done
+# Each node's disk: $WORK/real/NAME, which that node's processes (and only they) see at $NODE,
+# the same path on every node. A node's process runs in a mount namespace of its own where $NODE
+# is a bind mount of its folder and $WORK/real lies under an empty tmpfs; processes it starts
+# (`ray start`: raylet, agents, workers) inherit the namespace, and it dies with them. Logs, PID
+# files and the S3 store's files stay outside $NODE: they are not a node's disk.
+NODE=$WORK/node
+# TMPDIR on the node's disk too: Ray restores a checkpoint from S3 into a temporary folder named
+# after it, which two "machines" sharing /tmp would download into (and delete under) each
+# other's feet.
+node_env() { echo HOME="$NODE/home" TMPDIR="$NODE/tmp" "${COMMON[@]}"; }
+for node in head node1 node2; do
+    mkdir -p "$WORK/real/$node/home" "$WORK/real/$node/work" "$WORK/real/$node/tmp"
+done
+# shellcheck disable=SC2016  # expanded by the namespace's sh
+NODE_SH='work=$1 name=$2 ns=$3; shift 3
+mount --bind "$work/real/$name" "$work/node" \
+    && mount -t tmpfs -o size=1m,mode=0755 other-nodes "$work/real" || exit 97
+[ -z "$ns" ] || readlink /proc/self/ns/mnt > "$ns"
+cd "$work/node/work" && exec "$@"'
+UNSHARE=(unshare --mount --propagation private)
+(( EUID == 0 )) || UNSHARE+=(--user --map-root-user)
+"${UNSHARE[@]}" -- sh -c 'mount -t tmpfs -o size=1m probe "$1"' sh "$WORK/node" 2>/dev/null \
+    || fail "${UNSHARE[*]} cannot mount here: the nodes' separate disks need root or" \
+            "unprivileged user namespaces"
+# in_node NAME NS-FILE|"" CMD...: CMD as a process of node NAME, in its working folder (NS-FILE:
+# where to write the namespace's id). exec all the way: a command started in the background is
+# then $! itself, so killing that PID kills it.
+in_node() {
+    local name=$1 ns=$2; shift 2
+    exec "${UNSHARE[@]}" -- sh -c "$NODE_SH" sh "$WORK" "$name" "$ns" "$@"
+}
 read -r -a HEAD_ENV <<< "$(node_env head)"
-# exec: a command started in the background is then $! itself, so killing that PID kills it.
-on_head() { (cd "$WORK/head/work" && exec env -i "${HEAD_ENV[@]}" "$@"); }
+on_head() { (in_node head "" env -i "${HEAD_ENV[@]}" "$@"); }
 
 # ---------------------------------------------------------------- the object store
 say "S3 store (moto) on $ENDPOINT, bucket $BUCKET"
-env -i "${HEAD_ENV[@]}" "$PY" -m moto.server -H 127.0.0.1 -p "$S3_PORT" \
-    > "$WORK/logs/moto.log" 2>&1 &
+# Not on a node: the store is a service of its own (S3), with files of its own.
+env -i "${COMMON[@]}" HOME="$WORK/store" TMPDIR="$WORK/store" "$PY" -m moto.server \
+    -H 127.0.0.1 -p "$S3_PORT" > "$WORK/logs/moto.log" 2>&1 &
 STARTED+=($!)
 on_head "$PY" - "$BUCKET" <<'EOF'
 import os, sys, time, urllib.request
@@ -125,11 +173,29 @@ EOF
 
 # ---------------------------------------------------------------- MLflow on the head
 say "MLflow tracking server on $TRACKING (SQLite, artifacts proxied to s3://$BUCKET)"
-MLFLOW_HOME=$WORK/head/home/mlflow
+MLFLOW_HOME=$NODE/home/mlflow
 HEAD_ENV+=(RAYTRAIN_AT_BUCKET="$BUCKET" MLFLOW_HOME="$MLFLOW_HOME" MLFLOW_PORT="$MLFLOW_PORT"
            MLFLOW_HOST_IP=127.0.0.1 MLFLOW_BIN="$BIN/mlflow" MLFLOW_WORKERS=1
            MLFLOW_LOG="$WORK/logs/mlflow.log" RAYTRAIN_AT_ENV_FILE=/nonexistent)
 on_head bash "$ROOT/scripts/cluster/start_mlflow.sh"
+
+# ---------------------------------------------------------------- datasets on every node
+# As stage_data.sh does on a cluster: the files written once (original pixels, so every copy
+# holds the same images), then a copy on every node's disk at the same path, which the driver
+# validates and ships to the workers.
+DATA=$NODE/data
+say "digits written once and staged on every node's disk at $DATA"
+mkdir -p "$WORK/real/head/data"
+on_head env PYTHONPATH="$ROOT" "$PY" - "$DATA" <<'EOF' || fail "writing the digits"
+import contextlib, io, sys
+from raytrain_at.data.ffcv_writer import FULL_QUALITY
+from raytrain_at.data.write import write_dataset
+with contextlib.redirect_stderr(io.StringIO()):
+    for split in ("train", "val", "test"):
+        write_dataset("digits", f"{sys.argv[1]}/digits_{split}.beton", split=split,
+                      options=FULL_QUALITY)
+EOF
+for node in node1 node2; do cp -a "$WORK/real/head/data" "$WORK/real/$node/"; done
 
 # ---------------------------------------------------------------- Ray: head + 2 worker nodes
 node_ports() {  # six ports of the node's own and a worker-port range
@@ -143,22 +209,23 @@ start_node() {  # NAME CPUS PORT-OFFSET [--head ...]
     local -a env_args
     read -r -a env_args <<< "$(node_env "$name")"
     # shellcheck disable=SC2046
-    (cd "$WORK/$name/work" && env -i "${env_args[@]}" "$BIN/ray" start "$@" \
+    (in_node "$name" "$WORK/ns/$name" env -i "${env_args[@]}" "$BIN/ray" start "$@" \
         --node-ip-address=127.0.0.1 --num-cpus="$cpus" --num-gpus=0 \
         --object-store-memory=100000000 --disable-usage-stats \
-        --temp-dir="$WORK/$name/ray" $(node_ports "${PORTS[@]:offset:6}") \
+        --temp-dir="$NODE/ray" $(node_ports "${PORTS[@]:offset:6}") \
         --min-worker-port=$((PORTS[23 + offset / 6])) \
-        --max-worker-port=$((PORTS[23 + offset / 6] + 60)) \
-        > "$WORK/logs/ray-$name.log" 2>&1) || { tail -n 30 "$WORK/logs/ray-$name.log" >&2
-                                              fail "ray start of $name"; }
+        --max-worker-port=$((PORTS[23 + offset / 6] + 60))) \
+        > "$WORK/logs/ray-$name.log" 2>&1 || { tail -n 30 "$WORK/logs/ray-$name.log" >&2
+                                             fail "ray start of $name"; }
 }
 say "Ray head on $ADDRESS (0 CPUs) and worker nodes node1, node2 (1 CPU each)"
 start_node head 0 6 --head --port="$GCS_PORT" --include-dashboard=false \
     --dashboard-port="$DASH_PORT"
 start_node node1 1 12 --address="$ADDRESS"
 start_node node2 1 18 --address="$ADDRESS"
-on_head "$PY" - "$ADDRESS" <<'EOF' || fail "the three nodes did not join"
-import sys, time, ray
+on_head "$PY" - "$ADDRESS" <<'EOF' || fail "the three nodes did not join, or their disks are shared"
+import os, sys, time, ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 ray.init(address=sys.argv[1], log_to_driver=False)
 for _ in range(60):
     if sum(n["Alive"] for n in ray.nodes()) == 3:
@@ -166,12 +233,47 @@ for _ in range(60):
     time.sleep(1)
 alive = sum(n["Alive"] for n in ray.nodes())
 print(f"[rehearsal] {alive} nodes alive, resources {ray.cluster_resources()}")
-sys.exit(0 if alive == 3 else 1)
+if alive != 3:
+    sys.exit(1)
+# Separate disks: what the head writes under its HOME is not there for a task on node1 or node2,
+# whose HOME is the same path.
+home = os.environ["HOME"]
+mark = os.path.join(home, "written-by-the-head")
+with open(mark, "w") as handle:
+    handle.write("head\n")
+
+@ray.remote(num_cpus=1)
+def look(path):
+    return os.environ["HOME"], os.path.exists(path)
+
+workers = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+seen = ray.get([look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+                .remote(mark) for node in workers])
+print(f"[rehearsal] disks: HOME {home} on every node; the head's {os.path.basename(mark)} seen "
+      f"by the worker nodes' tasks: {[found for _, found in seen]}")
+sys.exit(0 if len(seen) == 2 and all(h == home and not found for h, found in seen) else 1)
 EOF
 
-TRAIN_FAST=(--set data.train_size=256 --set data.heldout_size=64 --set attack.heldout_steps=2
+TRAIN_FAST=(--set data.train="$DATA/digits_train.beton" --set data.heldout="$DATA/digits_val.beton"
+            --set data.train_size=256 --set data.heldout_size=64 --set attack.heldout_steps=2
             --set scaling.cpus_per_worker=1 --set optim.warmup_epochs=0)
 
+if (( ONLY_EVALUATION )); then
+# ---------------------------------------------------------------- the model, by this checkout
+# The cluster's nodes run --code's code; this checkout trains on a Ray instance of the head's own.
+say "0-2. skipped (--only-evaluation); the model: 1 clean epoch by this checkout on the head"
+on_head env PYTHONPATH="$ROOT" raytrain-at train quickstart --run-name model \
+    --set objective.kind=clean --set attack.kind=none --set tracking.experiment=rehearsal \
+    --set schedule.epochs=1 "${TRAIN_FAST[@]}" > "$WORK/logs/model.log" 2>&1 \
+    || { tail -n 40 "$WORK/logs/model.log" >&2; fail "training the model to evaluate"; }
+MODEL_REF=$(on_head env PYTHONPATH="$ROOT" "$PY" - <<'EOF'
+from raytrain_at.tracking.runs import find_run_id
+import os
+print(f"runs:/{find_run_id(os.environ['MLFLOW_TRACKING_URI'], 'rehearsal', 'model')}/model")
+EOF
+)
+say "   model: $MODEL_REF"
+else
 # ---------------------------------------------------------------- 0. no storage root
 if [[ "$CODE" != "$ROOT" ]]; then
     say "0. skipped with --code (another checkout may not know RAYTRAIN_AT_STORAGE)"
@@ -254,17 +356,26 @@ print(f"[rehearsal]    MLflow run {run.info.status}, train_loss at epochs {steps
 sys.exit(0 if run.info.status == "FINISHED" and steps == [1, 2] else 1)
 EOF
 say "   completed 2 epochs after the kill (epoch 2 re-run by PID $AGAIN): $MODEL_REF"
+fi
 
 # ---------------------------------------------------------------- 3. sharded AutoAttack
-EVAL=(raytrain-at evaluate "$MODEL_REF" --data digits --norms linf --version apgdt --n 40
-      --batch-size 10)
+EVAL=(raytrain-at evaluate "$MODEL_REF" --data "$DATA/digits_test.beton" --norms linf
+      --version apgdt --n 40 --batch-size 10)
+# The head's working folder: $NODE/work for its processes, $HEAD_WORK seen from here.
+HEAD_WORK=$WORK/real/head/work
 say "3. sharded AutoAttack over both nodes, driver killed after the first chunk records"
-on_head "${EVAL[@]}" --workers 2 --address "$ADDRESS" --out "$WORK/head/work/killed.json" \
+on_head "${EVAL[@]}" --workers 2 --address "$ADDRESS" --out "$NODE/work/killed.json" \
     > "$WORK/logs/eval-killed.log" 2>&1 &
 EVAL_PID=$!
 STARTED+=("$EVAL_PID")
-on_head "$PY" - "$STORAGE/eval-state" "$EVAL_PID" <<'EOF' \
-    || { tail -n 5 "$WORK/logs/eval-killed.log" >&2; fail "no chunk record under $STORAGE"; }
+# Code that keeps chunk records elsewhere (a node's own disk) fails here: its driver ends
+# without one record in the store, with its own last error line.
+no_record() {
+    tail -n 5 "$WORK/logs/eval-killed.log" >&2
+    fail "no chunk record under $STORAGE/eval-state; the driver ended with:" \
+         "$(grep -h "error:\|Error:" "$WORK/logs/eval-killed.log" | tail -n 1)"
+}
+on_head "$PY" - "$STORAGE/eval-state" "$EVAL_PID" <<'EOF' || no_record
 import os, sys, time
 import pyarrow.fs as pafs  # not the product's helpers: --code may name a checkout without them
 fs = pafs.S3FileSystem(endpoint_override=os.environ["AWS_ENDPOINT_URL"])
@@ -282,7 +393,7 @@ sys.exit(1)
 EOF
 kill -KILL "$EVAL_PID" 2>/dev/null && say "   killed the evaluation driver (PID $EVAL_PID)"
 wait "$EVAL_PID" 2>/dev/null || true
-[[ ! -e "$WORK/head/work/killed.json" ]] || fail "the killed evaluation wrote a result"
+[[ ! -e "$HEAD_WORK/killed.json" ]] || fail "the killed evaluation wrote a result"
 # The killed driver's tasks outlive it for a while (Ray lets them finish their chunks): wait
 # until they are gone, so that node2 is free for a shard of the next run.
 for _ in $(seq 600); do
@@ -291,14 +402,14 @@ for _ in $(seq 600); do
 done
 # Ray writes ":task_name:<task>" into a worker's .out file when it starts a task there.
 shards_on_node2() {
-    cat "$WORK"/node2/ray/session_*/logs/worker-*.out 2>/dev/null \
+    cat "$WORK"/real/node2/ray/session_*/logs/worker-*.out 2>/dev/null \
         | grep -c ":task_name:_ray_evaluate_chunks" || true
 }
 SHARDS=$(shards_on_node2)
 # A node lost mid-evaluation, on a job of its own (60 images): the killed driver's tasks may
 # have finished the first job by now.
 say "   another evaluation (--n 60); node2 lost (its processes killed by PID) during its shard"
-on_head "${EVAL[@]}" --n 60 --workers 2 --address "$ADDRESS" --out "$WORK/head/work/lost.json" \
+on_head "${EVAL[@]}" --n 60 --workers 2 --address "$ADDRESS" --out "$NODE/work/lost.json" \
     > "$WORK/logs/eval-lost.log" 2>&1 &
 EVAL_PID=$!
 STARTED+=("$EVAL_PID")
@@ -308,7 +419,7 @@ for _ in $(seq 1200); do
     sleep 0.5
 done
 sleep 2  # into its shard
-$PROCS stop "$WORK/node2" || true
+$PROCS stop "$(cat "$WORK/ns/node2")" || true  # its mount namespace: every process of node2
 set +e
 wait "$EVAL_PID"
 rc=$?
@@ -316,17 +427,17 @@ set -e
 LOST=$(grep -ho "error: .*" "$WORK/logs/eval-lost.log" | head -n 1 || true)
 (( rc != 0 )) && [[ "$LOST" == *"evaluation worker was lost"* ]] \
     || { tail -n 30 "$WORK/logs/eval-lost.log" >&2; fail "a lost node was not one line"; }
-[[ ! -e "$WORK/head/work/lost.json" ]] || fail "the evaluation that lost a node wrote a result"
+[[ ! -e "$HEAD_WORK/lost.json" ]] || fail "the evaluation that lost a node wrote a result"
 say "   node2 lost (exit $rc): $LOST"
 say "   resuming the same evaluation on what is left (node1)"
-on_head "${EVAL[@]}" --workers 2 --address "$ADDRESS" --out "$WORK/head/work/sharded.json" \
+on_head "${EVAL[@]}" --workers 2 --address "$ADDRESS" --out "$NODE/work/sharded.json" \
     > "$WORK/logs/eval-resumed.log" 2>&1 \
     || { tail -n 30 "$WORK/logs/eval-resumed.log" >&2; fail "the resumed sharded evaluation"; }
 say "   single-process reference (its own local state)"
-on_head env -u RAYTRAIN_AT_STORAGE "${EVAL[@]}" --state-dir "$WORK/head/work/single-state" \
-    --out "$WORK/head/work/single.json" > "$WORK/logs/eval-single.log" 2>&1 \
+on_head env -u RAYTRAIN_AT_STORAGE "${EVAL[@]}" --state-dir "$NODE/work/single-state" \
+    --out "$NODE/work/single.json" > "$WORK/logs/eval-single.log" 2>&1 \
     || { tail -n 30 "$WORK/logs/eval-single.log" >&2; fail "the single-process evaluation"; }
-on_head "$PY" - "$WORK/head/work/sharded.json" "$WORK/head/work/single.json" <<'EOF' \
+on_head "$PY" - "$NODE/work/sharded.json" "$NODE/work/single.json" <<'EOF' \
     || fail "the sharded result differs from the single-process one"
 import json, sys
 sharded, single = (json.load(open(p)) for p in sys.argv[1:])
@@ -336,10 +447,16 @@ print(f"[rehearsal]    sharded: robust {a['robust_accuracy']:.3f} clean {a['clea
 sys.exit(0 if a["status"] == b["status"] and a["robust_accuracy"] == b["robust_accuracy"] else 1)
 EOF
 
+if (( ONLY_EVALUATION )); then
+    say "4. skipped (--only-evaluation)"
+    say "REHEARSAL PASSED (--only-evaluation with $CODE)"
+    exit 0
+fi
+
 # ---------------------------------------------------------------- 4. register, load, predict
 say "4. register; a separate process with only the tracking URI loads the champion"
 on_head raytrain-at register "$MODEL_REF" --name rehearsal-digits \
-    --eval "$WORK/head/work/sharded.json" > "$WORK/logs/register.log" 2>&1 \
+    --eval "$NODE/work/sharded.json" > "$WORK/logs/register.log" 2>&1 \
     || { cat "$WORK/logs/register.log" >&2; fail "register"; }
 mkdir -p "$WORK/client/home"
 (cd "$WORK/client" && env -i PATH="$BIN:/usr/bin:/bin" PYTHONPATH="$CODE" \

@@ -1,9 +1,13 @@
-"""The cluster rehearsal (scripts/cluster_rehearsal.sh): a Ray head and two worker nodes with
-separate homes, an S3 store (moto) and the MLflow server, through which clean pre-training, the
-adversarial run from its reference with a killed worker, the sharded evaluation with a killed
-driver and a lost node (equal to a single-process one when resumed), registration and a client
-loading the champion all pass. The script stops every process it started, by PID, pass or fail;
-this test checks that none is left. About 6-9 minutes on 2 cores: run with ``-m cluster``."""
+"""The cluster rehearsal (scripts/cluster_rehearsal.sh): a Ray head and two worker nodes, each
+in a mount namespace of its own where its disk (HOME, TMPDIR, Ray temp folder, staged datasets)
+has the same path as the other nodes' and other content, an S3 store (moto) and the MLflow
+server, through which clean pre-training, the adversarial run from its reference with a killed
+worker, the sharded evaluation with a killed driver and a lost node (equal to a single-process
+one when resumed), registration and a client loading the champion all pass. A probe first checks
+that a file the head writes under its HOME is not seen by the worker nodes' Ray tasks. The
+script stops every process it started, by PID, pass or fail; this test checks that none is left.
+About 6-9 minutes on 2 cores: run with ``-m cluster``. Needs root (or unprivileged user
+namespaces) for ``unshare --mount``."""
 
 from __future__ import annotations
 
@@ -35,7 +39,9 @@ def test_rehearsal_end_to_end_stops_every_process() -> None:
     print(result.stdout)
     assert result.returncode == 0, output
     lines = result.stdout
-    for expected in ("refused (exit", "clean model: runs:/", "killed rank 1's worker process",
+    for expected in ("the head's written-by-the-head seen by the worker nodes' tasks: "
+                     "[False, False]", "refused (exit", "clean model: runs:/",
+                     "killed rank 1's worker process",
                      "completed 2 epochs after the kill", "killed the evaluation driver",
                      "node2 lost (exit", "champion predicts 200 digits", "REHEARSAL PASSED"):
         assert expected in lines, (expected, output)

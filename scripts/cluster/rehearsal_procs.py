@@ -9,6 +9,10 @@ e.g. ``ray::_ray_evaluate_chunks``: a Ray worker of that node running that task 
 ``stop DIR``: stop every process whose command line names DIR, and all their descendants, by PID
 (TERM, then KILL): what ``ray start --temp-dir DIR/...`` started (GCS, raylets, agents, workers)
 and nothing else. ``ray stop`` would stop every Ray of this machine's users.
+``stop mnt:[ID]`` (DIR given as a mount namespace, as ``readlink /proc/self/ns/mnt`` prints it):
+stop every process of that namespace, e.g. one rehearsal node: every node runs in a namespace of
+its own, where its folder has the same path as the other nodes' (so no command line tells them
+apart).
 """
 
 from __future__ import annotations
@@ -64,9 +68,17 @@ def _parents() -> dict[int, int]:
     return found
 
 
+def _in_namespace(pid: int, namespace: str) -> bool:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/mnt") == namespace
+    except OSError:
+        return False
+
+
 def processes_of(folder: str) -> set[int]:
     """PIDs whose command line names ``folder``, with their descendants (Ray workers rename
-    themselves ``ray::...``; only the process tree finds them)."""
+    themselves ``ray::...``; only the process tree finds them); for ``mnt:[ID]``, the PIDs of
+    that mount namespace."""
     parents = _parents()
     # This helper and its callers (the rehearsal script, a `timeout` around it) may name the
     # folder too (--work DIR): never stop them.
@@ -77,6 +89,10 @@ def processes_of(folder: str) -> set[int]:
     roots = set()
     for pid in parents:
         if pid in mine:
+            continue
+        if folder.startswith("mnt:["):
+            if _in_namespace(pid, folder):
+                roots.add(pid)
             continue
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
@@ -124,7 +140,7 @@ def main(argv: list[str]) -> int:
         if left:
             print(f"rehearsal_procs: {left} processes of {argv[1]} survived", file=sys.stderr)
         return 1 if left else 0
-    print("usage: rehearsal_procs.py ports N [B SIZE] | running DIR TEXT | stop DIR",
+    print("usage: rehearsal_procs.py ports N [B SIZE] | running DIR TEXT | stop DIR|mnt:[ID]",
           file=sys.stderr)
     return 2
 
