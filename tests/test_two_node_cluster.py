@@ -20,7 +20,6 @@ import os
 import random
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -33,6 +32,9 @@ import pytest
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
+# The rehearsal's process finder: what names the folder, and the process tree under it.
+sys.path.insert(0, str(ROOT / "scripts" / "cluster"))
+from rehearsal_procs import processes_of, stop  # noqa: E402
 BIN = Path(sys.executable).parent
 RUN_NAME = "two-node"
 
@@ -58,58 +60,6 @@ def _free_block(size: int, taken: set[int]) -> list[int]:
             taken.update(block)
             return block
     raise RuntimeError("no free port block")
-
-
-# ------------------------------------------------------------------ processes
-def _ppid_map() -> dict[int, int]:
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    return parents
-
-
-def _processes_of(base: Path) -> set[int]:
-    """Processes whose command line names our temp dir (GCS, raylets, monitors...) and all their
-    descendants (Ray workers and agents rename themselves `ray::...`, so only the tree finds
-    them)."""
-    parents = _ppid_map()
-    mine = {os.getpid()}
-    roots = set()
-    for pid in parents:
-        if pid in mine:
-            continue
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
-                errors="replace")
-        except OSError:
-            continue
-        if str(base) in cmdline:
-            roots.add(pid)
-    found, frontier = set(roots), set(roots)
-    while frontier:
-        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
-        found |= frontier
-    return found - mine
-
-
-def _stop_processes(base: Path) -> None:
-    for sig, wait in ((signal.SIGTERM, 8.0), (signal.SIGKILL, 5.0)):
-        pids = _processes_of(base)
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + wait
-        while time.time() < deadline and _processes_of(base):
-            time.sleep(0.25)
-        if not _processes_of(base):
-            return
 
 
 # ------------------------------------------------------------------ the cluster
@@ -161,8 +111,8 @@ def cluster():
             nodes = _nodes(f"127.0.0.1:{gcs}", env)
         yield {"address": f"127.0.0.1:{gcs}", "base": base, "env": env, "pid_dir": pid_dir}
     finally:
-        _stop_processes(base)
-        leftover = _processes_of(base)
+        stop(str(base))
+        leftover = processes_of(str(base))
         shutil.rmtree(base, ignore_errors=True)
         assert not leftover, f"processes of the test cluster survived: {sorted(leftover)}"
 
