@@ -228,6 +228,26 @@ def test_fast_kernels_cannot_lower_robust_accuracy(robust_model_file, eval_home)
     assert reference.unconfirmed == 0
 
 
+def test_attacked_weights_are_frozen(robust_model_file, eval_home, tmp_path, monkeypatch):
+    """The attacks differentiate with respect to the images only: evaluation freezes the weights,
+    so FAB's backward() computes no weight gradients (half its time on a CPU)."""
+    import raytrain_at.model_refs as model_refs
+    from raytrain_at.evaluation.runner import EvalJob, evaluate_chunks
+    from raytrain_at.models.model_files import file_sha256
+
+    loaded = load_model_file(robust_model_file)
+    monkeypatch.setattr(model_refs, "resolve_model", lambda *args, **kwargs: loaded)
+    data = str(Path(eval_home) / "datasets" / "digits_test.beton")
+    job = EvalJob(model_ref=robust_model_file, weights_sha256=file_sha256(Path(robust_model_file)),
+                  data_path=data, ids=(0, 1), resolution=16, crop_pct=1.0,
+                  threats=(ThreatModel("linf", LINF),), version="apgdt", seed=0, batch_size=2,
+                  num_classes=10, state_root=str(tmp_path / "state"))
+    assert all(p.requires_grad for p in loaded.module.parameters())
+    evaluate_chunks(job, [0])
+    assert not any(p.requires_grad for p in loaded.module.parameters())
+    assert all(p.grad is None for p in loaded.module.parameters())
+
+
 def test_channels_last_model_gives_nchw_gradients(robust_model_file):
     """The fast kernels' model layout: same outputs and the same input gradient, returned
     NCHW-contiguous (pyautoattack flattens it with .view)."""
