@@ -71,7 +71,7 @@ def recipes_show(
 @app.command()
 def quickstart(
     set_: list[str] = typer.Option(None, "--set", help="override the quickstart recipe"),
-    eval_n: int = typer.Option(16, help="test digits attacked by the standard AutoAttack"),
+    eval_n: int = typer.Option(8, help="test digits attacked by the standard AutoAttack"),
 ) -> None:
     """Adversarial vs clean training on the embedded default (local CPUs, bundled digits), then
     AutoAttack l_inf / l_2 / l_1, registration and the leaderboard."""

@@ -91,3 +91,17 @@ def test_bench_eval_matches_plain_pyautoattack() -> None:
     assert out["identical"] is True and out["identical_per_image"] is True
     assert set(out["ours"]["broken_by"]) == {"apgd-ce", "apgd-t"}
     assert out["settings"]["threat"] == "linf 4/255"
+
+
+def test_bench_attacks_times_each_attack(tmp_path, monkeypatch) -> None:
+    from raytrain_at.models.model_files import ModelSpec, save_model_file
+
+    spec = ModelSpec(name="test_resnet", num_classes=10, resolution=16, crop_pct=1.0)
+    save_model_file(tmp_path / "model.safetensors", spec.build(), spec)
+    monkeypatch.setenv("RAYTRAIN_AT_HOME", str(tmp_path / "home"))
+    out = _run("bench_attacks.py", str(tmp_path / "model.safetensors"), "--n", "4",
+               "--version", "fast")
+    assert list(out["attacks"]) == ["apgd-ce", "apgd-t"]
+    assert out["attacks"]["apgd-ce"]["attacked"] == 4
+    assert out["attacks"]["apgd-t"]["attacked"] == out["attacks"]["apgd-ce"]["robust_after"]
+    assert out["settings"]["weights"] == "frozen" and out["total_seconds"] > 0
