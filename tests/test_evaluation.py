@@ -62,6 +62,17 @@ def test_cli_standard_linf_equals_direct_pyautoattack(robust_model_file, eval_ho
     assert 0 < ours.robust_accuracy < ours.clean_accuracy  # the attacks did something
     assert list(ours.after_attack) == ["apgd-ce", "apgd-t", "fab-t", "square"]
     assert ours.max_perturbation <= LINF * (1 + 1e-4)
+    # The summary names the weights by hash, also one that rich could take for a style tag.
+    from rich.console import Console
+
+    from raytrain_at.evaluation.result import summary_table
+
+    result = read_result(out)
+    lettered = result.model_copy(update={"model": result.model.model_copy(
+        update={"weights_sha256": "ab" * 32})})
+    console = Console(width=200, record=True, file=open(os.devnull, "w"))
+    console.print(summary_table(lettered))
+    assert "[abababababab]" in console.export_text()
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from pydantic import Field, ValidationError
+from rich.markup import escape
 from rich.table import Table
 
 from raytrain_at.config_loader import StrictModel
@@ -173,9 +174,10 @@ def summary_table(result: EvaluationResult):
     """A rich table of the result (one screen)."""
     # The model by name and weights hash: a checkpoint path would wrap over several lines
     # (the result JSON and the caller's output carry the full reference).
-    table = Table(title=f"AutoAttack ({result.version}) - {result.model.name} "
-                  f"[{result.model.weights_sha256[:12]}] - n={result.data.n} at "
-                  f"{result.data.resolution}px")
+    # Escaped: rich would read a bracketed hash that starts with a letter as a style tag.
+    table = Table(title=escape(f"AutoAttack ({result.version}) - {result.model.name} "
+                               f"[{result.model.weights_sha256[:12]}] - n={result.data.n} at "
+                               f"{result.data.resolution}px"))
     table.add_column("threat")
     table.add_column("clean", justify="right")
     table.add_column("robust", justify="right")
