@@ -3,9 +3,10 @@
 Both attack the same model (eval mode) on the same images with the same seed and threat model:
 
 ours -- what every evaluation worker of ``raytrain_at.evaluation.runner`` does, without Ray and the
-    state files: ``build_autoattack`` (pyautoattack's standard set-up restricted to the version's
-    attacks) and ``attack_chunk`` on consecutive chunks of ``--batch`` images (a chunk is one attack
-    batch), attack by attack, under ``capture_autoattack_warnings``.
+    state files: the weights frozen (FAB then computes no weight gradients), ``build_autoattack``
+    (pyautoattack's standard set-up restricted to the version's attacks) and ``attack_chunk`` on
+    consecutive chunks of ``--batch`` images (a chunk is one attack batch), attack by attack,
+    under ``capture_autoattack_warnings``.
 plain -- ``AutoAttack(model, norm=..., eps=..., version='standard', seed=..., device=...)`` then
     ``run_standard_evaluation(x, y, batch_size=--batch)`` on all images at once. For ``--version
     fast`` the same standard set-up runs APGD-CE + APGD-T only (``attacks_to_run``), as
@@ -43,6 +44,7 @@ Usage: python scripts/bench_eval.py [--model convnext_tiny_cvst] [--resolution 2
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import platform
@@ -93,6 +95,9 @@ def run_ours(model: nn.Module, x: torch.Tensor, y: torch.Tensor, args: argparse.
     from raytrain_at.evaluation.guards import capture_autoattack_warnings
     from raytrain_at.evaluation.kernels import attack_model
 
+    # A frozen copy, as evaluate_chunks freezes the weights it attacks; the plain call gets the
+    # model as a user would pass it, weights trainable.
+    model = copy.deepcopy(model).requires_grad_(False)
     synchronize(device)
     start = time.perf_counter()
     # As evaluation.runner.evaluate_chunks builds them (the fast twin is part of the time).
