@@ -43,6 +43,7 @@ def _run_of(client: MlflowClient, experiment: str):
     return runs[0]
 
 
+@pytest.mark.slow  # about 75 s; .ci/run runs it after the fast suite
 def test_two_worker_run_trains_tracks_and_resumes(ray_local, tmp_path) -> None:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     overrides = FAST + ["schedule.epochs=2", f"tracking.tracking_uri={uri}"]
