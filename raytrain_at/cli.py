@@ -77,8 +77,8 @@ def quickstart(
     AutoAttack l_inf / l_2 / l_1, registration and the leaderboard."""
     from raytrain_at.quickstart import run_quickstart
 
-    if eval_n < 2:
-        raise UserError(f"--eval-n {eval_n} must be at least 2 (one chunk per worker)")
+    if eval_n < 1:
+        raise UserError(f"--eval-n {eval_n} must be at least 1")
     run_quickstart(list(set_ or []), eval_n=eval_n)
 
 

@@ -9,11 +9,12 @@ then evaluated on the test digits with the standard AutoAttack in l_inf, l_2 and
 workers), registered in MLflow's model registry, and the leaderboard is printed.
 ``raytrain-at models`` prints the model-size table (Table 14).
 
-Standard AutoAttack is expensive on a CPU: a chunk of 4 robust digits takes about 65 s per norm
+Standard AutoAttack is expensive on a CPU: a chunk of 8 robust digits takes about 90 s per norm
 and CPU core (APGD-T and FAB-T with 9 target classes, Square with 5,000 queries), and the cost is
 mostly per model call, not per image. So the quickstart attacks the first ``eval_n`` test digits
-(default 8: one chunk of 4 per worker, which keeps the quickstart under 10 minutes on 2 cores);
-``--eval-n`` raises it and ``raytrain-at evaluate`` takes the whole split.
+(default 8) as one chunk, whose three (chunk, norm) units the two workers share; that keeps the
+quickstart under 10 minutes on 2 cores. ``--eval-n`` raises it and ``raytrain-at evaluate``
+takes the whole split.
 """
 
 from __future__ import annotations
@@ -125,7 +126,8 @@ def _evaluate_and_register(console: Console, model_ref: str, config, eval_n: int
     request = EvaluationRequest(
         model_ref=model_ref, data="digits", norms=["linf", "l2", "l1"],
         eps=QUICKSTART_EPS | {"linf": config.attack.eps}, version="standard", n=eval_n, workers=2,
-        batch_size=max(1, -(-eval_n // 2)), out=Path(f"quickstart-{stamp}-evaluation.json"))
+        # One chunk: the 2 workers share its 3 (chunk, norm) units, 2 and 1.
+        batch_size=eval_n, out=Path(f"quickstart-{stamp}-evaluation.json"))
     result, path = evaluate(request)
     console.print(summary_table(result))
     console.print(f"evaluation result: {path}")

@@ -259,6 +259,29 @@ def test_attacked_weights_are_frozen(robust_model_file, eval_home, tmp_path, mon
     assert all(p.grad is None for p in loaded.module.parameters())
 
 
+def test_a_worker_attacks_only_its_units(robust_model_file, eval_home, tmp_path):
+    """One chunk in two norms: a worker given the l_2 unit writes that record and no other,
+    and the l_2 result equals the one of a run over the whole chunk."""
+    from raytrain_at.evaluation.runner import (EvalJob, evaluate_chunks, evaluate_units,
+                                               read_record)
+    from raytrain_at.models.model_files import file_sha256
+
+    def job(root: str) -> EvalJob:
+        return EvalJob(model_ref=robust_model_file,
+                       weights_sha256=file_sha256(Path(robust_model_file)),
+                       data_path=str(Path(eval_home) / "datasets" / "digits_test.beton"),
+                       ids=(0, 1, 2), resolution=16, crop_pct=1.0,
+                       threats=(ThreatModel("linf", LINF), ThreatModel("l2", 0.5)),
+                       version="apgdt", seed=0, batch_size=3, num_classes=10, state_root=root)
+
+    shared, whole = job(str(tmp_path / "units")), job(str(tmp_path / "whole"))
+    linf, l2 = shared.threats
+    evaluate_units(shared, [(0, l2.key)])
+    assert read_record(shared.record_path(linf, 0)) is None
+    evaluate_chunks(whole, [0])
+    assert read_record(shared.record_path(l2, 0)) == read_record(whole.record_path(l2, 0))
+
+
 def test_channels_last_model_gives_nchw_gradients(robust_model_file):
     """The fast kernels' model layout: same outputs and the same input gradient, returned
     NCHW-contiguous (pyautoattack flattens it with .view)."""

@@ -184,3 +184,16 @@ def test_train_stops_on_a_dead_tracking_server_or_missing_bucket(setting, culpri
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and culprit.format(port=port) in lines[0], lines
     assert not (tmp_path / "home").exists()  # nothing written
+
+
+def test_units_are_dealt_by_chunk_unless_chunks_are_fewer_than_workers():
+    from raytrain_at.evaluation.runner import deal_units
+
+    pending = [(c, t) for c in range(4) for t in ("linf", "l2")]
+    by_chunk = deal_units(pending, 2)
+    assert by_chunk == [[(0, "linf"), (0, "l2"), (2, "linf"), (2, "l2")],
+                        [(1, "linf"), (1, "l2"), (3, "linf"), (3, "l2")]]
+    one_chunk = [(0, "linf"), (0, "l2"), (0, "l1")]
+    assert deal_units(one_chunk, 2) == [[(0, "linf"), (0, "l1")], [(0, "l2")]]
+    assert deal_units(one_chunk, 5) == [[u] for u in one_chunk]
+    assert deal_units([], 2) == []

@@ -3,10 +3,11 @@
 The evaluated images (ids in the dataset file) are cut into consecutive chunks of one attack batch
 each. Every (threat model, chunk) pair has a JSON record in the job's state folder, rewritten after
 each attack (:mod:`raytrain_at.evaluation.autoattack`). Workers (Ray tasks, a GPU each on a
-cluster, CPU processes locally; or this process when there is one) take disjoint chunk sets, skip
-finished records and resume unfinished ones after their last finished attack. A chunk's result
-depends only on its images, the model and the seed, never on which worker ran it or whether it
-was interrupted, so the merged result equals a single-process run.
+cluster, CPU processes locally; or this process when there is one) take disjoint sets of these
+(chunk, threat model) units, skip finished records and resume unfinished ones after their last
+finished attack. A unit's result depends only on its images, the threat model, the model and the
+seed, never on which worker ran it or whether it was interrupted, so the merged result equals a
+single-process run.
 
 The state folder is keyed by everything that changes the result (weights hash, data file, image
 ids, resolution, preprocessing, version, seed, batch size), so a re-run of the same evaluation
@@ -166,14 +167,30 @@ def write_record(path: str | Path, record: ChunkRecord) -> None:
     os.replace(tmp, local)
 
 
+# One unit of work: a chunk under one threat model, by chunk number and threat key.
+Unit = tuple[int, str]
+
+
+def pending_units(job: EvalJob) -> list[Unit]:
+    """The (chunk, threat) pairs whose record is not finished, chunk by chunk."""
+    return [(number, threat.key) for number in range(len(job.chunks())) for threat in job.threats
+            if not ((r := read_record(job.record_path(threat, number))) is not None
+                    and r.complete)]
+
+
+def deal_units(pending: list[Unit], workers: int) -> list[list[Unit]]:
+    """Each worker's share of the pending units, none empty. Whole chunks while there are at
+    least as many chunks as workers (a worker then loads only its own images); with fewer
+    chunks, single units, so that a small evaluation in several norms still uses every worker."""
+    chunks = sorted({number for number, _ in pending})
+    if len(chunks) >= workers:
+        return [[u for u in pending if u[0] in chunks[w::workers]] for w in range(workers)]
+    return [share for w in range(workers) if (share := pending[w::workers])]
+
+
 def pending_chunks(job: EvalJob) -> list[int]:
     """Chunks with at least one unfinished threat record."""
-    done = []
-    for number in range(len(job.chunks())):
-        records = [read_record(job.record_path(t, number)) for t in job.threats]
-        if not all(r is not None and r.complete for r in records):
-            done.append(number)
-    return done
+    return sorted({number for number, _ in pending_units(job)})
 
 
 def finished_images(job: EvalJob) -> int:
@@ -213,12 +230,20 @@ def load_images(data_path: str, ids: list[int], *, resolution: int, crop_pct: fl
 def evaluate_chunks(job: EvalJob, chunk_numbers: list[int], *, device: str = "cpu",
                     on_record: Callable[[], object] = lambda: None) -> None:
     """Attack the given chunks under every threat model, resuming saved records."""
+    evaluate_units(job, [(number, threat.key) for number in chunk_numbers
+                         for threat in job.threats], device=device, on_record=on_record)
+
+
+def evaluate_units(job: EvalJob, units: list[Unit], *, device: str = "cpu",
+                   on_record: Callable[[], object] = lambda: None) -> None:
+    """Attack each (chunk, threat) unit, resuming its saved record."""
     from raytrain_at.model_refs import resolve_model
 
     chunks = job.chunks()
-    todo = [c for c in chunk_numbers
-            if not all((r := read_record(job.record_path(t, c))) is not None and r.complete
-                       for t in job.threats)]
+    threats = {threat.key: threat for threat in job.threats}
+    todo = [(number, threats[key]) for number, key in units
+            if not ((r := read_record(job.record_path(threats[key], number))) is not None
+                    and r.complete)]
     if not todo:
         return
     torch_device = torch.device(device)
@@ -232,7 +257,7 @@ def evaluate_chunks(job: EvalJob, chunk_numbers: list[int], *, device: str = "cp
     # would also compute (and accumulate) every weight's gradient: on a CPU that doubled FAB-T's
     # time. Frozen weights leave the input gradients, and so every result, unchanged.
     model.requires_grad_(False)
-    wanted = sorted(i for c in todo for i in chunks[c])
+    wanted = sorted({i for number, _ in todo for i in chunks[number]})
     x_all, y_all = load_images(job.data_path, wanted, resolution=job.resolution,
                                crop_pct=job.crop_pct, batch_size=job.batch_size,
                                device=torch_device)
@@ -244,28 +269,24 @@ def evaluate_chunks(job: EvalJob, chunk_numbers: list[int], *, device: str = "cp
     exact_attackers = attackers if fast is model else {
         t: build_autoattack(model, t, job.version, job.seed, torch_device, job.num_classes)
         for t in job.threats}
-    for number in todo:
+    for number, threat in todo:
         rows = torch.tensor([position[i] for i in chunks[number]], device=torch_device)
         x, y = x_all[rows], y_all[rows]
-        for threat in job.threats:
-            path = job.record_path(threat, number)
-            record = read_record(path)
-            if record is not None and record.complete:
-                continue
-            with capture_autoattack_warnings() as seen:
-                attack_chunk(fast, attackers[threat], x, y, list(chunks[number]), threat.norm,
-                             batch_size=job.batch_size, record=record,
-                             save=lambda r, p=path: write_record(p, r), warnings=seen,
-                             kernels=job.kernels, exact_model=model,
-                             exact_aa=exact_attackers[threat])
-            on_record()
+        path = job.record_path(threat, number)
+        with capture_autoattack_warnings() as seen:
+            attack_chunk(fast, attackers[threat], x, y, list(chunks[number]), threat.norm,
+                         batch_size=job.batch_size, record=read_record(path),
+                         save=lambda r, p=path: write_record(p, r), warnings=seen,
+                         kernels=job.kernels, exact_model=model,
+                         exact_aa=exact_attackers[threat])
+        on_record()
 
 
-def _ray_evaluate_chunks(job_data: dict, chunk_numbers: list[int], device: str,
-                         threads: int) -> None:
-    """Body of one Ray evaluation worker."""
+def _ray_evaluate_chunks(job_data: dict, units: list[Unit], device: str, threads: int) -> None:
+    """Body of one Ray evaluation worker: its share of the (chunk, threat) units."""
     torch.set_num_threads(threads)
-    evaluate_chunks(EvalJob.from_dict(job_data), chunk_numbers, device=device)
+    evaluate_units(EvalJob.from_dict(job_data), [(int(n), str(k)) for n, k in units],
+                   device=device)
 
 
 def shard_resources(use_gpu: bool | None, workers: int,
@@ -317,15 +338,14 @@ def _run_on_ray(job: EvalJob, workers: int, address: str | None, use_gpu: bool |
     import ray.exceptions
 
     init_ray(address)
-    pending = pending_chunks(job)
-    if not pending:
+    shares = deal_units(pending_units(job), workers)
+    if not shares:
         return
-    workers = min(workers, len(pending))
-    gpu, cpus, gpus = shard_resources(use_gpu, workers, ray.cluster_resources())
+    gpu, cpus, gpus = shard_resources(use_gpu, len(shares), ray.cluster_resources())
     task = ray.remote(_ray_evaluate_chunks).options(num_cpus=cpus, num_gpus=gpus,
                                                     max_retries=0)
-    refs = [task.remote(job.to_dict(), pending[w::workers], "cuda" if gpu else "cpu", cpus)
-            for w in range(workers)]
+    refs = [task.remote(job.to_dict(), share, "cuda" if gpu else "cpu", cpus)
+            for share in shares]
     remaining = list(refs)
     # The workers' own output (pyautoattack's prints, warnings) goes to the job's console log.
     with worker_log_file(_console_log(job)):
