@@ -20,7 +20,7 @@ def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_quickstart_trains_evaluates_registers(tmp_path) -> None:
-    """The README's main job (10-15 minutes on 2 cores): adversarial vs clean training, standard
+    """The README's main job (8-9 minutes on 2 cores): adversarial vs clean training, standard
     AutoAttack in three norms, registration and the leaderboard."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", RAYTRAIN_AT_HOME=str(tmp_path / "home"))
     env.pop("MLFLOW_TRACKING_URI", None)
