@@ -95,12 +95,12 @@ def run_ours(model: nn.Module, x: torch.Tensor, y: torch.Tensor, args: argparse.
     from raytrain_at.evaluation.guards import capture_autoattack_warnings
     from raytrain_at.evaluation.kernels import attack_model
 
-    # A frozen copy, as evaluate_chunks freezes the weights it attacks; the plain call gets the
+    # A frozen copy, as evaluate_units freezes the weights it attacks; the plain call gets the
     # model as a user would pass it, weights trainable.
     model = copy.deepcopy(model).requires_grad_(False)
     synchronize(device)
     start = time.perf_counter()
-    # As evaluation.runner.evaluate_chunks builds them (the fast twin is part of the time).
+    # As evaluation.runner.evaluate_units builds them (the fast twin is part of the time).
     fast = attack_model(model, args.kernels, device)
     aa = build_autoattack(fast, threat, args.version, args.seed, device, NUM_CLASSES)
     exact_aa = aa if fast is model else build_autoattack(model, threat, args.version, args.seed,

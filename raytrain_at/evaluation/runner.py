@@ -241,9 +241,12 @@ def evaluate_units(job: EvalJob, units: list[Unit], *, device: str = "cpu",
 
     chunks = job.chunks()
     threats = {threat.key: threat for threat in job.threats}
-    todo = [(number, threats[key]) for number, key in units
-            if not ((r := read_record(job.record_path(threats[key], number))) is not None
-                    and r.complete)]
+    # Each unit's saved record, read once: skipped when complete, resumed otherwise.
+    todo: list[tuple[int, ThreatModel, ChunkRecord | None]] = []
+    for number, key in units:
+        record = read_record(job.record_path(threats[key], number))
+        if record is None or not record.complete:
+            todo.append((number, threats[key], record))
     if not todo:
         return
     torch_device = torch.device(device)
@@ -257,7 +260,7 @@ def evaluate_units(job: EvalJob, units: list[Unit], *, device: str = "cpu",
     # would also compute (and accumulate) every weight's gradient: on a CPU that doubled FAB-T's
     # time. Frozen weights leave the input gradients, and so every result, unchanged.
     model.requires_grad_(False)
-    wanted = sorted({i for number, _ in todo for i in chunks[number]})
+    wanted = sorted({i for number, _, _ in todo for i in chunks[number]})
     x_all, y_all = load_images(job.data_path, wanted, resolution=job.resolution,
                                crop_pct=job.crop_pct, batch_size=job.batch_size,
                                device=torch_device)
@@ -269,13 +272,13 @@ def evaluate_units(job: EvalJob, units: list[Unit], *, device: str = "cpu",
     exact_attackers = attackers if fast is model else {
         t: build_autoattack(model, t, job.version, job.seed, torch_device, job.num_classes)
         for t in job.threats}
-    for number, threat in todo:
+    for number, threat, record in todo:
         rows = torch.tensor([position[i] for i in chunks[number]], device=torch_device)
         x, y = x_all[rows], y_all[rows]
         path = job.record_path(threat, number)
         with capture_autoattack_warnings() as seen:
             attack_chunk(fast, attackers[threat], x, y, list(chunks[number]), threat.norm,
-                         batch_size=job.batch_size, record=read_record(path),
+                         batch_size=job.batch_size, record=record,
                          save=lambda r, p=path: write_record(p, r), warnings=seen,
                          kernels=job.kernels, exact_model=model,
                          exact_aa=exact_attackers[threat])
@@ -285,8 +288,7 @@ def evaluate_units(job: EvalJob, units: list[Unit], *, device: str = "cpu",
 def _ray_evaluate_chunks(job_data: dict, units: list[Unit], device: str, threads: int) -> None:
     """Body of one Ray evaluation worker: its share of the (chunk, threat) units."""
     torch.set_num_threads(threads)
-    evaluate_units(EvalJob.from_dict(job_data), [(int(n), str(k)) for n, k in units],
-                   device=device)
+    evaluate_units(EvalJob.from_dict(job_data), units, device=device)
 
 
 def shard_resources(use_gpu: bool | None, workers: int,
