@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from raytrain_at import __version__
-from raytrain_at.console import make_console, setup_console
+from raytrain_at.runtime.console import make_console, setup_console
 from raytrain_at.errors import RunFailed, UserError
 from raytrain_at.evaluation.threats import (PAPER_RESOLUTIONS, PAPER_SWEEP_EPS, THREAT_TITLES,
                                             parse_eps, parse_eps_list, parse_norms)

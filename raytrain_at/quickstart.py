@@ -26,7 +26,7 @@ import timm
 from rich.console import Console
 from rich.table import Table
 
-from raytrain_at.console import make_console
+from raytrain_at.runtime.console import make_console
 from raytrain_at.models import complexity, stem_spec_of
 from raytrain_at.models.paper_tables import TABLE14
 from raytrain_at.models.stems import design_name

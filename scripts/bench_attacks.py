@@ -45,7 +45,7 @@ def main() -> None:
     from raytrain_at.evaluation.runner import load_images
     from raytrain_at.evaluation.threats import ThreatModel, parse_eps
     from raytrain_at.model_refs import resolve_model
-    from raytrain_at.storage import default_home
+    from raytrain_at.runtime.storage import default_home
 
     device = torch.device("cpu")
     loaded = resolve_model(args.model_ref, device=device, tracking_uri=args.tracking_uri)

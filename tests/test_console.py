@@ -21,7 +21,7 @@ from worker_loop_helpers import (FixedBatches, digit_batches, run_in_spawned_pro
 
 from raytrain_at.config import load_config
 from raytrain_at.errors import UserError
-from raytrain_at.ray_logs import WorkerOutput
+from raytrain_at.runtime.worker_output import WorkerOutput
 from raytrain_at.training.progress import epoch_line, progress_bar
 
 
@@ -121,7 +121,7 @@ def test_progress_hook_every_log_every_steps(tmp_path) -> None:
 
 # --------------------------------------------------------------------------- where Ray runs
 def test_unreachable_address_is_one_line_naming_it() -> None:
-    from raytrain_at.ray_runtime import check_reachable
+    from raytrain_at.runtime.ray_init import check_reachable
 
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
@@ -144,7 +144,7 @@ def test_local_ray_ignores_a_recorded_dead_cluster() -> None:
     (Path(short) / "ray" / "ray_current_cluster").write_text("127.0.0.1:9\n")
     env = dict(os.environ, RAY_TMPDIR=short)
     env.pop("RAY_ADDRESS", None)
-    code = ("import ray; from raytrain_at.ray_runtime import init_ray; init_ray(); "
+    code = ("import ray; from raytrain_at.runtime.ray_init import init_ray; init_ray(); "
             "print(ray.cluster_resources().get('CPU', 0)); ray.shutdown()")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=240, env=env, check=False)

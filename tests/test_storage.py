@@ -16,8 +16,8 @@ from raytrain_at.evaluation.runner import (EvalJob, finished_images, merge, pend
                                            read_record, shard_resources, state_key,
                                            write_record)
 from raytrain_at.evaluation.threats import ThreatModel
-from raytrain_at.storage import (STORAGE_ENV, check_root, explicit_root, require_shared_root,
-                                 storage_root)
+from raytrain_at.runtime.storage import (STORAGE_ENV, check_root, explicit_root,
+                                         require_shared_root, storage_root)
 from tests.s3_store import object_store
 
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from raytrain_at.evaluation.corruptions import COMMON_CORRUPTIONS, corrupt_batch
 from raytrain_at.evaluation.result import CorruptionResult
-from raytrain_at.ray_runtime import init_ray
+from raytrain_at.runtime.ray_init import init_ray
 
 Protocol = Literal["mix", "imagenet-c"]
 PROTOCOLS: tuple[str, ...] = ("mix", "imagenet-c")

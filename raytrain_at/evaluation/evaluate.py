@@ -28,8 +28,8 @@ from raytrain_at.evaluation.runner import EvalJob, ThreatOutcome, merge, run_job
 from raytrain_at.evaluation.sweeps import expected_robustness, plot_eps_sweep, plot_resolution_sweep
 from raytrain_at.evaluation.threats import NORMS, PAPER_EPS, ThreatModel, scaled_eps
 from raytrain_at.models.model_files import LoadedModel
-from raytrain_at.storage import check_root, default_home, explicit_root, require_shared_root
-from raytrain_at.ray_runtime import init_ray
+from raytrain_at.runtime.storage import check_root, default_home, explicit_root, require_shared_root
+from raytrain_at.runtime.ray_init import init_ray
 log = logging.getLogger(__name__)
 
 

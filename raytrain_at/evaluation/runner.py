@@ -13,7 +13,7 @@ The state folder is keyed by everything that changes the result (weights hash, d
 ids, resolution, preprocessing, version, seed, batch size), so a re-run of the same evaluation
 resumes and a different one starts afresh. The key is computed once, on the driver, from what
 every node agrees on (the data file's name, size and first MiB, never its resolved path), and it
-lies under the storage root (:mod:`raytrain_at.storage`): ``s3://`` or a shared folder on a
+lies under the storage root (:mod:`raytrain_at.runtime.storage`): ``s3://`` or a shared folder on a
 cluster, so the driver merges what workers on other machines wrote.
 """
 
@@ -37,9 +37,9 @@ from raytrain_at.evaluation.autoattack import (MISCLASSIFIED, ROBUST, VERSIONS, 
 from raytrain_at.evaluation.guards import capture_autoattack_warnings
 from raytrain_at.evaluation.kernels import attack_model
 from raytrain_at.evaluation.threats import ThreatModel
-from raytrain_at.ray_logs import worker_log_file
-from raytrain_at.ray_runtime import init_ray
-from raytrain_at.storage import default_home, filesystem, is_uri
+from raytrain_at.runtime.worker_output import worker_log_file
+from raytrain_at.runtime.ray_init import init_ray
+from raytrain_at.runtime.storage import default_home, filesystem, is_uri
 
 FORMAT = 1
 

@@ -23,7 +23,7 @@ from raytrain_at.errors import UserError
 from raytrain_at.finetune_benchmark.spec import Configuration, configurations, load_benchmark
 from raytrain_at.finetune_benchmark.table import (aggregates, plot_summary, print_table, read_rows,
                                                   write_csv, write_row)
-from raytrain_at.storage import default_home
+from raytrain_at.runtime.storage import default_home
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from rich.table import Table
 
-from raytrain_at.console import make_console
+from raytrain_at.runtime.console import make_console
 
 # The five measurements, as EvaluationResult.metrics() names them.
 MEASUREMENTS = ("clean_acc", "robust_acc_linf", "robust_acc_l2", "robust_acc_l1",

@@ -22,11 +22,11 @@ from typing import Any, cast
 import torch
 
 from raytrain_at.config import RunConfig, flatten
-from raytrain_at.console import is_verbose, user_line
+from raytrain_at.runtime.console import is_verbose, user_line
 from raytrain_at.errors import RunFailed, UserError, first_lines
-from raytrain_at.ray_logs import worker_log_file
-from raytrain_at.ray_runtime import init_ray
-from raytrain_at.storage import check_root, default_home, explicit_root, require_shared_root
+from raytrain_at.runtime.worker_output import worker_log_file
+from raytrain_at.runtime.ray_init import init_ray
+from raytrain_at.runtime.storage import check_root, default_home, explicit_root, require_shared_root
 from raytrain_at.training.progress import epoch_line, progress_line
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class PreparedRun:
     # Extra MLflow tags of the run (a Tune trial: its parent study run and trial id).
     run_tags: dict[str, str] = field(default_factory=dict)
     # Whether the storage root was set (option, config, $RAYTRAIN_AT_STORAGE) rather than the
-    # node-local home, which a run over several nodes refuses (raytrain_at.storage).
+    # node-local home, which a run over several nodes refuses (raytrain_at.runtime.storage).
     shared_storage: bool = False
 
     def worker_payload(self) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from rich.table import Table
 
-from raytrain_at.console import make_console
+from raytrain_at.runtime.console import make_console
 from raytrain_at.evaluation.threats import NORMS
 from raytrain_at.tuning.spaces import SearchSpace
 

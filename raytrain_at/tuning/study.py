@@ -29,9 +29,10 @@ from typing import Any, Literal, cast
 from raytrain_at.config import RunConfig
 from raytrain_at.config_loader import deep_merge, flat_keys, nest, validate
 from raytrain_at.errors import UserError
-from raytrain_at.ray_logs import worker_log_file
-from raytrain_at.ray_runtime import init_ray
-from raytrain_at.storage import default_home, explicit_root, require_shared_root, storage_root
+from raytrain_at.runtime.worker_output import worker_log_file
+from raytrain_at.runtime.ray_init import init_ray
+from raytrain_at.runtime.storage import (default_home, explicit_root, require_shared_root,
+                                         storage_root)
 from raytrain_at.tuning.report import TrialRecord, TrialStatus, write_report
 from raytrain_at.tuning.spaces import SchedulerSpec, SearchSpace, evaluation_data
 

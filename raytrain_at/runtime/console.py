@@ -2,8 +2,8 @@
 
 The CLI calls :func:`setup_console` once. Quiet mode keeps Python warnings, MLflow's store
 migrations, Ray's and DeepSpeed's INFO chatter off the console; the full worker output still goes
-to the run folder's ``console.log`` (see :mod:`raytrain_at.ray_logs`). The choice travels to Ray
-workers as an environment variable, because they are separate processes.
+to the run folder's ``console.log`` (see :mod:`raytrain_at.runtime.worker_output`). The choice
+travels to Ray workers as an environment variable, because they are separate processes.
 
 Workers that have something for the user (rank 0's progress and epoch lines) print it with
 :func:`user_line`; the driver shows exactly those lines of the worker output.

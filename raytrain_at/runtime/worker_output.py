@@ -6,8 +6,9 @@ console. Ray has no public filter for that stream, so in quiet mode this module 
 printing handler on the driver's stream dispatcher with one that
 
 * appends every line, with its process prefix, to the current run's ``console.log``, and
-* prints only the lines a worker marked for the user (:func:`raytrain_at.console.user_line`):
-  rank 0's progress and epoch lines. On a terminal, progress lines overwrite each other.
+* prints only the lines a worker marked for the user
+  (:func:`raytrain_at.runtime.console.user_line`): rank 0's progress and epoch lines. On a
+  terminal, progress lines overwrite each other.
 
 With ``-v`` Ray's own handler stays and this one only writes the file. If Ray's internals
 change (the dispatcher is private), nothing is filtered and a warning says so.
@@ -23,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from raytrain_at.console import USER_MARK, is_verbose
+from raytrain_at.runtime.console import USER_MARK, is_verbose
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import logging
 import socket
 import time
 
-from raytrain_at import ray_logs
-from raytrain_at.console import VERBOSE_ENV, is_verbose
+from raytrain_at.runtime import worker_output
+from raytrain_at.runtime.console import VERBOSE_ENV, is_verbose
 from raytrain_at.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def init_ray(address: str | None = None, *, dashboard: bool = False) -> None:
              runtime_env={"worker_process_setup_hook":
                           "raytrain_at.training.launch.quiet_ray_internals",
                           "env_vars": {VERBOSE_ENV: "1" if verbose else "0"}})
-    ray_logs.install()
+    worker_output.install()
 
 
 def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
