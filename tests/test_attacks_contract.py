@@ -8,7 +8,7 @@ import torch
 
 from raytrain_at.attacks import APGD, FGSM, PGD, lp_norm
 from raytrain_at.attacks.losses import cross_entropy
-from raytrain_at.attacks.threat_models import project
+from raytrain_at.attacks.lp_geometry import project
 from raytrain_at.diagnostics.host_syncs import HostSyncCounter
 
 RADII = {"linf": 0.05, "l2": 0.5, "l1": 4.0}

@@ -18,7 +18,7 @@ import torch.nn as nn
 from raytrain_at.attacks.base import (attack_mode, check_inputs, input_gradient, input_loss,
                                       predictions_correct)
 from raytrain_at.attacks.losses import cross_entropy, dlr, dlr_targeted
-from raytrain_at.attacks.threat_models import NORMS, Norm, normalize, project, random_start
+from raytrain_at.attacks.lp_geometry import NORMS, Norm, normalize, project, random_start
 
 Loss = Literal["ce", "dlr", "dlr-targeted"]
 

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from raytrain_at.attacks.base import attack_mode, check_inputs, input_gradient
 from raytrain_at.attacks.losses import cross_entropy
-from raytrain_at.attacks.threat_models import Norm, normalize, project, random_start
+from raytrain_at.attacks.lp_geometry import Norm, normalize, project, random_start
 
 
 class PGD:
