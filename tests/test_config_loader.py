@@ -12,7 +12,7 @@ import yaml
 
 from raytrain_at.config import load_config
 from raytrain_at.config_loader import (
-    BENCHMARKS,
+    FINETUNE_BENCHMARKS,
     KINDS,
     RECIPES,
     SPACES,
@@ -105,7 +105,8 @@ def test_errors_are_one_line_naming_file_and_key(tmp_path) -> None:
     assert str(info.value) == (f"search space {str(space)!r}: unknown field "
                                "'scheduler.grace_perod'")
     spec = tmp_path / "bench.yaml"
-    data = yaml.safe_load((BENCHMARKS.bundled_dir() / "robust_finetune.yaml").read_text())
+    data = yaml.safe_load(
+        (FINETUNE_BENCHMARKS.bundled_dir() / "robust_finetune.yaml").read_text())
     data["num_samples"] = 0
     spec.write_text(yaml.safe_dump(data))
     with pytest.raises(UserError) as info:

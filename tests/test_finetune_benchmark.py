@@ -27,7 +27,7 @@ from raytrain_at.finetune_benchmark.spec import configurations, load_benchmark
 from raytrain_at.finetune_benchmark.table import MEASUREMENTS, aggregates, geometric_mean
 
 ROOT = Path(__file__).resolve().parents[1]
-PAPER = ROOT / "benchmarks" / "robust_finetune.yaml"
+PAPER = ROOT / "finetune_benchmarks" / "robust_finetune.yaml"
 
 
 @pytest.fixture(autouse=True)

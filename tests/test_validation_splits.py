@@ -165,7 +165,7 @@ def test_tune_and_benchmark_refuse_test_data_for_selection(tmp_path: Path, monke
     weights = tmp_path / "atto.safetensors"
     save_file(timm.create_model("convnext_atto", num_classes=10).state_dict(), str(weights))
     spec_path = tmp_path / "bench.yaml"
-    spec = yaml.safe_load((ROOT / "benchmarks" / "robust_finetune.yaml").read_text())
+    spec = yaml.safe_load((ROOT / "finetune_benchmarks" / "robust_finetune.yaml").read_text())
     spec["backbones"] = {"atto": {"model": "convnext_atto", "weights": str(weights)}}
     spec["datasets"] = {"digits": {"train": "digits", "val": str(test_file), "test": "digits",
                                    "num_classes": 10, "resolution": 32}}
@@ -183,7 +183,7 @@ def test_shipped_files_select_on_validation_data() -> None:
         heldout = load_config(name).data.heldout
         assert heldout is None or heldout == "digits" or "heldout4k" in heldout \
             or heldout.endswith("_val.beton"), f"recipe {name} selects on {heldout}"
-    spec, _ = load_benchmark(ROOT / "benchmarks" / "robust_finetune.yaml")
+    spec, _ = load_benchmark(ROOT / "finetune_benchmarks" / "robust_finetune.yaml")
     for name, dataset in spec.datasets.items():
         assert dataset.val.endswith("_val.beton") and dataset.test.endswith("_test.beton"), name
 

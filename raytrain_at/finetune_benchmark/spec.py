@@ -38,7 +38,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from raytrain_at.config_loader import BENCHMARKS, StrictModel, validate
+from raytrain_at.config_loader import FINETUNE_BENCHMARKS, StrictModel, validate
 from raytrain_at.errors import UserError
 from raytrain_at.tuning.spaces import Distribution, SchedulerSpec, SearchSpace, StudyEvaluation
 
@@ -215,12 +215,12 @@ def configurations(spec: BenchmarkSpec, experiment: str, source: Path | None = N
 
 def bundled_benchmark(name: str) -> Path:
     """The bundled benchmark ``name`` (package data: a regular ``pip install`` ships it; the
-    checkout's ``benchmarks/`` is a link to the folder).
+    checkout's ``finetune_benchmarks/`` is a link to the folder).
 
     Raises:
         UserError: no bundled benchmark of that name.
     """
-    return BENCHMARKS.resolve(name)
+    return FINETUNE_BENCHMARKS.resolve(name)
 
 
 def load_benchmark(path: str | Path) -> tuple[BenchmarkSpec, Path]:
@@ -230,5 +230,5 @@ def load_benchmark(path: str | Path) -> tuple[BenchmarkSpec, Path]:
     Raises:
         UserError: missing file, bad YAML, or a one-line description of the first bad field.
     """
-    data, source = BENCHMARKS.read(path)
+    data, source = FINETUNE_BENCHMARKS.read(path)
     return validate(BenchmarkSpec, data, f"benchmark {str(source)!r}", noun="field"), source
