@@ -231,6 +231,6 @@ RECIPES = FileKind("recipe", "recipes", lambda names: "`raytrain-at recipes` lis
 SPACES = FileKind("search space", "tune_spaces",
                   lambda names: f"available: {', '.join(names)}",
                   " (description, recipe, fixed, search, metric, mode, scheduler, num_samples)")
-FINETUNE_BENCHMARKS = FileKind("benchmark", "finetune_benchmarks",
+FINETUNE_BENCHMARKS = FileKind("fine-tuning benchmark", "finetune_benchmarks",
                                lambda names: f"bundled: {', '.join(names)} (or give a YAML path)")
 KINDS = (RECIPES, SPACES, FINETUNE_BENCHMARKS)

@@ -58,15 +58,15 @@ def describe_study(space) -> str:
 
 
 def describe_benchmark(path: str, name: str | None = None) -> str:
-    """YAML text for ``raytrain-at benchmark --dry-run``: the file, and every configuration
-    (validated as a real run validates them) with its trial count."""
+    """YAML text for ``raytrain-at finetune-benchmark --dry-run``: the file, and every
+    configuration (validated as a real run validates them) with its trial count."""
     import yaml
 
     from raytrain_at.finetune_benchmark.spec import configurations, load_benchmark
 
     spec, source = load_benchmark(path)
-    configs = configurations(spec, f"benchmark-{name or source.stem}", source)
-    summary = {"benchmark": name or source.stem, "source": str(source),
+    configs = configurations(spec, f"finetune-benchmark-{name or source.stem}", source)
+    summary = {"finetune_benchmark": name or source.stem, "source": str(source),
                "configurations": len(configs),
                "trials": sum(c.space.num_trials() for c in configs),
                "each": {c.key: c.space.num_trials() for c in configs}}

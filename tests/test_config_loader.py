@@ -112,7 +112,7 @@ def test_errors_are_one_line_naming_file_and_key(tmp_path) -> None:
     with pytest.raises(UserError) as info:
         load_benchmark(spec)
     message = str(info.value)
-    assert message.startswith(f"benchmark {str(spec)!r}: field 'num_samples'")
+    assert message.startswith(f"fine-tuning benchmark {str(spec)!r}: field 'num_samples'")
     assert "(got 0)" in message
     assert "\n" not in message
     bad = tmp_path / "bad.yaml"

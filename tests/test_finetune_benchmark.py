@@ -1,4 +1,5 @@
-"""The robust fine-tuning benchmark (raytrain_at/finetune_benchmark, ``raytrain-at benchmark``).
+"""The robust fine-tuning benchmark (raytrain_at/finetune_benchmark,
+``raytrain-at finetune-benchmark``).
 
 Fast tests: the paper's benchmark file validates (180 configurations); mistakes fail before
 anything runs with one line; aggregates; a benchmark whose rows all exist runs nothing and
@@ -64,7 +65,7 @@ def _mini_spec(tmp_path: Path, **changes) -> Path:
             "vit": {"model": "test_vit", "weights": str(_checkpoint(tmp_path, "test_vit")),
                     "family": "attention", "pretraining": "random"}},
         "datasets": {"digits": {"train": "digits", "val": "digits", "test": "digits", "num_classes": 10}},
-        "losses": ["classic", "trades"],
+        "losses": ["adversarial", "trades"],
         "protocols": {"full_1ep": {"epochs": 1}, "full_2ep": {"epochs": 2},
                       "linear_2ep": {"epochs": 2, "linear_probe": True}},
         "search": {"optim.lr": {"choice": [1.0e-3]}, "optim.head_lr": {"choice": [3.0e-3]},
@@ -83,7 +84,7 @@ def _mini_spec(tmp_path: Path, **changes) -> Path:
 # --------------------------------------------------------------------------- the paper's file
 def test_paper_benchmark_validates() -> None:
     spec, source = load_benchmark(PAPER)
-    configs = configurations(spec, "benchmark-robust_finetune", source)
+    configs = configurations(spec, "finetune-benchmark-robust_finetune", source)
     assert len(configs) == 5 * 6 * 2 * 3
     linear = next(c for c in configs if c.protocol == "linear_probe_50ep")
     fixed = linear.space.fixed
@@ -101,7 +102,7 @@ def test_paper_benchmark_validates() -> None:
 
 @pytest.mark.parametrize("change, culprit", [
     ({"search": {"optim.lrr": {"choice": [1.0e-3]}}}, "optim.lrr"),
-    ({"losses": ["classic", "mart"]}, "mart"),
+    ({"losses": ["adversarial", "mart"]}, "mart"),
     ({"datasets": {"digits": {"train": "digits", "val": "digits", "test": "digits", "num_classes": 1}}},
      "num_classes"),
     ({"protocols": {"bad name": {"epochs": 1}}}, "bad name"),
@@ -112,20 +113,24 @@ def test_bad_benchmark_fails_before_anything_runs(tmp_path, change, culprit) -> 
     path = _mini_spec(tmp_path, **change)
     with pytest.raises(UserError, match=culprit):
         run_benchmark(path)
-    assert not (tmp_path / "home" / "benchmarks").exists()
+    assert not (tmp_path / "home" / "finetune_benchmarks").exists()
 
 
-def test_missing_checkpoint_is_named_before_any_trial(tmp_path, capsys) -> None:
+@pytest.mark.parametrize("command", ["finetune-benchmark", "benchmark"])
+def test_missing_checkpoint_is_named_before_any_trial(tmp_path, capsys, command) -> None:
+    """Also under the command's old name, which still works and says it moved."""
     from raytrain_at.cli import main
 
     path = _mini_spec(tmp_path, backbones={
         "resnet": {"model": "test_resnet", "weights": str(tmp_path / "missing.safetensors")}})
     with pytest.raises(SystemExit) as stopped:
-        main(["benchmark", str(path)])
-    err = capsys.readouterr().err
+        main([command, str(path)])
+    lines = capsys.readouterr().err.strip().splitlines()
     assert stopped.value.code == 2
-    assert "missing.safetensors" in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "home" / "benchmarks").exists()
+    moved = ["note: `raytrain-at benchmark` is now `raytrain-at finetune-benchmark`"]
+    assert lines[:-1] == (moved if command == "benchmark" else [])
+    assert "missing.safetensors" in lines[-1]
+    assert not (tmp_path / "home" / "finetune_benchmarks").exists()
 
 
 def test_aggregates() -> None:
@@ -141,7 +146,7 @@ def test_finished_benchmark_runs_nothing(tmp_path) -> None:
     """Every row present: no configuration runs (no Ray, no MLflow), the table is rebuilt."""
     path = _mini_spec(tmp_path)
     spec, source = load_benchmark(path)
-    keys = [c.key for c in configurations(spec, "benchmark-mini", source)]
+    keys = [c.key for c in configurations(spec, "finetune-benchmark-mini", source)]
     rows = benchmark_folder("mini", None) / "rows"
     rows.mkdir(parents=True)
     for index, key in enumerate(keys):
@@ -170,16 +175,16 @@ def test_miniature_benchmark_end_to_end(tmp_path) -> None:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     env = dict(os.environ, RAYTRAIN_AT_HOME=str(tmp_path / "home"), MLFLOW_TRACKING_URI=uri)
     path = _mini_spec(tmp_path)
-    command = [sys.executable, "-m", "raytrain_at.cli", "benchmark", str(path)]
+    command = [sys.executable, "-m", "raytrain_at.cli", "finetune-benchmark", str(path)]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=2400,
                           cwd=tmp_path, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
-    folder = tmp_path / "home" / "benchmarks" / "mini"
+    folder = tmp_path / "home" / "finetune_benchmarks" / "mini"
     with open(folder / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 12
     assert {(r["backbone"], r["loss"], r["protocol"]) for r in rows} == {
-        (b, l, p) for b in ("resnet", "vit") for l in ("classic", "trades")
+        (b, l, p) for b in ("resnet", "vit") for l in ("adversarial", "trades")
         for p in ("full_1ep", "full_2ep", "linear_2ep")}
     for column in (*MEASUREMENTS, "sum", "geometric_mean", "best.optim.schedule"):
         assert all(r[column] != "" for r in rows), column
@@ -191,11 +196,11 @@ def test_miniature_benchmark_end_to_end(tmp_path) -> None:
     assert (folder / "summary.png").stat().st_size > 10_000
 
     client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name("benchmark-mini")
+    experiment = client.get_experiment_by_name("finetune-benchmark-mini")
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 12 and all(r.info.status == "FINISHED" for r in parents)
-    assert {r.data.tags["raytrain_at.benchmark.protocol"] for r in parents} == {
+    assert {r.data.tags["raytrain_at.finetune_benchmark.protocol"] for r in parents} == {
         "full_1ep", "full_2ep", "linear_2ep"}
 
     # Linear probing: every backbone tensor of the fine-tuned model equals the checkpoint's.

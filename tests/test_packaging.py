@@ -1,4 +1,5 @@
-"""A regular (not editable) ``pip install .`` ships the recipes, Tune spaces and benchmark specs.
+"""A regular (not editable) ``pip install .`` ships the recipes, Tune spaces and fine-tuning
+benchmark specs.
 
 The fresh virtual environment gets the project by a real wheel build and install of a copy of the
 checkout; its heavy dependencies (torch, Ray, ...) come from this environment through a ``.pth``
@@ -65,7 +66,8 @@ def test_installed_cli_lists_recipes_and_dry_runs_a_study(installed, tmp_path) -
                 "--dry-run")
     assert tune.returncode == 0, tune.stderr
     assert "trials: 6" in tune.stdout and str(venv) in tune.stdout  # the packaged space file
-    bench = _run(venv, env, tmp_path, "raytrain-at", "benchmark", "robust_finetune", "--dry-run")
+    bench = _run(venv, env, tmp_path, "raytrain-at", "finetune-benchmark", "robust_finetune",
+                 "--dry-run")
     assert bench.returncode == 0, bench.stderr
     assert "configurations: 180" in bench.stdout and str(venv) in bench.stdout
 

@@ -1,4 +1,4 @@
-"""``raytrain-at benchmark SPEC``: run every configuration of a benchmark, resumably.
+"""``raytrain-at finetune-benchmark SPEC``: run every configuration of a benchmark, resumably.
 
 Each configuration is a Ray Tune study (:func:`raytrain_at.tuning.study.run_study`): its trials
 fine-tune the backbone with different backbone / head learning rates, weight decays and
@@ -7,7 +7,7 @@ AutoAttack l_inf / l_2 / l_1, corruptions). The study's parent MLflow run is the
 configuration's run (tagged with backbone, dataset, loss and protocol); its trials are children.
 
 Resuming: a configuration's row is written (atomically) only after its evaluation, into
-``<home>/benchmarks/<name>/rows/``; a re-run skips every configuration that has a row and
+``<home>/finetune_benchmarks/<name>/rows/``; a re-run skips every configuration that has a row and
 rebuilds the table, so an interrupted benchmark goes on where it stopped and a finished one adds
 nothing. A configuration interrupted mid-way is run again from its start.
 """
@@ -40,7 +40,7 @@ class BenchmarkOutcome:
 def benchmark_folder(name: str, storage_path: str | None) -> Path:
     local = (Path(storage_path).expanduser().resolve()
              if storage_path and "://" not in storage_path else default_home())
-    return local / "benchmarks" / name
+    return local / "finetune_benchmarks" / name
 
 
 def _row(config: Configuration, outcome) -> dict[str, Any]:
@@ -87,7 +87,7 @@ def run_benchmark(path: str | Path, *, name: str | None = None, address: str | N
     name = name or source.stem
     if not all(c.isalnum() or c in "._-" for c in name):
         raise UserError(f"benchmark name {name!r} may only use letters, digits, '.', '_' and '-'")
-    experiment = f"benchmark-{name}"
+    experiment = f"finetune-benchmark-{name}"
     configs = configurations(spec, experiment, source)
     folder = benchmark_folder(name, storage_path)
     rows_dir = folder / "rows"
@@ -99,11 +99,11 @@ def run_benchmark(path: str | Path, *, name: str | None = None, address: str | N
         print(f"[{index}/{len(pending)}] {config.key}", flush=True)
         outcome = run_study(config.space, StudyOptions(
             name=f"{name}.{config.key}", address=address, storage_path=storage_path,
-            quiet=True, tags={"raytrain_at.benchmark": name,
-                              "raytrain_at.benchmark.backbone": config.backbone,
-                              "raytrain_at.benchmark.dataset": config.dataset,
-                              "raytrain_at.benchmark.loss": config.loss,
-                              "raytrain_at.benchmark.protocol": config.protocol}))
+            quiet=True, tags={"raytrain_at.finetune_benchmark": name,
+                              "raytrain_at.finetune_benchmark.backbone": config.backbone,
+                              "raytrain_at.finetune_benchmark.dataset": config.dataset,
+                              "raytrain_at.finetune_benchmark.loss": config.loss,
+                              "raytrain_at.finetune_benchmark.protocol": config.protocol}))
         if outcome.best is None:
             raise UserError(f"benchmark {name}: configuration {config.key} has no completed, "
                             "evaluated trial")

@@ -15,7 +15,7 @@ its best trial is measured five ways (clean, AutoAttack l_inf / l_2 / l_1, commo
       flowers102: {train: $RAYTRAIN_AT_DATA/flowers102_train.beton,   # val selects, test reports
                    val: $RAYTRAIN_AT_DATA/flowers102_val.beton,
                    test: $RAYTRAIN_AT_DATA/flowers102_test.beton, num_classes: 102}
-    losses: [classic, trades]             # classic AT; TRADES with beta = 1
+    losses: [adversarial, trades]         # adversarial training; TRADES with beta = 1
     protocols:                            # name -> epochs and whether only the head trains
       full_5: {epochs: 5}
       full_50: {epochs: 50}
@@ -46,7 +46,7 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 # The two training losses of the benchmark, as run config overrides.
 LOSSES: dict[str, dict[str, Any]] = {
-    "classic": {"objective.kind": "adversarial"},
+    "adversarial": {"objective.kind": "adversarial"},
     "trades": {"objective.kind": "trades", "objective.trades_beta": 1.0},
 }
 
@@ -125,7 +125,8 @@ class BenchmarkSpec(StrictModel):
     fixed: dict[str, Any] = Field(default_factory=dict)
     backbones: dict[str, Backbone] = Field(min_length=1)
     datasets: dict[str, Dataset] = Field(min_length=1)
-    losses: list[Literal["classic", "trades"]] = Field(["classic", "trades"], min_length=1)
+    losses: list[Literal["adversarial", "trades"]] = Field(["adversarial", "trades"],
+                                                          min_length=1)
     protocols: dict[str, Protocol] = Field(
         default_factory=lambda: {k: Protocol(**v) for k, v in PAPER_PROTOCOLS.items()},
         min_length=1)
@@ -231,4 +232,5 @@ def load_benchmark(path: str | Path) -> tuple[BenchmarkSpec, Path]:
         UserError: missing file, bad YAML, or a one-line description of the first bad field.
     """
     data, source = FINETUNE_BENCHMARKS.read(path)
-    return validate(BenchmarkSpec, data, f"benchmark {str(source)!r}", noun="field"), source
+    return validate(BenchmarkSpec, data, f"fine-tuning benchmark {str(source)!r}",
+                    noun="field"), source
