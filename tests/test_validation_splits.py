@@ -14,7 +14,7 @@ import yaml
 from PIL import Image
 
 from raytrain_at.config import available_recipes, load_config
-from raytrain_at.data.benchmark_datasets import (caltech101_samples, fgvc_aircraft_samples,
+from raytrain_at.data.finetune_datasets import (caltech101_samples, fgvc_aircraft_samples,
                                                  oxford_pet_samples, stanford_cars_samples,
                                                  uc_merced_samples)
 from raytrain_at.data.sources import cifar_samples, digits_samples, flowers102_samples

@@ -1,7 +1,7 @@
 """``raytrain-at data write-ffcv``: pick the samples of a source (and subset), then write them.
 
 Sources: ``digits`` (bundled), a CIFAR-10/100 python-batches folder, a Flowers-102 folder, the
-robust fine-tuning benchmark's datasets (:mod:`raytrain_at.data.benchmark_datasets`), or an
+robust fine-tuning benchmark's datasets (:mod:`raytrain_at.data.finetune_datasets`), or an
 ImageFolder tree (ImageNet ``train/`` / ``val/``, or any class-per-folder dataset). For an ImageNet
 root (holding ``train/`` and ``val/``), subsets pick their split: ``robustbench5k`` reads ``val/``,
 ``heldout4k`` reads ``train/``. Class folders named by ImageNet synsets get the standard ImageNet
@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Literal
 
 from raytrain_at.data import imagenet_subsets as subsets
-from raytrain_at.data.benchmark_datasets import (READERS as BENCHMARK_READERS,
-                                                 detect_benchmark_format)
+from raytrain_at.data.finetune_datasets import (READERS as FINETUNE_READERS,
+                                                 detect_dataset_format)
 from raytrain_at.data.ffcv_writer import FULL_QUALITY, WriteOptions, write_beton
 from raytrain_at.data.sources import (Sample, cifar_samples, digits_samples, flowers102_samples,
                                       image_folder_samples, list_class_folders)
@@ -33,7 +33,7 @@ SUBSETS: tuple[str, ...] = ("robustbench5k", "heldout4k")
 
 def detect_format(source: str) -> str:
     """Guess the layout of ``source``: digits, cifar, flowers102, one of the robust fine-tuning
-    benchmark's datasets (see :mod:`raytrain_at.data.benchmark_datasets`) or imagefolder."""
+    benchmark's datasets (see :mod:`raytrain_at.data.finetune_datasets`) or imagefolder."""
     if source == "digits":
         return "digits"
     root = Path(source)
@@ -42,7 +42,7 @@ def detect_format(source: str) -> str:
         return "cifar"
     if (root / "imagelabels.mat").exists():
         return "flowers102"
-    return detect_benchmark_format(root) or "imagefolder"
+    return detect_dataset_format(root) or "imagefolder"
 
 
 def _split_dir(root: Path, split: str) -> Path:
@@ -71,8 +71,8 @@ def collect_samples(source: str, *, split: str = "train", subset: str | None = N
         return cifar_samples(source, split)
     if fmt == "flowers102":
         return flowers102_samples(source, split)
-    if fmt in BENCHMARK_READERS:
-        return BENCHMARK_READERS[fmt](source, split)
+    if fmt in FINETUNE_READERS:
+        return FINETUNE_READERS[fmt](source, split)
     root = Path(source)
     if subset == "robustbench5k":
         return subsets.robustbench5k_samples(_split_dir(root, "val"))

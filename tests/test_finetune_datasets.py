@@ -1,4 +1,4 @@
-"""Readers of the robust fine-tuning benchmark's datasets (raytrain_at/data/benchmark_datasets.py)
+"""Readers of the robust fine-tuning benchmark's datasets (raytrain_at/data/finetune_datasets.py)
 on small fake copies of their distributed layouts: classes, labels, splits, format detection, a
 write to FFCV and back, and one-line errors for broken layouts."""
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from raytrain_at.data.benchmark_datasets import (caltech101_samples, fgvc_aircraft_samples,
+from raytrain_at.data.finetune_datasets import (caltech101_samples, fgvc_aircraft_samples,
                                                  oxford_pet_samples, stanford_cars_samples,
                                                  uc_merced_samples)
 from raytrain_at.data.inspection import beton_labels

@@ -158,7 +158,7 @@ READERS = {
 }
 
 
-def detect_benchmark_format(root: Path) -> str | None:
+def detect_dataset_format(root: Path) -> str | None:
     """The benchmark dataset whose layout ``root`` has, or None."""
     if root.name == "101_ObjectCategories" or (root / "101_ObjectCategories").is_dir():
         return "caltech101"
