@@ -196,11 +196,6 @@ class RunConfig(StrictModel):
 
 
 # --------------------------------------------------------------------------- YAML and overrides
-def recipes_dir() -> Path:
-    """The bundled recipes folder."""
-    return RECIPES.bundled_dir()
-
-
 def available_recipes() -> list[str]:
     """Names of the bundled recipes (bases such as ``_imagenet`` left out)."""
     return RECIPES.available()

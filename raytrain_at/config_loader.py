@@ -233,4 +233,3 @@ SPACES = FileKind("search space", "tune_spaces",
                   " (description, recipe, fixed, search, metric, mode, scheduler, num_samples)")
 FINETUNE_BENCHMARKS = FileKind("fine-tuning benchmark", "finetune_benchmarks",
                                lambda names: f"bundled: {', '.join(names)} (or give a YAML path)")
-KINDS = (RECIPES, SPACES, FINETUNE_BENCHMARKS)

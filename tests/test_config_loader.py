@@ -13,7 +13,6 @@ import yaml
 from raytrain_at.config import load_config
 from raytrain_at.config_loader import (
     FINETUNE_BENCHMARKS,
-    KINDS,
     RECIPES,
     SPACES,
     deep_merge,
@@ -27,6 +26,7 @@ from raytrain_at.finetune_benchmark.spec import load_benchmark
 from raytrain_at.tuning.spaces import load_space
 
 PACKAGE = Path(__file__).resolve().parents[1] / "raytrain_at"
+KINDS = (RECIPES, SPACES, FINETUNE_BENCHMARKS)  # every kind of YAML file the project ships
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.folder)

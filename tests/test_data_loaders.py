@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from raytrain_at.data.ffcv_loaders import eval_loader, shard_sample_ids, train_loader
+from raytrain_at.data.ffcv_loaders import eval_loader, train_loader
 from raytrain_at.data.ffcv_writer import WriteOptions, write_beton
 from raytrain_at.data.sharding import eval_shard, train_shard
 from raytrain_at.data.sources import Sample
@@ -69,7 +69,7 @@ def test_eval_shards_cover_in_order(indexed_beton) -> None:
         loader = eval_loader(indexed_beton, batch_size=16, resolution=16, rank=rank,
                              world_size=3, num_workers=1)
         got = _epoch_ids(loader)
-        assert got == shard_sample_ids(N, rank, 3).tolist()
+        assert got == eval_shard(np.arange(N), rank, 3).tolist()
         ids += got
     assert ids == list(range(N))
     assert np.concatenate([eval_shard(np.arange(10), r, 4) for r in range(4)]).tolist() == list(

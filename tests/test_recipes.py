@@ -14,7 +14,8 @@ import pytest
 import timm
 
 import raytrain_at.models  # noqa: F401 - registers the project's timm models
-from raytrain_at.config import RunConfig, available_recipes, load_config, recipes_dir
+from raytrain_at.config import RunConfig, available_recipes, load_config
+from raytrain_at.config_loader import RECIPES
 from raytrain_at.errors import UserError
 
 EPS_4 = 4 / 255
@@ -73,7 +74,7 @@ def test_every_recipe_loads_and_validates(name):
 def test_bases_are_not_listed_and_none_is_missing():
     names = available_recipes()
     assert not [n for n in names if n.startswith("_")]
-    assert (recipes_dir() / "_imagenet.yaml").is_file()
+    assert (RECIPES.bundled_dir() / "_imagenet.yaml").is_file()
     expected = (
         [f"table1_{a}_{row}" for a in TABLE1_ARCHS
          for row in ("random_basic", "pretrained_basic", "pretrained_heavy")]

@@ -200,11 +200,3 @@ def eval_loader(path: str | Path, *, batch_size: int, resolution: int = 224,
                                "label": _label_pipeline(device)})
     return DeviceBatches(loader, device, info)
 
-
-def shard_sample_ids(num_samples: int, rank: int, world_size: int,
-                     indices: np.ndarray | None = None) -> np.ndarray:
-    """The sample indices an :func:`eval_loader` shard yields, in order (to merge results)."""
-    from raytrain_at.data.sharding import eval_shard
-
-    base = np.arange(num_samples) if indices is None else np.asarray(indices)
-    return eval_shard(base, rank, world_size)

@@ -185,11 +185,8 @@ def convnext_iso_small_cvst(pretrained: bool = False, **kwargs: Any) -> nn.Modul
     return _iso_model("convnext_iso_small_cvst", "table9:C1", pretrained, kwargs)
 
 
-# The project's own names, and the PatchStem baselines of Table 14 (timm's own models).
+# The project's own names.
 CONVSTEM_MODELS: tuple[str, ...] = (
     "convnext_atto_cvst", "convnext_tiny_cvst", "convnext_small_cvst", "convnext_base_cvst",
     "convnext_large_cvst", "vit_small_cvst",
     "vit_medium_cvst", "vit_base_cvst", "convnext_iso_small_cvst")
-PATCHSTEM_BASELINES: tuple[str, ...] = (
-    "convnext_tiny", "convnext_small", "convnext_base", "vit_small_patch16_224",
-    "deit3_medium_patch16_224", "vit_base_patch16_224", "convnext_iso_small")

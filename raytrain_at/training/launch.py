@@ -64,10 +64,6 @@ class PreparedRun:
                 "run_name": self.run_name, "run_tags": dict(self.run_tags)}
 
 
-def default_storage() -> Path:
-    return default_home()
-
-
 def _validate_dataset(path: str, key: str, config: RunConfig) -> None:
     """The file is FFCV, its labels fit the model, and (train) it fills a global batch."""
     from raytrain_at.data.ffcv_loaders import inspect_beton
@@ -139,7 +135,7 @@ def prepare_run(config: RunConfig, *, run_name: str | None = None,
 
     config = config.model_copy(deep=True)
     explicit = explicit_root(storage_path, config.tracking.storage_path)
-    chosen = explicit or str(default_storage())
+    chosen = explicit or str(default_home())
     check_root(chosen)
     uri = absolute_tracking_uri(config.tracking.tracking_uri or default_tracking_uri())
     check_tracking_server(uri)
@@ -148,7 +144,7 @@ def prepare_run(config: RunConfig, *, run_name: str | None = None,
         # Cloud storage (s3://, gs://) for Ray Train's checkpoints: kept as a URI, and the
         # bundled datasets go to the local home instead.
         runs = chosen.rstrip("/") + "/runs"
-        local = default_storage()
+        local = default_home()
     else:
         local = Path(chosen).resolve()
         runs = str(local / "runs")
@@ -327,7 +323,7 @@ def launch(prepared: PreparedRun, *, address: str | None = None):
 def run_folder(prepared: PreparedRun) -> Path:
     """The run's local folder (Ray Train's, unless its storage is in the cloud)."""
     if "://" in prepared.storage_path:
-        return default_storage() / "runs" / prepared.run_name
+        return default_home() / "runs" / prepared.run_name
     return Path(prepared.storage_path) / prepared.run_name
 
 
