@@ -1,9 +1,10 @@
 """The robust fine-tuning benchmark's study definition (YAML) and its configurations.
 
-A benchmark (second paper, ``papers/robust_generalization_guide.md``) crosses backbones x
-datasets x losses x protocols; every cell is a *configuration*, fine-tuned with its own Ray Tune
-search over the backbone / head learning rates, weight decay and the cosine switch (ASHA), and
-its best trial is measured five ways (clean, AutoAttack l_inf / l_2 / l_1, common corruptions)::
+A benchmark (second paper: Heuillet et al. 2025, "A Guide to Robust Generalization", arXiv
+2508.14079; docs/finetune-benchmark.md) crosses backbones x datasets x losses x protocols; every
+cell is a *configuration*, fine-tuned with its own Ray Tune search over the backbone / head
+learning rates, weight decay and the cosine switch (ASHA), and its best trial is measured five
+ways (clean, AutoAttack l_inf / l_2 / l_1, common corruptions)::
 
     description: Robust fine-tuning benchmark
     recipe: robust_finetune_base          # every run starts from this recipe
