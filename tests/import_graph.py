@@ -82,7 +82,31 @@ def import_graph(package_root: Path) -> dict[str, set[str]]:
     return graph
 
 
-def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+def top_level_part(module: str) -> str | None:
+    """The top-level module or folder of the package that ``module`` belongs to
+    (``pkg.models.zoo`` -> ``models``; None for the package's own ``__init__``)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+def layer_graph(graph: dict[str, set[str]]) -> dict[str, dict[str, list[str]]]:
+    """Edges between the package's top-level modules and folders (a folder is one node), each
+    with the module-level edges that make it: ``{"models": {"tracking": ["pkg.models.a ->
+    pkg.tracking.b"]}}``."""
+    layers: dict[str, dict[str, list[str]]] = {}
+    for importer, targets in sorted(graph.items()):
+        source = top_level_part(importer)
+        if source is None:
+            continue
+        layers.setdefault(source, {})
+        for target in sorted(targets):
+            destination = top_level_part(target)
+            if destination is not None and destination != source:
+                layers[source].setdefault(destination, []).append(f"{importer} -> {target}")
+    return layers
+
+
+def cycles(graph: dict[str, set[str]] | dict[str, dict[str, list[str]]]) -> list[list[str]]:
     """The strongly connected components with more than one module (Tarjan), each sorted."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}

@@ -20,10 +20,10 @@ from mlflow.tracking import MlflowClient
 from plain_mlflow import artifact_folders, plain_mlflow_predict
 
 import raytrain_at
+from raytrain_at.model_refs import log_model_artifacts
 from raytrain_at.models.model_files import ModelSpec, save_model_file
 from raytrain_at.registry.register import register_model
 from raytrain_at.tracking.experiments import artifact_root, ensure_experiment
-from raytrain_at.tracking.mlflow_models import log_model_artifacts
 
 
 @pytest.fixture(scope="module")

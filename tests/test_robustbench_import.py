@@ -125,7 +125,7 @@ def test_fine_tuning_an_imported_model_keeps_its_normalisation(tmp_path) -> None
     trains and saves it with that normalisation, not its backbone's ImageNet statistics."""
     from raytrain_at.config import load_config
     from raytrain_at.models.model_files import ModelSpec, save_model_file
-    from raytrain_at.training.loop import build_model
+    from raytrain_at.training.loop import build_model, run_model_spec
 
     spec = ModelSpec(name="convnext_atto_cvst", num_classes=10, resolution=32,
                      mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
@@ -137,4 +137,4 @@ def test_fine_tuning_an_imported_model_keeps_its_normalisation(tmp_path) -> None
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(started(x), imported(x))
-    assert ModelSpec.from_run_config(config).mean == (0.0, 0.0, 0.0)
+    assert run_model_spec(config).mean == (0.0, 0.0, 0.0)

@@ -147,7 +147,7 @@ def test_run_name_reference_names_the_latest_run_of_that_name(tmp_path):
     """``run:EXPERIMENT/RUN_NAME``: how an AT recipe names its clean pre-training."""
     from mlflow.tracking import MlflowClient
 
-    from raytrain_at.tracking.artifacts import run_name_reference
+    from raytrain_at.model_refs import run_name_reference
     from raytrain_at.tracking.runs import RUN_NAME_TAG
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -14,7 +14,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -23,10 +23,10 @@ from safetensors.torch import save_file
 
 from raytrain_at.errors import UserError
 from raytrain_at.models.backbones import set_test_resolution
-from raytrain_at.models.locate import MODEL_FILE, local_model_file
 from raytrain_at.models.pixel_space import PixelSpaceClassifier, unwrap
 
 SPEC_KEY = "raytrain_at.model_spec"
+MODEL_FILE = "model.safetensors"  # a model's file name in checkpoints and MLflow artifacts
 
 
 @dataclass(frozen=True)
@@ -85,16 +85,6 @@ class ModelSpec:
             raise UserError(f"{source}: malformed model spec {text}")
         return spec
 
-    @classmethod
-    def from_run_config(cls, config: Any) -> ModelSpec:
-        """The spec of a training run (a :class:`raytrain_at.config.RunConfig`); a run that
-        starts from a model file keeps that file's normalisation (an imported RobustBench model
-        takes raw pixels)."""
-        mean, std = init_normalisation(config.model.init) or (None, None)
-        return cls(name=config.model.name, num_classes=config.model.num_classes,
-                   stem=config.model.stem, small_input=config.model.small_input,
-                   resolution=config.data.resolution, mean=mean, std=std)
-
     def build(self) -> PixelSpaceClassifier:
         """A freshly initialised model of this spec at its training resolution."""
         from raytrain_at.models import create_robust_model
@@ -109,35 +99,6 @@ class ModelSpec:
                                          std=self.std or model.std.flatten())
         record_preprocessing(model, self)
         return model
-
-
-def init_normalisation(init: str | None
-                       ) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
-    """The normalisation a run's initial model file records, if it records one (None for
-    clean checkpoints and for model files that use their backbone's configuration)."""
-    if init is None or init.startswith("hub:"):
-        return None
-    if init.startswith(("runs:/", "models:/")):
-        path = local_model_file(init)
-    else:
-        path = Path(init).expanduser()
-        if path.is_dir():
-            path = path / MODEL_FILE
-    if path.suffix != ".safetensors" or not path.is_file():
-        return None
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            text = (handle.metadata() or {}).get(SPEC_KEY)
-    except (SafetensorError, OSError):
-        return None
-    if text is None:
-        return None
-    spec = ModelSpec.from_json(text, str(path))
-    if spec.mean is None and spec.std is None:
-        return None
-    reference = spec.build()  # fills in whichever of the two the file left to the cfg
-    return (tuple(float(v) for v in reference.mean.flatten()),
-            tuple(float(v) for v in reference.std.flatten()))
 
 
 def record_preprocessing(model: nn.Module, spec: ModelSpec) -> None:

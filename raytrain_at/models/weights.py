@@ -19,7 +19,6 @@ import torch.nn as nn
 
 from raytrain_at.errors import UserError
 from raytrain_at.models.backbones import adapter_for, stem_spec_of
-from raytrain_at.models.locate import local_model_file
 from raytrain_at.models.pixel_space import unwrap
 
 log = logging.getLogger(__name__)
@@ -45,9 +44,9 @@ class LoadReport:
 
 
 def read_state_dict(source: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from a safetensors file, a torch file (weights only), ``hub:NAME``, or
-    an MLflow model reference (``models:/NAME@ALIAS``, ``runs:/ID/model``,
-    ``run:EXPERIMENT/RUN_NAME``).
+    """Read a state dict from a safetensors file, a torch file (weights only) or ``hub:NAME``
+    (an MLflow reference is resolved to its file first, above this package:
+    :func:`raytrain_at.model_refs.local_weights`).
 
     Raises:
         UserError: for a missing or unreadable file, or a hub download that fails.
@@ -55,8 +54,6 @@ def read_state_dict(source: str | Path) -> dict[str, torch.Tensor]:
     text = str(source)
     if text.startswith("hub:"):
         return _hub_state_dict(text[4:])
-    if text.startswith(("runs:/", "models:/", "run:")):  # a logged or registered model
-        text = str(local_model_file(text))
     path = Path(text)
     if not path.is_file():
         raise UserError(f"checkpoint {text!r} does not exist")

@@ -31,7 +31,7 @@ from mlflow.tracking import MlflowClient
 
 import raytrain_at
 from raytrain_at.errors import UserError
-from raytrain_at.tracking.artifacts import resolve_version
+from raytrain_at.model_refs import resolve_version, write_mlflow_model
 from raytrain_at.tracking.experiments import ensure_experiment
 from raytrain_at.tracking.runs import default_tracking_uri
 
@@ -349,8 +349,6 @@ def leaderboard_rows(rows: list[dict[str, Any]], threat: str = "linf",
 def stage_model_dir(model_file: Path, extra_files: list[Path]) -> Path:
     """A temporary folder to log as a version's artifacts: the model file, its plain-MLflow
     model (``MLmodel``, exported program, signature, input example) and the evaluation files."""
-    from raytrain_at.tracking.mlflow_models import write_mlflow_model
-
     folder = Path(tempfile.mkdtemp(prefix="raytrain-at-register-")) / "model"
     write_mlflow_model(model_file, folder)
     for path in extra_files:

@@ -1,1 +1,2 @@
-"""Tracking: the only package that imports mlflow (runs, logged models, registry, leaderboard)."""
+"""Tracking: MLflow runs and experiments; nothing of models (``raytrain_at.model_refs`` joins the
+two, ``raytrain_at.registry`` keeps registered versions)."""

@@ -235,8 +235,8 @@ def _log_final_artifacts(tracker, loop, config: RunConfig) -> None:
     the resolved config (YAML)."""
     import yaml
 
-    from raytrain_at.models.model_files import MODEL_FILE, ModelSpec, save_model_file
-    from raytrain_at.tracking.mlflow_models import log_model_artifacts
+    from raytrain_at.model_refs import log_model_artifacts
+    from raytrain_at.models.model_files import MODEL_FILE, save_model_file
     from raytrain_at.training.loop import training_metadata
 
     source = {"raytrain_at.source_run": tracker.run_id}
@@ -244,7 +244,7 @@ def _log_final_artifacts(tracker, loop, config: RunConfig) -> None:
         selected = loop.save_selected(Path(tmp) / "selected" / MODEL_FILE, source)
         log_model_artifacts(tracker, tracker.run_id, selected, "model")
         final = save_model_file(Path(tmp) / "final" / MODEL_FILE, loop.eval_model,
-                                ModelSpec.from_run_config(config),
+                                loop.model_spec,
                                 dict(training_metadata(config, loop.epoch), **source))
         tracker.log_file(final, "final_model")
     selection = loop.selection

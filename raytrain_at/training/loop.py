@@ -32,9 +32,9 @@ from raytrain_at.attacks.base import Attack
 from raytrain_at.config import RunConfig
 from raytrain_at.data.device_augment import DeviceAugment
 from raytrain_at.data.ffcv_loaders import eval_loader, inspect_beton, train_loader
+from raytrain_at.model_refs import init_normalisation, local_weights, named_as
 from raytrain_at.models import PixelSpaceClassifier, create_robust_model, load_backbone_weights
-from raytrain_at.models.model_files import (MODEL_FILE, ModelSpec, init_normalisation,
-                                           save_model_file)
+from raytrain_at.models.model_files import MODEL_FILE, ModelSpec, save_model_file
 from raytrain_at.training.engine import (build_ema, build_engine, freeze_all_but_head,
                                          resolve_precision)
 from raytrain_at.training.objectives import StepLoss, attack_points, objective_loss
@@ -141,22 +141,37 @@ def build_attack(model: nn.Module, config: RunConfig, eps: float, seed: int):
 
 
 def build_model(config: RunConfig) -> nn.Module:
-    """The model of a run, with its clean weights or full initial checkpoint."""
+    """The model of a run, with its clean weights or full initial checkpoint (either may be a
+    MODEL_REF: :mod:`raytrain_at.model_refs` fetches it, and errors name the reference)."""
     m = config.model
     extra: dict[str, Any] = {"drop_path_rate": m.drop_path_rate} if m.drop_path_rate else {}
-    model = create_robust_model(m.name, num_classes=m.num_classes, stem=m.stem,
-                                weights=m.pretrained, small_input=m.small_input,
-                                skip_head="if_mismatched", **extra)
+    pretrained = local_weights(m.pretrained)
+    with named_as(m.pretrained, pretrained):
+        model = create_robust_model(m.name, num_classes=m.num_classes, stem=m.stem,
+                                    weights=pretrained, small_input=m.small_input,
+                                    skip_head="if_mismatched", **extra)
     if m.init is not None:
-        load_backbone_weights(model, m.init, model_name=m.name,
-                              skip_head=True if m.new_head else "if_mismatched", include_stem=True)
+        init = local_weights(m.init)
+        with named_as(m.init, init):
+            load_backbone_weights(model, init, model_name=m.name,
+                                  skip_head=True if m.new_head else "if_mismatched",
+                                  include_stem=True)
         # A model file's own normalisation (e.g. raw pixels of an imported RobustBench model).
-        stats = init_normalisation(m.init)
+        stats = init_normalisation(init)
         if stats is not None:
             model = PixelSpaceClassifier(model.backbone, mean=stats[0], std=stats[1])
     if m.linear_probe:
         freeze_all_but_head(model)
     return model
+
+
+def run_model_spec(config: RunConfig) -> ModelSpec:
+    """The spec of a run's model files; a run that starts from a model file keeps that file's
+    normalisation (an imported RobustBench model takes raw pixels)."""
+    mean, std = init_normalisation(config.model.init) or (None, None)
+    return ModelSpec(name=config.model.name, num_classes=config.model.num_classes,
+                     stem=config.model.stem, small_input=config.model.small_input,
+                     resolution=config.data.resolution, mean=mean, std=std)
 
 
 def training_metadata(config: RunConfig, epoch: int,
@@ -192,6 +207,7 @@ class WorkerLoop:
         self.heldout_path = heldout_path
         self._heldout_data = None
         model = build_model(config).to(place.device)
+        self.model_spec = run_model_spec(config)  # what its model files record
         if config.scaling.channels_last and place.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         # Before DeepSpeed casts the module to bf16: the EMA starts from the fp32 weights and
@@ -365,8 +381,7 @@ class WorkerLoop:
         if self.place.rank == 0:
             # The evaluated weights (EMA when kept) with their model spec: what `evaluate` and
             # `register` read, and where a resumed run gets its EMA back from.
-            save_model_file(directory / MODEL_FILE, self.eval_model,
-                            ModelSpec.from_run_config(self.config),
+            save_model_file(directory / MODEL_FILE, self.eval_model, self.model_spec,
                             training_metadata(self.config, self.epoch))
             self.save_selected(directory / SELECTED_FILE)
             # The augmentation draws depend on its call count: a resumed run must go on from it.
@@ -399,7 +414,7 @@ class WorkerLoop:
         if self.selection.weights is not None:
             model = copy.deepcopy(model)
             model.load_state_dict(self.selection.weights)
-        return save_model_file(path, model, ModelSpec.from_run_config(self.config),
+        return save_model_file(path, model, self.model_spec,
                                dict(training_metadata(self.config, epoch, self.selected_by),
                                     **(extra or {})))
 
