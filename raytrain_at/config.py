@@ -100,7 +100,8 @@ class AttackSection(StrictModel):
 
 
 class ObjectiveSection(StrictModel):
-    """What the training step minimises (``training.objectives.training_step_loss``).
+    """What the training step minimises (``training.objectives.training_step_loss``, the loss
+    of ``WorkerLoop.train_step``).
 
     ``kind``: ``adversarial``, ``trades`` or ``clean``; ``label_smoothing`` of hard labels in
     [0, 1) (paper: 0.1); ``trades_beta``: weight of the KL term of TRADES.

@@ -162,6 +162,19 @@ def _plain_order_epoch(loop) -> None:
         loop.ema.update(loop.engine.module)
 
 
+def _single_steps_epoch(loop) -> None:
+    """An epoch of ``WorkerLoop.train_step`` calls on their own (no lookahead batches), as the
+    speed benchmark calls the step."""
+    from raytrain_at.training.loop import build_attack
+
+    loop.engine.module.train()
+    attack = build_attack(loop.engine.module, loop.config, loop.current_eps(0.0),
+                          seed=loop.config.seed)
+    for images, labels in loop.train_data:
+        _, upcoming = loop.train_step(attack, *loop.augment(images, labels))
+        assert upcoming is None
+
+
 def _lookahead_against_plain_order(storage: Path, batches) -> dict:
     """``train_epoch`` augments batch t + 1 before DeepSpeed's step of batch t (which waits for
     the device). With the heavy augmentation (every draw seeded per call) and drop-path (global
@@ -175,19 +188,23 @@ def _lookahead_against_plain_order(storage: Path, batches) -> dict:
         "optim.warmup_epochs=0"])
     train_path, _ = prepare_data(config, storage)
     states = []
-    for lookahead in (True, False):
+    for order in ("lookahead", "plain", "single_steps"):
         loop = WorkerLoop(config, WorkerPlace(0, 1, torch.device("cpu")), train_path, None)
         loop.train_data = FixedBatches(batches)
-        if lookahead:
+        if order == "lookahead":
             initial = {k: v.clone() for k, v in loop.engine.module.state_dict().items()}
             loop.train_epoch()
-        else:
+        elif order == "plain":
             _plain_order_epoch(loop)
+        else:
+            _single_steps_epoch(loop)
         states.append({**{f"live.{k}": v.clone() for k, v in
                           loop.engine.module.state_dict().items()},
                        **{f"ema.{k}": v.clone() for k, v in loop.ema.module.state_dict().items()},
                        "augment_calls": torch.tensor(loop.augment.calls)})
     return {"differ": [k for k in states[0] if not torch.equal(states[0][k], states[1][k])],
+            "single_steps_differ": [k for k in states[0]
+                                    if not torch.equal(states[2][k], states[1][k])],
             "keys": len(states[0]),
             "moved": sum(not torch.equal(v, states[0][f"live.{k}"]) for k, v in initial.items()),
             "augment_calls": int(states[0]["augment_calls"])}
@@ -221,6 +238,12 @@ def test_lookahead_epoch_equals_the_plain_order(trained) -> None:
     assert check["keys"] > 20 and check["moved"] > 10  # it trained
     assert check["differ"] == []
     assert check["augment_calls"] == BATCHES
+
+
+def test_the_step_on_its_own_equals_the_plain_order(trained) -> None:
+    """``WorkerLoop.train_step`` without the epoch's batches (how the speed benchmark calls the
+    one training step) trains exactly as the loop's epoch does."""
+    assert trained["lookahead"]["single_steps_differ"] == []
 
 
 def test_training_epoch_never_waits_for_the_device_in_project_code(trained) -> None:

@@ -28,6 +28,7 @@ from raytrain_at.runtime.worker_output import worker_log_file
 from raytrain_at.runtime.ray_init import init_ray
 from raytrain_at.runtime.storage import check_root, default_home, explicit_root, require_shared_root
 from raytrain_at.training.progress import epoch_line, progress_line
+from raytrain_at.training.single_rank import rank_environment, single_rank_environment
 
 log = logging.getLogger(__name__)
 
@@ -169,11 +170,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     place = WorkerPlace(rank=context.get_world_rank(), world_size=context.get_world_size(),
                         device=ray.train.torch.get_device())
     # DeepSpeed reads these even when Ray has already initialised the process group.
-    os.environ.setdefault("RANK", str(place.rank))
-    os.environ.setdefault("WORLD_SIZE", str(place.world_size))
-    os.environ.setdefault("LOCAL_RANK", str(context.get_local_rank()))
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    rank_environment(place.rank, place.world_size, context.get_local_rank(), 29500,
+                     keep_existing=True)
     # model.init may name the clean run by reference (run:EXPERIMENT/NAME, runs:/ID/model,
     # models:/NAME@ALIAS): a worker on another node resolves it on the run's tracking server.
     os.environ.setdefault("MLFLOW_TRACKING_URI", payload["tracking_uri"])
@@ -264,8 +262,6 @@ def run_single_process(prepared: PreparedRun) -> dict[str, float]:
     if prepared.config.scaling.num_workers != 1:
         raise UserError("--single-process runs one worker: set scaling.num_workers=1 "
                         "(or --num-workers 1)")
-    from raytrain_at.training.single_rank import single_rank_environment
-
     single_rank_environment(keep_existing=True)
     device = torch.device("cuda" if prepared.config.scaling.use_gpu else "cpu")
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")

@@ -37,7 +37,7 @@ from raytrain_at.models import PixelSpaceClassifier, create_robust_model, load_b
 from raytrain_at.models.model_files import MODEL_FILE, ModelSpec, save_model_file
 from raytrain_at.training.engine import (build_ema, build_engine, freeze_all_but_head,
                                          resolve_precision)
-from raytrain_at.training.objectives import StepLoss, attack_points, objective_loss
+from raytrain_at.training.objectives import StepLoss, training_step_loss
 from raytrain_at.training.schedules import radius_factor
 from raytrain_at.training.selection import Selection, selection_description, selection_metric
 
@@ -292,23 +292,35 @@ class WorkerLoop:
                 "epoch_seconds": time.perf_counter() - start}
 
     def train_step(self, attack: Attack | None, images: torch.Tensor, targets: torch.Tensor,
-                   batches: Iterator) -> tuple[StepLoss, tuple[torch.Tensor, torch.Tensor] | None]:
-        """One optimisation step, top to bottom: attack -> loss -> backward -> step -> EMA.
+                   batches: Iterator | None = None
+                   ) -> tuple[StepLoss, tuple[torch.Tensor, torch.Tensor] | None]:
+        """The training step, top to bottom: attack -> loss -> backward -> step -> EMA.
 
-        Returns the step's loss record and the next augmented batch (None after the last),
-        fetched between backward and step (see the comment there).
+        The one step there is: :meth:`train_epoch` runs it for every batch, and the speed
+        benchmark times it. The loss is the pure unit
+        :func:`raytrain_at.training.objectives.training_step_loss`.
+
+        Args:
+            attack: the epoch's attack (:func:`build_attack`; None for clean objectives).
+            images: an augmented batch in [0, 1] on the device.
+            targets: its class indices or soft targets.
+            batches: the epoch's remaining loader batches, to fetch and augment the next one
+                during this step; None for a step on its own.
+
+        Returns:
+            The step's loss record and the next augmented batch (None after the last, or
+            without ``batches``), fetched between backward and step (see the comment there).
         """
         model = cast(nn.Module, self.engine.module)
         with self._autocast():
-            x_adv = attack_points(attack, images, targets, self.objective)  # model in eval mode
-            out = objective_loss(model, images, x_adv, targets, self.objective)
+            out = training_step_loss(model, attack, images, targets, self.objective)
         self.engine.backward(out.loss)
         # One batch of lookahead: DeepSpeed's step makes the host wait for the device (its
         # gradient checks), so the next batch is fetched and its augmentation queued before
         # that wait, while the GPU still runs this backward. Augmentation draws depend only on
         # (seed, call index) and leave the global RNGs as they were, so the order changes
         # nothing (tested: the same weights as fetching after the step).
-        upcoming = self._next_augmented(batches)
+        upcoming = self._next_augmented(batches) if batches is not None else None
         self.engine.step()
         if self.ema is not None:
             self.ema.update(model)

@@ -1,7 +1,9 @@
 """Training objectives as one pure function: (model, attack, batch, config) -> loss and metrics.
 
-No Ray, MLflow, DeepSpeed or globals here, so the adversarial step is testable on its own and the
-same function runs in the Ray Train loop, the single-process benchmark and the tests.
+:func:`training_step_loss` is the loss half of the training step: ``WorkerLoop.train_step``
+(:mod:`raytrain_at.training.loop`, the one step the loop, the docs and the speed benchmark run)
+calls it, then lets DeepSpeed backpropagate and step. No Ray, MLflow, DeepSpeed or globals here,
+so the adversarial step's loss is testable on its own.
 
 Objectives:
 
@@ -42,8 +44,6 @@ class StepLoss:
         logits: the model's outputs on the points trained on.
         x_adv: the attack's points (the clean images for ``clean``), detached.
         accuracy: detached scalar, accuracy on the points trained on.
-        clean_accuracy: detached scalar, TRADES only: accuracy on the clean images.
-        kl: detached scalar, TRADES only: the KL term before ``beta``.
 
     Metrics stay device tensors so the caller chooses when to synchronise with the host.
     """
@@ -52,12 +52,10 @@ class StepLoss:
     logits: torch.Tensor
     x_adv: torch.Tensor
     accuracy: torch.Tensor
-    clean_accuracy: torch.Tensor | None = None
-    kl: torch.Tensor | None = None
 
 
-def attack_points(attack: Attack | None, images: torch.Tensor, targets: torch.Tensor,
-                  config: ObjectiveSection) -> torch.Tensor:
+def _attack_points(attack: Attack | None, images: torch.Tensor, targets: torch.Tensor,
+                   config: ObjectiveSection) -> torch.Tensor:
     """The points the objective trains on: the attack's (detached), or the images for ``clean``."""
     if config.kind == "clean":
         return images
@@ -66,11 +64,10 @@ def attack_points(attack: Attack | None, images: torch.Tensor, targets: torch.Te
     return attack.perturb(images, targets).detach()
 
 
-def objective_loss(model: nn.Module, images: torch.Tensor, x_adv: torch.Tensor,
-                   targets: torch.Tensor, config: ObjectiveSection) -> StepLoss:
-    """The loss of one batch given the attack's points ``x_adv`` (see :func:`attack_points`)."""
+def _objective_loss(model: nn.Module, images: torch.Tensor, x_adv: torch.Tensor,
+                    targets: torch.Tensor, config: ObjectiveSection) -> StepLoss:
+    """The loss of one batch given the attack's points ``x_adv`` (see :func:`_attack_points`)."""
     labels = hard_labels(targets)
-    clean_accuracy = kl = None
     if config.kind == "trades":
         # One forward of clean and adversarial together: BatchNorm sees both, as in TRADES.
         both = model(torch.cat([images, x_adv])).float()
@@ -79,19 +76,19 @@ def objective_loss(model: nn.Module, images: torch.Tensor, x_adv: torch.Tensor,
         kl = F.kl_div(F.log_softmax(logits, dim=1), F.softmax(clean_logits, dim=1),
                       reduction="batchmean")
         loss = natural + config.trades_beta * kl
-        clean_accuracy = (clean_logits.argmax(1) == labels).float().mean().detach()
-        kl = kl.detach()
     else:  # adversarial (x_adv are the attack's points) or clean (x_adv are the images)
         logits = model(x_adv)
         loss = _soft_or_smoothed_ce(logits, targets, config.label_smoothing)
     accuracy = (logits.detach().argmax(1) == labels).float().mean()
-    return StepLoss(loss=loss, logits=logits, x_adv=x_adv, accuracy=accuracy,
-                    clean_accuracy=clean_accuracy, kl=kl)
+    return StepLoss(loss=loss, logits=logits, x_adv=x_adv, accuracy=accuracy)
 
 
 def training_step_loss(model: nn.Module, attack: Attack | None, images: torch.Tensor,
                        targets: torch.Tensor, config: ObjectiveSection) -> StepLoss:
     """Compute the training loss of one batch: the attack, then the objective on its points.
+
+    The pure unit of the training step (``WorkerLoop.train_step`` calls it under its autocast,
+    then backpropagates ``loss``).
 
     Args:
         model: the classifier in train mode, taking [0, 1] images.
@@ -103,5 +100,5 @@ def training_step_loss(model: nn.Module, attack: Attack | None, images: torch.Te
     Returns:
         The loss with its graph, the logits, the attack's points and detached metrics.
     """
-    x_adv = attack_points(attack, images, targets, config)
-    return objective_loss(model, images, x_adv, targets, config)
+    x_adv = _attack_points(attack, images, targets, config)  # model in eval mode inside
+    return _objective_loss(model, images, x_adv, targets, config)
