@@ -35,11 +35,14 @@ def test_init_by_reference_loads_the_logged_weights_and_normalisation(store, tmp
                      mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     reference, logged = _logged(store, tmp_path, spec)
     config = load_config("quickstart", [f"model.init={reference}"])
-    started = build_model(config).eval()
-    x = torch.rand(2, 3, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(started(x), logged(x))
-    assert run_model_spec(config).mean == (0.0, 0.0, 0.0)
+    started = build_model(config)
+    own = started.state_dict()
+    assert {k: torch.equal(own[k], v) for k, v in logged.state_dict().items()} == {
+        k: True for k in logged.state_dict()}
+    # Its normalisation too (none: raw pixels), not the backbone's ImageNet statistics.
+    assert (started.mean.flatten().tolist(), started.std.flatten().tolist()) == (
+        list(spec.mean or ()), list(spec.std or ()))
+    assert (run_model_spec(config).mean, run_model_spec(config).std) == (spec.mean, spec.std)
 
 
 def test_a_misfit_reference_is_named_as_given(store, tmp_path) -> None:
