@@ -8,14 +8,8 @@ launcher would set: rank 0 of 1 and a free local port for the rendezvous.
 from __future__ import annotations
 
 import os
-import socket
 
-
-def free_local_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from raytrain_at.runtime.ports import free_local_port
 
 
 def single_rank_environment(*, keep_existing: bool = False) -> None:

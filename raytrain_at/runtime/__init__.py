@@ -1,0 +1,1 @@
+"""Where the package runs: local ports and the process environment."""
