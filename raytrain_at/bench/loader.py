@@ -1,35 +1,47 @@
-"""Loader and augmentation throughput (prints JSON; figures go to BENCHMARKS.md).
+"""``raytrain-at bench loader``: loader and augmentation throughput against the training step.
 
 1. Train pipeline: images/second of the FFCV train loader (random-resized-crop decode at 224,
-   flip, uint8 -> float on the device) per decoding worker, from a .beton of 400px JPEG-90 images
-   cut from the real photos bundled with scikit-learn.
-2. Heavy augmentation (RandAugment + MixUp/CutMix + erasing) per batch on the device, and the same
-   batch's 2-step APGD adversarial training step of ConvNeXt-T + ConvStem, for the ratio.
-
-Usage: python scripts/bench_loader.py [--images 1024] [--batch 64] [--workers 1 2] [--device cpu]
+   flip, uint8 -> float on the device) per decoding worker, from a .beton of 400 px JPEG-90 images
+   cut from the real photos bundled with scikit-learn; the median of 3 epochs after the epoch
+   that compiles the pipeline (numba), then one epoch with the heavy augmentation applied to
+   every batch (loader and augmentation together).
+2. Heavy augmentation (RandAugment + MixUp/CutMix + erasing, ``DeviceAugment("heavy")``) per
+   batch on the device, its RandAugment stage alone, and the training step of ConvNeXt-T +
+   ConvStem at the same batch (``WorkerLoop.train_step`` under DeepSpeed at 224, 2-step APGD, as
+   ``bench step`` times it; the step includes the next batch's augmentation, so the share is
+   augmentation / step).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from sklearn.datasets import load_sample_images
+
+from raytrain_at.bench.common import (default_device, device_name, median_ms, package_versions,
+                                      synchronize, utc_now)
+from raytrain_at.bench.settings import LoaderBenchSettings
+from raytrain_at.bench.step import bench_config, init_single_rank, measure_train_step
+from raytrain_at.data.device_augment import DeviceAugment
+from raytrain_at.data.ffcv_loaders import train_loader
+from raytrain_at.data.ffcv_writer import WriteOptions, write_beton
+from raytrain_at.data.sources import Sample
+from raytrain_at.training.loop import WorkerPlace
+
+STEP_MODEL = "convnext_tiny_cvst"
+RESOLUTION = 224
 
 
-def photo_samples(n: int, side: int = 400, seed: int = 0):
+def photo_samples(n: int, side: int = 400, seed: int = 0) -> list[Sample]:
     """``n`` RGB crops (side x 3/4 side) from scikit-learn's two bundled photos."""
-    from sklearn.datasets import load_sample_images
-
-    from raytrain_at.data.sources import Sample
-
     photos = load_sample_images().images  # two 427x640 photographs
     rng = np.random.default_rng(seed)
     height = side * 3 // 4
@@ -43,100 +55,81 @@ def photo_samples(n: int, side: int = 400, seed: int = 0):
     return samples
 
 
-def bench_loader(path: Path, workers: int, batch: int, device: str, epochs: int = 3) -> dict:
-    from raytrain_at.data.ffcv_loaders import train_loader
+def write_photo_file(path: Path, images: int) -> Path:
+    """The benchmark's file: ``images`` 400 px JPEG-90 crops of the bundled photographs."""
+    return write_beton(photo_samples(images), path,
+                       WriteOptions(max_resolution=400, write_mode="jpg", jpeg_quality=90))
 
-    loader = train_loader(path, batch_size=batch, resolution=224, num_workers=workers,
+
+def _epoch_rate(loader, device: torch.device, augment: DeviceAugment | None = None) -> float:
+    """Images/s of one pass over ``loader`` (``augment`` applied to each batch), timed to the
+    completion of the device work."""
+    start, count = time.perf_counter(), 0
+    for images, labels in loader:
+        if augment is not None:
+            augment(images, labels)
+        count += images.shape[0]
+    synchronize(device)
+    return count / (time.perf_counter() - start)
+
+
+def loader_rate(path: Path, workers: int, batch: int, device: torch.device,
+                epochs: int = 3) -> dict[str, Any]:
+    """Images/s of the train loader with ``workers`` decoding workers (median of ``epochs``),
+    and of one more epoch with the heavy augmentation applied to every batch."""
+    loader = train_loader(path, batch_size=batch, resolution=RESOLUTION, num_workers=workers,
                           device=device, seed=0)
-    for _ in loader:  # first epoch compiles the pipeline (numba)
-        pass
-    rates = []
-    for _ in range(epochs):
-        start = time.perf_counter()
-        count = 0
-        for images, _ in loader:
-            count += images.shape[0]
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        rates.append(count / (time.perf_counter() - start))
-    rate = statistics.median(rates)
+    _epoch_rate(loader, device)  # the first epoch compiles the pipeline (numba)
+    rate = statistics.median(_epoch_rate(loader, device) for _ in range(epochs))
+    augmented = _epoch_rate(loader, device, DeviceAugment("heavy", num_classes=1000, seed=0))
     return {"workers": workers, "images_per_s": round(rate, 1),
-            "images_per_s_per_worker": round(rate / workers, 1)}
+            "images_per_s_per_worker": round(rate / workers, 1),
+            "images_per_s_with_heavy_augmentation": round(augmented, 1)}
 
 
-def bench_augmentation(batch: int, device: str, repeats: int = 5) -> dict:
-    from raytrain_at.attacks import APGD
-    from raytrain_at.data.device_augment import DeviceAugment
-    from raytrain_at.models import create_robust_model
-    from raytrain_at.config import ObjectiveSection
-    from raytrain_at.training.objectives import training_step_loss
-
-    images = torch.rand(batch, 3, 224, 224, device=device)
-    labels = torch.randint(0, 1000, (batch,), device=device)
+def augmentation_against_step(batch: int, device: torch.device, repeats: int,
+                              train_path: Path) -> dict[str, Any]:
+    """Milliseconds of the heavy augmentation (and of its RandAugment alone) per batch, and of
+    the training step at the same batch."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(batch, 3, RESOLUTION, RESOLUTION, generator=generator).to(device)
+    labels = torch.randint(0, 1000, (batch,), generator=generator).to(device)
     augment = DeviceAugment("heavy", num_classes=1000, seed=0)
-
-    def timed(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times) * 1000
-
-    aug_ms = timed(lambda: augment(images, labels))
-    model = create_robust_model("convnext_tiny_cvst", num_classes=1000).to(device).train()
-    attack = APGD.for_training(model, eps=4 / 255, n_iter=2)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x_aug, soft = augment(images, labels)
-
-    def step() -> None:
-        out = training_step_loss(model, attack, x_aug, soft, ObjectiveSection())
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        optimizer.step()
-
-    step_ms = timed(step) if repeats else float("nan")
-    return {"batch": batch, "heavy_augment_ms": round(aug_ms, 1),
-            "adv_step_2apgd_convnext_tiny_cvst_ms": round(step_ms, 1),
-            "augment_share_of_step": round(aug_ms / (aug_ms + step_ms), 4)}
+    choices = torch.Generator().manual_seed(0)
+    runs = max(repeats, 1)
+    aug_ms = median_ms(lambda: augment(images, labels), device, runs=runs, warmup=1)
+    randaugment_ms = median_ms(lambda: augment.randaugment(images, choices), device, runs=runs,
+                               warmup=1)
+    out: dict[str, Any] = {"batch": batch, "heavy_augment_ms": round(aug_ms, 1),
+                           "randaugment_only_ms": round(randaugment_ms, 1),
+                           "heavy_augment_images_per_s": round(batch / aug_ms * 1000, 1)}
+    if repeats:
+        init_single_rank(device)
+        config = bench_config(model=STEP_MODEL, batch=batch, resolution=RESOLUTION,
+                              device=device, train_path=train_path)
+        step = measure_train_step(config, WorkerPlace(0, 1, device), train_path, steps=repeats,
+                                  warmup=1)
+        step_ms = step["step_s_median"] * 1000
+        out.update({f"adv_step_2apgd_{STEP_MODEL}_ms": round(step_ms, 1),
+                    "augment_share_of_step": round(aug_ms / step_ms, 4)})
+    return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=1024)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--aug-batch", type=int, default=32)
-    parser.add_argument("--step-repeats", type=int, default=2)
-    args = parser.parse_args()
-
-    from importlib.metadata import version
-
-    from raytrain_at.data.ffcv_writer import WriteOptions, write_beton
-
-    result = {"machine": platform.processor() or platform.machine(),
-              "cpu_count": os.cpu_count(), "device": args.device,
-              "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda")
-              else platform.machine(),
-              "versions": {name: version(name) for name in ("torch", "ffcv", "kornia", "timm")}}
-    with tempfile.TemporaryDirectory() as tmp:
-        path = write_beton(photo_samples(args.images), Path(tmp) / "photos400.beton",
-                           WriteOptions(max_resolution=400, write_mode="jpg", jpeg_quality=90))
-        result["file"] = {"images": args.images, "max_side": 400, "jpeg_quality": 90,
+def run_loader_bench(settings: LoaderBenchSettings) -> dict[str, Any]:
+    """The JSON document of ``bench loader``."""
+    device = torch.device(settings.device or default_device())
+    result: dict[str, Any] = {
+        "date": utc_now(), "machine": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "device": str(device), "device_name": device_name(device),
+        "torch_threads": torch.get_num_threads(),
+        "versions": package_versions("torch", "ffcv", "kornia", "timm", "deepspeed")}
+    with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
+        path = write_photo_file(Path(tmp) / "photos400.beton", settings.images)
+        result["file"] = {"images": settings.images, "max_side": 400, "jpeg_quality": 90,
                           "bytes": path.stat().st_size}
-        result["train_loader_224"] = [bench_loader(path, w, args.batch, args.device)
-                                      for w in args.workers]
-    torch.manual_seed(0)
-    result["augmentation_224"] = bench_augmentation(args.aug_batch, args.device,
-                                                    repeats=args.step_repeats)
-    print(json.dumps(result, indent=2))
-
-
-if __name__ == "__main__":
-    main()
+        result["train_loader_224"] = [loader_rate(path, w, settings.batch, device)
+                                      for w in settings.workers]
+        torch.manual_seed(0)
+        result["augmentation_224"] = augmentation_against_step(
+            settings.aug_batch, device, settings.step_repeats, path)
+    return result

@@ -1,437 +1,438 @@
-"""Images/second of one 2-step APGD adversarial training step, ours vs the paper's way (JSON).
+"""``raytrain-at bench step``: images/second of the training step, ours against the paper's.
 
-One step, for both variants: a batch of random [0, 1] images at ``--resolution`` with random labels
-(1,000 classes); the inner maximisation with the model in eval mode (forwards + backwards to the
-input); the training forward + backward on the attack's points (cross-entropy, label smoothing
-0.1); the AdamW step; the EMA update. Loading and augmentation are not part of it
-(``scripts/bench_loader.py`` measures those). The time of a step is taken between device
-synchronisations; images/s = batch / median step time after ``--warmup`` untimed steps.
+ours -- ``WorkerLoop.train_step`` (``raytrain_at.training.loop``), the step training runs, under
+    the real DeepSpeed engine: a single-rank ``WorkerLoop`` (no Ray) built from the run config,
+    so ZeRO stage, precision (bf16 on CUDA, fp32 on the CPU), channels_last, torch's fused AdamW,
+    the fp32 EMA, the device augmentation, the attack and ``scaling.compile`` are what training
+    uses. The config is RunConfig's defaults (the paper's ImageNet settings: 1,000 classes, heavy
+    augmentation, l_inf 4/255 2-step APGD from the clean input, label smoothing 0.1, AdamW betas
+    (0.9, 0.95), weight decay 0.05, EMA) or ``--recipe``, then ``--set``, then the model, batch
+    and resolution asked for. Batches are synthetic uint8 images made on the device and converted
+    as the FFCV loader delivers them (``uint8 / 255``, channels_last), with random labels; the
+    decoding (``bench loader``) and the host-to-device copy of the bytes are not part of it. One
+    timed step is one ``train_step`` call as ``train_epoch`` makes it: attack (model in eval
+    mode), objective, DeepSpeed backward, the next batch's augmentation (the loop's lookahead),
+    DeepSpeed step, EMA update.
+reference -- the same step as the source paper's code writes it, in plain torch
+    (:mod:`raytrain_at.bench.reference_step`: fp16 AMP + GradScaler, eager, plain AdamW, a host-side
+    EMA, NCHW images), with the run config's hyperparameters.
 
-ours -- the project's step as ``raytrain_at.training.loop`` runs it, minus DeepSpeed, Ray and FFCV
-    (none of them is imported, so the script runs on a bare GPU machine with torch + timm):
-    ``training_step_loss`` with ``APGD.for_training(n_iter=2)`` under bf16 autocast (CUDA), model
-    and images channels_last (CUDA; FFCV delivers channels_last images), torch AdamW ``fused=True``
-    (CUDA and CPU, as ``engine.build_optimizer``) on ``engine.optimizer_groups``, timm
-    ``ModelEmaV3`` on the device (``engine.build_ema``) and, with ``--compile`` (the recipes'
-    ``scaling.compile``), ``torch.compile`` of the model (attack and training use the compiled
-    graph; the EMA reads the uncompiled module, whose parameters are the same tensors) and of the
-    APGD step (``compile_step``). Ours also reports ``host_syncs_per_step``: the operators of one
-    extra step that make the host wait for the device. In a real
-    run DeepSpeed owns backward and step; its single-GPU bookkeeping is not measured here. On CPU
-    the project trains in fp32 (``engine.resolve_precision``), so ours is fp32 there too.
+Time: median over ``--steps`` timed steps after ``--warmup`` untimed ones, each timed between
+device synchronisations; images/s = batch / median step time. With several ``--batch`` values the
+step times of ours give ``t_step(B) = a + b * B`` (least squares) per model, the single-GPU input
+of the scaling model in docs/benchmarking.md. On CUDA a batch that runs out of memory is halved.
 
-reference -- the same step written the way nmndeep/revisiting-at's ``main.py`` and
-    ``autopgd_train_clean.py`` do it (read from the repository, not copied): fp16 autocast around
-    attack and training forward with ``torch.cuda.amp.GradScaler``, eager, plain
-    ``torch.optim.AdamW`` (not fused) with betas (0.9, 0.95), timm
-    ``ModelEmaV2(decay=0.9999, device='cpu')`` (its EMA lives in host memory, so every update
-    copies the weights off the GPU), model weights
-    channels_last (its default ``misc.use_channel_last=1``) fed the contiguous NCHW images its torch
-    DataLoader gives, and the pass structure of its ``apgd_train`` (l_inf, n_iter=2, no random
-    start): forward + input gradient at the clean point, one step with forward + gradient, a last
-    step with a forward only ("save one backward pass"), keeping the highest-loss point. The step
-    size checkpoints of ``apgd_train`` are elementwise bookkeeping without model passes and are left
-    out: an approximation that keeps the cost, not the exact iterates. ``--reference-attack ours``
-    runs our ``APGD.for_training`` inside the reference step instead, which separates the effect of
-    the attack's pass count from precision, layout, optimizer and EMA. On CPU the reference runs in
-    fp32 (fp16 autocast and GradScaler need CUDA); the JSON says so.
+FLOPs: ``raytrain_at.models.complexity`` (fvcore) counts multiply-adds of one forward of one
+image; achieved FLOP/s = 2 FLOPs per multiply-add x forward-equivalents per image x images/s
+(forward 1, backward to the input only 1, full backward 2; 8 for a 2-step APGD step from the
+clean input, see ``reference_step.apgd_step_passes``). MFU = achieved / peak FLOP/s, the peak a
+dense matmul measured on this device before and after the models (the larger kept; fp32 on the
+CPU, labelled: a CPU MFU is not a GPU MFU). Memory: ``torch.cuda.max_memory_allocated`` per
+variant on CUDA; on the CPU the process's max RSS, a high-water mark of the whole run.
 
-FLOPs: ``raytrain_at.models.complexity`` (fvcore) counts multiply-adds of one forward pass of one
-image; achieved FLOP/s = 2 FLOPs per multiply-add x forward-equivalents per image x images/s. A
-forward counts 1, a backward to the input only (``torch.autograd.grad`` w.r.t. the image: activation
-gradients, no weight gradients) 1, a full backward (activation and weight gradients) 2:
-
-* ours (``attack.random_start`` false, the recipes' default): 2 input-gradient passes (the clean
-  start and the first iteration, each 1 + 1) + the last iteration's forward without grad (1) +
-  training forward and backward (1 + 2) = 8 (tests/test_attacks_contract.py counts these passes
-  on a real model; a random start adds a clean forward: 9);
-* reference: 2 input-gradient passes (2 x 2) + 1 forward-only step (1) + training (3) = 8.
-
-MFU = achieved FLOP/s / peak FLOP/s, the peak measured on this device: a dense bf16 8192^3 matmul on
-CUDA, an fp32 2048^3 matmul on CPU (labelled as such; a CPU MFU is not a GPU MFU), best time of
-several, measured before and after the models and the larger rate kept. Memory:
-``torch.cuda.max_memory_allocated`` per variant on CUDA; on CPU the process's max RSS, which is a
-high-water mark over the whole run (later rows include earlier ones).
-
-Usage: python scripts/bench_train_step.py [--models convnext_tiny_cvst,vit_small_cvst,vit_base_cvst]
-           [--resolution 224] [--batch 128] [--steps 20] [--warmup 5] [--compile]
-           [--reference-attack paper|ours] [--device cuda]
+Host syncs (ours, eager): the operators of one extra step that make the host wait for the device,
+counted with ``raytrain_at.diagnostics.host_syncs``: project code (``host_syncs_per_step``: none
+expected), DeepSpeed's step (its gradient checks) and the heavy augmentation's selection of images
+per operation, which runs on CPU tensors by design (no device wait on a GPU; on a CPU run the
+counter cannot tell them apart), each apart.
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import gc
-import json
-import platform
-import resource
+import logging
+import os
 import statistics
 import sys
-import time
-from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Callable, ContextManager
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
 
+import numpy as np
+import timm
 import torch
+import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
-# The paper's training hyperparameters that change the work done per step (not the lr values).
-EPS = 4 / 255  # l_inf radius in [0, 1] pixel scale
-N_ITER = 2  # APGD iterations of the inner maximisation
-LABEL_SMOOTHING = 0.1
-WEIGHT_DECAY = 0.05
-BETAS = (0.9, 0.95)
-EMA_DECAY = 0.9999
-NUM_CLASSES = 1000
+from raytrain_at.bench.common import (default_device, device_name, is_out_of_memory,
+                                      measure_peak_tflops, package_versions, peak_memory,
+                                      reset_peak_memory, timed_calls, utc_now)
+from raytrain_at.bench.reference_step import (Variant, apgd_step_passes, build_reference,
+                                              forward_equivalents)
+from raytrain_at.bench.settings import StepBenchSettings
+from raytrain_at.config import RunConfig, load_config
+from raytrain_at.data.ffcv_writer import WriteOptions, write_beton
+from raytrain_at.data.sources import Sample
+from raytrain_at.diagnostics.host_syncs import HostSyncCounter
+from raytrain_at.errors import UserError
+from raytrain_at.models import count_flops
+from raytrain_at.training.loop import WorkerLoop, WorkerPlace, build_attack, build_model
+from raytrain_at.training.single_rank import single_rank_environment
 
-# Forward-equivalents per image and step (see the module docstring).
-PASSES = {
-    "ours": {"forward_only": 1, "forward_input_backward": 2, "forward_full_backward": 1},
-    "paper": {"forward_only": 1, "forward_input_backward": 2, "forward_full_backward": 1},
-}
+log = logging.getLogger(__name__)
 
-
-def forward_equivalents(passes: dict[str, int]) -> int:
-    return (passes["forward_only"] + 2 * passes["forward_input_backward"]
-            + 3 * passes["forward_full_backward"])
-
-
-StepFn = Callable[[torch.Tensor, torch.Tensor], None]
-
-
-@dataclass
-class Variant:
-    """A ready-to-run training step and what it is made of (recorded in the JSON)."""
-
-    step: StepFn
-    channels_last_input: bool
-    attack_passes: str  # key of PASSES
-    description: dict[str, str | bool]
+PAPER_MODELS = ("convnext_tiny_cvst", "vit_small_cvst", "vit_base_cvst")
+KINDS = ("ours", "reference")
+# Where a host sync counted in ours' step comes from (see the module docstring).
+_DEEPSPEED = f"{os.sep}deepspeed{os.sep}"
+_AUGMENT_DRAWS = f"raytrain_at{os.sep}data{os.sep}device_augment.py"
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+# ------------------------------------------------------------------------------ ours' inputs
+class SyntheticBatches(Iterator[tuple[torch.Tensor, torch.Tensor]]):
+    """Endless batches as the FFCV train loader delivers them: uint8 pixels on the device seen
+    channels_last (FFCV's ``ToTorchImage(channels_last=True)``), converted to float / 255 on the
+    device each time (``DeviceBatches``), with random labels."""
+
+    def __init__(self, batch: int, resolution: int, num_classes: int, device: torch.device,
+                 seed: int = 1) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.pixels = torch.randint(0, 256, (batch, resolution, resolution, 3),
+                                    dtype=torch.uint8, generator=generator).to(device)
+        self.labels = torch.randint(0, num_classes, (batch,), generator=generator).to(device)
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.pixels.permute(0, 3, 1, 2).float().div_(255.0), self.labels.clone()
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager:
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+def write_placeholder_file(path: Path, samples: int) -> Path:
+    """A tiny .beton of ``samples`` random 16x16 images: ``WorkerLoop`` builds its loader over a
+    real file, which the benchmark never reads (its batches are synthetic)."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    return write_beton([Sample(label=i % 2, pixels=pixels) for i in range(samples)], path,
+                       WriteOptions(max_resolution=None, write_mode="raw"))
 
 
-def build_model(name: str, resolution: int, device: torch.device) -> nn.Module:
-    from raytrain_at.models import create_robust_model
+def init_single_rank(device: torch.device) -> None:
+    """A world of one for DeepSpeed, unless this process already belongs to one (a Ray worker)."""
+    import deepspeed
 
-    torch.manual_seed(0)  # both variants start from the same weights
-    # ``resolution`` resamples ViT positional embeddings; convolutional models ignore it.
-    return create_robust_model(name, num_classes=NUM_CLASSES, resolution=resolution).to(device)
-
-
-# ---------------------------------------------------------------------------------------- ours
-def build_ours(name: str, resolution: int, device: torch.device, compile_model: bool) -> Variant:
-    from raytrain_at.attacks import APGD
-    from raytrain_at.training.engine import build_ema, fused_adamw_supported, optimizer_groups
-    from raytrain_at.config import ObjectiveSection
-    from raytrain_at.training.objectives import training_step_loss
-
-    cuda = device.type == "cuda"
-    model = build_model(name, resolution, device).train()
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
-    ema = build_ema(model, EMA_DECAY)
-    fused = fused_adamw_supported(model)  # as engine.build_optimizer decides
-    optimizer = torch.optim.AdamW(optimizer_groups(model, WEIGHT_DECAY), lr=1e-4, betas=BETAS,
-                                  fused=fused)
-    net = torch.compile(model) if compile_model else model
-    # As training.loop.build_attack: the loader's images need no [0, 1] read-back.
-    attack = APGD.for_training(net, eps=EPS, n_iter=N_ITER, check_range=False,
-                               compile_step=compile_model)
-    objective = ObjectiveSection(label_smoothing=LABEL_SMOOTHING)
-    dtype = torch.bfloat16 if cuda else None
-
-    def step(images: torch.Tensor, labels: torch.Tensor) -> None:
-        with autocast(device, dtype):
-            out = training_step_loss(net, attack, images, labels, objective)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        optimizer.step()
-        ema.update(model)
-
-    return Variant(step=step, channels_last_input=cuda, attack_passes="ours", description={
-        "precision": "bf16 autocast" if cuda else "fp32 (the project trains in fp32 on CPU)",
-        "channels_last": cuda, "optimizer": f"torch AdamW fused={fused}",
-        "ema": "timm ModelEmaV3 on the device", "compile": compile_model,
-        "attack": "raytrain_at APGD.for_training(n_iter=2, clean start)"})
+    if not dist.is_initialized():
+        single_rank_environment(keep_existing=True)
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
 
 
-# ----------------------------------------------------------------------------------- reference
-def paper_apgd_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
-                    n_iter: int) -> torch.Tensor:
-    """The pass structure of the source paper's ``apgd_train`` (l_inf, no random start).
+def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
+    """The torch optimizer inside DeepSpeed's wrappers (``.optimizer`` all the way down)."""
+    for _ in range(5):
+        if isinstance(optimizer, torch.optim.Optimizer):
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+    return None
 
-    Forward + input gradient at ``x``, then ``n_iter`` momentum steps of size 2 * eps; every step
-    but the last is followed by forward + input gradient, the last by a forward only. Returns the
-    highest-loss point seen, the clean input included. Step-size checkpoints are omitted (see the
-    module docstring). Runs in eval mode and restores the train flags, as the paper's wrapper does.
+
+def step_passes(config: RunConfig) -> dict[str, int] | None:
+    """Model passes per image of ours' step, where they are known (APGD adversarial training and
+    clean training); None otherwise (no FLOP figures then)."""
+    if config.objective.kind == "clean" or config.attack.kind == "none":
+        return {"forward_only": 0, "forward_input_backward": 0, "forward_full_backward": 1}
+    if config.objective.kind == "adversarial" and config.attack.kind == "apgd":
+        return apgd_step_passes(config.attack.steps, config.attack.random_start)
+    return None
+
+
+def build_worker_step(config: RunConfig, place: WorkerPlace, train_path: str | Path
+                      ) -> tuple[WorkerLoop, Variant]:
+    """A ``WorkerLoop`` of ``config`` and a step function that runs its ``train_step`` once on
+    synthetic batches (see the module docstring); DeepSpeed's process group must exist."""
+    loop = WorkerLoop(config, place, str(train_path), None)
+    model = cast(nn.Module, loop.engine.module)
+    model.train(not config.model.linear_probe)  # as train_epoch
+    attack = build_attack(model, config, config.attack.eps, seed=config.seed + place.rank)
+    batches = SyntheticBatches(config.per_worker_batch_size, config.data.resolution,
+                               config.model.num_classes, place.device)
+    ahead = [loop.augment(*next(batches))]
+
+    def step() -> None:
+        images, targets = ahead[0]
+        _, upcoming = loop.train_step(attack, images, targets, batches)
+        ahead[0] = cast("tuple[torch.Tensor, torch.Tensor]", upcoming)  # batches never end
+
+    optimizer = _torch_optimizer(loop.optimizer)
+    fused = optimizer.defaults.get("fused") if optimizer is not None else None
+    a = config.attack
+    return loop, Variant(step=step, passes=step_passes(config) or {}, description={
+        "step": "WorkerLoop.train_step (raytrain_at.training.loop)",
+        "engine": f"DeepSpeed ZeRO-{config.optim.zero_stage}",
+        "precision": {"bf16": "bf16 (DeepSpeed bf16 weights, bf16 autocast)",
+                      "fp32": "fp32 (the project trains in fp32 on the CPU)"
+                      if place.device.type == "cpu" else "fp32"}[loop.precision],
+        "channels_last": config.scaling.channels_last and place.device.type == "cuda",
+        "optimizer": f"torch {type(optimizer).__name__} fused={fused}" if optimizer else None,
+        "ema": "timm ModelEmaV3 (fp32) on the device" if loop.ema is not None else None,
+        "augmentation": f"{config.aug.preset} on the device (the next batch, in the step)",
+        "compile": config.scaling.compile,
+        "attack": f"raytrain_at {a.kind} {a.norm} eps={a.eps:.5f} n_iter={a.steps} "
+                  f"({'random' if a.random_start else 'clean'} start)"
+                  if a.kind != "none" else "none"})
+
+
+def count_host_syncs(step: Variant) -> dict[str, Any]:
+    """One extra, untimed step under :class:`HostSyncCounter`, split by where the syncs come
+    from (see the module docstring)."""
+    with HostSyncCounter(record_callers=True) as syncs:
+        step.step()
+    project: Counter[str] = Counter()
+    deepspeed_syncs = augment_draws = 0
+    for where, count in syncs.callers.items():
+        if _DEEPSPEED in where:
+            deepspeed_syncs += count
+        elif _AUGMENT_DRAWS in where and where.endswith("aten::nonzero"):
+            augment_draws += count
+        else:
+            project[where.rsplit(" ", 1)[1]] += count
+    return {"host_syncs_per_step": dict(sorted(project.items())),
+            "host_syncs_per_step_deepspeed": deepspeed_syncs,
+            "host_syncs_per_step_augmentation_host_draws": augment_draws}
+
+
+def measure_train_step(config: RunConfig, place: WorkerPlace, train_path: str | Path, *,
+                       steps: int, warmup: int) -> dict[str, Any]:
+    """Time ``WorkerLoop.train_step`` of ``config`` at its per-worker batch on synthetic batches.
+
+    ``bench step`` (and the preflight) call this; DeepSpeed's process group must exist (see
+    :func:`init_single_rank`).
+
+    Args:
+        config: the run; ``train_path`` is any .beton the loop can open (it is not read).
+        place: rank, world size and device of this worker.
+        train_path: the file the loop's loader is built over.
+        steps, warmup: timed steps, and untimed ones before them.
+
+    Returns:
+        What the step is made of, its step times and images/s, the model passes per image, the
+        host syncs of one more step (eager only) and peak memory.
     """
-    from raytrain_at.attacks import attack_mode
-
-    def project(z: torch.Tensor) -> torch.Tensor:
-        return torch.minimum(torch.maximum(z, x - eps), x + eps).clamp(0.0, 1.0)
-
-    with attack_mode(model):
-        x_cur = x.detach().clone().requires_grad_(True)
-        loss = F.cross_entropy(model(x_cur), y, reduction="none")
-        (grad,) = torch.autograd.grad(loss.sum(), [x_cur])
-        best_loss, x_best = loss.detach(), x_cur.detach()
-        x_cur = x_prev = x_cur.detach()
-        for i in range(n_iter):
-            momentum = 1.0 if i == 0 else 0.75
-            with torch.no_grad():
-                z = project(x_cur + 2 * eps * grad.sign())
-                x_new = project(x_cur + momentum * (z - x_cur) + (1 - momentum) * (x_cur - x_prev))
-            x_prev, x_cur = x_cur, x_new
-            last = i == n_iter - 1
-            # Like the reference, the forward-only last step still runs with autograd on (the
-            # weights require grad), so it stores activations as the other forwards do.
-            x_cur.requires_grad_(not last)
-            loss = F.cross_entropy(model(x_cur), y, reduction="none")
-            if not last:
-                (grad,) = torch.autograd.grad(loss.sum(), [x_cur])
-            loss, x_cur = loss.detach(), x_cur.detach()
-            better = loss > best_loss
-            x_best = torch.where(better.view(-1, 1, 1, 1), x_cur, x_best)
-            best_loss = torch.where(better, loss, best_loss)
-    return x_best
+    _free(place.device)
+    reset_peak_memory(place.device)
+    loop, variant = build_worker_step(config, place, train_path)
+    times = timed_calls(variant.step, place.device, runs=steps, warmup=warmup)
+    syncs = (count_host_syncs(variant) if not config.scaling.compile
+             else {"host_syncs_per_step": "not counted with --compile"})
+    row = {**variant.description, **_rates(times, config.per_worker_batch_size),
+           "passes_per_image": variant.passes or None, **syncs, **peak_memory(place.device)}
+    del loop, variant
+    return row
 
 
-def build_reference(name: str, resolution: int, device: torch.device, attack_kind: str
-                    ) -> Variant:
-    from timm.utils import ModelEmaV2
-
-    from raytrain_at.attacks import APGD
-
-    cuda = device.type == "cuda"
-    # The paper's default converts the weights to channels_last; its images stay NCHW.
-    model = build_model(name, resolution, device).train().to(memory_format=torch.channels_last)
-    decay, no_decay = [], []
-    for param_name, param in model.named_parameters():
-        (no_decay if param.ndim <= 1 or param_name.endswith(".bias") else decay).append(param)
-    optimizer = torch.optim.AdamW([{"params": no_decay, "weight_decay": 0.0},
-                                   {"params": decay, "weight_decay": WEIGHT_DECAY}],
-                                  lr=1e-4, betas=BETAS)
-    scaler = torch.amp.GradScaler(device.type, enabled=cuda)
-    ema = ModelEmaV2(model, decay=EMA_DECAY, device="cpu")
-    dtype = torch.float16 if cuda else None
-    if attack_kind == "paper":
-        def attack(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return paper_apgd_linf(model, x, y, EPS, N_ITER)
-    else:
-        attack = APGD.for_training(model, eps=EPS, n_iter=N_ITER).perturb
-
-    def step(images: torch.Tensor, labels: torch.Tensor) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(device, dtype):
-            x_adv = attack(images, labels)
-            loss = F.cross_entropy(model(x_adv), labels, label_smoothing=LABEL_SMOOTHING)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        ema.update(model)
-
-    return Variant(step=step, channels_last_input=False, attack_passes=attack_kind, description={
-        "precision": "fp16 autocast + GradScaler" if cuda
-        else "fp32 (fp16 autocast and GradScaler need CUDA: CPU fallback)",
-        "channels_last": "weights only (paper default), NCHW images",
-        "optimizer": "torch AdamW (not fused)", "ema": "timm ModelEmaV2 on the CPU (paper)",
-        "compile": False,
-        "attack": ("paper apgd_train pass structure (n_iter=2, no random start)"
-                   if attack_kind == "paper" else
-                   "raytrain_at APGD.for_training(n_iter=2), eager")})
+# ----------------------------------------------------------------------------------- a row
+def _rates(times: list[float], batch: int) -> dict[str, Any]:
+    median = statistics.median(times)
+    return {"images_per_s": round(batch / median, 3), "step_s_median": round(median, 4),
+            "step_s": [round(t, 4) for t in times]}
 
 
-# -------------------------------------------------------------------------------- measurement
-def measure_peak_tflops(device: torch.device) -> dict:
-    """Dense matmul throughput of this device: the denominator of MFU."""
-    cuda = device.type == "cuda"
-    n, dtype, reps = (8192, torch.bfloat16, 30) if cuda else (2048, torch.float32, 10)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    best = float("inf")
-    for _ in range(reps):
-        synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return {"tflops": round(2 * n ** 3 / best / 1e12, 3),
-            "kind": f"measured dense {'bf16' if cuda else 'fp32'} matmul {n}x{n}x{n} "
-                    f"({'CUDA' if cuda else 'CPU: not comparable with a GPU peak'})"}
+def _flops(passes: dict[str, int], rate: float, macs: int | None, peak: float
+           ) -> dict[str, Any]:
+    if not passes:
+        return {"passes_per_image": None, "forward_equivalents_per_image": None}
+    fwd_eq = forward_equivalents(passes)
+    out: dict[str, Any] = {"passes_per_image": passes, "forward_equivalents_per_image": fwd_eq}
+    if macs is not None:
+        tflops = 2 * macs * fwd_eq * rate / 1e12
+        out.update(achieved_tflops=round(tflops, 6), mfu=round(tflops / peak, 4))
+    return out
 
 
-def forward_macs(name: str, resolution: int) -> int | None:
-    """fvcore multiply-adds of one forward of one image, or None when fvcore is missing (the bare
-    GPU machine may lack it: rates are still measured, FLOP figures are left empty)."""
+def _free(device: torch.device) -> None:
+    gc.collect()  # the previous variant's model, optimizer state and EMA
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_ours(config: RunConfig, device: torch.device, train_path: Path, steps: int,
+             warmup: int, macs: int | None, peak: float) -> dict[str, Any]:
+    """The ours row of one model and batch."""
+    row = measure_train_step(config, WorkerPlace(0, 1, device), train_path, steps=steps,
+                             warmup=warmup)
+    return {**row, **_flops(row["passes_per_image"] or {}, row["images_per_s"], macs, peak)}
+
+
+def run_reference(config: RunConfig, device: torch.device, attack_kind: str, steps: int,
+                  warmup: int, macs: int | None, peak: float) -> dict[str, Any]:
+    """The reference row of one model and batch (same initial weights as ours)."""
+    _free(device)
+    reset_peak_memory(device)
+    torch.manual_seed(config.seed)
+    model = build_model(config).to(device)
+    variant = build_reference(model, config, config.per_worker_batch_size, device, attack_kind)
+    times = timed_calls(variant.step, device, runs=steps, warmup=warmup)
+    rates = _rates(times, config.per_worker_batch_size)
+    # Its non-fused AdamW reads each parameter's step counter with .item(): host tensors in a GPU
+    # run (no wait) but indistinguishable from device reads on the CPU. Its GPU waits are
+    # GradScaler's inf check and the copies of every weight to its host-side EMA.
+    row = {**variant.description, **rates,
+           **_flops(variant.passes, rates["images_per_s"], macs, peak),
+           "host_syncs_per_step": "not counted (see raytrain_at.bench.step)",
+           **peak_memory(device)}
+    del model, variant
+    return row
+
+
+def forward_macs(config: RunConfig) -> int | None:
+    """fvcore multiply-adds of one forward of one image, or None without fvcore (the rates are
+    still measured; the FLOP figures are left out)."""
     try:
-        from raytrain_at.models import count_flops
-        return count_flops(build_model(name, resolution, torch.device("cpu")), resolution)
+        torch.manual_seed(config.seed)
+        return count_flops(build_model(config), config.data.resolution)
     except ImportError as exc:
-        print(f"FLOPs not counted for {name}: {exc}", file=sys.stderr)
+        print(f"FLOPs not counted for {config.model.name}: {exc}", file=sys.stderr)
         return None
 
 
-def time_steps(variant: Variant, batch: int, resolution: int, device: torch.device,
-               steps: int, warmup: int) -> list[float]:
-    generator = torch.Generator().manual_seed(1)
-    images = torch.rand(batch, 3, resolution, resolution, generator=generator).to(device)
-    labels = torch.randint(0, NUM_CLASSES, (batch,), generator=generator).to(device)
-    if variant.channels_last_input:
-        images = images.contiguous(memory_format=torch.channels_last)
-    for _ in range(warmup):  # allocator, cuDNN autotuning, torch.compile
-        variant.step(images, labels)
-    times = []
-    for _ in range(steps):
-        synchronize(device)
-        start = time.perf_counter()
-        variant.step(images, labels)
-        synchronize(device)  # GPU work is asynchronous: time it to completion
-        times.append(time.perf_counter() - start)
-    return times
+def t_step_fit(points: list[tuple[int, float]]) -> dict[str, Any]:
+    """Least-squares ``t_step(B) = a + b * B``: fixed cost per step and cost per image."""
+    xs, ys = zip(*points)
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x in xs)
+    return {"fit": "t_step(B) = a + b * B (least squares, ours' median step times)",
+            "points": [[b, round(t, 5)] for b, t in points],
+            "a_s": round(my - slope * mx, 5), "b_s_per_image": round(slope, 7)}
 
 
-def count_host_syncs(variant: Variant, batch: int, resolution: int, device: torch.device,
-                     compiled: bool) -> dict[str, int] | str:
-    """Operators of one extra, untimed step that make the host wait for the device (see
-    ``raytrain_at.diagnostics.host_syncs``; on CPU they are counted all the same)."""
-    if compiled:  # a dispatch mode would make the compiled graphs recompile or fall back
-        return "not counted with --compile"
-    from raytrain_at.diagnostics.host_syncs import HostSyncCounter
+# ------------------------------------------------------------------------------ the command
+def bench_config(*, recipe: str | None = None, overrides: tuple[str, ...] = (),
+                 model: str | None = None, batch: int | None = None,
+                 resolution: int | None = None, device: torch.device,
+                 train_path: Path | None = None, compile_model: bool = False) -> RunConfig:
+    """The run config ours runs: ``recipe`` (None: RunConfig's defaults), then ``overrides``,
+    then what the benchmark fixes (one worker with ``batch`` images, no held-out file, no
+    starting weights, the device, the placeholder training file).
 
-    generator = torch.Generator().manual_seed(2)
-    images = torch.rand(batch, 3, resolution, resolution, generator=generator).to(device)
-    labels = torch.randint(0, NUM_CLASSES, (batch,), generator=generator).to(device)
-    if variant.channels_last_input:
-        images = images.contiguous(memory_format=torch.channels_last)
-    with HostSyncCounter() as syncs:
-        variant.step(images, labels)
-    return dict(sorted(syncs.by_op.items()))
+    Raises:
+        UserError: an unknown recipe or key, or a bad value (one line naming it).
+    """
+    fixed = ["scaling.num_workers=1", f"scaling.use_gpu={str(device.type == 'cuda').lower()}",
+             "data.heldout=null", "model.pretrained=null", "model.init=null"]
+    if compile_model:
+        fixed.append("scaling.compile=true")
+    if model is not None:
+        fixed.append(f"model.name={model}")
+    if batch is not None:
+        fixed.append(f"schedule.global_batch_size={batch}")
+    if resolution is not None:
+        fixed.append(f"data.resolution={resolution}")
+    if train_path is not None:
+        fixed.append(f"data.train={train_path}")
+    return load_config(recipe, [*overrides, *fixed])
 
 
-def run_variant(kind: str, name: str, args: argparse.Namespace, device: torch.device,
-                macs: int | None, peak_tflops: float) -> dict:
+def _config(settings: StepBenchSettings, model: str | None, batch: int | None,
+            device: torch.device, train_path: Path | None) -> RunConfig:
+    return bench_config(recipe=settings.recipe, overrides=settings.overrides, model=model,
+                        batch=batch, resolution=settings.resolution, device=device,
+                        train_path=train_path, compile_model=settings.compile)
+
+
+def _smaller(batch: int, config: RunConfig) -> int:
+    """Half of ``batch`` (even with MixUp/CutMix, which pair images)."""
+    half = batch // 2
+    return half - half % 2 if config.aug.preset == "heavy" else half
+
+
+def _model_rows(settings: StepBenchSettings, model: str, batches: tuple[int, ...],
+                device: torch.device, steps: int, warmup: int, peak: float,
+                folder: Path) -> list[dict[str, Any]]:
+    """Rows of one model at every batch (each halved on CUDA out-of-memory)."""
+    rows: list[dict[str, Any]] = []
+    macs = forward_macs(_config(settings, model, batches[0], device, None))
+    for requested in batches:
+        batch = requested
+        while True:
+            config = _config(settings, model, batch, device, None)
+            train_path = write_placeholder_file(folder / f"placeholder-{batch}.beton",
+                                                config.per_worker_batch_size)
+            config = _config(settings, model, batch, device, train_path)
+            row: dict[str, Any] = {"model": config.model.name, "batch_requested": requested,
+                                   "batch": batch, "forward_gmacs_per_image":
+                                       None if macs is None else round(macs / 1e9, 4)}
+            try:
+                for kind in KINDS if settings.reference else KINDS[:1]:
+                    print(f"{config.model.name} batch {batch}: {kind} ...", file=sys.stderr)
+                    row[kind] = (run_ours(config, device, train_path, steps, warmup, macs, peak)
+                                 if kind == "ours" else
+                                 run_reference(config, device, settings.reference_attack,
+                                               steps, warmup, macs, peak))
+                break
+            except Exception as exc:  # noqa: BLE001 - only an out-of-memory is retried
+                if device.type != "cuda" or not is_out_of_memory(exc) or _smaller(batch,
+                                                                                  config) < 1:
+                    raise
+                log.warning("%s: out of memory at batch %d, halving", model, batch)
+                batch = _smaller(batch, config)
+                _free(device)
+        if "reference" in row:
+            row["ratio_ours_over_reference"] = round(
+                row["ours"]["images_per_s"] / row["reference"]["images_per_s"], 3)
+        rows.append(row)
+    return rows
+
+
+def run_step_bench(settings: StepBenchSettings) -> dict[str, Any]:
+    """Measure ours (and the reference) for every model and batch; the JSON document.
+
+    Raises:
+        UserError: ``--device cuda`` on a machine without CUDA (one line).
+    """
+    device = torch.device(settings.device or default_device())
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: this machine has no CUDA device")
     cuda = device.type == "cuda"
-    gc.collect()  # the previous variant's model, optimizer state and EMA
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    variant = (build_ours(name, args.resolution, device, args.compile) if kind == "ours"
-               else build_reference(name, args.resolution, device, args.reference_attack))
-    times = time_steps(variant, args.batch, args.resolution, device, args.steps, args.warmup)
-    if kind == "ours":
-        syncs = count_host_syncs(variant, args.batch, args.resolution, device, args.compile)
-    else:
-        # Its non-fused AdamW reads each parameter's step counter with .item(): host tensors in a
-        # GPU run (no wait) but indistinguishable from device reads on CPU. Its GPU waits are
-        # GradScaler's inf check and the copies of every weight to its host-side EMA.
-        syncs = "not counted (see the script)"
-    median = statistics.median(times)
-    rate = args.batch / median
-    passes = PASSES[variant.attack_passes]
-    fwd_eq = forward_equivalents(passes)
-    result: dict = {**variant.description, "images_per_s": round(rate, 3),
-                    "step_s_median": round(median, 4), "step_s": [round(t, 4) for t in times],
-                    "passes_per_image": passes, "forward_equivalents_per_image": fwd_eq,
-                    "host_syncs_per_step": syncs}
-    if macs is not None:
-        tflops = 2 * macs * fwd_eq * rate / 1e12
-        result.update(achieved_tflops=round(tflops, 4), mfu=round(tflops / peak_tflops, 4))
-    if cuda:
-        result["peak_memory_mib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
-    else:  # ru_maxrss is in KiB on Linux
-        result["process_max_rss_mib"] = round(
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    del variant
-    return result
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="convnext_tiny_cvst,vit_small_cvst,vit_base_cvst",
-                        help="comma-separated timm names")
-    parser.add_argument("--resolution", type=int, default=224)
-    parser.add_argument("--batch", type=int, default=None,
-                        help="per-GPU batch (default 128 on CUDA, 8 on CPU)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (20 CUDA, 3 CPU)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps (5 CUDA, 1 CPU)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (ours)")
-    parser.add_argument("--reference-attack", choices=("paper", "ours"), default="paper",
-                        help="pass structure of the reference's attack (see the docstring)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    cuda = device.type == "cuda"
-    args.batch = args.batch or (128 if cuda else 8)
-    args.steps = args.steps or (20 if cuda else 3)
-    args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
+    steps = settings.steps or (20 if cuda else 3)
+    warmup = settings.warmup if settings.warmup is not None else (5 if cuda else 1)
+    # The recipe as its run would have it (its per-worker batch over its own workers), which
+    # also validates recipe and overrides before any work.
+    base = load_config(settings.recipe, list(settings.overrides))
+    models: tuple[str, ...] = settings.models or (
+        (base.model.name,) if settings.recipe else PAPER_MODELS)
+    batches = settings.batches or ((base.per_worker_batch_size,) if settings.recipe
+                                   else (128 if cuda else 8,))
+    for model in models:
+        _config(settings, model, batches[0], device, None)  # an unknown key fails before work
     if cuda:
         torch.backends.cudnn.benchmark = True  # both variants: the paper's code sets it too
-
-    import timm
-
-    # Measured before and after the models, the larger kept: on a shared machine a single
-    # measurement can catch a busy moment and inflate the MFU.
+    init_single_rank(device)
+    # Before and after the models, the larger kept: on a shared machine one measurement can
+    # catch a busy moment and inflate the MFU.
     peak = measure_peak_tflops(device)
-    result: dict = {
-        "benchmark": "2-step APGD adversarial training step (attack + train fwd/bwd + AdamW + EMA)",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": device.type, "device_name": device_name(device),
+    result: dict[str, Any] = {
+        "benchmark": "2-step APGD adversarial training step: WorkerLoop.train_step under "
+                     "DeepSpeed vs the paper-style reference (attack + train fwd/bwd + AdamW + "
+                     "EMA)",
+        "date": utc_now(), "device": device.type, "device_name": device_name(device),
         "torch_threads": torch.get_num_threads(),
-        "versions": {"torch": torch.__version__, "timm": timm.__version__,
-                     "python": platform.python_version()},
-        "settings": {"resolution": args.resolution, "batch": args.batch, "steps": args.steps,
-                     "warmup": args.warmup, "eps": EPS, "n_iter": N_ITER,
-                     "compile": args.compile, "reference_attack": args.reference_attack},
+        "versions": {**package_versions("torch", "deepspeed"), "timm": timm.__version__},
+        "settings": {"recipe": settings.recipe, "overrides": list(settings.overrides),
+                     "resolution": base.data.resolution if settings.resolution is None
+                     else settings.resolution,
+                     "batch": batches[0] if len(batches) == 1 else list(batches),
+                     "steps": steps, "warmup": warmup, "eps": base.attack.eps,
+                     "n_iter": base.attack.steps, "compile": settings.compile,
+                     "reference": settings.reference,
+                     "reference_attack": settings.reference_attack},
         "peak": peak,
         "flops": "2 x fvcore multiply-adds of one forward x forward-equivalents per image "
                  "(forward 1, input-only backward 1, full backward 2)",
         "models": [],
     }
-    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        macs = forward_macs(name, args.resolution)
-        row: dict = {"model": name,
-                     "forward_gmacs_per_image": None if macs is None else round(macs / 1e9, 4)}
-        for kind in ("ours", "reference"):
-            print(f"{name}: {kind} ...", file=sys.stderr)
-            row[kind] = run_variant(kind, name, args, device, macs, peak["tflops"])
-        row["ratio_ours_over_reference"] = round(
-            row["ours"]["images_per_s"] / row["reference"]["images_per_s"], 3)
-        result["models"].append(row)
+    with tempfile.TemporaryDirectory(prefix="bench-step-") as folder:
+        for model in models:
+            rows = _model_rows(settings, model, batches, device, steps, warmup,
+                               float(peak["tflops"]), Path(folder))
+            result["models"].extend(rows)
+            if len(rows) > 1:
+                result.setdefault("t_step_fit", {})[rows[0]["model"]] = t_step_fit(
+                    [(r["batch"], r["ours"]["step_s_median"]) for r in rows])
     again = measure_peak_tflops(device)
     result["peak"]["tflops_before_after"] = [peak["tflops"], again["tflops"]]
-    if again["tflops"] > peak["tflops"]:
+    if float(again["tflops"]) > float(peak["tflops"]):
         result["peak"]["tflops"] = again["tflops"]
         for row in result["models"]:
-            for kind in ("ours", "reference"):
-                if "achieved_tflops" in row[kind]:
-                    row[kind]["mfu"] = round(row[kind]["achieved_tflops"] / again["tflops"], 4)
-    print(json.dumps(result, indent=2))
-
-
-if __name__ == "__main__":
-    main()
+            for kind in KINDS:
+                if "achieved_tflops" in row.get(kind, {}):
+                    row[kind]["mfu"] = round(row[kind]["achieved_tflops"]
+                                             / float(again["tflops"]), 4)
+    return result
