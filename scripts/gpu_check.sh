@@ -119,7 +119,9 @@ main() {
                 versions) run_part versions 60 "$PYTHON -m tests.support.gpu_wheels verify" ;;
                 tests) run_part tests 300 "$PYTHON -m pytest -m gpu tests/test_gpu.py -q \
                     -p no:cacheprovider --junitxml=$WORK/tests.xml" ;;
-                step) run_part step 240 "$bench step $tiny --batch 2" ;;
+                # Two batches: the step rows and t_step(B) from one process (on the GPU the
+                # t_step part times more batches, without the reference).
+                step) run_part step 240 "$bench step $tiny --batch 2 --batch 4" ;;
                 t_step) run_part t_step 240 "$bench step $tiny --batch 2 --batch 4 \
                     --no-reference" ;;
                 eval) run_part eval 180 "$bench eval --model test_vit --resolution 32 --n 4 \
