@@ -43,14 +43,26 @@ run_part() {
             echo skipped > "$base.rc"
         else
             rc=0
+            # In the background, so that a stopped check can stop it: timeout leads a process
+            # group of its own, which its command and everything that starts inherit.
             # shellcheck disable=SC2086  # the command's words
-            timeout -k 10 "$left" $command > "$base.out" 2> "$base.log" || rc=$?
+            timeout -k 10 "$left" $command > "$base.out" 2> "$base.log" &
+            RUNNING=$!
+            wait "$RUNNING" || rc=$?
+            RUNNING=""
             echo "$rc $left" > "$base.rc"
         fi
         index=$((index + 1))
     done
     echo "$budget $(elapsed "$start")" > "$WORK/$name.part"
     echo "[gpu_check] $name done in $(elapsed "$start") s" >&2
+}
+
+# A check stopped (Ctrl-C, a kill, the device tool's limit) stops the part's command group and
+# removes its work folder.
+stop_on_exit() {
+    trap '[[ -z "${RUNNING:-}" ]] || kill -TERM -- "-$RUNNING" 2>/dev/null; rm -rf "$WORK"' EXIT
+    trap 'exit 130' INT TERM
 }
 
 usage_error() { echo "gpu_check.sh: $*" >&2; exit 2; }
@@ -109,7 +121,7 @@ main() {
     (( smoke )) && { sizes=cpu-smoke; export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1; }
     export RAYTRAIN_AT_GPU_CHECK=$sizes
     WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")
-    trap 'rm -rf "$WORK"' EXIT
+    stop_on_exit
     DEADLINE=$(( $(date +%s) + budget ))
     local bench="$PYTHON -m raytrain_at.cli bench"
     for part in "${chosen[@]}"; do

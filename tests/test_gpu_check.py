@@ -190,6 +190,31 @@ def test_parts_out_of_time_fail_or_miss_packages_are_recorded(tmp_path) -> None:
     assert late["status"] == "skipped" and late["records"] == []
 
 
+def test_a_stopped_check_stops_the_running_part(tmp_path) -> None:
+    """Killing the script (as Ctrl-C or the device tool's limit would) ends the command it was
+    waiting for and that command's children, and removes the work folder."""
+    pid_file = tmp_path / "grandchild.pid"
+    (tmp_path / "sleeper.py").write_text(
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "time.sleep(60)\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    script = (f"source {SCRIPT}; WORK={work}; stop_on_exit; "
+              f'run_part slow 60 "{sys.executable} {tmp_path}/sleeper.py"')
+    check = subprocess.Popen(["bash", "-c", script], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline and check.poll() is None, "the part never started"
+        time.sleep(0.2)
+    check.terminate()
+    assert check.wait(timeout=30) != 0
+    time.sleep(1)
+    assert not _running(int(pid_file.read_text()))
+    assert not work.exists()
+
+
 def test_unknown_part_is_a_usage_error(tmp_path) -> None:
     done = subprocess.run(["bash", str(SCRIPT), "--cpu-smoke", "--parts", "step,warp_drive",
                            "--out", str(tmp_path / "x.json")], capture_output=True, text=True,
