@@ -190,7 +190,7 @@ def count_host_syncs(step: Variant) -> dict[str, Any]:
 
 
 def measure_train_step(config: RunConfig, place: WorkerPlace, train_path: str | Path, *,
-                       steps: int, warmup: int) -> dict[str, Any]:
+                       steps: int, warmup: int, count_syncs: bool = True) -> dict[str, Any]:
     """Time ``WorkerLoop.train_step`` of ``config`` at its per-worker batch on synthetic batches.
 
     ``bench step`` (and the preflight) call this; DeepSpeed's process group must exist (see
@@ -201,6 +201,8 @@ def measure_train_step(config: RunConfig, place: WorkerPlace, train_path: str | 
         place: rank, world size and device of this worker.
         train_path: the file the loop's loader is built over.
         steps, warmup: timed steps, and untimed ones before them.
+        count_syncs: count the host syncs of one more step (eager only; the counter slows every
+            operator several times over).
 
     Returns:
         What the step is made of, its step times and images/s, the model passes per image, the
@@ -210,8 +212,12 @@ def measure_train_step(config: RunConfig, place: WorkerPlace, train_path: str | 
     reset_peak_memory(place.device)
     loop, variant = build_worker_step(config, place, train_path)
     times = timed_calls(variant.step, place.device, runs=steps, warmup=warmup)
-    syncs = (count_host_syncs(variant) if not config.scaling.compile
-             else {"host_syncs_per_step": "not counted with --compile"})
+    if config.scaling.compile:  # a dispatch mode would make the compiled graphs recompile
+        syncs: dict[str, Any] = {"host_syncs_per_step": "not counted with --compile"}
+    elif not count_syncs:
+        syncs = {"host_syncs_per_step": "not counted"}
+    else:
+        syncs = count_host_syncs(variant)
     row = {**variant.description, **_rates(times, config.per_worker_batch_size),
            "passes_per_image": variant.passes or None, **syncs, **peak_memory(place.device)}
     del loop, variant
@@ -244,10 +250,10 @@ def _free(device: torch.device) -> None:
 
 
 def run_ours(config: RunConfig, device: torch.device, train_path: Path, steps: int,
-             warmup: int, macs: int | None, peak: float) -> dict[str, Any]:
+             warmup: int, macs: int | None, peak: float, count_syncs: bool) -> dict[str, Any]:
     """The ours row of one model and batch."""
     row = measure_train_step(config, WorkerPlace(0, 1, device), train_path, steps=steps,
-                             warmup=warmup)
+                             warmup=warmup, count_syncs=count_syncs)
     return {**row, **_flops(row["passes_per_image"] or {}, row["images_per_s"], macs, peak)}
 
 
@@ -352,7 +358,9 @@ def _model_rows(settings: StepBenchSettings, model: str, batches: tuple[int, ...
             try:
                 for kind in KINDS if settings.reference else KINDS[:1]:
                     print(f"{config.model.name} batch {batch}: {kind} ...", file=sys.stderr)
-                    row[kind] = (run_ours(config, device, train_path, steps, warmup, macs, peak)
+                    # Host syncs of a model's first batch: the same code at any batch.
+                    row[kind] = (run_ours(config, device, train_path, steps, warmup, macs, peak,
+                                          count_syncs=not rows)
                                  if kind == "ours" else
                                  run_reference(config, device, settings.reference_attack,
                                                steps, warmup, macs, peak))
