@@ -125,6 +125,10 @@ main() {
     DEADLINE=$(( $(date +%s) + budget ))
     local bench="$PYTHON -m raytrain_at.cli bench"
     for part in "${chosen[@]}"; do
+        if [[ -f "$WORK/versions.0.rc" ]] && ! grep -q "^0 " "$WORK/versions.0.rc"; then
+            echo "[gpu_check] the versions differ from the expected ones: nothing more runs" >&2
+            break
+        fi
         if (( smoke )); then
             local tiny="--model test_vit --resolution 32 --steps 1 --warmup 1 --device cpu"
             case "$part" in

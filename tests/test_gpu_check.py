@@ -275,8 +275,10 @@ def test_verify_tells_a_wrong_version(tmp_path, capsys) -> None:
                                    "notes": {"ffcv": "left out"},
                                    "needs_from_the_machine": ["torch"]}))
     assert verify(listing) == 1
-    report = json.loads(capsys.readouterr().out)
-    assert report["mismatches"] == [f"timm: {distribution('timm').version}, expected 0.0.1"]
+    printed = capsys.readouterr()
+    mismatch = f"timm: {distribution('timm').version}, expected 0.0.1"
+    assert json.loads(printed.out)["mismatches"] == [mismatch]
+    assert printed.err.strip() == f"error: 1 package(s) not at the expected version: {mismatch}"
 
 
 def _top_level_paths(dist_name: str) -> list[Path]:
