@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from raytrain_at.bench.common import utc_now
+from raytrain_at.bench.common import cpu_threads, utc_now
 from raytrain_at.bench.settings import AttackBenchSettings
 from raytrain_at.data.write import bundled_beton
 from raytrain_at.evaluation.autoattack import build_autoattack, check_version, run_one_attack
@@ -47,6 +47,8 @@ def run_attack_bench(settings: AttackBenchSettings) -> dict[str, Any]:
     data = bundled_beton(settings.data, "test", Path(default_home()))
     x, y = load_images(str(data), list(range(settings.n)), resolution=spec.resolution,
                        crop_pct=spec.crop_pct, batch_size=settings.n, device=device)
+    # FFCV sets torch's threads process-wide (to 1 on import, to a loader's workers).
+    torch.set_num_threads(cpu_threads())
     aa = build_autoattack(model, threat, settings.version, settings.seed, device,
                           spec.num_classes)
     attacks: dict[str, dict[str, float]] = {}

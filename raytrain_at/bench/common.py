@@ -6,6 +6,7 @@ GPU work is asynchronous, so every timing here waits for the device before readi
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import resource
 import statistics
@@ -24,6 +25,14 @@ def utc_now() -> str:
 def default_device() -> str:
     """CUDA when present, else the CPU."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cpu_threads() -> int:
+    """The intra-op threads a benchmark runs with: ``OMP_NUM_THREADS`` when set, else every core
+    this process may use. FFCV sets torch's count process-wide (to 1 when it is imported, to a
+    loader's worker count when one is built), so the benchmarks set it back before they time."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else len(os.sched_getaffinity(0))
 
 
 def synchronize(device: torch.device) -> None:

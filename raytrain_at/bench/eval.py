@@ -52,8 +52,8 @@ import torch
 import torch.nn as nn
 from pyautoattack import AutoAttack
 
-from raytrain_at.bench.common import (default_device, device_name, package_versions, synchronize,
-                                      utc_now)
+from raytrain_at.bench.common import (cpu_threads, default_device, device_name, package_versions,
+                                      synchronize, utc_now)
 from raytrain_at.bench.settings import EvalBenchSettings
 from raytrain_at.evaluation.autoattack import (ROBUST, VERSIONS, attack_chunk, build_autoattack,
                                                predict)
@@ -145,6 +145,7 @@ def run_eval_bench(settings: EvalBenchSettings) -> dict[str, Any]:
         UserError: an unknown model name or a checkpoint that does not fit (one line naming it).
     """
     device = torch.device(settings.device or default_device())
+    torch.set_num_threads(cpu_threads())  # FFCV, if imported, set it to 1
     batch = settings.batch or (256 if device.type == "cuda" else 8)
     n = settings.n or batch
     norm = settings.norm

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from sklearn.datasets import load_sample_images
 
-from raytrain_at.bench.common import (default_device, device_name, median_ms, package_versions,
-                                      synchronize, utc_now)
+from raytrain_at.bench.common import (cpu_threads, default_device, device_name, median_ms,
+                                      package_versions, synchronize, utc_now)
 from raytrain_at.bench.settings import LoaderBenchSettings
 from raytrain_at.bench.step import bench_config, init_single_rank, measure_train_step
 from raytrain_at.data.device_augment import DeviceAugment
@@ -91,6 +91,7 @@ def augmentation_against_step(batch: int, device: torch.device, repeats: int,
                               train_path: Path) -> dict[str, Any]:
     """Milliseconds of the heavy augmentation (and of its RandAugment alone) per batch, and of
     the training step at the same batch."""
+    torch.set_num_threads(cpu_threads())  # the loaders built before set it to their workers
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(batch, 3, RESOLUTION, RESOLUTION, generator=generator).to(device)
     labels = torch.randint(0, 1000, (batch,), generator=generator).to(device)
@@ -108,7 +109,7 @@ def augmentation_against_step(batch: int, device: torch.device, repeats: int,
         config = bench_config(model=STEP_MODEL, batch=batch, resolution=RESOLUTION,
                               device=device, train_path=train_path)
         step = measure_train_step(config, WorkerPlace(0, 1, device), train_path, steps=repeats,
-                                  warmup=1)
+                                  warmup=1, threads=cpu_threads())
         step_ms = step["step_s_median"] * 1000
         out.update({f"adv_step_2apgd_{STEP_MODEL}_ms": round(step_ms, 1),
                     "augment_share_of_step": round(aug_ms / step_ms, 4)})
@@ -121,7 +122,7 @@ def run_loader_bench(settings: LoaderBenchSettings) -> dict[str, Any]:
     result: dict[str, Any] = {
         "date": utc_now(), "machine": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(), "device": str(device), "device_name": device_name(device),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": cpu_threads(),
         "versions": package_versions("torch", "ffcv", "kornia", "timm", "deepspeed")}
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
         path = write_photo_file(Path(tmp) / "photos400.beton", settings.images)

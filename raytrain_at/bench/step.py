@@ -56,7 +56,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from raytrain_at.bench.common import (default_device, device_name, is_out_of_memory,
+from raytrain_at.bench.common import (cpu_threads, default_device, device_name, is_out_of_memory,
                                       measure_peak_tflops, package_versions, peak_memory,
                                       reset_peak_memory, timed_calls, utc_now)
 from raytrain_at.bench.reference_step import (Variant, apgd_step_passes, build_reference,
@@ -190,7 +190,8 @@ def count_host_syncs(step: Variant) -> dict[str, Any]:
 
 
 def measure_train_step(config: RunConfig, place: WorkerPlace, train_path: str | Path, *,
-                       steps: int, warmup: int, count_syncs: bool = True) -> dict[str, Any]:
+                       steps: int, warmup: int, count_syncs: bool = True,
+                       threads: int | None = None) -> dict[str, Any]:
     """Time ``WorkerLoop.train_step`` of ``config`` at its per-worker batch on synthetic batches.
 
     ``bench step`` (and the preflight) call this; DeepSpeed's process group must exist (see
@@ -203,6 +204,8 @@ def measure_train_step(config: RunConfig, place: WorkerPlace, train_path: str | 
         steps, warmup: timed steps, and untimed ones before them.
         count_syncs: count the host syncs of one more step (eager only; the counter slows every
             operator several times over).
+        threads: torch's intra-op threads for the timed steps (None: as the loop leaves them;
+            FFCV sets them to the loader's worker count).
 
     Returns:
         What the step is made of, its step times and images/s, the model passes per image, the
@@ -211,6 +214,8 @@ def measure_train_step(config: RunConfig, place: WorkerPlace, train_path: str | 
     _free(place.device)
     reset_peak_memory(place.device)
     loop, variant = build_worker_step(config, place, train_path)
+    if threads is not None:
+        torch.set_num_threads(threads)
     times = timed_calls(variant.step, place.device, runs=steps, warmup=warmup)
     if config.scaling.compile:  # a dispatch mode would make the compiled graphs recompile
         syncs: dict[str, Any] = {"host_syncs_per_step": "not counted with --compile"}
@@ -253,7 +258,7 @@ def run_ours(config: RunConfig, device: torch.device, train_path: Path, steps: i
              warmup: int, macs: int | None, peak: float, count_syncs: bool) -> dict[str, Any]:
     """The ours row of one model and batch."""
     row = measure_train_step(config, WorkerPlace(0, 1, device), train_path, steps=steps,
-                             warmup=warmup, count_syncs=count_syncs)
+                             warmup=warmup, count_syncs=count_syncs, threads=cpu_threads())
     return {**row, **_flops(row["passes_per_image"] or {}, row["images_per_s"], macs, peak)}
 
 
@@ -265,6 +270,7 @@ def run_reference(config: RunConfig, device: torch.device, attack_kind: str, ste
     torch.manual_seed(config.seed)
     model = build_model(config).to(device)
     variant = build_reference(model, config, config.per_worker_batch_size, device, attack_kind)
+    torch.set_num_threads(cpu_threads())
     times = timed_calls(variant.step, device, runs=steps, warmup=warmup)
     rates = _rates(times, config.per_worker_batch_size)
     # Its non-fused AdamW reads each parameter's step counter with .item(): host tensors in a GPU
@@ -403,6 +409,7 @@ def run_step_bench(settings: StepBenchSettings) -> dict[str, Any]:
     if cuda:
         torch.backends.cudnn.benchmark = True  # both variants: the paper's code sets it too
     init_single_rank(device)
+    torch.set_num_threads(cpu_threads())  # the peak, ours and the reference alike
     # Before and after the models, the larger kept: on a shared machine one measurement can
     # catch a busy moment and inflate the MFU.
     peak = measure_peak_tflops(device)
@@ -434,6 +441,7 @@ def run_step_bench(settings: StepBenchSettings) -> dict[str, Any]:
             if len(rows) > 1:
                 result.setdefault("t_step_fit", {})[rows[0]["model"]] = t_step_fit(
                     [(r["batch"], r["ours"]["step_s_median"]) for r in rows])
+    torch.set_num_threads(cpu_threads())
     again = measure_peak_tflops(device)
     result["peak"]["tflops_before_after"] = [peak["tflops"], again["tflops"]]
     if float(again["tflops"]) > float(peak["tflops"]):
