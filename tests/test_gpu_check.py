@@ -49,7 +49,7 @@ GPU_TESTS = {"test_worker_loop_loss_falls_under_deepspeed",
 def _smoke(tmp_path: Path, parts: str) -> dict:
     out = tmp_path / "out" / "gpu_check.json"
     done = subprocess.run(["bash", str(SCRIPT), "--cpu-smoke", "--parts", parts, "--out",
-                           str(out)], capture_output=True, text=True, timeout=900, cwd=tmp_path,
+                           str(out)], capture_output=True, text=True, timeout=1500, cwd=tmp_path,
                           env=_ENV)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)  # stdout holds the JSON document and nothing else
