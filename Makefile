@@ -23,6 +23,6 @@ browser-check: $(STAMP)
 	$(VENV)/bin/python -m pytest -m slow tests/test_registry_server.py -k "screenshot or models_page"
 
 # The cluster rehearsal: Ray head + 2 worker nodes with separate disks, an S3 store (moto) and the
-# MLflow server on this machine, the main job through them (scripts/cluster_rehearsal.sh).
+# MLflow server on this machine, the main job through them (tests/support/cluster_rehearsal.sh).
 cluster-rehearsal: $(STAMP)
 	$(VENV)/bin/python -m pytest -m cluster tests/test_cluster_rehearsal.py

@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from raytrain_at import __version__
+from raytrain_at.bench.commands import bench_app
 from raytrain_at.runtime.console import make_console, setup_console
 from raytrain_at.errors import RunFailed, UserError
 from raytrain_at.evaluation.threats import (PAPER_RESOLUTIONS, PAPER_SWEEP_EPS, THREAT_TITLES,
@@ -28,6 +29,7 @@ app.add_typer(data_app, name="data")
 recipes_app = typer.Typer(add_completion=False, invoke_without_command=True,
                           help="List the paper's runs as recipes, or show one resolved.")
 app.add_typer(recipes_app, name="recipes")
+app.add_typer(bench_app, name="bench")
 
 
 def _print_version(value: bool) -> None:

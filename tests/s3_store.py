@@ -4,7 +4,6 @@ in its own process), reached through ``AWS_ENDPOINT_URL`` as the cluster reaches
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,21 +11,17 @@ import urllib.request
 from contextlib import contextmanager
 from typing import Iterator
 
+from raytrain_at.runtime.ports import free_local_port
+
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "rehearsal", "AWS_SECRET_ACCESS_KEY": "rehearsal",
                "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager
 def object_store(bucket: str | None = None) -> Iterator[str]:
     """Start moto on a free port, set the AWS variables of this process, create ``bucket``;
     yield the endpoint URL; stop the server (by its PID) and restore the environment."""
-    port = free_port()
+    port = free_local_port()
     endpoint = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
                                str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

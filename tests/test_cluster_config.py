@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from raytrain_at.runtime.ports import free_local_port
+
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = ROOT / "cluster.yaml"
 SCRIPTS = ROOT / "scripts" / "cluster"
@@ -173,12 +175,6 @@ def _private_ip() -> str | None:
     return None if ip.startswith("127.") else ip
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def node(tmp_path):
     """A scratch node: HOME with ~/raytrain-at -> this checkout, and stand-ins for `ray`
@@ -292,7 +288,7 @@ def test_head_start_commands_run_mlflow_on_private_ip_and_loopback(prepared, nod
     ip = _private_ip()
     if ip is None:
         pytest.skip("this machine has no non-loopback IPv4 address")
-    env = dict(node["env"], MLFLOW_PORT=str(_free_port()), MLFLOW_HOME=str(node["tmp"] / "mlflow"),
+    env = dict(node["env"], MLFLOW_PORT=str(free_local_port()), MLFLOW_HOME=str(node["tmp"] / "mlflow"),
                MLFLOW_LOG=str(node["tmp"] / "mlflow.log"), MLFLOW_WORKERS="1")
     port = env["MLFLOW_PORT"]
     stop = str(SCRIPTS / "start_mlflow.sh") + " --stop"

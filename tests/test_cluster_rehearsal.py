@@ -1,6 +1,6 @@
-"""The cluster rehearsal (scripts/cluster_rehearsal.sh): a Ray head and two worker nodes, each
-in a mount namespace of its own where its disk (HOME, TMPDIR, Ray temp folder, staged datasets)
-has the same path as the other nodes' and other content, an S3 store (moto) and the MLflow
+"""The cluster rehearsal (tests/support/cluster_rehearsal.sh): a Ray head and two worker nodes,
+each in a mount namespace of its own where its disk (HOME, TMPDIR, Ray temp folder, staged
+datasets) has the same path as the other nodes' and other content, an S3 store (moto) and the MLflow
 server, through which clean pre-training, the adversarial run from its reference with a killed
 worker, the sharded evaluation with a killed driver and a lost node (equal to a single-process
 one when resumed), registration and a client loading the champion all pass. A probe first checks
@@ -19,22 +19,22 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.rehearsal_procs import processes_of
+
 pytestmark = pytest.mark.cluster
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts" / "cluster"))
+SCRIPT = ROOT / "tests" / "support" / "cluster_rehearsal.sh"
 
 
 @pytest.mark.timeout(1500)
 def test_rehearsal_end_to_end_stops_every_process() -> None:
-    from rehearsal_procs import processes_of
-
     work = Path(tempfile.mkdtemp(prefix="rtr-", dir="/tmp"))
     env = dict(os.environ, PYTHON=sys.executable)
     for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "RAYTRAIN_AT_STORAGE", "AWS_ENDPOINT_URL"):
         env.pop(key, None)
-    result = subprocess.run(["bash", str(ROOT / "scripts" / "cluster_rehearsal.sh"), "--work",
-                             str(work)], env=env, capture_output=True, text=True, timeout=1450)
+    result = subprocess.run(["bash", str(SCRIPT), "--work", str(work)], env=env,
+                            capture_output=True, text=True, timeout=1450)
     output = result.stdout[-6000:] + result.stderr[-6000:]
     print(result.stdout)
     assert result.returncode == 0, output

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -121,11 +120,10 @@ def test_progress_hook_every_log_every_steps(tmp_path) -> None:
 
 # --------------------------------------------------------------------------- where Ray runs
 def test_unreachable_address_is_one_line_naming_it() -> None:
+    from raytrain_at.runtime.ports import free_local_port
     from raytrain_at.runtime.ray_init import check_reachable
 
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_local_port()  # nobody listens on it
     started = time.monotonic()
     with pytest.raises(UserError, match=rf"--address 127.0.0.1:{port}: no Ray cluster answers "
                                         rf"at 127.0.0.1:{port} after 2 s"):

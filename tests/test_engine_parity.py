@@ -15,7 +15,6 @@ One spawn runs all three stages one after the other (DeepSpeed's import and firs
 from __future__ import annotations
 
 import os
-import socket
 import time
 import traceback
 from pathlib import Path
@@ -26,18 +25,14 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.multiprocessing.spawn import ProcessException
 
+from raytrain_at.runtime.ports import free_local_port
+
 STAGES = (0, 1, 2)
 WORLD_SIZE = 2
 GLOBAL_BATCH = 16
 STEPS = 3
 STEPS_PER_EPOCH = 2  # warm-up over 2 steps (quickstart: 1 epoch): LRs 1e-3, 2e-3, 2e-3
 TOLERANCE = 1e-5
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _model() -> torch.nn.Module:
@@ -130,7 +125,7 @@ def _reference() -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("ds-parity")
-    ctx = mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD_SIZE, join=False)
+    ctx = mp.spawn(_worker, args=(free_local_port(), str(out)), nprocs=WORLD_SIZE, join=False)
     deadline = time.monotonic() + 300
     try:
         # join() returns False whenever one rank ends while another still runs.

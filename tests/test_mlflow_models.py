@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import raytrain_at
 from raytrain_at.model_refs import log_model_artifacts
 from raytrain_at.models.model_files import ModelSpec, save_model_file
 from raytrain_at.registry.register import register_model
+from raytrain_at.runtime.ports import free_local_port
 from raytrain_at.tracking.experiments import artifact_root, ensure_experiment
 
 
@@ -84,16 +84,10 @@ def test_run_artifact_holds_both_formats(store, small_model_file, tmp_path) -> N
     assert client.get_model_version("from-run", done.version).run_id == run.info.run_id
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_on_loopback(store, small_model_file, tmp_path) -> None:
     done = register_model(str(small_model_file), "served", unevaluated=True)
-    port = _free_port()
+    port = free_local_port()
     mlflow_cli = str(Path(sys.executable).with_name("mlflow"))
     # The scoring server starts uvicorn by name: the environment's bin folder must be on PATH.
     env = dict(os.environ, MLFLOW_TRACKING_URI=store,

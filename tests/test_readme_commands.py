@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = str(Path(sys.executable).with_name("raytrain-at"))
-GROUPS = {"data", "recipes"}  # commands with sub-commands
+GROUPS = {"bench", "data", "recipes"}  # commands with sub-commands
 
 
 def _shell_lines(text: str) -> list[str]:

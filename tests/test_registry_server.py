@@ -2,15 +2,14 @@
 alias and the logged model's metrics back with plain REST calls, and load the model by alias
 through the server (artifacts proxied by the server).
 
-The server is started once for the module (``scripts/screenshot_registry.py``'s ``MlflowServer``:
-127.0.0.1, a free port, SQLite and artifacts under a temporary folder, one worker) and stopped by
-its own process group in the fixture's finalizer. It boots (about 15 s on 2 cores) while the
+The server is started once for the module (``tests/support/screenshot_registry.py``'s
+``MlflowServer``: 127.0.0.1, a free port, SQLite and artifacts under a temporary folder, one
+worker) and stopped by its own process group in the fixture's finalizer. It boots (about 15 s on 2 cores) while the
 robust model is trained and evaluated.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -24,17 +23,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from tests.support.screenshot_registry import MlflowServer
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "screenshot_registry.py"
+SCRIPT = ROOT / "tests" / "support" / "screenshot_registry.py"
 NAME = "served-digits-net"
-
-
-def _script_module():
-    spec = importlib.util.spec_from_file_location("screenshot_registry", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _get(base: str, path: str, **query) -> dict:
@@ -56,7 +49,7 @@ def served(request, tmp_path_factory):
     from raytrain_at.registry.register import register_model
 
     tmp = tmp_path_factory.mktemp("registry-server")
-    server = _script_module().MlflowServer(tmp / "mlflow")
+    server = MlflowServer(tmp / "mlflow")
     request.addfinalizer(server.stop)
     server.start()  # boots while the session fixtures train the model
     request.getfixturevalue("eval_home")  # RAYTRAIN_AT_HOME with the bundled digits

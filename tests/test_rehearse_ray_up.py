@@ -3,7 +3,7 @@
 The fast checks read the local twin offline: Ray's schema accepts it, it runs the same scripts
 as cluster.yaml in the same order, its Ray ports are not Ray's defaults, and the local options
 of node_env.sh / stage_data.sh do what the twin needs. The `cluster` check runs
-scripts/rehearse_ray_up.sh for real (openssh-server, `ray up`, `ray exec`, `ray job submit`,
+tests/support/rehearse_ray_up.sh for real (openssh-server, `ray up`, `ray exec`, `ray job submit`,
 `ray down`) and asserts what the job saw on the head and that nothing it started is left.
 """
 
@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "rehearse_ray_up.sh"
+SCRIPT = ROOT / "tests" / "support" / "rehearse_ray_up.sh"
 SCRIPTS = ROOT / "scripts" / "cluster"
 RAY_DEFAULT_PORTS = {6379, 8265, 10001, 52365, 8076, 5000}
 

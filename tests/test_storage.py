@@ -16,6 +16,7 @@ from raytrain_at.evaluation.runner import (EvalJob, finished_images, merge, pend
                                            read_record, shard_resources, state_key,
                                            write_record)
 from raytrain_at.evaluation.threats import ThreatModel
+from raytrain_at.runtime.ports import free_local_port
 from raytrain_at.runtime.storage import (STORAGE_ENV, check_root, explicit_root,
                                          require_shared_root, storage_root)
 from tests.s3_store import object_store
@@ -50,9 +51,7 @@ def test_missing_bucket_and_dead_store_are_one_line(store, monkeypatch):
     check_root("s3://rehearsal-bucket/runs")
     with pytest.raises(UserError, match="bucket 'no-such-bucket' does not exist"):
         check_root("s3://no-such-bucket/runs")
-    from tests.s3_store import free_port
-
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_local_port()}")
     with pytest.raises(UserError, match="does not answer") as info:
         check_root("s3://rehearsal-bucket/runs")
     assert "\n" not in str(info.value)
@@ -134,9 +133,7 @@ def test_evaluate_with_a_missing_bucket_writes_nothing(state_dir, culprit, store
 
 def test_tracking_server_down_is_one_line():
     from raytrain_at.tracking.experiments import check_tracking_server
-    from tests.s3_store import free_port
-
-    uri = f"http://127.0.0.1:{free_port()}"
+    uri = f"http://127.0.0.1:{free_local_port()}"
     with pytest.raises(UserError, match="does not answer") as info:
         check_tracking_server(uri, timeout_s=2)
     assert uri in str(info.value) and "\n" not in str(info.value)
@@ -171,9 +168,7 @@ def test_train_stops_on_a_dead_tracking_server_or_missing_bucket(setting, culpri
                                                                  tmp_path, monkeypatch, capsys):
     """Before any data is written or Ray started: one line naming the server or bucket."""
     from raytrain_at.cli import main
-    from tests.s3_store import free_port
-
-    port = free_port()
+    port = free_local_port()
     monkeypatch.setenv("RAYTRAIN_AT_HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["raytrain-at", "train", "quickstart", "--set",

@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,37 +27,14 @@ from pathlib import Path
 
 import pytest
 
+from raytrain_at.runtime.ports import free_ports
+from tests.support.rehearsal_procs import processes_of, stop
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-# The rehearsal's process finder: what names the folder, and the process tree under it.
-sys.path.insert(0, str(ROOT / "scripts" / "cluster"))
-from rehearsal_procs import processes_of, stop  # noqa: E402
 BIN = Path(sys.executable).parent
 RUN_NAME = "two-node"
-
-
-# ------------------------------------------------------------------ ports
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("", port))
-        except OSError:
-            return False
-    return True
-
-
-def _free_block(size: int, taken: set[int]) -> list[int]:
-    """`size` consecutive free ports outside Ray's defaults (10002-19999 worker ports, 52365
-    agent, 6379 GCS, 8265 dashboard), so other Ray instances on this machine do not collide."""
-    rng = random.Random()
-    for _ in range(200):
-        start = rng.randrange(20000, 32000 - size)
-        block = list(range(start, start + size))
-        if not taken.intersection(block) and all(_bindable(p) for p in block):
-            taken.update(block)
-            return block
-    raise RuntimeError("no free port block")
 
 
 # ------------------------------------------------------------------ the cluster
@@ -80,25 +55,25 @@ def cluster():
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAYTRAIN_AT_PID_DIR": str(pid_dir),
     })
-    taken: set[int] = set()
-    gcs, dashboard = _free_block(1, taken)[0], _free_block(1, taken)[0]
+    # Outside Ray's defaults (10002-19999 worker ports, 52365 agent, 6379 GCS, 8265 dashboard),
+    # so other Ray instances on this machine do not collide; bindable on every address.
+    gcs, dashboard, *singles, workers_a, workers_b = free_ports(14, blocks=2, size=40, host="")
     common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0",
               "--object-store-memory=100000000", "--disable-usage-stats"]
 
-    def node_ports() -> list[str]:
-        own = _free_block(6, taken)
-        workers = _free_block(40, taken)
+    def node_ports(own: list[int], workers: int) -> list[str]:
         return [f"--node-manager-port={own[0]}", f"--object-manager-port={own[1]}",
                 f"--dashboard-agent-listen-port={own[2]}",
                 f"--dashboard-agent-grpc-port={own[3]}", f"--runtime-env-agent-port={own[4]}",
                 f"--metrics-export-port={own[5]}",
-                f"--min-worker-port={workers[0]}", f"--max-worker-port={workers[-1]}"]
+                f"--min-worker-port={workers}", f"--max-worker-port={workers + 39}"]
 
     head = [str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--include-dashboard=false",
             f"--dashboard-port={dashboard}", f"--temp-dir={base / 'a'}",
-            '--resources={"node_a": 1}', *common, *node_ports()]
+            '--resources={"node_a": 1}', *common, *node_ports(singles[:6], workers_a)]
     second = [str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}",
-              f"--temp-dir={base / 'b'}", '--resources={"node_b": 1}', *common, *node_ports()]
+              f"--temp-dir={base / 'b'}", '--resources={"node_b": 1}', *common,
+              *node_ports(singles[6:], workers_b)]
     try:
         for command in (head, second):
             started = subprocess.run(command, env=env, capture_output=True, text=True,

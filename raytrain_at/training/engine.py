@@ -161,7 +161,7 @@ def build_ema(model: nn.Module, decay: float | None) -> ModelEmaV3 | None:
     """timm's EMA of the weights, kept in fp32 whatever the live weights are, or None when
     disabled. Build it from the fp32 weights, before DeepSpeed casts the module to bf16: a bf16
     copy would start from rounded values, and an update of (1 - decay) * (w - ema) at decay 0.999
-    is below bf16's resolution and rounds away (found by ``scripts/gpu_check.py``'s CPU smoke
+    is below bf16's resolution and rounds away (found by ``scripts/gpu_check.sh``'s CPU smoke
     run)."""
     if decay is None:
         return None

@@ -10,14 +10,8 @@ the rendezvous (:func:`single_rank_environment`).
 from __future__ import annotations
 
 import os
-import socket
 
-
-def free_local_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from raytrain_at.runtime.ports import free_local_port
 
 
 def rank_environment(rank: int, world_size: int, local_rank: int, master_port: int, *,

@@ -1,4 +1,4 @@
-"""Process helpers of the cluster rehearsal (scripts/cluster_rehearsal.sh).
+"""Process helpers of the cluster rehearsal (tests/support/cluster_rehearsal.sh).
 
 ``ports N [B SIZE]``: N free TCP ports on 127.0.0.1 outside Ray's default ranges, one per line,
 then the first port of each of B blocks of SIZE consecutive free ports (Ray's worker ports), all
@@ -18,42 +18,12 @@ apart).
 from __future__ import annotations
 
 import os
-import random
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
 
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_ports(count: int, blocks: int = 0, size: int = 1) -> list[int]:
-    """``count`` distinct bindable ports, then the starts of ``blocks`` runs of ``size``
-    consecutive ones, none shared, in 20000-32000 (below Linux's ephemeral range)."""
-    rng = random.Random()
-    taken: set[int] = set()
-    singles: list[int] = []
-    starts: list[int] = []
-    while len(starts) < blocks:
-        start = rng.randrange(20000, 32000 - size)
-        block = set(range(start, start + size))
-        if not block & taken and all(_bindable(p) for p in block):
-            taken |= block
-            starts.append(start)
-    while len(singles) < count:
-        port = rng.randrange(20000, 32000)
-        if port not in taken and _bindable(port):
-            taken.add(port)
-            singles.append(port)
-    return singles + starts
+from raytrain_at.runtime.ports import free_ports
 
 
 def _parents() -> dict[int, int]:

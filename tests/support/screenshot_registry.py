@@ -1,6 +1,7 @@
 """Screenshot a registered model in the MLflow UI, registered through a real tracking server.
 
-    python scripts/screenshot_registry.py --out registry.png [--model-file PATH] [--keep-server]
+    python tests/support/screenshot_registry.py --out registry.png [--model-file PATH]
+        [--keep-server]
 
 What it does, all on 127.0.0.1 with throw-away storage (a temporary folder, removed at the end):
 
@@ -35,7 +36,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +46,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from raytrain_at.runtime.ports import free_local_port
+
 HOST = "127.0.0.1"
 PAGES = {
     "models": "#/models",
@@ -53,14 +55,6 @@ PAGES = {
     "model": "#/models/{name}",
     "logged-model": "#/experiments/{experiment_id}/models/{model_id}",
 }
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on now (the server binds it a moment later; ``MlflowServer``
-    retries with another port if somebody took it meanwhile)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 def mlflow_command() -> list[str]:
@@ -88,7 +82,7 @@ class MlflowServer:
 
     def __init__(self, root: str | Path, port: int | None = None, workers: int = 1) -> None:
         self.root = Path(root)
-        self.port = port or free_port()
+        self.port = port or free_local_port(HOST)
         self.workers = workers
         self.artifacts = self.root / "artifacts"
         self.store = self.root / "mlflow.db"
@@ -152,7 +146,7 @@ class MlflowServer:
                     self._restarts += 1
                     self.stop()
                     (self.root / "server.err").rename(self.root / f"server.err.{self._restarts}")
-                    self.port = free_port()
+                    self.port = free_local_port(HOST)  # somebody took it meanwhile
                     self.start()
                     continue
                 raise ServerError(f"mlflow server exited with status {code} before answering "

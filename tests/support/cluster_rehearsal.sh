@@ -35,7 +35,7 @@
 #      champion and predicts
 # Every process started is stopped by its PID at the end, pass or fail.
 #
-# Usage: scripts/cluster_rehearsal.sh [--work DIR] [--keep] [--code DIR [--only-evaluation]]
+# Usage: tests/support/cluster_rehearsal.sh [--work DIR] [--keep] [--code DIR [--only-evaluation]]
 #   --work DIR   working folder (default: a new /tmp/rtr-XXXX; short, Ray's socket paths)
 #   --keep       keep the working folder (logs, results) afterwards
 #   --code DIR   the checkout whose raytrain_at runs (default: this one), e.g. an older one to
@@ -48,7 +48,7 @@
 # About 6-9 minutes on 2 CPU cores.
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PY=${PYTHON:-$ROOT/.venv/bin/python}
 [[ -x "$PY" ]] || PY=$(command -v python3)
 BIN=$(dirname "$PY")
@@ -76,7 +76,7 @@ done
          exit 2; }
 if [[ -z "$WORK" ]]; then WORK=$(mktemp -d /tmp/rtr-XXXX); else mkdir -p "$WORK"; fi
 WORK=$(cd "$WORK" && pwd)
-PROCS="$PY $ROOT/scripts/cluster/rehearsal_procs.py"
+PROCS="$PY $ROOT/tests/support/rehearsal_procs.py"
 STARTED=()    # PIDs this script started directly (moto, drivers); Ray's and MLflow's are below
 
 say() { echo "[rehearsal] $(date -u +%T) $*"; }

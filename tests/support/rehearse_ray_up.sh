@@ -10,14 +10,14 @@
 # without touching the original). The SSH server is Debian's openssh-server, started by this
 # script on a free port of 127.0.0.1 only, admitting one key made for this run.
 #
-# Usage: sudo scripts/rehearse_ray_up.sh            (as root; ~3-5 minutes on 2 cores)
+# Usage: sudo tests/support/rehearse_ray_up.sh            (as root; ~3-5 minutes on 2 cores)
 #   RAYTRAIN_AT_BASE_VENV   the built environment to start from (default: the checkout's .venv)
 #   REHEARSAL_KEEP=1        keep the work folder (logs, the rendered config) after the run
 # Prints `REHEARSAL <name> <json>` lines with what the job saw on the head. Every process it
 # starts is stopped by PID at the end, pass or fail.
 set -euo pipefail
 
-REPO=$(cd "$(dirname "$0")/.." && pwd)
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
 BASE_VENV=${RAYTRAIN_AT_BASE_VENV:-$REPO/.venv}
 case "${1:-}" in
     "") ;;
@@ -64,7 +64,8 @@ for port in map(int, sys.argv[1:]):
 if busy:
     sys.exit(f"rehearse_ray_up.sh: port(s) {busy} already in use (another rehearsal running?)")
 PY
-SSH_PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+SSH_PORT=$(PYTHONPATH="$REPO" "$PY" -c \
+    'from raytrain_at.runtime.ports import free_local_port; print(free_local_port())')
 
 # --------------------------------------------------------------------------- the node
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/rehearse-ray-up.XXXXXX")

@@ -1,0 +1,18 @@
+"""Issue 28: ``scripts/`` holds the set-up and cluster shell scripts only, and stays small; the
+benchmarks are the package's ``raytrain-at bench`` and the test helpers live in tests/support/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LINES_LIMIT = 800
+
+
+def test_scripts_are_shell_scripts_under_the_line_limit() -> None:
+    files = sorted(p for p in (ROOT / "scripts").rglob("*") if p.is_file()
+                   and "__pycache__" not in p.parts)
+    assert files, "scripts/ is empty"
+    assert [p.relative_to(ROOT) for p in files if p.suffix != ".sh"] == []
+    lines = sum(len(p.read_text().splitlines()) for p in files)
+    assert lines < LINES_LIMIT, f"scripts/ holds {lines} lines"
