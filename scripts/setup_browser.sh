@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-time, idempotent: Debian's headless-capable Chromium, for the registry page check
-# (scripts/screenshot_registry.py, tests/test_registry_server.py). Nothing else needs a browser,
+# (tests/support/screenshot_registry.py, tests/test_registry_server.py). Nothing else needs a browser,
 # so `make setup` leaves it out; `make browser-check` runs this first.
 set -euo pipefail
 if command -v chromium >/dev/null 2>&1; then

@@ -194,7 +194,7 @@ def measure_train_step(config: RunConfig, place: WorkerPlace, train_path: str | 
                        threads: int | None = None) -> dict[str, Any]:
     """Time ``WorkerLoop.train_step`` of ``config`` at its per-worker batch on synthetic batches.
 
-    ``bench step`` (and the preflight) call this; DeepSpeed's process group must exist (see
+    ``bench step`` calls this; DeepSpeed's process group must exist (see
     :func:`init_single_rank`).
 
     Args:

@@ -10,7 +10,8 @@
 #   artifacts       proxied by the server to s3://$RAYTRAIN_AT_BUCKET/mlflow-artifacts, so clients
 #                   (workers, your laptop) need no S3 credentials, only the head's IAM role does.
 #                   $AWS_ENDPOINT_URL, when set, names an S3-compatible store instead of AWS S3
-#                   (the rehearsal's, scripts/cluster_rehearsal.sh); the s3:// URIs stay the same.
+#                   (the rehearsal's, tests/support/cluster_rehearsal.sh); the s3:// URIs stay
+#                   the same.
 #   network         bound to the head's private IP (workers reach it there) and to 127.0.0.1
 #                   (what `ray attach cluster.yaml -p 5000` forwards to: Ray's SSH tunnel ends at
 #                   localhost on the head); never 0.0.0.0. gunicorn serves both addresses (uvicorn,
