@@ -23,10 +23,9 @@ from safetensors.torch import save_file
 
 from raytrain_at.errors import UserError
 from raytrain_at.models.backbones import set_test_resolution
+from raytrain_at.models.checkpoint_layouts import SPEC_KEY
 from raytrain_at.models.locate import MODEL_FILE, local_model_file
 from raytrain_at.models.pixel_space import PixelSpaceClassifier, unwrap
-
-SPEC_KEY = "raytrain_at.model_spec"
 
 
 @dataclass(frozen=True)
@@ -86,11 +85,16 @@ class ModelSpec:
         return spec
 
     @classmethod
-    def from_run_config(cls, config: Any) -> ModelSpec:
-        """The spec of a training run (a :class:`raytrain_at.config.RunConfig`); a run that
-        starts from a model file keeps that file's normalisation (an imported RobustBench model
-        takes raw pixels)."""
-        mean, std = init_normalisation(config.model.init) or (None, None)
+    def from_run_config(cls, config: Any,
+                        normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+                        ) -> ModelSpec:
+        """The spec of a training run (a :class:`raytrain_at.config.RunConfig`).
+
+        ``normalisation`` is the (mean, std) the run's model applies, as built from its starting
+        weights (:func:`raytrain_at.models.pixel_space.normalisation_of`): DeiT weights give
+        ImageNet's, an imported RobustBench model raw pixels, whatever the timm name's own cfg
+        says. Without it, a run that starts from a model file keeps that file's normalisation."""
+        mean, std = normalisation or init_normalisation(config.model.init) or (None, None)
         return cls(name=config.model.name, num_classes=config.model.num_classes,
                    stem=config.model.stem, small_input=config.model.small_input,
                    resolution=config.data.resolution, mean=mean, std=std)

@@ -23,6 +23,7 @@ import math
 import re
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 from timm.layers.norm import LayerNorm2d
 
@@ -153,26 +154,40 @@ def validate_stem(spec: str | StemSpec, *, stride: int, width: int, model_name: 
 
 
 class ConvStem(nn.Sequential):
-    """A stem built from a :class:`StemSpec`; maps (B, in_chans, H, W) to (B, width, H/s, W/s)."""
+    """A stem built from a :class:`StemSpec`; maps (B, in_chans, H, W) to (B, width, H/s, W/s).
 
-    def __init__(self, spec: StemSpec, width: int, in_chans: int = 3) -> None:
+    ``device`` and ``dtype`` are timm's factory arguments (e.g. a model created on the meta
+    device gets its stem there too). The spec is kept as its text, which TorchScript can hold.
+    """
+
+    __jit_unused_properties__ = ["spec"]  # TorchScript compiles properties unless told
+
+    def __init__(self, spec: StemSpec, width: int, in_chans: int = 3,
+                 device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        dd = {"device": device, "dtype": dtype}
         modules: list[nn.Module] = []
         channels_in = in_chans
         for layer in spec.layers:
             channels_out = width if layer.channels is None else layer.channels
             modules.append(nn.Conv2d(channels_in, channels_out, layer.kernel, layer.stride,
-                                     padding=layer.padding, bias=True))
+                                     padding=layer.padding, bias=True, **dd))
             if layer.norm == "L":
-                modules.append(LayerNorm2d(channels_out, eps=1e-6))
+                modules.append(LayerNorm2d(channels_out, eps=1e-6, **dd))
             elif layer.norm == "B":
-                modules.append(nn.BatchNorm2d(channels_out))
+                modules.append(nn.BatchNorm2d(channels_out, **dd))
             if layer.act == "G":
                 modules.append(nn.GELU())
             elif layer.act == "R":
                 modules.append(nn.ReLU(inplace=True))
             channels_in = channels_out
         super().__init__(*modules)
-        self.spec = spec
+        self.spec_text = spec.text
+
+    @property
+    def spec(self) -> StemSpec:
+        """The parsed spec this stem was built from."""
+        return parse_stem(self.spec_text)
 
     def convs(self) -> list[nn.Conv2d]:
         """The stem's convolutions, in order."""
@@ -180,7 +195,8 @@ class ConvStem(nn.Sequential):
 
 
 def build_stem(spec: str | StemSpec, *, stride: int, width: int, model_name: str,
-               in_chans: int = 3) -> ConvStem:
+               in_chans: int = 3, device: torch.device | str | None = None,
+               dtype: torch.dtype | None = None) -> ConvStem:
     """Validate ``spec`` against a backbone and build the stem module."""
     parsed = validate_stem(spec, stride=stride, width=width, model_name=model_name)
-    return ConvStem(parsed, width=width, in_chans=in_chans)
+    return ConvStem(parsed, width=width, in_chans=in_chans, device=device, dtype=dtype)

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -28,6 +28,9 @@ from raytrain_at.ray_logs import worker_log_file
 from raytrain_at.ray_runtime import init_ray
 from raytrain_at.storage import check_root, default_home, explicit_root, require_shared_root
 from raytrain_at.training.progress import epoch_line, progress_line
+
+if TYPE_CHECKING:  # timm-heavy; the driver's dry runs import this module without it
+    from raytrain_at.models.weights import LoadReport
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +165,16 @@ def prepare_run(config: RunConfig, *, run_name: str | None = None,
                        shared_storage=explicit is not None)
 
 
+def run_params(config: RunConfig, init_report: LoadReport | None) -> dict[str, Any]:
+    """The MLflow params of a training run: its flat config and, when it starts from weights,
+    what that load matched (``init.matched`` of ``init.total`` tensors, the layout, the modules
+    left fresh and the normalisation taken from them)."""
+    params: dict[str, Any] = dict(flatten(config))
+    if init_report is not None:
+        params.update(init_report.as_params())
+    return params
+
+
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
     """Ray Train worker entry: build the loop, resume if Ray hands a checkpoint, train, report."""
     import ray.train
@@ -193,7 +206,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
 
         tracker = TrainingRun(payload["tracking_uri"], config.tracking.experiment,
                               payload["run_name"])
-        tracker.log_params(flatten(config))
+        tracker.log_params(run_params(config, loop.init_report))
         tracker.set_tags(payload.get("run_tags") or {})
         # Rank 0 alone speaks to the user and logs step metrics (the one place of that gating).
         loop.on_progress = _progress_reporter(tracker, payload["run_name"])
@@ -248,7 +261,7 @@ def _log_final_artifacts(tracker, loop, config: RunConfig) -> None:
         selected = loop.save_selected(Path(tmp) / "selected" / MODEL_FILE, source)
         log_model_artifacts(tracker, tracker.run_id, selected, "model")
         final = save_model_file(Path(tmp) / "final" / MODEL_FILE, loop.eval_model,
-                                ModelSpec.from_run_config(config),
+                                ModelSpec.from_run_config(config, loop.normalisation),
                                 dict(training_metadata(config, loop.epoch), **source))
         tracker.log_file(final, "final_model")
     selection = loop.selection

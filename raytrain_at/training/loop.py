@@ -32,9 +32,10 @@ from raytrain_at.attacks.base import Attack
 from raytrain_at.config import RunConfig
 from raytrain_at.data.device_augment import DeviceAugment
 from raytrain_at.data.ffcv_loaders import eval_loader, inspect_beton, train_loader
-from raytrain_at.models import PixelSpaceClassifier, create_robust_model, load_backbone_weights
-from raytrain_at.models.model_files import (MODEL_FILE, ModelSpec, init_normalisation,
-                                           save_model_file)
+from raytrain_at.models import (LoadReport, build_robust_model, load_backbone_weights,
+                                with_normalisation)
+from raytrain_at.models.model_files import MODEL_FILE, ModelSpec, save_model_file
+from raytrain_at.models.pixel_space import normalisation_of
 from raytrain_at.training.engine import (build_ema, build_engine, freeze_all_but_head,
                                          resolve_precision)
 from raytrain_at.training.objectives import StepLoss, attack_points, objective_loss
@@ -142,21 +143,28 @@ def build_attack(model: nn.Module, config: RunConfig, eps: float, seed: int):
 
 def build_model(config: RunConfig) -> nn.Module:
     """The model of a run, with its clean weights or full initial checkpoint."""
+    return build_model_and_report(config)[0]
+
+
+def build_model_and_report(config: RunConfig) -> tuple[nn.Module, LoadReport | None]:
+    """:func:`build_model` and the report of the load it starts from (``model.init`` if set,
+    else ``model.pretrained``; None for random weights). The model normalises as its starting
+    weights were trained (e.g. raw pixels of an imported RobustBench model)."""
     m = config.model
     extra: dict[str, Any] = {"drop_path_rate": m.drop_path_rate} if m.drop_path_rate else {}
-    model = create_robust_model(m.name, num_classes=m.num_classes, stem=m.stem,
-                                weights=m.pretrained, small_input=m.small_input,
-                                skip_head="if_mismatched", **extra)
+    if m.layer_scale is not None:
+        extra["ls_init_value"] = m.layer_scale
+    model, report = build_robust_model(m.name, num_classes=m.num_classes, stem=m.stem,
+                                       weights=m.pretrained, small_input=m.small_input,
+                                       skip_head="if_mismatched", **extra)
     if m.init is not None:
-        load_backbone_weights(model, m.init, model_name=m.name,
-                              skip_head=True if m.new_head else "if_mismatched", include_stem=True)
-        # A model file's own normalisation (e.g. raw pixels of an imported RobustBench model).
-        stats = init_normalisation(m.init)
-        if stats is not None:
-            model = PixelSpaceClassifier(model.backbone, mean=stats[0], std=stats[1])
+        report = load_backbone_weights(model, m.init, model_name=m.name,
+                                       skip_head=True if m.new_head else "if_mismatched",
+                                       include_stem=True)
+        model = with_normalisation(model.backbone, report)
     if m.linear_probe:
         freeze_all_but_head(model)
-    return model
+    return model, report
 
 
 def training_metadata(config: RunConfig, epoch: int,
@@ -191,7 +199,10 @@ class WorkerLoop:
             flip=config.aug.preset != "basic", device=place.device)
         self.heldout_path = heldout_path
         self._heldout_data = None
-        model = build_model(config).to(place.device)
+        model, self.init_report = build_model_and_report(config)
+        # What the model files of this run record (taken before DeepSpeed casts the buffers).
+        self.normalisation = normalisation_of(model)
+        model = model.to(place.device)
         if config.scaling.channels_last and place.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         # Before DeepSpeed casts the module to bf16: the EMA starts from the fp32 weights and
@@ -366,7 +377,7 @@ class WorkerLoop:
             # The evaluated weights (EMA when kept) with their model spec: what `evaluate` and
             # `register` read, and where a resumed run gets its EMA back from.
             save_model_file(directory / MODEL_FILE, self.eval_model,
-                            ModelSpec.from_run_config(self.config),
+                            ModelSpec.from_run_config(self.config, self.normalisation),
                             training_metadata(self.config, self.epoch))
             self.save_selected(directory / SELECTED_FILE)
             # The augmentation draws depend on its call count: a resumed run must go on from it.
@@ -399,7 +410,8 @@ class WorkerLoop:
         if self.selection.weights is not None:
             model = copy.deepcopy(model)
             model.load_state_dict(self.selection.weights)
-        return save_model_file(path, model, ModelSpec.from_run_config(self.config),
+        spec = ModelSpec.from_run_config(self.config, self.normalisation)
+        return save_model_file(path, model, spec,
                                dict(training_metadata(self.config, epoch, self.selected_by),
                                     **(extra or {})))
 
