@@ -10,7 +10,10 @@ timm's state dicts and Hugging Face hub cache (offline), and the project's model
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -25,6 +28,7 @@ from raytrain_at.errors import UserError
 from raytrain_at.models import build_robust_model, load_backbone_weights, unwrap
 from raytrain_at.models.model_files import ModelSpec, save_model_file
 from raytrain_at.models.pixel_space import normalisation_of
+from raytrain_at.registry.register import registration_payload
 from raytrain_at.training.launch import run_params
 from raytrain_at.training.loop import build_model, build_model_and_report
 
@@ -145,33 +149,24 @@ def test_a_renamed_block_fails_in_one_line_naming_keys_and_checkpoint(tmp_path) 
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-def test_a_renamed_block_stops_train_before_ray_starts(tmp_path, monkeypatch, capsys) -> None:
-    """`raytrain-at train` with such a checkpoint: one line, exit code 2, no Ray, no run."""
-    import raytrain_at.training.launch as launch
-    from raytrain_at.cli import main
-
+def test_a_renamed_block_stops_train_before_ray_starts(tmp_path) -> None:
+    """`raytrain-at train` with such a checkpoint, as a user runs it: one line on the console,
+    exit code 2, no Ray session, no run."""
     state = _iso_repository_state(depth=18, dim=384)
     state = {k.replace("blocks.3.pwconv2.", "blocks.3.pw_conv2."): v for k, v in state.items()}
     path = tmp_path / "renamed.pth"
     torch.save({"model": state}, path)
-
-    def no_ray(*args, **kwargs):
-        raise AssertionError("Ray was started")
-
-    monkeypatch.setattr(launch, "init_ray", no_ray)
-    monkeypatch.setenv("RAYTRAIN_AT_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(sys, "argv", [
-        "raytrain-at", "train", "quickstart", "--set", "model.name=convnext_iso_small",
-        "--set", f"model.pretrained={path}",
-        "--set", f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"])
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == 2
-    assert len(lines) == 1 and lines[0].startswith("error: checkpoint "), lines
+    env = dict(os.environ, RAYTRAIN_AT_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1",
+               RAY_TMPDIR=str(tmp_path / "ray"))
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("raytrain-at")), "train", "quickstart",
+         "--set", "model.name=convnext_iso_small", "--set", f"model.pretrained={path}"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2
+    assert len(lines) == 1 and lines[0].startswith("error: checkpoint "), result.stderr[-2000:]
     assert "blocks.3.mlp.fc2.weight" in lines[0] and str(path) in lines[0]
-    assert not (tmp_path / "home" / "runs").exists()
+    assert not (tmp_path / "home" / "runs").exists() and not (tmp_path / "ray").exists()
 
 
 def test_layer_scale_is_off_unless_the_recipe_asks(tmp_path) -> None:
@@ -316,6 +311,11 @@ def test_vit_s_rows_start_from_deit_with_imagenet_normalisation(offline_hub, tmp
     spec = ModelSpec.from_run_config(config, stats)
     assert _close((spec.mean, spec.std), IMAGENET)
     assert _close(normalisation_of(spec.build()), IMAGENET)  # what evaluate / register rebuild
+    # ... and what a registered version of the run's model shows (its model_spec tag).
+    path = save_model_file(tmp_path / "model.safetensors", model, spec)
+    _, _, tags, _ = registration_payload(path, None, str(path))
+    registered = json.loads(tags["model_spec"])
+    assert _close((registered["mean"], registered["std"]), IMAGENET)
     params = run_params(config, report)
     assert params["init.matched"] == params["init.total"] == str(len(deit.state_dict()))
     assert params["init.layout"] == "timm" and params["init.fresh"] == "none"
@@ -340,17 +340,26 @@ def test_hub_recipe_families_normalise_as_their_tag(offline_hub, recipe, tag, ba
     assert _close(normalisation_of(model), expected)
 
 
-def test_isotropic_rows_normalise_as_the_convnext_repository(iso_repository_checkpoint) -> None:
+@pytest.mark.parametrize("recipe,key", [
+    ("table1_convnext_iso_small_pretrained_basic", "init"),  # the whole network
+    ("clean_convnext_iso_small_cvst", "pretrained"),  # all but the stem (App. B)
+])
+def test_isotropic_rows_normalise_as_the_convnext_repository(iso_repository_checkpoint, recipe,
+                                                             key) -> None:
     """The isotropic recipes name the repository's checkpoint as $RAYTRAIN_AT_CKPT/...; a
     converted .safetensors of it keeps the repository's key names."""
     path, state = iso_repository_checkpoint
     converted = path.parent / "convnext_iso_small_1k_224_ema.safetensors"
     save_file(state, str(converted))
-    config = load_config("table1_convnext_iso_small_pretrained_basic")
-    config.model.init = config.model.init.replace("$RAYTRAIN_AT_CKPT", str(path.parent))
+    config = load_config(recipe)
+    source = getattr(config.model, key)
+    assert source == "$RAYTRAIN_AT_CKPT/convnext_iso_small_1k_224_ema.safetensors"
+    setattr(config.model, key, str(converted))
     model, report = build_model_and_report(config)
     assert report is not None and report.layout == "convnext-isotropic"
-    assert report.loaded == report.total and _close(normalisation_of(model), IMAGENET)
+    assert report.missing == [] and report.unexpected == []
+    assert report.fresh_modules() == ([] if key == "init" else ["stem"])
+    assert _close(normalisation_of(model), IMAGENET)
 
 
 @pytest.mark.parametrize("recipe,stats", [

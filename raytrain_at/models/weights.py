@@ -228,8 +228,9 @@ def load_backbone_weights(model: nn.Module, source: str | Path | None, *, model_
     report.unexpected = [k for k in state if k not in own]
     report.modules = _per_module(body, own, to_load, fresh, report.unexpected)
     if report.missing or report.unexpected:
-        log.warning("%s from %s (%s layout) does not fit:\n%s", name, source, report.layout,
-                    report.table())
+        # The table is for the log (--verbose); the user's console gets the one-line error.
+        log.info("%s from %s (%s layout) does not fit:\n%s", name, source, report.layout,
+                 report.table())
         raise UserError(_misfit_message(str(source), name, report))
     body.load_state_dict(to_load, strict=False)
     log.info("%s from %s: %s; normalisation: %s\n%s", name, source, report.summary(),
