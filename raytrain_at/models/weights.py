@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-
 from safetensors import safe_open
 from safetensors.torch import load_file
 
