@@ -40,6 +40,9 @@ class ModelSection(StrictModel):
     num_classes: int = Field(default=1000, ge=2)
     small_input: bool = False
     drop_path_rate: float = Field(default=0.0, ge=0.0, lt=1.0)
+    # Layer-scale init value of ConvNeXt blocks (timm's ``ls_init_value``). None: the model's
+    # own default, which for the isotropic ConvNeXt is none at all, as Liu et al. train it.
+    layer_scale: float | None = Field(default=None, gt=0.0)
     # Initial weights: a clean checkpoint for the non-stem parameters (file or hub:NAME), or a
     # full checkpoint / registered model to fine-tune from (``init``).
     pretrained: str | None = None

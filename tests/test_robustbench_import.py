@@ -138,3 +138,34 @@ def test_fine_tuning_an_imported_model_keeps_its_normalisation(tmp_path) -> None
     with torch.no_grad():
         torch.testing.assert_close(started(x), imported(x))
     assert run_model_spec(config).mean == (0.0, 0.0, 0.0)
+
+
+
+@pytest.mark.parametrize("name,layout,stats", [
+    ("Singh2023Revisiting_ConvNeXt-T-ConvStem", "state_dict", ((0.0,) * 3, (1.0,) * 3)),
+    ("Singh2023Revisiting_ViT-S-ConvStem", "module", ((0.485, 0.456, 0.406),
+                                                      (0.229, 0.224, 0.225))),
+])
+def test_a_run_can_start_from_a_robustbench_checkpoint_itself(robustbench, name, layout, stats,
+                                                              tmp_path) -> None:
+    """model.init = the downloaded RobustBench checkpoint, without importing it first: every
+    tensor loads (its ConvStem included), the model applies the entry's normalisation and gives
+    RobustBench's logits."""
+    from raytrain_at.config import load_config
+    from raytrain_at.models.pixel_space import normalisation_of
+    from raytrain_at.training.loop import build_model_and_report
+
+    theirs = _theirs(robustbench, name, seed=7)
+    checkpoint = tmp_path / "checkpoint.pt"
+    torch.save(LAYOUTS[layout](theirs.state_dict()), checkpoint)
+    config = load_config("quickstart", [f"model.name={ENTRIES[name].model}",
+                                        "model.num_classes=1000", f"model.init={checkpoint}"])
+    model, report = build_model_and_report(config)
+    assert report is not None and report.layout == "robustbench"
+    assert report.loaded == report.total and report.fresh == []
+    found = normalisation_of(model)
+    assert found is not None and all(a == pytest.approx(b) for a, b in zip(found, stats))
+    x = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected, got = theirs(x), model.eval()(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())

@@ -31,6 +31,8 @@ class BackboneAdapter:
         width: function giving the channel width the body expects.
         get_stem / set_stem: read and replace the stem module.
         min_side: smallest input side the backbone accepts.
+        patch_stem_norm: the norm after the PatchStem's convolution, in stem-spec letters
+            ("L" for ConvNeXt's LayerNorm, "" for none).
     """
 
     family: str
@@ -41,6 +43,7 @@ class BackboneAdapter:
     get_stem: Callable[[Any], nn.Module]
     set_stem: Callable[[nn.Module, nn.Module], None]
     min_side: int
+    patch_stem_norm: str = ""
 
 
 def _set_convnext_stem(model: nn.Module, stem: nn.Module) -> None:
@@ -56,7 +59,8 @@ _ADAPTERS: dict[type, BackboneAdapter] = {
     ConvNeXt: BackboneAdapter(
         family="convnext", stem_prefix="stem.", stride=lambda m: 4,
         width=lambda m: m.stages[0].blocks[0].conv_dw.in_channels,
-        get_stem=lambda m: m.stem, set_stem=_set_convnext_stem, min_side=32),
+        get_stem=lambda m: m.stem, set_stem=_set_convnext_stem, min_side=32,
+        patch_stem_norm="L"),
     VisionTransformer: BackboneAdapter(
         family="vit", stem_prefix="patch_embed.proj.", stride=lambda m: m.patch_embed.patch_size[0],
         width=lambda m: m.embed_dim, get_stem=lambda m: m.patch_embed.proj,
@@ -87,9 +91,12 @@ def replace_stem(model: nn.Module, spec: str | StemSpec, model_name: str) -> Con
     The spec is validated against the backbone (total stride, output width) before anything changes.
     """
     adapter = adapter_for(model)
-    in_chans = _first_conv(adapter.get_stem(model)).in_channels
+    old = _first_conv(adapter.get_stem(model))
+    # On the device and in the dtype the model was created with (timm's factory arguments, e.g.
+    # a model built on the meta device).
     stem = build_stem(spec, stride=adapter.stride(model), width=adapter.width(model),
-                      model_name=model_name, in_chans=in_chans)
+                      model_name=model_name, in_chans=old.in_channels,
+                      device=old.weight.device, dtype=old.weight.dtype)
     adapter.set_stem(model, stem)
     model.stem_spec = stem.spec.text  # pyright: ignore[reportArgumentType]  # torch types Module attributes as Tensor | Module
     return stem
@@ -100,6 +107,15 @@ def _first_conv(module: nn.Module) -> nn.Conv2d:
         if isinstance(sub, nn.Conv2d):
             return sub
     raise UserError(f"stem {type(module).__name__} has no convolution")
+
+
+def patch_stem_spec(model: nn.Module) -> str:
+    """The stem spec of the backbone family's own PatchStem at this model's stride and width
+    (Table 7 row 1, Table 8 P1, Table 9 P1): the one ConvStem design whose tensors are those of
+    the clean checkpoints' stem."""
+    adapter = adapter_for(model)
+    stride = adapter.stride(model)
+    return f"k{stride}s{stride}cD{adapter.patch_stem_norm}"
 
 
 def stem_spec_of(model: nn.Module) -> str | None:

@@ -23,9 +23,9 @@ from safetensors.torch import save_file
 
 from raytrain_at.errors import UserError
 from raytrain_at.models.backbones import set_test_resolution
+from raytrain_at.models.checkpoint_layouts import SPEC_KEY
 from raytrain_at.models.pixel_space import PixelSpaceClassifier, unwrap
 
-SPEC_KEY = "raytrain_at.model_spec"
 MODEL_FILE = "model.safetensors"  # a model's file name in checkpoints and MLflow artifacts
 
 

@@ -1,6 +1,8 @@
 """Reference figures from the paper (Singh, Croce, Hein 2023), used by the quickstart and tests.
 
 Table 14: FLOPs (G, fvcore) and parameters (M) at 224x224, keyed by timm model name.
+Tables 7, 8 and 9: fvcore FLOPs (G) at 224x224 of each stem design in its backbone, keyed by the
+design's name in :data:`raytrain_at.models.stems.NAMED_STEMS`.
 """
 
 from __future__ import annotations
@@ -29,4 +31,25 @@ TABLE14: dict[str, SizeRow] = {
     "vit_base_cvst": SizeRow("ViT-B-16 + ConvStem", 17.93, 87.14),
     "convnext_base": SizeRow("ConvNeXt-B", 15.38, 88.59),
     "convnext_base_cvst": SizeRow("ConvNeXt-B + ConvStem", 15.97, 88.75),
+}
+
+
+# (backbone, design) -> printed FLOPs (G). Table 7 (ConvNeXt-T) and Table 9 (ViT-S) print a
+# FLOPs column; Table 8 (ConvNeXt-B) does not, but its P1 (the PatchStem) and C2 (the paper's
+# ConvNeXt-B ConvStem) are the ConvNeXt-B rows of Table 14. C1 has no printed figure.
+STEM_FLOPS: dict[str, tuple[str, float]] = {
+    "table7:1": ("convnext_tiny", 4.49),
+    "table7:2": ("convnext_tiny", 4.50),
+    "table7:3": ("convnext_tiny", 4.63),
+    "table7:4": ("convnext_tiny", 4.66),
+    "table7:5": ("convnext_tiny", 4.62),
+    "table7:6": ("convnext_tiny", 4.59),
+    "table8:P1": ("convnext_base", 15.38),
+    "table8:C2": ("convnext_base", 15.97),
+    "table9:P1": ("vit_small_patch16_224", 4.61),
+    "table9:C1": ("vit_small_patch16_224", 4.99),
+    "table9:C2": ("vit_small_patch16_224", 4.71),
+    "table9:C3": ("vit_small_patch16_224", 4.78),
+    "table9:C4": ("vit_small_patch16_224", 4.84),
+    "table9:C5": ("vit_small_patch16_224", 4.81),
 }

@@ -52,3 +52,12 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
+
+
+def normalisation_of(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The (mean, std) a :class:`PixelSpaceClassifier` applies, as Python floats (None for any
+    other module)."""
+    if not isinstance(model, PixelSpaceClassifier):
+        return None
+    return (tuple(float(v) for v in model.mean.flatten()),
+            tuple(float(v) for v in model.std.flatten()))

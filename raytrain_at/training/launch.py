@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -29,6 +29,9 @@ from raytrain_at.runtime.ray_init import init_ray
 from raytrain_at.runtime.storage import check_root, default_home, explicit_root, require_shared_root
 from raytrain_at.training.progress import epoch_line, progress_line
 from raytrain_at.training.single_rank import rank_environment, single_rank_environment
+
+if TYPE_CHECKING:  # timm-heavy; the driver's dry runs import this module without it
+    from raytrain_at.models.weights import LoadReport
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +162,16 @@ def prepare_run(config: RunConfig, *, run_name: str | None = None,
                        shared_storage=explicit is not None)
 
 
+def run_params(config: RunConfig, init_report: LoadReport | None) -> dict[str, Any]:
+    """The MLflow params of a training run: its flat config and, when it starts from weights,
+    what that load matched (``init.matched`` of ``init.total`` tensors, the layout, the modules
+    left fresh and the normalisation taken from them)."""
+    params: dict[str, Any] = dict(flatten(config))
+    if init_report is not None:
+        params.update(init_report.as_params())
+    return params
+
+
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
     """Ray Train worker entry: build the loop, resume if Ray hands a checkpoint, train, report."""
     import ray.train
@@ -187,7 +200,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
 
         tracker = TrainingRun(payload["tracking_uri"], config.tracking.experiment,
                               payload["run_name"])
-        tracker.log_params(flatten(config))
+        tracker.log_params(run_params(config, loop.init_report))
         tracker.set_tags(payload.get("run_tags") or {})
         # Rank 0 alone speaks to the user and logs step metrics (the one place of that gating).
         loop.on_progress = _progress_reporter(tracker, payload["run_name"])

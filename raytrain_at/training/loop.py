@@ -33,8 +33,10 @@ from raytrain_at.config import RunConfig
 from raytrain_at.data.device_augment import DeviceAugment
 from raytrain_at.data.ffcv_loaders import eval_loader, inspect_beton, train_loader
 from raytrain_at.model_refs import init_normalisation, local_weights, named_as
-from raytrain_at.models import PixelSpaceClassifier, create_robust_model, load_backbone_weights
+from raytrain_at.models import (LoadReport, build_robust_model, load_backbone_weights,
+                                with_normalisation)
 from raytrain_at.models.model_files import MODEL_FILE, ModelSpec, save_model_file
+from raytrain_at.models.pixel_space import normalisation_of
 from raytrain_at.training.engine import (build_ema, build_engine, freeze_all_but_head,
                                          resolve_precision)
 from raytrain_at.training.objectives import StepLoss, training_step_loss
@@ -141,34 +143,45 @@ def build_attack(model: nn.Module, config: RunConfig, eps: float, seed: int):
 
 
 def build_model(config: RunConfig) -> nn.Module:
-    """The model of a run, with its clean weights or full initial checkpoint (either may be a
-    MODEL_REF: :mod:`raytrain_at.model_refs` fetches it, and errors name the reference)."""
+    """The model of a run, with its clean weights or full initial checkpoint."""
+    return build_model_and_report(config)[0]
+
+
+def build_model_and_report(config: RunConfig) -> tuple[nn.Module, LoadReport | None]:
+    """:func:`build_model` and the report of the load it starts from (``model.init`` if set,
+    else ``model.pretrained``; None for random weights). Either may be a MODEL_REF:
+    :mod:`raytrain_at.model_refs` fetches it, and errors name the reference. The model
+    normalises as its starting weights were trained (e.g. raw pixels of an imported RobustBench
+    model)."""
     m = config.model
     extra: dict[str, Any] = {"drop_path_rate": m.drop_path_rate} if m.drop_path_rate else {}
+    if m.layer_scale is not None:
+        extra["ls_init_value"] = m.layer_scale
     pretrained = local_weights(m.pretrained)
     with named_as(m.pretrained, pretrained):
-        model = create_robust_model(m.name, num_classes=m.num_classes, stem=m.stem,
-                                    weights=pretrained, small_input=m.small_input,
-                                    skip_head="if_mismatched", **extra)
+        model, report = build_robust_model(m.name, num_classes=m.num_classes, stem=m.stem,
+                                           weights=pretrained, small_input=m.small_input,
+                                           skip_head="if_mismatched", **extra)
     if m.init is not None:
         init = local_weights(m.init)
         with named_as(m.init, init):
-            load_backbone_weights(model, init, model_name=m.name,
-                                  skip_head=True if m.new_head else "if_mismatched",
-                                  include_stem=True)
-        # A model file's own normalisation (e.g. raw pixels of an imported RobustBench model).
-        stats = init_normalisation(init)
-        if stats is not None:
-            model = PixelSpaceClassifier(model.backbone, mean=stats[0], std=stats[1])
+            report = load_backbone_weights(model, init, model_name=m.name,
+                                           skip_head=True if m.new_head else "if_mismatched",
+                                           include_stem=True)
+        model = with_normalisation(model.backbone, report)
     if m.linear_probe:
         freeze_all_but_head(model)
-    return model
+    return model, report
 
 
-def run_model_spec(config: RunConfig) -> ModelSpec:
-    """The spec of a run's model files; a run that starts from a model file keeps that file's
-    normalisation (an imported RobustBench model takes raw pixels)."""
-    mean, std = init_normalisation(config.model.init) or (None, None)
+def run_model_spec(config: RunConfig,
+                   normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+                   ) -> ModelSpec:
+    """The spec of a run's model files. ``normalisation`` is the (mean, std) the run's model
+    applies, as built from its starting weights (:func:`normalisation_of`): DeiT weights give
+    ImageNet's, an imported RobustBench model raw pixels, whatever the timm name's own cfg says.
+    Without it, a run that starts from a model file keeps that file's normalisation."""
+    mean, std = normalisation or init_normalisation(config.model.init) or (None, None)
     return ModelSpec(name=config.model.name, num_classes=config.model.num_classes,
                      stem=config.model.stem, small_input=config.model.small_input,
                      resolution=config.data.resolution, mean=mean, std=std)
@@ -206,8 +219,10 @@ class WorkerLoop:
             flip=config.aug.preset != "basic", device=place.device)
         self.heldout_path = heldout_path
         self._heldout_data = None
-        model = build_model(config).to(place.device)
-        self.model_spec = run_model_spec(config)  # what its model files record
+        model, self.init_report = build_model_and_report(config)
+        # What the model files of this run record (taken before DeepSpeed casts the buffers).
+        self.model_spec = run_model_spec(config, normalisation_of(model))
+        model = model.to(place.device)
         if config.scaling.channels_last and place.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         # Before DeepSpeed casts the module to bf16: the EMA starts from the fp32 weights and
