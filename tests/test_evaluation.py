@@ -50,6 +50,10 @@ def test_cli_standard_linf_equals_direct_pyautoattack(robust_model_file, eval_ho
           "8/255", "--n", str(n), "--batch-size", str(n), "--seed", "3", "--out", str(out),
           "--state-dir", str(tmp_path / "state")])
     ours = read_result(out).threats["linf"]
+    # The preprocessing the attack saw, spelled out in the result (the model's own crop: none).
+    data = read_result(out).data
+    assert (data.resolution, data.crop_pct, data.resize_side) == (16, 1.0, 16)
+    assert data.preprocessing is not None and data.preprocessing.startswith("no crop")
 
     model = load_model_file(robust_model_file).module
     x, y = _digits(eval_home, n)

@@ -93,7 +93,8 @@ class ModelSpec:
         mean, std = init_normalisation(config.model.init) or (None, None)
         return cls(name=config.model.name, num_classes=config.model.num_classes,
                    stem=config.model.stem, small_input=config.model.small_input,
-                   resolution=config.data.resolution, mean=mean, std=std)
+                   resolution=config.data.resolution, mean=mean, std=std,
+                   crop_pct=config.data.evaluation_crop_pct)
 
     def build(self) -> PixelSpaceClassifier:
         """A freshly initialised model of this spec at its training resolution."""

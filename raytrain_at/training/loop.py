@@ -334,7 +334,8 @@ class WorkerLoop:
         if self._heldout_data is None:  # built once: FFCV compiles a pipeline per loader
             self._heldout_data = eval_loader(
                 self.heldout_path, batch_size=self.config.per_worker_batch_size,
-                resolution=self.config.data.resolution, rank=self.place.rank,
+                resolution=self.config.data.resolution,
+                crop_pct=self.config.data.evaluation_crop_pct, rank=self.place.rank,
                 world_size=self.place.world_size, device=self.place.device,
                 num_workers=self.config.data.loader_workers,
                 indices=_first(self.config.data.heldout_size, self.heldout_path))
