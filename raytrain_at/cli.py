@@ -13,8 +13,9 @@ from raytrain_at import __version__
 from raytrain_at.bench.commands import bench_app
 from raytrain_at.runtime.console import make_console, setup_console
 from raytrain_at.errors import RunFailed, UserError
-from raytrain_at.evaluation.threats import (PAPER_RESOLUTIONS, PAPER_SWEEP_EPS, THREAT_TITLES,
-                                            parse_eps, parse_eps_list, parse_norms)
+from raytrain_at.evaluation.threats import (NORMS, PAPER_RESOLUTIONS, PAPER_SWEEP_EPS,
+                                            THREAT_TITLES, parse_eps, parse_eps_list,
+                                            parse_norms)
 from raytrain_at.registry.leaderboard_formats import FORMATS, print_table, render
 
 # Only typer, rich and light project modules load at import time: every command imports the
@@ -63,11 +64,18 @@ def recipes_list(ctx: typer.Context) -> None:
 def recipes_show(
     name: str = typer.Argument(..., help="recipe name (see `raytrain-at recipes`) or YAML file"),
     set_: list[str] = typer.Option(None, "--set", help="override, e.g. --set optim.lr=5e-4"),
+    full: bool = typer.Option(False, help="one key per line instead of one line per section"),
 ) -> None:
-    """Print a recipe resolved (its base chain and defaults filled in) as YAML."""
-    from raytrain_at.config import load_config, to_yaml
+    """Print a recipe resolved (its base chain and defaults filled in) as YAML, on one screen:
+    the recipe's comments, its base chain, one line per config section."""
+    if full:
+        from raytrain_at.config import load_config, to_yaml
 
-    print(to_yaml(load_config(name, list(set_ or []))), end="")
+        print(to_yaml(load_config(name, list(set_ or []))), end="")
+        return
+    from raytrain_at.recipe_table import show_recipe
+
+    print(show_recipe(name, list(set_ or [])), end="")
 
 
 @app.command()
@@ -177,6 +185,9 @@ def tune(
     space: str = typer.Option("quick_stems_cpu", help="tune_spaces/NAME.yaml, or its NAME"),
     recipe: str = typer.Option(None, help="replace the space's base recipe"),
     scheduler: str = typer.Option(None, help="asha or fifo (replaces the space's)"),
+    fast: bool = typer.Option(False, help="the space's fast mode: the whole grid with ASHA "
+                              "early stopping, the best trial evaluated (a paper-table space "
+                              "otherwise runs every row to the end and evaluates all)"),
     num_samples: int = typer.Option(None, help="repeats of the grid (replaces the space's)"),
     address: str = typer.Option(None, help="Ray cluster address ('auto' on a cluster)"),
     max_concurrent: int = typer.Option(None, help="trials at a time [from cluster resources]"),
@@ -196,7 +207,8 @@ def tune(
     if max_concurrent is not None and max_concurrent < 1:
         raise UserError(f"--max-concurrent {max_concurrent} must be at least 1")
     options = StudyOptions(
-        name=name, recipe=recipe, scheduler=scheduler, num_samples=num_samples, address=address,
+        name=name, recipe=recipe, scheduler=scheduler, fast=fast, num_samples=num_samples,
+        address=address,
         max_concurrent=max_concurrent, storage_path=storage_path, register_name=register_name)
     if dry_run:
         from raytrain_at.dry_run import describe_study
@@ -248,7 +260,7 @@ def evaluate(
                                     "runs:/ID/model "
                                     "or models:/NAME@ALIAS"),
     data: str = typer.Option(..., help=".beton file (e.g. robustbench5k.beton) or 'digits'"),
-    norms: str = typer.Option("linf,l2,l1", help="comma-separated threat models"),
+    norms: str = typer.Option(",".join(NORMS), help="comma-separated threat models"),
     eps_linf: str = typer.Option(None, help="l_inf radius in [0,1] pixels [4/255]"),
     eps_l2: str = typer.Option(None, help="l_2 radius [2, scaled with the side from 224]"),
     eps_l1: str = typer.Option(None, help="l_1 radius [75, scaled with the area from 224]"),
@@ -286,12 +298,12 @@ def evaluate(
 ) -> None:
     """AutoAttack a model in l_inf / l_2 / l_1 (sharded, resumable); optional sweeps and
     corruptions; writes a result JSON and prints the summary."""
-    from raytrain_at.evaluation.evaluate import EvaluationRequest, evaluate as run_evaluation
+    from raytrain_at.evaluation.evaluate import evaluate as run_evaluation, evaluation_request
     from raytrain_at.evaluation.result import summary_table
 
     radii = {norm: parse_eps(text, f"--eps-{norm}")
              for norm, text in (("linf", eps_linf), ("l2", eps_l2), ("l1", eps_l1)) if text}
-    request = EvaluationRequest(
+    request = evaluation_request(
         model_ref=model_ref, data=data, norms=parse_norms(norms), eps=radii, version=version,
         kernels=kernels, n=n, resolution=resolution, workers=workers, batch_size=batch_size,
         seed=seed, out=out, state_root=state_dir, address=address, use_gpu=gpu,

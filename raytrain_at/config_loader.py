@@ -209,9 +209,26 @@ class FileKind:
         path = self.resolve(name_or_path)
         return self._read(path, ()), path
 
-    def _read(self, path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
-        if path.resolve() in seen:
-            raise UserError(f"{self.noun} {str(path)!r} inherits from itself")
+    def chain(self, name_or_path: str | os.PathLike[str]) -> list[Path]:
+        """The file and its ``base:`` chain, the file first (``[x.yaml, _table1.yaml,
+        _imagenet.yaml]``).
+
+        Raises:
+            UserError: as :meth:`read` (a missing file or base, a loop, bad YAML).
+        """
+        paths = [self.resolve(name_or_path)]
+        while True:
+            data = self._load(paths[-1])
+            base = data.get("base")
+            if base is None:
+                return paths
+            parent = self.resolve(str(base))
+            if parent.resolve() in {p.resolve() for p in paths}:
+                raise UserError(f"{self.noun} {str(paths[-1])!r} inherits from itself")
+            paths.append(parent)
+
+    def _load(self, path: Path) -> dict[str, Any]:
+        """One file's mapping, its ``base:`` key included."""
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
@@ -219,6 +236,12 @@ class FileKind:
                             f"{str(exc).splitlines()[0]}") from None
         if not isinstance(data, dict):
             raise UserError(f"{self.noun} {str(path)!r} must be a mapping{self.shape}")
+        return data
+
+    def _read(self, path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+        if path.resolve() in seen:
+            raise UserError(f"{self.noun} {str(path)!r} inherits from itself")
+        data = self._load(path)
         base = data.pop("base", None)
         if base is None:
             return data

@@ -34,8 +34,9 @@ def describe_run(config: RunConfig) -> str:
 
 def describe_study(space) -> str:
     """YAML text for ``raytrain-at tune --dry-run``: the validated space (a
-    :class:`~raytrain_at.tuning.spaces.SearchSpace`), its trial count and each trial's
-    resources (its Train workers plus the Tune trial function's small CPU share)."""
+    :class:`~raytrain_at.tuning.spaces.SearchSpace`) in its mode, its trial count, each trial's
+    resources (its Train workers plus the Tune trial function's small CPU share), how its trials
+    are evaluated and, for a paper table, every trial with its schedule and published numbers."""
     import yaml
 
     from raytrain_at.config import load_config
@@ -45,16 +46,42 @@ def describe_study(space) -> str:
     workers = ray_resources(base)
     trial_total = dict(cast("dict[str, float]", workers["total"]))
     trial_total["CPU"] = trial_total.get("CPU", 0.0) + TRIAL_DRIVER_CPU
+    spec = space.evaluation
     summary = {
         "space": space.name, "source": str(space.source) if space.source else None,
-        "description": space.description, "recipe": space.recipe, "fixed": dict(space.fixed),
+        "description": space.description, "study_mode": space.study_mode,
+        "recipe": space.recipe, "fixed": dict(space.fixed),
         "search": {k: d.model_dump(exclude_none=True) for k, d in space.search.items()},
         "metric": space.metric, "mode": space.mode,
-        "scheduler": space.scheduler.model_dump(exclude_none=True),
+        "scheduler": space.scheduler.model_dump(exclude_unset=True),
         "trials": space.num_trials(),
         "ray_resources_per_trial": {"train_workers": workers, "total": trial_total},
+        "evaluation": {"trials": spec.top, "version": spec.version, "norms": list(spec.norms),
+                       "eps": dict(spec.eps) or "the paper's (4/255, 2, 75 at 224 px)",
+                       "n": "all" if spec.n is None else spec.n, "data": spec.data},
     }
-    return yaml.safe_dump(summary, sort_keys=False)
+    if space.fast is not None and space.study_mode != "fast":
+        summary["fast_mode"] = {"scheduler": space.fast.scheduler.model_dump(exclude_unset=True),
+                                "evaluated_trials": space.fast.top,
+                                "trials": space.grid_size() * space.num_samples}
+    if space.paper is not None:
+        summary["paper"] = {"table": space.paper.table, "rows": [_trial_line(space, row.point, row)
+                                                                for row in space.paper.rows]}
+    # Flow style for the innermost mappings and lists: one line per row's point and numbers.
+    return yaml.safe_dump(summary, sort_keys=False, width=100, default_flow_style=None)
+
+
+def _trial_line(space, point: dict, row) -> dict[str, object]:
+    """One paper row as the dry run lists it: the trial's point, its length and early-stopping
+    setting, and the published numbers."""
+    config = space.trial_config(point)
+    stops = space.scheduler.kind == "asha"
+    return {"row": row.label, "point": dict(point), "epochs": config.schedule.epochs,
+            "early_stopping": (f"ASHA after epoch {space.scheduler.grace_period}" if stops
+                               else "none (full schedule)"),
+            "published": {key: getattr(row, key) for key in ("flops", "clean", "linf", "l2",
+                                                             "l1")
+                          if getattr(row, key) is not None}}
 
 
 def describe_benchmark(path: str, name: str | None = None) -> str:

@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from raytrain_at.runtime.console import make_console
+from raytrain_at.evaluation.threats import NORMS, Norm
 from raytrain_at.models import complexity, stem_spec_of
 from raytrain_at.models.paper_tables import TABLE14
 from raytrain_at.models.stems import design_name
@@ -56,7 +57,7 @@ VARIANTS: dict[str, list[str]] = {
 
 
 REGISTERED_NAME = "quickstart-convnext-atto-cvst"
-QUICKSTART_EPS = {"l2": 1.0, "l1": 8.0}
+QUICKSTART_EPS: dict[Norm, float] = {"l2": 1.0, "l1": 8.0}
 
 
 def run_quickstart(extra_overrides: list[str] | None = None,
@@ -124,8 +125,8 @@ def _evaluate_and_register(console: Console, model_ref: str, config, eval_n: int
     console.print(f"[bold]evaluating[/bold] the adversarially trained model: standard AutoAttack "
                   f"in l_inf, l_2 and l_1 on the first {eval_n} test digits, 2 Ray workers")
     request = EvaluationRequest(
-        model_ref=model_ref, data="digits", norms=["linf", "l2", "l1"],
-        eps=QUICKSTART_EPS | {"linf": config.attack.eps}, version="standard", n=eval_n, workers=2,
+        model_ref=model_ref, data="digits", norms=list(NORMS),
+        eps={**QUICKSTART_EPS, "linf": config.attack.eps}, version="standard", n=eval_n, workers=2,
         # One chunk: the 2 workers share its 3 (chunk, norm) units, 2 and 1.
         batch_size=eval_n, out=Path(f"quickstart-{stamp}-evaluation.json"))
     result, path = evaluate(request)

@@ -2,13 +2,16 @@
 
 The "reproduces" column is the recipe file's first comment line up to its colon (every recipe
 opens with ``# Table N, model, setting: details``), so the table stays true to the files.
+:func:`show_recipe` is one recipe on one screen (``raytrain-at recipes show NAME``).
 """
 
 from __future__ import annotations
 
+import yaml
 from rich.table import Table
 
 from raytrain_at.config import RunConfig, available_recipes, load_config, resolve_recipe
+from raytrain_at.config_loader import RECIPES
 
 
 def recipe_purpose(name: str) -> str:
@@ -46,3 +49,50 @@ def recipe_table() -> Table:
         table.add_row(name, config.model.name, str(config.schedule.epochs), attack_text(config),
                       str(config.schedule.global_batch_size), recipe_purpose(name))
     return table
+
+
+def recipe_comments(name: str) -> list[str]:
+    """The comment lines at the top of a recipe file (what it reproduces and why)."""
+    lines = []
+    for line in resolve_recipe(name).read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line)
+    return lines
+
+
+def show_recipe(name: str, overrides: list[str] | None = None) -> str:
+    """A recipe on one screen: its own comments, its base chain and the whole resolved config,
+    one flow-style line (wrapped at 100 columns) per section. The text is YAML: the comments
+    are comments, the config loads back as the recipe's resolved values.
+
+    Raises:
+        UserError: an unknown recipe or a bad override.
+    """
+    config = load_config(name, overrides)
+    chain = " -> ".join(path.stem for path in RECIPES.chain(name))
+    header = [*recipe_comments(name), f"# base chain: {chain}"]
+    if overrides:
+        header.append(f"# overrides: {' '.join(overrides)}")
+    lines = []
+    for key, value in config.model_dump(mode="json").items():
+        if not isinstance(value, dict):
+            lines.append(f"{key}: {_flow(value)}")
+            continue
+        # The section as one flow mapping, broken between entries only, at 100 columns.
+        items = [f"{name}: {_flow(item)}" for name, item in value.items()]
+        line = f"{key}: {{"
+        for index, item in enumerate(items):
+            text = item + ("}" if index == len(items) - 1 else ",")
+            if len(line) + 1 + len(text) > 100 and not line.endswith("{"):
+                lines.append(line)
+                line = "  "
+            line += ("" if line.endswith(("{", "  ")) else " ") + text
+        lines.append(line)
+    return "\n".join(header + lines) + "\n"
+
+
+def _flow(value: object) -> str:
+    """One value as YAML flow text (``null``, ``0.001``, ``[0.9, 0.95]``, ``'run:x/y'``)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000)
+    return text.removesuffix("\n").removesuffix("\n...").strip()

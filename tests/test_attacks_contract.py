@@ -231,6 +231,64 @@ def test_training_attack_returns_the_highest_loss_iterate(trained_digits_net, di
     assert (stepped > clean).any()
 
 
+def _paper_two_step(model, x, y, eps):
+    """The paper's 2-step training APGD (``apgd_train`` of nmndeep/revisiting-at, l_inf, clean
+    start), written out: a full step 2 * eps along the gradient's sign, then a second full step
+    with momentum 0.75; the step size never halves in between. Returns the highest-loss point
+    of clean input, first and second iterate (a tie keeps the earlier one)."""
+    def loss_and_grad(point):
+        point = point.clone().requires_grad_(True)
+        loss = cross_entropy(model(point), y)
+        grad, = torch.autograd.grad(loss.sum(), [point])
+        return loss.detach(), grad
+
+    def inside(point):
+        return project(x, point, "linf", eps)
+
+    loss0, grad0 = loss_and_grad(x)
+    x1 = inside(x + 2 * eps * grad0.sign())
+    loss1, grad1 = loss_and_grad(x1)
+    x2 = inside(x1 + 0.75 * (inside(x1 + 2 * eps * grad1.sign()) - x1) + 0.25 * (x1 - x))
+    with torch.no_grad():
+        loss2 = cross_entropy(model(x2), y)
+    best, best_loss = x, loss0
+    for point, loss in ((x1, loss1), (x2, loss2)):
+        better = (loss > best_loss).view(-1, 1, 1, 1)
+        best, best_loss = torch.where(better, point, best), torch.maximum(loss, best_loss)
+    return best, loss0, loss1
+
+
+class _Wavy(torch.nn.Module):
+    """Logits periodic in the input: a full sign step overshoots the crest for about half the
+    images, so their first step lowers the loss (a smooth trained net hardly ever does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.randn(3 * 16 * 16, 10,
+                                                   generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 3 * torch.sin(x.flatten(1) @ self.weight / 4)
+
+
+def test_two_step_training_attack_never_halves_its_step_as_the_paper(digits) -> None:
+    """Where the first step lowers the loss, our APGD-AT still takes its second step at the full
+    size from the first iterate, as the paper's ``apgd_train`` (its first step-size check
+    compares with an unwritten row of zeros). Evaluation APGD keeps AutoAttack's check from the
+    starting loss, which halves the step and restarts from the best point there."""
+    model = _Wavy().eval()
+    x, y = digits[0][:128], digits[1][:128]
+    eps = 4 / 255
+    expected, loss0, loss1 = _paper_two_step(model, x, y, eps)
+    assert (loss1 <= loss0).sum() >= 3, "no image where the first step lowers the loss"
+    ours = APGD.for_training(model, eps=eps, n_iter=2).perturb(x, y)
+    assert torch.allclose(ours, expected, atol=1e-6)
+    halving = APGD(model, eps=eps, n_iter=2, loss="ce", random_start=False,
+                   return_max_loss=True).perturb(x, y)
+    differs = (halving - expected).abs().flatten(1).amax(1) > 1e-4
+    assert differs.any() and not differs[loss1 > loss0].any()
+
+
 def _host_syncs(attack, x, y) -> dict[str, int]:
     with HostSyncCounter() as syncs:
         attack.perturb(x, y)

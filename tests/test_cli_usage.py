@@ -140,3 +140,26 @@ def test_tune_dry_run_counts_trials_without_starting_ray(tmp_path) -> None:
     assert data["trials"] == 10 and data["recipe"] == "quickstart"
     assert data["ray_resources_per_trial"]["train_workers"]["total"] == {"CPU": 1.9}
     assert list(tmp_path.iterdir()) == []
+
+
+def test_table7_dry_run_shows_full_length_trials_three_norms_and_the_paper(tmp_path) -> None:
+    """The done-when of the paper mode: `tune --space table7 --dry-run` shows every design on
+    its full 50 epochs without early stopping, evaluated in l_inf, l_2 and l_1, beside the
+    published numbers; `--fast` shows ASHA starting after the warm-up."""
+    result = _run("tune", "--space", "table7_convnext_tiny_stems", "--dry-run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    data = yaml.safe_load(result.stdout)
+    assert data["study_mode"] == "paper" and data["scheduler"] == {"kind": "fifo"}
+    assert data["trials"] == 6
+    assert data["evaluation"]["norms"] == ["linf", "l2", "l1"]
+    assert data["evaluation"]["trials"] == "all" and data["evaluation"]["version"] == "standard"
+    rows = data["paper"]["rows"]
+    assert [r["point"]["model.stem"] for r in rows] == [f"table7:{i}" for i in range(1, 7)]
+    assert all(r["epochs"] == 50 and r["early_stopping"] == "none (full schedule)" for r in rows)
+    assert rows[5]["published"] == {"flops": 4.59, "clean": 69.5, "linf": 46.2, "l2": 47.8,
+                                    "l1": 27.7}
+    fast = yaml.safe_load(_run("tune", "--space", "table7_convnext_tiny_stems", "--fast",
+                               "--dry-run", cwd=tmp_path).stdout)
+    assert fast["study_mode"] == "fast" and fast["scheduler"]["grace_period"] == 20
+    assert fast["evaluation"]["trials"] == 1
+    assert list(tmp_path.iterdir()) == []

@@ -50,6 +50,10 @@ def test_cli_standard_linf_equals_direct_pyautoattack(robust_model_file, eval_ho
           "8/255", "--n", str(n), "--batch-size", str(n), "--seed", "3", "--out", str(out),
           "--state-dir", str(tmp_path / "state")])
     ours = read_result(out).threats["linf"]
+    # The preprocessing the attack saw, spelled out in the result (the model's own crop: none).
+    data = read_result(out).data
+    assert (data.resolution, data.crop_pct, data.resize_side) == (16, 1.0, 16)
+    assert data.preprocessing is not None and data.preprocessing.startswith("no crop")
 
     model = load_model_file(robust_model_file).module
     x, y = _digits(eval_home, n)
@@ -378,3 +382,40 @@ def test_monotonicity_guard_fires_on_a_rise():
     assert non_increasing("linf", [0, 1, 2], [0.9, 0.5, 0.4]).passed
     broken = non_increasing("linf", [0, 1, 2], [0.9, 0.4, 0.5])
     assert not broken.passed and "0.4000 at 1 < 0.5000 at 2" in broken.detail
+
+
+def test_one_evaluation_section_for_the_command_the_study_and_the_benchmark():
+    """The CLI request, a Tune study's section and the benchmark's default are all
+    EvaluationSettings; norms and the paper's radii come from one place."""
+    from raytrain_at.attacks import lp_geometry
+    from raytrain_at.evaluation.evaluate import EvaluationRequest, evaluation_request
+    from raytrain_at.evaluation.settings import (BENCHMARK_EVALUATION, PAPER_PROTOCOL,
+                                                 EvaluationSettings)
+    from raytrain_at.evaluation.threats import NORMS, PAPER_EPS
+    from raytrain_at.finetune_benchmark.spec import BenchmarkSpec
+    from raytrain_at.registry import leaderboard_formats, mlflow_registry
+    from raytrain_at.tuning.spaces import StudyEvaluation
+
+    assert issubclass(EvaluationRequest, EvaluationSettings)
+    assert issubclass(StudyEvaluation, EvaluationSettings)
+    assert NORMS == ("linf", "l2", "l1")
+    assert lp_geometry.NORMS is NORMS and mlflow_registry.THREATS is NORMS
+    assert leaderboard_formats.THREATS is NORMS
+    assert PAPER_PROTOCOL.eps == PAPER_EPS and PAPER_PROTOCOL.norms == list(NORMS)
+    assert PAPER_PROTOCOL.version == "standard" and not PAPER_PROTOCOL.corruptions
+    assert BENCHMARK_EVALUATION.settings() == {**PAPER_PROTOCOL.settings(), "corruptions": True}
+    benchmark = BenchmarkSpec.model_fields["evaluation"].default
+    assert benchmark.settings(only_set=True) == BENCHMARK_EVALUATION.settings(only_set=True)
+    assert (benchmark.top, benchmark.register_best, benchmark.workers) == (1, False, 2)
+    # A study's section becomes a request as it is (no field-by-field copy).
+    study = StudyEvaluation(version="apgdt", norms=["l2", "linf"], eps={"linf": "8/255"}, n=9)
+    request = EvaluationRequest(**study.settings(), model_ref="m", data="digits")
+    assert request.settings() == study.settings()
+    assert request.eps["linf"] == pytest.approx(8 / 255)
+    for values, culprit in (({"version": "strong"}, "version"), ({"norms": ["l3"]}, "norms"),
+                            ({"norms": ["l2", "l2"]}, "repeat"),
+                            ({"eps": {"l2": -1.0}}, "eps.l2"), ({"severity": 7}, "severity"),
+                            ({"eps_sweep": ["4/255", "2/255"]}, "strictly increasing"),
+                            ({"n": 0}, "'n'")):
+        with pytest.raises(UserError, match=culprit):
+            evaluation_request(model_ref="m", data="digits", **values)

@@ -86,3 +86,54 @@ def test_cifar_strides_keep_32px_feature_maps() -> None:
     # 56, 28, 14, 7 without the change), not the 8, 4, 2, 1 of the ImageNet strides.
     assert _stage_sides(small_input=True) == [32, 31, 15, 7]
     assert _stage_sides(small_input=False) == [8, 4, 2, 1]
+
+
+# ----------------------------------------------------------------- evaluation preprocessing
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("dataset", list(TRANSFER))
+def test_transfer_models_record_their_datasets_evaluation_crop(dataset, model) -> None:
+    """App. D.6: CIFAR is evaluated "in the resolution of the dataset", 32x32 as stored, no
+    crop; Flowers-102 at 224 with ImageNet's resize to 256 and centre crop (App. A.4). The model
+    file (what evaluate reads) and the held-out checks carry it."""
+    from raytrain_at.training.loop import run_model_spec
+
+    config = load_config(f"transfer_{dataset}_{model}")
+    expected = 1.0 if TRANSFER[dataset][1] == 32 else 0.875
+    assert config.data.evaluation_crop_pct == expected
+    # As the worker calls it: with the normalisation its loaded model applies (without one,
+    # the spec would fetch the run's MLflow init to read it).
+    stats = ((0.0,) * 3, (1.0,) * 3)
+    assert run_model_spec(config, stats).crop_pct == expected
+    imagenet = load_config("table2_convnext_tiny_cvst_300ep_2step")
+    assert run_model_spec(imagenet, stats).crop_pct == 0.875
+    assert load_config(f"transfer_{dataset}_{model}",
+                       ["data.eval_crop_pct=0.9"]).data.evaluation_crop_pct == 0.9
+
+
+def test_cifar_test_images_reach_the_attack_as_stored(tmp_path) -> None:
+    """At the CIFAR recipes' crop the evaluation loader hands AutoAttack the stored 32x32 pixels
+    bit for bit (the ImageNet crop would resize them to 36 and cut the border off)."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from data_fixtures import make_cifar10
+    from raytrain_at.data.sources import cifar_samples
+    from raytrain_at.data.write import default_options, write_dataset
+    from raytrain_at.evaluation.runner import load_images
+    from raytrain_at.training.loop import run_model_spec
+
+    crop = run_model_spec(load_config("transfer_cifar10_convnext_tiny_cvst"),
+                          ((0.0,) * 3, (1.0,) * 3)).crop_pct
+    root = make_cifar10(tmp_path / "cifar", per_batch=6)
+    beton = write_dataset(str(root), tmp_path / "cifar10_test.beton", split="test",
+                          options=replace(default_options(None), write_mode="raw"))
+    stored = np.stack([s.pixels for s in cifar_samples(root, "test")])
+    expected = torch.from_numpy(stored).permute(0, 3, 1, 2).float() / 255
+    ids = list(range(len(stored)))
+    seen, _ = load_images(str(beton), ids, resolution=32, crop_pct=crop, batch_size=6,
+                          device=torch.device("cpu"))
+    assert torch.equal(seen, expected)
+    cropped, _ = load_images(str(beton), ids, resolution=32, crop_pct=0.875, batch_size=6,
+                             device=torch.device("cpu"))
+    assert not torch.allclose(cropped, expected, atol=0.05)

@@ -49,7 +49,7 @@ def _write(tmp_path: Path, **fields) -> Path:
             "fixed": {"schedule.epochs": 3},
             "search": {"model.stem": {"grid": ["table7:1", "table7:6"]}},
             "metric": "heldout_robust_accuracy", "mode": "max",
-            "scheduler": {"kind": "asha", "grace_period": 1, "reduction_factor": 2}}
+            "scheduler": {"kind": "asha", "grace_period": 2, "reduction_factor": 2}}
     data.update(fields)
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -124,7 +124,9 @@ def test_table17_grid_is_the_papers_nine_combinations() -> None:
     for name, model in (("table17_wd_ls_grid", "convnext_tiny_cvst"),
                         ("table17_vit_small_wd_ls_grid", "vit_small_cvst")):
         space = _bundled(name)
-        assert space.grid_size() == 9 and space.num_trials() == 9
+        # The fast mode searches the whole grid; the paper mode runs the table's five points.
+        assert space.grid_size() == 9 and space.in_fast_mode().num_trials() == 9
+        assert space.num_trials() == 5
         assert space.search["optim.weight_decay"].grid == [0.5, 0.05, 0.005]
         assert space.search["objective.label_smoothing"].grid == [0.0, 0.1, 0.2]
         config = space.trial_config({"optim.weight_decay": 0.005,
@@ -152,7 +154,8 @@ def test_quick_cpu_space_is_short_and_its_stems_train_on_32px_atto() -> None:
     assert space.recipe == "quickstart"
     stems = space.search["model.stem"].grid
     assert len(set(stems)) >= 4 and all(s.startswith("table7:") for s in stems)
-    assert space.scheduler.kind == "asha" and space.scheduler.grace_period == 1
+    # ASHA's first rung after the quickstart's 1-epoch warm-up.
+    assert space.scheduler.kind == "asha" and space.scheduler.grace_period == 2
     assert space.scheduler_max_t() <= 3
     for stem in stems:
         config = space.trial_config({"model.stem": stem})
@@ -259,9 +262,13 @@ def test_param_space_uses_ray_tune_domains(tmp_path) -> None:
         assert (domain.lower, domain.upper) == (lo, hi)
     assert space.grid_size() == 2 and "schedule" not in params
 
-    table17 = _bundled("table17_wd_ls_grid").to_tune_param_space()
-    assert table17 == {"optim": {"weight_decay": {"grid_search": [0.5, 0.05, 0.005]}},
-                       "objective": {"label_smoothing": {"grid_search": [0.0, 0.1, 0.2]}}}
+    table17 = _bundled("table17_wd_ls_grid")
+    assert table17.in_fast_mode().to_tune_param_space() == {
+        "optim": {"weight_decay": {"grid_search": [0.5, 0.05, 0.005]}},
+        "objective": {"label_smoothing": {"grid_search": [0.0, 0.1, 0.2]}}}
+    # Paper mode: one grid over the table's rows (Tune has no grid over combinations).
+    rows = table17.to_tune_param_space()["paper_row"]["grid_search"]
+    assert rows == [row.label for row in table17.paper.rows] and len(rows) == 5
 
 
 def _recipe_merged_with(space: SearchSpace, sample: dict) -> RunConfig:
@@ -276,7 +283,7 @@ def test_trial_config_is_the_recipe_merged_with_its_sample() -> None:
     from ray.tune.search.variant_generator import generate_variants
 
     for name in ("table7_convnext_tiny_stems", "table17_wd_ls_grid"):
-        space = _bundled(name)
+        space = _bundled(name).in_fast_mode()
         # The samples Ray Tune itself resolves from the space: nested dicts, one per grid point.
         samples = [resolved["config"] for _, resolved in
                    generate_variants({"config": space.to_tune_param_space()})]
@@ -286,6 +293,15 @@ def test_trial_config_is_the_recipe_merged_with_its_sample() -> None:
             config = space.trial_config(sample)
             assert config == _recipe_merged_with(space, sample)
             assert flatten(config)["recipe"] == space.recipe
+        # Paper mode: Tune hands a row's label; the trial runs that row's point.
+        paper = _bundled(name)
+        samples = [resolved["config"] for _, resolved in
+                   generate_variants({"config": paper.to_tune_param_space()})]
+        assert len(samples) == len(paper.paper.rows) == paper.num_trials()
+        for sample, row in zip(samples, paper.paper.rows):
+            assert sample == {"paper_row": row.label}
+            assert paper.trial_config(sample) == _recipe_merged_with(paper, nest(row.point))
+            assert paper.paper_row(paper.flat_sample(sample)) is row
     space = _bundled("table7_convnext_tiny_stems")
     config = space.trial_config({"model.stem": "table7:4"})  # the dotted spelling: the same
     assert config == _recipe_merged_with(space, {"model": {"stem": "table7:4"}})
@@ -328,3 +344,104 @@ def test_direct_construction_checks_shape_and_validate_against_config_the_rest()
                         search={"optim.wieght_decay": {"grid": [0.1]}})
     with pytest.raises(UserError, match=r"did you mean optim\.weight_decay"):
         space.validate_against_config()
+
+
+# --------------------------------------------------------------------------- paper and fast modes
+# Table 7 as printed (App. B.1): FLOPs, clean, l_inf, l_2, l_1 per design.
+TABLE7 = {"table7:1": (4.49, 71.0, 46.5, 38.1, 14.9), "table7:2": (4.50, 69.8, 46.6, 38.4, 17.6),
+          "table7:3": (4.63, 67.5, 43.6, 37.9, 15.7), "table7:4": (4.66, 69.6, 47.6, 38.8, 18.7),
+          "table7:5": (4.62, 70.2, 47.4, 44.2, 21.2), "table7:6": (4.59, 69.5, 46.2, 47.8, 27.7)}
+PAPER_SPACES = ("table7_convnext_tiny_stems", "table8_convnext_base_stems",
+                "table9_vit_small_stems", "table17_wd_ls_grid", "table17_vit_small_wd_ls_grid",
+                "attack_steps")
+
+
+@pytest.mark.parametrize("name", PAPER_SPACES)
+def test_table_spaces_reproduce_their_table_in_paper_mode(name) -> None:
+    """Paper mode: the table's rows, each its full schedule (FIFO), every one evaluated with
+    standard AutoAttack in the three norms on all RobustBench images; --fast: ASHA whose first
+    rung comes after the warm-up."""
+    space = _bundled(name)
+    assert space.study_mode == "paper" and space.scheduler.kind == "fifo"
+    assert space.num_trials() == len(space.paper.rows)
+    spec = space.evaluation
+    assert spec.top == "all" and spec.version == "standard" and spec.n is None
+    assert spec.norms == ["linf", "l2", "l1"] and not spec.eps  # the paper's radii
+    assert spec.data.endswith("imagenet_robustbench5k.beton")
+    assert space.trial_points() == [row.point for row in space.paper.rows]
+    for row in space.paper.rows:
+        assert space.trial_config(row.point).schedule.epochs == 50  # the table's full schedule
+    fast = space.in_fast_mode()
+    assert fast.study_mode == "fast" and fast.scheduler.kind == "asha"
+    assert fast.num_trials() == space.grid_size() and fast.evaluation.top == 1
+    warmup = space.trial_config(space.paper.rows[0].point).optim.warmup_epochs
+    assert fast.scheduler.grace_period > warmup
+
+
+def test_table7_rows_are_the_papers_numbers() -> None:
+    space = _bundled("table7_convnext_tiny_stems")
+    assert [row.point["model.stem"] for row in space.paper.rows] == list(TABLE7)
+    for row in space.paper.rows:
+        assert (row.flops, row.clean, row.linf, row.l2, row.l1) == TABLE7[row.point["model.stem"]]
+    assert space.paper_row({"model.stem": "table7:6"}).published() == pytest.approx(
+        {"clean_acc": 0.695, "robust_acc_linf": 0.462, "robust_acc_l2": 0.478,
+         "robust_acc_l1": 0.277})
+    # Every design the grid has is a row of the table (Tables 8 and 9 too).
+    for name in ("table7_convnext_tiny_stems", "table8_convnext_base_stems",
+                 "table9_vit_small_stems"):
+        designs = _bundled(name)
+        assert [row.point["model.stem"] for row in designs.paper.rows] == \
+            designs.search["model.stem"].grid
+    t9 = {row.point["model.stem"]: row for row in _bundled("table9_vit_small_stems").paper.rows}
+    assert (t9["table9:C5"].l1, t9["table9:C1"].linf, t9["table9:P1"].flops) == (33.2, 43.3, 4.61)
+    t17 = _bundled("table17_wd_ls_grid").paper.rows
+    assert [(r.point["optim.weight_decay"], r.point["objective.label_smoothing"], r.linf)
+            for r in t17] == [(0.5, 0.1, 27.5), (0.05, 0.1, 47.5), (0.005, 0.1, 47.2),
+                              (0.05, 0.0, 47.4), (0.05, 0.2, 47.3)]
+
+
+def _paper(rows=None, **fields) -> dict:
+    data = {"scheduler": {"kind": "fifo"},
+            "evaluation": {"top": "all", "n": 4, "version": "fast"},
+            "fast": {"scheduler": {"kind": "asha", "grace_period": 2}},
+            "paper": {"table": "Table T", "rows": rows or [
+                {"label": "one", "point": {"model.stem": "table7:1"}, "linf": 40.0},
+                {"label": "six", "point": {"model.stem": "table7:6"}, "linf": 45.0}]}}
+    data.update(fields)
+    return data
+
+
+def test_paper_mode_mistakes_fail_before_any_trial(tmp_path) -> None:
+    space = load_space(_write(tmp_path, **_paper()))
+    assert space.study_mode == "paper" and space.num_trials() == 2
+    assert space.to_tune_param_space() == {"paper_row": {"grid_search": ["one", "six"]}}
+    assert space.in_fast_mode().scheduler.grace_period == 2
+    cases = [
+        (_paper(rows=[{"label": "x", "point": {"model.stem": "table7:3"}}]),
+         r"paper row 'x': model\.stem='table7:3' is not in its grid"),
+        (_paper(rows=[{"label": "x", "point": {"optim.lr": 0.1}}]),
+         r"paper row 'x' sets \['optim\.lr'\], the searched keys are \['model\.stem'\]"),
+        (_paper(rows=[{"label": "x", "point": {"model.stem": "table7:1"}},
+                      {"label": "x", "point": {"model.stem": "table7:6"}}]), r"repeat a label"),
+        (_paper(scheduler={"kind": "asha", "grace_period": 2}), r"scheduler must be fifo"),
+        (_paper(evaluation={"top": 1}), r"set evaluation\.top to all"),
+        (_paper(evaluation={"top": "all", "norms": ["linf", "l2"]}), r"lacks l1"),
+        (_paper(fast={"scheduler": {"kind": "fifo"}}), r"fast\.scheduler\.kind must be asha"),
+        (_paper(fast={"scheduler": {"kind": "asha", "grace_period": 1}}),
+         r"fast\.scheduler\.grace_period 1 ends within the 1 warm-up epochs"),
+        (_paper(search={"optim.lr": {"loguniform": [1.0e-4, 1.0e-2]}}), r"grid keys only"),
+    ]
+    for fields, why in cases:
+        with pytest.raises(UserError, match=why):
+            load_space(_write(tmp_path, **fields))
+    with pytest.raises(UserError, match=r"has no fast mode"):
+        load_space(_write(tmp_path)).in_fast_mode()
+
+
+def test_asha_must_not_judge_trials_on_their_warm_up(tmp_path) -> None:
+    # The quickstart warms up for 1 epoch: a 1-epoch grace period ranks trials on the warm-up.
+    with pytest.raises(UserError, match=r"scheduler\.grace_period 1 ends within the 1 warm-up "
+                                        r"epochs.*above 1"):
+        load_space(_write(tmp_path, scheduler={"kind": "asha", "grace_period": 1}))
+    assert load_space(_write(tmp_path, fixed={"schedule.epochs": 3, "optim.warmup_epochs": 0},
+                             scheduler={"kind": "asha", "grace_period": 1})).num_trials() == 2

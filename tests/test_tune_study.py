@@ -20,6 +20,7 @@ import yaml
 
 from raytrain_at.config import flatten, load_config
 from raytrain_at.errors import UserError
+from raytrain_at.tuning.paper import comparison_rows, write_paper_comparison
 from raytrain_at.tuning.report import plot_study, results_rows, trial_label, write_csv
 from raytrain_at.tuning.spaces import load_space
 from raytrain_at.tuning.study import (StudyOptions, TrialRecord, _searched, _TrialContext,
@@ -130,6 +131,99 @@ def test_results_csv_and_plot(tmp_path, quick_space) -> None:
     plot = plot_study(records, quick_space, tmp_path / "study.png")
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
     assert trial_label(records[0]) == "table7:1"
+
+
+# --------------------------------------------------------------------------- paper mode
+# A paper-mode space on the digits: two rows of a three-point grid, one Ray Train worker per
+# trial (so the two trials run side by side on 2 cores), one short epoch each, then APGD-T
+# (the paper's cheaper protocol) on 4 test digits in l_inf, l_2 and l_1 for every trial.
+PAPER_SPACE = {
+    "description": "Paper mode on the digits: two rows of a three-point grid",
+    "recipe": "quickstart",
+    "fixed": {"schedule.epochs": 1, "schedule.global_batch_size": 32, "data.train_size": 96,
+              "data.heldout_size": 32, "attack.heldout_steps": 1,
+              "tracking.experiment": "tune-paper-mode", "scaling.num_workers": 1,
+              "scaling.cpus_per_worker": 0.95},
+    "search": {"optim.weight_decay": {"grid": [0.05, 0.5, 0.005]}},
+    "scheduler": {"kind": "fifo"},
+    "evaluation": {"n": 4, "version": "apgdt", "norms": ["linf", "l2", "l1"],
+                   "eps": {"linf": "8/255", "l2": 1.0, "l1": 8.0}, "top": "all", "workers": 1,
+                   "register_best": False},
+    "paper": {"table": "Digits table", "rows": [
+        {"label": "wd 0.05", "point": {"optim.weight_decay": 0.05},
+         "clean": 90.0, "linf": 80.0, "l2": 70.0, "l1": 60.0},
+        {"label": "wd 0.5", "point": {"optim.weight_decay": 0.5}, "linf": 75.0}]},
+}
+
+
+@pytest.fixture()
+def paper_space(tmp_path):
+    path = tmp_path / "digits_paper.yaml"
+    path.write_text(yaml.safe_dump(PAPER_SPACE, sort_keys=False))
+    return load_space(path)
+
+
+def test_paper_comparison_sets_every_row_beside_its_trial(tmp_path, paper_space) -> None:
+    records = [
+        TrialRecord("t1", {"optim.weight_decay": 0.5}, {"heldout_robust_accuracy": 0.4}, 1,
+                    "completed", evaluation={"clean_acc": 0.9, "robust_acc_linf": 0.7,
+                                             "robust_acc_l2": 0.6, "robust_acc_l1": 0.5}),
+        TrialRecord("t2", {"optim.weight_decay": 0.005}, {}, 1, "completed"),  # not a row
+    ]
+    rows = comparison_rows(records, paper_space)
+    assert [r["row"] for r in rows] == ["wd 0.05", "wd 0.5", "(not in the table)"]
+    assert rows[0]["status"] == "not run" and rows[0]["paper_robust_acc_l1"] == "60.0"
+    assert (rows[1]["trial"], rows[1]["ours_robust_acc_linf"], rows[1]["paper_robust_acc_linf"],
+            rows[1]["diff_robust_acc_linf"]) == ("t1", "70.0", "75.0", "-5.0")
+    assert rows[1]["paper_clean_acc"] == "" and rows[1]["diff_clean_acc"] == ""
+    assert rows[2]["trial"] == "t2" and rows[2]["paper_robust_acc_linf"] == ""
+    written = write_paper_comparison(records, paper_space, tmp_path, quiet=True)
+    with open(written.csv) as handle:
+        assert [r["row"] for r in csv.DictReader(handle)] == [r["row"] for r in rows]
+    assert written.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert written.columns["row"] == [r["row"] for r in rows]
+    # Every completed trial is evaluated in paper mode, the best only in the fast mode.
+    assert paper_space.evaluation.count(7) == 7
+    assert paper_space.evaluation.model_copy(update={"top": 1}).count(7) == 1
+
+
+@pytest.mark.slow
+def test_paper_mode_end_to_end_evaluates_every_trial_in_three_norms(tmp_path) -> None:
+    """``raytrain-at tune`` on a paper-mode space: only the table's rows run (2 of the grid's
+    3 points), each to its last epoch, each evaluated in l_inf, l_2 and l_1 with its numbers on
+    its own MLflow run, and the comparison with the paper printed and logged (CSV, PNG, MLflow
+    table). About 3 minutes on 2 cores; CI's slow list runs it."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path / "digits_paper.yaml"
+    path.write_text(yaml.safe_dump(PAPER_SPACE, sort_keys=False))
+    home = tmp_path / "home"
+    done = _tune_cli(["--space", str(path), "--name", "paper-e2e"], tmp_path, home, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Digits table: ours / paper" in done.stdout
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{home}/mlflow.db")
+    experiment = client.get_experiment_by_name("tune-paper-mode")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.data.params["study_mode"] == "paper" and len(children) == 2
+    for child in children:
+        metrics = child.data.metrics
+        for key in ("autoattack_clean_acc", "autoattack_robust_acc_linf",
+                    "autoattack_robust_acc_l2", "autoattack_robust_acc_l1"):
+            assert 0.0 <= metrics[key] <= 1.0, (key, metrics)
+        assert metrics["epoch"] == 1 and child.info.status == "FINISHED"
+        assert child.data.tags["raytrain_at.tune.evaluation"] == "apgdt"
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"paper_comparison.csv", "paper_comparison.png", "paper_comparison.json"} <= artifacts
+    with open(home / "tune" / "paper-e2e" / "paper_comparison.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["row"] for r in rows] == ["wd 0.05", "wd 0.5"]
+    for row in rows:
+        assert row["status"] == "completed" and row["epochs"] == "1"
+        assert all(row[f"ours_robust_acc_{norm}"] for norm in ("linf", "l2", "l1"))
+    assert rows[0]["paper_robust_acc_l2"] == "70.0" and rows[1]["paper_robust_acc_linf"] == "75.0"
 
 
 # --------------------------------------------------------------------------- errors

@@ -53,6 +53,13 @@ class APGD:
         compile_step: l_inf / l_2: run each iteration's step (ascent direction, momentum and the
             two projections: a dozen elementwise passes over the images) as one
             ``torch.compile``-d kernel. The model is compiled separately (``scaling.compile``).
+        first_check_against_zero: l_inf / l_2: the first step-size checkpoint counts the first
+            iterate's loss as a rise when it is above 0, as the paper's training attack
+            (``apgd_train``) does: its loss history is read one row back from the first
+            iterate, wrapping around to a row not yet written (zeros). With the default
+            (False) the rise is measured from the starting point's loss, so with 2 steps the
+            step size halves (and the iterate restarts from the best point) whenever the first
+            step did not raise the loss; the paper's 2-step attack never halves it.
     """
 
     def __init__(self, model: nn.Module, *, norm: Norm = "linf", eps: float = 4 / 255,
@@ -60,7 +67,7 @@ class APGD:
                  rho: float = 0.75, n_target_classes: int = 9, random_start: bool = True,
                  return_max_loss: bool = False, large_radius_schedule: bool = False,
                  eval_mode: bool = True, check_range: bool = True,
-                 compile_step: bool = False) -> None:
+                 compile_step: bool = False, first_check_against_zero: bool = False) -> None:
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         if loss not in LOSSES:
@@ -86,16 +93,18 @@ class APGD:
         self.eval_mode = eval_mode
         self.check_range = check_range
         self.compile_step = compile_step
+        self.first_check_against_zero = first_check_against_zero
 
     @classmethod
     def for_training(cls, model: nn.Module, *, norm: Norm = "linf", eps: float = 4 / 255,
                      n_iter: int = 2, seed: int = 0, random_start: bool = False,
                      check_range: bool = True, compile_step: bool = False) -> APGD:
         """APGD-AT: few CE iterations returning the highest-loss point (clean input included),
-        by default started from the clean input as the paper's code does."""
+        by default started from the clean input, with the paper's code's first step-size
+        checkpoint (``first_check_against_zero``: its 2-step attack keeps the full step)."""
         return cls(model, norm=norm, eps=eps, n_iter=n_iter, loss="ce", seed=seed,
                    random_start=random_start, return_max_loss=True, check_range=check_range,
-                   compile_step=compile_step)
+                   compile_step=compile_step, first_check_against_zero=True)
 
     # ------------------------------------------------------------------ public API
     def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -234,7 +243,9 @@ class APGD:
             window = max(int(0.22 * n_iter), 1)
             shrink_by, min_window = max(int(0.03 * n_iter), 1), max(int(0.06 * n_iter), 1)
             increases = torch.zeros(batch, device=x.device)
-            last_loss = loss_cur.clone()
+            # What the first iterate's loss is compared with (see first_check_against_zero).
+            last_loss = (torch.zeros_like(loss_cur) if self.first_check_against_zero
+                         else loss_cur.clone())
             best_at_check = best_loss.clone()
             reduced_at_check = torch.ones(batch, dtype=torch.bool, device=x.device)
         since_check = 0

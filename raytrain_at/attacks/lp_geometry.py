@@ -11,12 +11,11 @@ against rounding.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-Norm = Literal["linf", "l2", "l1"]
-NORMS: tuple[str, ...] = ("linf", "l2", "l1")
+from raytrain_at.evaluation.threats import NORMS, Norm
+
+__all__ = ["NORMS", "Norm", "lp_norm", "normalize", "project", "random_start"]
 _BISECTION_STEPS = 40
 
 

@@ -45,7 +45,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import timm
 import torch
@@ -59,8 +59,8 @@ from raytrain_at.evaluation.autoattack import (ROBUST, VERSIONS, attack_chunk, b
                                                predict)
 from raytrain_at.evaluation.guards import capture_autoattack_warnings
 from raytrain_at.evaluation.kernels import attack_model
-from raytrain_at.evaluation.threats import (AUTOATTACK_NORMS, PAPER_EPS, ThreatModel, parse_eps,
-                                            scaled_eps)
+from raytrain_at.evaluation.threats import (AUTOATTACK_NORMS, PAPER_EPS, Norm, ThreatModel,
+                                            parse_eps, scaled_eps)
 from raytrain_at.models import create_robust_model
 
 NUM_CLASSES = 1000
@@ -148,7 +148,7 @@ def run_eval_bench(settings: EvalBenchSettings) -> dict[str, Any]:
     torch.set_num_threads(cpu_threads())  # FFCV, if imported, set it to 1
     batch = settings.batch or (256 if device.type == "cuda" else 8)
     n = settings.n or batch
-    norm = settings.norm
+    norm = cast(Norm, settings.norm)  # checked by EvalBenchSettings
     if settings.eps is None:
         threat = scaled_eps(ThreatModel(norm, PAPER_EPS[norm]), settings.resolution, 224)
     else:

@@ -11,59 +11,73 @@ import datetime as dt
 import logging
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
+
+from pydantic import Field
 
 import raytrain_at
+from raytrain_at.config_loader import validate
 from raytrain_at.errors import UserError
 from raytrain_at.evaluation import guards as checks
-from raytrain_at.evaluation.autoattack import check_version
-from raytrain_at.evaluation.corruption_accuracy import PROTOCOLS, corruption_accuracy_on_device
-from raytrain_at.evaluation.kernels import check_kernels
+from raytrain_at.evaluation.corruption_accuracy import corruption_accuracy_on_device
 from raytrain_at.evaluation.result import (DataInfo, EpsSweep, EvaluationResult, GuardOutcome,
                                            ModelInfo, ResolutionPoint, ResolutionSweep, SweepPoint,
                                            ThreatResult, write_result)
 from raytrain_at.evaluation.runner import EvalJob, ThreatOutcome, merge, run_job
+from raytrain_at.evaluation.settings import EvaluationSettings
 from raytrain_at.evaluation.sweeps import expected_robustness, plot_eps_sweep, plot_resolution_sweep
-from raytrain_at.evaluation.threats import NORMS, PAPER_EPS, ThreatModel, scaled_eps
+from raytrain_at.evaluation.threats import PAPER_EPS, Norm, ThreatModel, scaled_eps
 from raytrain_at.models.model_files import LoadedModel
 from raytrain_at.runtime.storage import check_root, default_home, explicit_root, require_shared_root
 from raytrain_at.runtime.ray_init import init_ray
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class EvaluationRequest:
-    """What to evaluate and how (the CLI's options, parsed).
+class EvaluationRequest(EvaluationSettings):
+    """What to evaluate and how: the evaluation settings plus the model and data they apply to.
 
-    Radii are in [0, 1] pixel units (l_inf 4/255 = 4 grey levels); ``eps`` maps a norm to its
-    radius and defaults to the paper's (4/255, 2, 75) at the model's resolution.
+    Build it with :func:`evaluation_request` (one-line errors naming the setting) or directly
+    (pydantic's errors). Radii are in [0, 1] pixel units (l_inf 4/255 = 4 grey levels).
+
+    Attributes:
+        model_ref: a model file, checkpoint folder, ``runs:/ID/model`` or ``models:/NAME@ALIAS``.
+        data: a .beton file, or a bundled dataset's name (its test split).
+        out: the result JSON (None: ``evaluation-<weights hash>.json`` here).
+        state_root: where the resumable chunk records go (a folder or ``s3://``).
+        address: the Ray cluster to join (None: local Ray when workers > 1).
+        use_gpu: one GPU per worker (None: when the machine or cluster has GPUs).
+        tracking_uri: the MLflow tracking URI that ``runs:/`` / ``models:/`` resolve against.
     """
 
-    model_ref: str
-    data: str
-    norms: list[str] = field(default_factory=lambda: list(NORMS))
-    eps: dict[str, float] = field(default_factory=dict)
-    version: str = "standard"
-    kernels: str = "exact"
-    n: int | None = None
-    resolution: int | None = None
-    workers: int = 1
-    batch_size: int = 250
-    seed: int = 0
+    model_ref: str = Field(min_length=1)
+    data: str = Field(min_length=1)
     out: Path | None = None
     state_root: str | Path | None = None
     address: str | None = None
     use_gpu: bool | None = None
-    eps_sweep: list[float] | None = None
-    sweep_norm: str = "linf"
-    sweep_version: str = "apgdt"
-    resolution_sweep: list[int] | None = None
-    corruptions: bool = False
-    severity: int = 3
-    corruption_protocol: str = "mix"
     tracking_uri: str | None = None
+
+
+def evaluation_request(**values: Any) -> EvaluationRequest:
+    """An :class:`EvaluationRequest`, validated; a bad value is a one-line :class:`UserError`
+    naming the setting (``evaluation setting 'severity': ... (got 7)``)."""
+    return validate(EvaluationRequest, values, noun="evaluation setting")
+
+
+def resize_side(resolution: int, crop_pct: float) -> int:
+    """The side the shorter image side is resized to before the centre crop (as the decoder
+    computes it: ``floor(resolution / crop_pct)``)."""
+    return math.floor(resolution / crop_pct)
+
+
+def preprocessing_text(resolution: int, crop_pct: float) -> str:
+    """The evaluation preprocessing in words, as the result JSON records it."""
+    if crop_pct >= 1.0:
+        return (f"no crop: shorter side resized (bicubic) to {resolution} px; images stored at "
+                f"{resolution} px (CIFAR at 32) reach the attack as stored")
+    return (f"bicubic resize of the shorter side to {resize_side(resolution, crop_pct)} px, "
+            f"centre crop {resolution}x{resolution} (crop_pct {crop_pct:g})")
 
 
 def resolve_data(data: str, storage: Path) -> str:
@@ -78,31 +92,6 @@ def resolve_data(data: str, storage: Path) -> str:
     # Absolute but not resolved: a staged file's link (the same path on every node) is what
     # workers open, not where it points on the driver's node.
     return str(path.absolute())
-
-
-def _validate(request: EvaluationRequest) -> None:
-    check_version(request.version)
-    check_version(request.sweep_version)
-    check_kernels(request.kernels)
-    for norm in list(request.norms) + [request.sweep_norm]:
-        if norm not in NORMS:
-            raise UserError(f"unknown norm {norm!r} (known: {', '.join(NORMS)})")
-    for norm, eps in request.eps.items():
-        if not (math.isfinite(eps) and eps > 0):
-            raise UserError(f"--eps-{norm} {eps} must be a positive radius")
-    for name, value, low in (("--n", request.n, 1), ("--workers", request.workers, 1),
-                             ("--batch-size", request.batch_size, 1),
-                             ("--resolution", request.resolution, 8)):
-        if value is not None and value < low:
-            raise UserError(f"{name} {value} must be at least {low}")
-    if not 1 <= request.severity <= 5:
-        raise UserError(f"--severity {request.severity} must be in 1..5")
-    if request.corruption_protocol not in PROTOCOLS:
-        raise UserError(f"--corruption-protocol {request.corruption_protocol!r} is not one of "
-                        f"{', '.join(PROTOCOLS)}")
-    for side in request.resolution_sweep or []:
-        if side < 8:
-            raise UserError(f"resolution {side} in --resolution-sweep is below 8 pixels")
 
 
 def _threat_result(outcome: ThreatOutcome) -> ThreatResult:
@@ -138,7 +127,6 @@ class Evaluation:
         from raytrain_at.data.inspection import beton_labels
         from raytrain_at.model_refs import resolve_model
 
-        _validate(request)
         self.request = request
         home = default_home()
         explicit = explicit_root(str(request.state_root) if request.state_root else None)
@@ -176,7 +164,7 @@ class Evaluation:
                 set_test_resolution(unwrap(self.spec.build()), side)
         self.out = Path(request.out or f"evaluation-{self.loaded.weights_sha256[:10]}.json")
 
-    def threat(self, norm: str, resolution: int) -> ThreatModel:
+    def threat(self, norm: Norm, resolution: int) -> ThreatModel:
         """The norm's radius: the user's, else the paper's scaled from 224 to ``resolution``."""
         if norm in self.request.eps:
             return ThreatModel(norm, self.request.eps[norm])
@@ -233,7 +221,10 @@ class Evaluation:
                             trained_resolution=self.spec.resolution,
                             source_run=self.loaded.metadata.get("raytrain_at.source_run")),
             data=DataInfo(path=self.data_path, n=len(self.ids), resolution=self.resolution,
-                          crop_pct=self.spec.crop_pct),
+                          crop_pct=self.spec.crop_pct,
+                          resize_side=resize_side(self.resolution, self.spec.crop_pct),
+                          preprocessing=preprocessing_text(self.resolution,
+                                                           self.spec.crop_pct)),
             version=r.version, kernels=r.kernels, seed=r.seed, batch_size=r.batch_size,
             workers=r.workers,
             clean_accuracy=first.clean_accuracy,

@@ -39,6 +39,9 @@ class DataInfo(StrictModel):
     n: int = Field(gt=0)
     resolution: int = Field(gt=0)
     crop_pct: float
+    # The preprocessing the attacks saw, spelled out (results written before it existed: None).
+    resize_side: int | None = None
+    preprocessing: str | None = None
 
 
 class ThreatResult(StrictModel):

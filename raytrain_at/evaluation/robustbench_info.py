@@ -17,8 +17,9 @@ from typing import Any
 
 from raytrain_at.errors import UserError
 from raytrain_at.evaluation.result import EvaluationResult
+from raytrain_at.evaluation.threats import AUTOATTACK_NORMS
 
-THREAT_MODELS = {"linf": "Linf", "l2": "L2", "l1": "L1"}
+THREAT_MODELS = AUTOATTACK_NORMS  # RobustBench names its threat models as AutoAttack does
 
 
 def _eps_text(norm: str, eps: float) -> str:

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from raytrain_at.config_loader import fraction_value
 from raytrain_at.errors import UserError
 
-# Project names -> pyautoattack's names.
+# The one definition of the threat models' names: the run config's training norm, the attacks,
+# the evaluation, the Tune studies, the benchmark and the registry all take them from here.
+Norm = Literal["linf", "l2", "l1"]
+NORMS: tuple[Norm, ...] = get_args(Norm)
+# Project names -> pyautoattack's (and RobustBench's) names.
 AUTOATTACK_NORMS: dict[str, Literal["Linf", "L2", "L1"]] = {"linf": "Linf", "l2": "L2", "l1": "L1"}
-NORMS: tuple[str, ...] = tuple(AUTOATTACK_NORMS)
-# The paper's radii at 224x224 (Sec. 3.1).
-PAPER_EPS: dict[str, float] = {"linf": 4 / 255, "l2": 2.0, "l1": 75.0}
+# The paper's radii at 224x224 (Sec. 3.1), the one copy of them.
+PAPER_EPS: dict[Norm, float] = {"linf": 4 / 255, "l2": 2.0, "l1": 75.0}
 # Table 5's l_inf radii for the eps sweep.
 PAPER_SWEEP_EPS: tuple[float, ...] = (2 / 255, 4 / 255, 6 / 255, 8 / 255)
 # Test-time sides of the resolution study (Sec. 6, Fig. 3: 192 to 384).

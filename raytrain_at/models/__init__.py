@@ -25,7 +25,7 @@ from raytrain_at.models.stems import NAMED_STEMS, parse_stem, validate_stem
 from raytrain_at.models.weights import LoadReport, load_backbone_weights
 
 __all__ = [
-    "CONVSTEM_MODELS", "PATCHSTEM_BASELINES", "NAMED_STEMS", "Complexity", "LoadReport",
+    "CONVSTEM_MODELS", "NAMED_STEMS", "Complexity", "LoadReport",
     "PixelSpaceClassifier", "adapter_for", "build_robust_model", "complexity", "count_flops",
     "count_params", "create_robust_model", "load_backbone_weights", "parse_stem", "replace_stem",
     "set_test_resolution", "stem_spec_of", "unwrap", "use_small_input_strides", "validate_stem",

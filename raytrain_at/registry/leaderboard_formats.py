@@ -19,9 +19,10 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from raytrain_at.errors import UserError
+from raytrain_at.evaluation.threats import NORMS
 
 FORMATS = ("table", "markdown", "csv", "json")
-THREATS = ("linf", "l2", "l1")
+THREATS = NORMS
 TITLES = {"linf": "l_inf", "l2": "l_2", "l1": "l_1"}
 FIELDS = ["model", "version", "architecture", "stem", "params_m", "flops_g", "epochs",
           "attack_steps", "data", "n", "resolution", "clean_acc",

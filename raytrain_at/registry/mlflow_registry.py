@@ -31,6 +31,7 @@ from mlflow.tracking import MlflowClient
 
 import raytrain_at
 from raytrain_at.errors import UserError
+from raytrain_at.evaluation.threats import NORMS
 from raytrain_at.model_refs import resolve_version, write_mlflow_model
 from raytrain_at.tracking.experiments import ensure_experiment
 from raytrain_at.tracking.runs import default_tracking_uri
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 EXPERIMENT = "raytrain-at-registry"
 MODEL_TYPE = "raytrain_at.robust_classifier"
-THREATS = ("linf", "l2", "l1")
+THREATS = NORMS
 SIZES = {"small": (0.0, 30.0), "medium": (30.0, 80.0), "large": (80.0, float("inf"))}
 T = TypeVar("T")
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
 from raytrain_at.tracking.experiments import ensure_experiment
@@ -71,6 +71,11 @@ class TrainingRun:
             target.write_text(text)
             self.client.log_artifact(self.run_id, str(target))
 
+    def log_table(self, columns: dict[str, list[Any]], name: str) -> None:
+        """A table artifact MLflow shows as a table (``name`` ends in ``.json``): one list of
+        cells per column, all of the same length."""
+        self.client.log_table(self.run_id, data=columns, artifact_file=name)
+
     def set_tags(self, tags: dict[str, Any]) -> None:
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, str(value))
@@ -95,6 +100,16 @@ def find_run_id(tracking_uri: str, experiment: str, run_name: str) -> str:
     if not runs:
         raise LookupError(f"no MLflow run named {run_name!r} in experiment {experiment!r}")
     return runs[0].info.run_id
+
+
+def log_run_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], *,
+                    step: int = 0, tags: dict[str, str] | None = None) -> None:
+    """Add metrics (and tags) to an existing run, finished or not: e.g. a Tune trial's
+    AutoAttack accuracies, measured after its training run ended."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()],
+                     tags=[RunTag(k, v) for k, v in (tags or {}).items()])
 
 
 def metrics_at_step(tracking_uri: str, run_id: str, keys: list[str], step: int

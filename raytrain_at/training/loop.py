@@ -184,7 +184,8 @@ def run_model_spec(config: RunConfig,
     mean, std = normalisation or init_normalisation(config.model.init) or (None, None)
     return ModelSpec(name=config.model.name, num_classes=config.model.num_classes,
                      stem=config.model.stem, small_input=config.model.small_input,
-                     resolution=config.data.resolution, mean=mean, std=std)
+                     resolution=config.data.resolution, mean=mean, std=std,
+                     crop_pct=config.data.evaluation_crop_pct)
 
 
 def training_metadata(config: RunConfig, epoch: int,
@@ -377,7 +378,8 @@ class WorkerLoop:
         if self._heldout_data is None:  # built once: FFCV compiles a pipeline per loader
             self._heldout_data = eval_loader(
                 self.heldout_path, batch_size=self.config.per_worker_batch_size,
-                resolution=self.config.data.resolution, rank=self.place.rank,
+                resolution=self.config.data.resolution,
+                crop_pct=self.config.data.evaluation_crop_pct, rank=self.place.rank,
                 world_size=self.place.world_size, device=self.place.device,
                 num_workers=self.config.data.loader_workers,
                 indices=_first(self.config.data.heldout_size, self.heldout_path))

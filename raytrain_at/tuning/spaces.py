@@ -12,8 +12,25 @@ A space names a base recipe, overrides applied to every trial (``fixed``), the s
       optim.lr: {loguniform: [1.0e-4, 1.0e-2]}            #   uniform | loguniform: [lo, hi]
     metric: heldout_robust_accuracy                       # a name the training loop reports
     mode: max
-    scheduler: {kind: asha, grace_period: 1, reduction_factor: 2}   # time unit: reported epochs
+    scheduler: {kind: fifo}                               # every trial to its last epoch
     num_samples: 1                                        # Ray repeats the grid this often
+    evaluation: {top: all, version: standard}             # AutoAttack of every completed trial
+    paper:                                                # optional: the table it reproduces
+      table: Table 7 (App. B.1)
+      rows:                                               # one trial per row in paper mode
+        - {label: "Conv4,4, L", point: {model.stem: "table7:1"},
+           clean: 71.0, linf: 46.5, l2: 38.1, l1: 14.9, flops: 4.49}
+    fast:                                                 # optional: `--fast`, early stopping
+      scheduler: {kind: asha, grace_period: 20, reduction_factor: 2}   # time unit: epochs
+      top: 1                                              # over the whole grid
+
+A space with a ``paper`` table runs in *paper mode* by default: one trial per row (the table's
+designs, not the grid's product), each to its full schedule (FIFO), every completed trial
+evaluated as the ``evaluation`` section says, and the results set beside the published numbers.
+``--fast`` (:meth:`SearchSpace.in_fast_mode`) runs the whole grid with the ``fast`` section's ASHA
+scheduler instead and evaluates its best trials. ASHA's first rung must come after the trials'
+learning-rate warm-up (``grace_period`` > ``optim.warmup_epochs``): before it, a design is judged
+on how far its warm-up got, not on what it learns.
 
 The file is read by the project's one YAML loader (:mod:`raytrain_at.config_loader`: a ``base:``
 chain of spaces, dotted keys, ``4/255`` radii). A trial's sample is a nested dict
@@ -49,10 +66,11 @@ from raytrain_at.config_loader import (
     deep_merge,
     flat_keys,
     nest,
-    parse_radius,
     validate,
 )
 from raytrain_at.errors import UserError
+from raytrain_at.evaluation.settings import EvaluationSettings
+from raytrain_at.evaluation.threats import NORMS
 
 # What the training loop (raytrain_at/training/loop.py, ``train_epoch`` and ``evaluate_heldout``)
 # reports once per epoch, with the direction that means "better". Only these can steer a search:
@@ -166,69 +184,116 @@ def evaluation_data(spec: StudyEvaluation, trial: RunConfig) -> str | None:
     return trial.data.train if trial.data.train in BUNDLED else None
 
 
-class StudyEvaluation(StrictModel):
-    """How the study's best trials are evaluated with AutoAttack (and the best registered).
+class StudyEvaluation(EvaluationSettings):
+    """How a study's trials are evaluated with AutoAttack (and the best registered): the
+    evaluation settings (:class:`~raytrain_at.evaluation.settings.EvaluationSettings`: version,
+    norms, radii, n, workers, sweeps, corruptions) plus what they are applied to.
 
     Attributes:
-        data: the test data the best trials are reported on (.beton path, ``$VAR`` allowed, or a
+        data: the test data the trials are reported on (.beton path, ``$VAR`` allowed, or a
             bundled name such as ``digits``, meaning its test split); None: the bundled training
             data's test split (an error for trials training on their own files).
-        n: attack only the first ``n`` images (None: all of them).
-        version: AutoAttack version: ``standard``, ``fast`` (APGD-CE + APGD-T) or ``apgdt``.
-        norms: threat models evaluated, e.g. ``[linf, l2, l1]`` (the l_2 / l_1 generalisation).
-        eps: radius per norm in [0, 1] pixel units (``4/255`` allowed); a norm not given uses the
-            paper's radius (4/255, 2.0, 75) at the model's resolution.
-        top: how many of the best completed trials are evaluated (0: none, nothing registered).
-        workers: Ray tasks sharing the images (one chunk each).
-        corruptions: also the common-corruption accuracy (ImageNet-C types) at ``severity``.
-        severity: corruption severity, 1 to 5.
-        eps_sweep: l_inf radii of an APGD-T sweep giving the expected robustness (None: no sweep).
+        top: how many of the best completed trials are evaluated (0: none, nothing registered;
+            ``all``: every completed trial, as the paper mode does).
         register_best: register the best evaluated trial's model in the MLflow registry.
+
+    ``workers`` defaults to 2 here (the study's evaluations share the cluster); ``batch_size``,
+    when not given, splits the ``n`` images into one chunk per worker.
     """
 
     data: str | None = None
-    n: int | None = Field(default=None, ge=2)
-    version: Literal["standard", "fast", "apgdt"] = "standard"
-    norms: list[Literal["linf", "l2", "l1"]] = Field(default=["linf", "l2", "l1"], min_length=1)
-    eps: dict[Literal["linf", "l2", "l1"], float] = Field(default_factory=dict)
-    top: int = Field(default=1, ge=0)
+    top: int | Literal["all"] = Field(default=1)
     workers: int = Field(default=2, ge=1)
-    corruptions: bool = False
-    severity: int = Field(default=3, ge=1, le=5)
-    eps_sweep: list[float] | None = Field(default=None, min_length=2)
     register_best: bool = True
 
-    @field_validator("eps", mode="before")
+    @field_validator("top")
     @classmethod
-    def _radii_as_fractions(cls, value: Any) -> Any:
-        if isinstance(value, dict):
-            return {norm: parse_radius(eps) for norm, eps in value.items()}
+    def _top_not_negative(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 0:
+            raise ValueError(f"top {value} must be 0 or more, or 'all'")
         return value
 
-    @field_validator("eps_sweep", mode="before")
-    @classmethod
-    def _sweep_as_fractions(cls, value: Any) -> Any:
-        return [parse_radius(eps) for eps in value] if isinstance(value, list) else value
+    def count(self, completed: int) -> int:
+        """How many of ``completed`` ranked trials are evaluated."""
+        return completed if self.top == "all" else min(int(self.top), completed)
+
+
+class PaperRow(StrictModel):
+    """One row of the paper's table: the trial that reproduces it and the published numbers.
+
+    Attributes:
+        label: the table's name for the row (e.g. ``"Conv3,2, L, G, Conv3,2, L, G"``).
+        point: the row's value of every searched key (``{"model.stem": "table7:6"}``).
+        clean, linf, l2, l1: published clean and robust accuracy in percent (None: not given).
+        flops: published GFLOPs of the design, where the table lists them.
+    """
+
+    label: str = Field(min_length=1)
+    point: dict[str, Any] = Field(min_length=1)
+    clean: float | None = Field(default=None, ge=0, le=100)
+    linf: float | None = Field(default=None, ge=0, le=100)
+    l2: float | None = Field(default=None, ge=0, le=100)
+    l1: float | None = Field(default=None, ge=0, le=100)
+    flops: float | None = Field(default=None, gt=0)
+
+    def published(self) -> dict[str, float]:
+        """The published accuracies as fractions, keyed as evaluation metrics (``clean_acc``,
+        ``robust_acc_linf``, ...)."""
+        values = {"clean_acc": self.clean, **{f"robust_acc_{norm}": getattr(self, norm)
+                                              for norm in NORMS}}
+        return {key: value / 100 for key, value in values.items() if value is not None}
+
+
+class PaperTable(StrictModel):
+    """The table a space reproduces (see the module docstring's paper mode).
+
+    Attributes:
+        table: which table, e.g. ``Table 7 (App. B.1)``.
+        rows: its rows, one trial each in paper mode.
+    """
+
+    table: str = Field(min_length=1)
+    rows: list[PaperRow] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _positive_radii(self) -> StudyEvaluation:
-        for norm, eps in self.eps.items():
-            if not (math.isfinite(eps) and eps > 0):
-                raise ValueError(f"eps.{norm} {eps} must be a positive radius")
-        for eps in self.eps_sweep or []:
-            if not (math.isfinite(eps) and eps > 0):
-                raise ValueError(f"eps_sweep radius {eps} must be positive")
+    def _distinct(self) -> PaperTable:
+        labels = [row.label for row in self.rows]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"paper rows repeat a label: {labels}")
+        points = [json.dumps(row.point, sort_keys=True) for row in self.rows]
+        if len(set(points)) != len(points):
+            raise ValueError("two paper rows have the same point")
         return self
 
 
-class SearchSpace(StrictModel):
-    """A validated Ray Tune search space over the run config's dotted keys.
-
-    Build it with :func:`load_space`, which also checks it against the base recipe; constructing
-    it directly checks only the YAML's shape.
+class FastMode(StrictModel):
+    """``--fast``: the whole grid with early stopping (ASHA), its best trials evaluated.
 
     Attributes:
-        description: one line on what the space reproduces.
+        scheduler: the scheduler of the fast mode (``kind: asha``).
+        top: how many of the best completed trials are evaluated.
+    """
+
+    scheduler: SchedulerSpec
+    top: int = Field(default=1, ge=0)
+
+    @model_validator(mode="after")
+    def _early_stopping(self) -> FastMode:
+        if self.scheduler.kind != "asha":
+            raise ValueError("fast.scheduler.kind must be asha (the fast mode stops trials "
+                             "early)")
+        return self
+
+
+# The Tune parameter of a paper-mode trial: the label of its paper row (one grid value per row).
+PAPER_ROW_KEY = "paper_row"
+
+
+class StudyFields(StrictModel):
+    """The fields of a study that a search space and a benchmark share.
+
+    Attributes:
+        description: one line on what the study reproduces.
         recipe: the base recipe (name or path) every trial starts from.
         fixed: dotted overrides applied to every trial, e.g. ``{"schedule.epochs": 50}``.
         search: dotted key -> :class:`Distribution`.
@@ -249,7 +314,28 @@ class SearchSpace(StrictModel):
     num_samples: int = Field(default=1, ge=1)
     evaluation: StudyEvaluation = StudyEvaluation()
 
+    def study_fields(self) -> dict[str, Any]:
+        """These fields alone, as keyword arguments of a :class:`SearchSpace`."""
+        return {name: getattr(self, name) for name in StudyFields.model_fields}
+
+
+class SearchSpace(StudyFields):
+    """A validated Ray Tune search space over the run config's dotted keys.
+
+    Build it with :func:`load_space`, which also checks it against the base recipe; constructing
+    it directly checks only the YAML's shape. The fields of :class:`StudyFields`, and:
+
+    Attributes:
+        paper: the table the space reproduces; with it the space runs in paper mode (one trial
+            per row, to the end, every trial evaluated) unless :meth:`in_fast_mode`.
+        fast: the ``--fast`` mode (ASHA over the whole grid), if the space offers one.
+    """
+
+    paper: PaperTable | None = None
+    fast: FastMode | None = None
+
     _source: Path | None = PrivateAttr(None)
+    _fast: bool = PrivateAttr(False)
 
     # ----------------------------------------------------------------------- public API
     @property
@@ -273,19 +359,70 @@ class SearchSpace(StrictModel):
         """
         return math.prod(len(d.grid) for d in self.search.values() if d.grid is not None)
 
+    @property
+    def runs_paper_rows(self) -> bool:
+        """Paper mode: the space has a paper table and runs its rows (not ``--fast``)."""
+        return self.paper is not None and not self._fast
+
+    @property
+    def study_mode(self) -> Literal["paper", "fast", "grid"]:
+        """``paper`` (the table's rows, to the end), ``fast`` (``--fast``) or ``grid`` (a space
+        without a paper table: the grid with the space's own scheduler)."""
+        if self._fast:
+            return "fast"
+        return "paper" if self.paper is not None else "grid"
+
+    def in_fast_mode(self) -> SearchSpace:
+        """The space in its ``--fast`` mode: the whole grid, the ``fast`` section's ASHA
+        scheduler and number of evaluated trials (validated again).
+
+        Raises:
+            UserError: the space has no ``fast`` section.
+        """
+        if self.fast is None:
+            raise UserError(f"{self._where()} has no fast mode (no 'fast:' section)")
+        fast = self.model_copy(update={
+            "scheduler": self.fast.scheduler,
+            "evaluation": self.evaluation.model_copy(update={"top": self.fast.top})})
+        fast._source, fast._fast = self._source, True
+        return fast.validate_against_config()
+
+    def trial_points(self) -> list[dict[str, Any]] | None:
+        """The trials' points in paper mode (one per row: ``{searched key: value}``); None when
+        the grid decides them."""
+        if not self.runs_paper_rows or self.paper is None:
+            return None
+        return [dict(row.point) for row in self.paper.rows]
+
+    def paper_row(self, sample: Mapping[str, Any]) -> PaperRow | None:
+        """The paper row whose point is this trial's sample (None: no row has it)."""
+        if self.paper is None:
+            return None
+        point = self.flat_sample(sample)
+        wanted = json.dumps(point, sort_keys=True)
+        return next((row for row in self.paper.rows
+                     if json.dumps(row.point, sort_keys=True) == wanted), None)
+
     def num_trials(self) -> int:
-        """How many trials Ray Tune will start: ``grid_size() * num_samples``."""
-        return self.grid_size() * self.num_samples
+        """How many trials Ray Tune will start: ``grid_size() * num_samples``, or one per paper
+        row (times ``num_samples``) in paper mode."""
+        points = self.trial_points()
+        return (len(points) if points is not None else self.grid_size()) * self.num_samples
 
     def to_tune_param_space(self) -> dict[str, Any]:
         """The ``param_space`` for ``ray.tune.Tuner``: the searched keys only, nested like the
         run config (``{"model": {"stem": grid_search([...])}}``), so the config Tune hands a
         trial is a nested sample that :meth:`trial_config` merges into the recipe as it is.
+        In paper mode one grid over the rows' labels (``{"paper_row": grid_search([...])}``):
+        Tune has no grid over combinations, and :meth:`flat_sample` maps a label back to its
+        row's point.
 
         Fixed keys are not in it: :meth:`trial_values` adds them to every trial.
         """
         from ray import tune  # lazily: loading and validating a space must not need Ray
 
+        if self.runs_paper_rows and self.paper is not None:
+            return {PAPER_ROW_KEY: tune.grid_search([row.label for row in self.paper.rows])}
         makers = {"grid": tune.grid_search, "choice": tune.choice}
         space: dict[str, Any] = {}
         for key, dist in self.search.items():
@@ -297,12 +434,22 @@ class SearchSpace(StrictModel):
         return nest(space)
 
     def flat_sample(self, sample: Mapping[str, Any]) -> dict[str, Any]:
-        """A trial's sample (nested as Tune passes it, or dotted) as ``{searched key: value}``.
+        """A trial's sample (nested as Tune passes it, or dotted, or a paper row's label under
+        ``paper_row``) as ``{searched key: value}``.
 
         Raises:
-            UserError: a searched key is missing from ``sample`` or ``sample`` has other keys.
+            UserError: a searched key is missing from ``sample`` or ``sample`` has other keys,
+                or a paper row's label is not one of the table's.
         """
         flat = flat_keys(nest(sample, "trial sample key"))
+        if PAPER_ROW_KEY in flat and self.paper is not None:
+            label = flat.pop(PAPER_ROW_KEY)
+            row = next((r for r in self.paper.rows if r.label == label), None)
+            if row is None or flat:
+                raise UserError(f"trial sample for search space {self.name!r}: paper row "
+                                f"{label!r} is not one of {[r.label for r in self.paper.rows]}"
+                                + (f" (unexpected {sorted(flat)})" if flat else ""))
+            flat = dict(row.point)
         missing = [key for key in self.search if key not in flat]
         unknown = [key for key in flat if key not in self.search]
         if missing or unknown:
@@ -359,9 +506,51 @@ class SearchSpace(StrictModel):
         self._check_combinations(fixed)
         trial_base = self._load({**fixed, **self._first_values()}, "first grid point")
         self._check_metric(trial_base)
-        self._check_scheduler(trial_base)
+        self._check_scheduler(trial_base, self.scheduler, "scheduler")
         self._check_evaluation_data(trial_base)
+        self._check_paper()
+        self._check_fast(trial_base)
         return self
+
+    def _check_paper(self) -> None:
+        """Paper mode reproduces the table: its rows are grid points of the searched keys, run
+        to the end (FIFO) and all evaluated in every norm."""
+        if self.paper is None:
+            return
+        where = self._where()
+        ranged = [key for key, dist in self.search.items() if dist.grid is None]
+        if ranged:
+            raise UserError(f"{where}: a paper table needs grid keys only; {ranged[0]!r} is "
+                            f"a {self.search[ranged[0]].kind}")
+        for row in self.paper.rows:
+            if set(row.point) != set(self.search):
+                raise UserError(f"{where}: paper row {row.label!r} sets {sorted(row.point)}, "
+                                f"the searched keys are {sorted(self.search)}")
+            # Each value as the config parses it (5e-3 -> 0.005), as the grid holds it.
+            config = self._load({**self.fixed, **row.point}, f"paper row {row.label!r}")
+            parsed = {key: flatten(config)[key] for key in row.point}
+            for key, value in parsed.items():
+                if value not in (self.search[key].grid or []):
+                    raise UserError(f"{where}: paper row {row.label!r}: {key}={value!r} is not "
+                                    f"in its grid {self.search[key].grid}")
+            row.point = parsed
+        if not self.runs_paper_rows:
+            return
+        if self.scheduler.kind != "fifo":
+            raise UserError(f"{where}: paper mode runs every row to its last epoch: scheduler "
+                            f"must be fifo (early stopping is the 'fast:' mode)")
+        if self.evaluation.top != "all" and int(self.evaluation.top) < len(self.paper.rows):
+            raise UserError(f"{where}: paper mode evaluates every row: set evaluation.top to "
+                            f"all (it is {self.evaluation.top})")
+        missing = [norm for norm in NORMS if norm not in self.evaluation.norms]
+        if missing:
+            raise UserError(f"{where}: paper mode evaluates l_inf, l_2 and l_1: "
+                            f"evaluation.norms lacks {', '.join(missing)}")
+
+    def _check_fast(self, trial: RunConfig) -> None:
+        """The fast mode's ASHA is checked like the space's own scheduler."""
+        if self.fast is not None and not self._fast:
+            self._check_scheduler(trial, self.fast.scheduler, "fast.scheduler")
 
     def _check_evaluation_data(self, trial: RunConfig) -> None:
         """The best trials are reported on test data, never on the held-out file that ranked
@@ -476,10 +665,16 @@ class SearchSpace(StrictModel):
             raise UserError(f"{self._where()}: metric {self.metric!r} needs data.heldout, which "
                             f"recipe {self.recipe!r} does not set")
 
-    def _check_scheduler(self, config: RunConfig) -> None:
-        if self.scheduler.kind != "asha":
+    def _check_scheduler(self, config: RunConfig, spec: SchedulerSpec, what: str) -> None:
+        if spec.kind != "asha":
             return
-        if "schedule.epochs" in self.search and self.scheduler.max_t is None:
+        warmup = config.optim.warmup_epochs
+        if spec.grace_period <= warmup:
+            raise UserError(f"{self._where()}: {what}.grace_period "
+                            f"{spec.grace_period} ends within the {warmup:g} warm-up "
+                            f"epochs: ASHA would rank the trials on their warm-up; give a grace "
+                            f"period above {warmup:g}")
+        if "schedule.epochs" in self.search and spec.max_t is None:
             raise UserError(f"{self._where()}: schedule.epochs is searched: set scheduler.max_t "
                             "(the epoch at which ASHA's last rung ends)")
         epochs = config.schedule.epochs
@@ -487,13 +682,13 @@ class SearchSpace(StrictModel):
             dist = self.search["schedule.epochs"]
             top = max(dist.values) if dist.values is not None else (dist.bounds or (0, 0))[1]
             epochs = int(top)
-        max_t = self.scheduler.max_t or epochs
+        max_t = spec.max_t or epochs
         if max_t > epochs:
-            raise UserError(f"{self._where()}: scheduler.max_t {max_t} exceeds schedule.epochs "
+            raise UserError(f"{self._where()}: {what}.max_t {max_t} exceeds schedule.epochs "
                             f"{epochs}: no trial reports that many epochs")
-        if self.scheduler.grace_period >= max_t:
-            raise UserError(f"{self._where()}: scheduler.grace_period "
-                            f"{self.scheduler.grace_period} must be below the last epoch {max_t}, "
+        if spec.grace_period >= max_t:
+            raise UserError(f"{self._where()}: {what}.grace_period "
+                            f"{spec.grace_period} must be below the last epoch {max_t}, "
                             "or ASHA never stops a trial")
 
 

@@ -33,6 +33,7 @@ from raytrain_at.runtime.worker_output import worker_log_file
 from raytrain_at.runtime.ray_init import init_ray
 from raytrain_at.runtime.storage import (default_home, explicit_root, require_shared_root,
                                          storage_root)
+from raytrain_at.tuning.paper import write_paper_comparison
 from raytrain_at.tuning.report import TrialRecord, TrialStatus, write_report
 from raytrain_at.tuning.spaces import SchedulerSpec, SearchSpace, evaluation_data
 
@@ -42,6 +43,7 @@ TRIAL_TAG = "raytrain_at.tune.trial_id"
 STUDY_TAG = "raytrain_at.tune.study"
 STOPPED_TAG = "raytrain_at.tune.stopped_early"
 PARENT_TAG = "mlflow.parentRunId"
+EVALUATION_TAG = "raytrain_at.tune.evaluation"
 
 
 
@@ -53,6 +55,8 @@ class StudyOptions:
         name: the study's name (Tune experiment, MLflow parent run); default: space + time.
         recipe: replaces the space's base recipe (the space is validated again against it).
         scheduler: replaces the space's scheduler kind (``asha`` keeps the space's settings).
+        fast: the space's ``--fast`` mode (the whole grid with ASHA; see
+            :meth:`~raytrain_at.tuning.spaces.SearchSpace.in_fast_mode`) instead of paper mode.
         num_samples: replaces the space's ``num_samples``.
         address: Ray address to join (``auto`` on a cluster node); None starts Ray locally.
         max_concurrent: trials at a time; None derives it from the cluster's resources.
@@ -65,6 +69,7 @@ class StudyOptions:
     name: str | None = None
     recipe: str | None = None
     scheduler: Literal["asha", "fifo"] | None = None
+    fast: bool = False
     num_samples: int | None = None
     address: str | None = None
     max_concurrent: int | None = None
@@ -126,7 +131,10 @@ def _run_trial(sample: dict[str, Any], context: _TrialContext) -> None:
 
 # --------------------------------------------------------------------------- the driver
 def apply_options(space: SearchSpace, options: StudyOptions) -> SearchSpace:
-    """The space with the command line's recipe, scheduler and sample count (validated again)."""
+    """The space with the command line's mode, recipe, scheduler and sample count (validated
+    again)."""
+    if options.fast:
+        space = space.in_fast_mode()
     update: dict[str, Any] = {}
     if options.recipe is not None:
         update["recipe"] = options.recipe
@@ -139,7 +147,7 @@ def apply_options(space: SearchSpace, options: StudyOptions) -> SearchSpace:
     if not update:
         return space
     changed = space.model_copy(update=update)
-    changed._source = space.source
+    changed._source, changed._fast = space.source, space.study_mode == "fast"
     return changed.validate_against_config()
 
 
@@ -235,6 +243,8 @@ def run_study(space: SearchSpace, options: StudyOptions = StudyOptions()) -> Stu
     parent.set_tags({STUDY_TAG: name, "raytrain_at.tune.space": space.name, **options.tags})
     parent.log_params({"space": space.name, "description": space.description,
                        "recipe": space.recipe, "metric": space.metric, "mode": space.mode,
+                       "study_mode": space.study_mode,
+                       **({"paper_table": space.paper.table} if space.paper else {}),
                        "scheduler": space.scheduler.kind, "num_trials": space.num_trials(),
                        "max_concurrent_trials": concurrency,
                        **{f"fixed.{k}": v for k, v in space.fixed.items()},
@@ -242,8 +252,9 @@ def run_study(space: SearchSpace, options: StudyOptions = StudyOptions()) -> Stu
                           for k, d in space.search.items()}})
     context = _TrialContext(name, space, base.model_dump(mode="json"), storage,
                             parent.run_id)
-    log.info("study %s: %d trials of %s, %d at a time, scheduler %s", name, space.num_trials(),
-             space.recipe, concurrency, space.scheduler.kind)
+    log.info("study %s (%s mode): %d trials of %s, %d at a time, scheduler %s", name,
+             space.study_mode, space.num_trials(), space.recipe, concurrency,
+             space.scheduler.kind)
     try:
         tuner = tune.Tuner(
             tune.with_resources(tune.with_parameters(_run_trial, context=context),
@@ -271,6 +282,13 @@ def run_study(space: SearchSpace, options: StudyOptions = StudyOptions()) -> Stu
         results_csv, plot = write_report(records, space, report_dir, quiet=options.quiet)
         for path in (results_csv, plot):
             parent.log_file(path)
+        if space.paper is not None:
+            comparison = write_paper_comparison(records, space, report_dir,
+                                                quiet=options.quiet)
+            for path in (comparison.csv, comparison.plot):
+                parent.log_file(path)
+            # MLflow's own table artifact: browsable (and comparable across runs) in the UI.
+            parent.log_table(comparison.columns, "paper_comparison.json")
         for record in records:
             if record.evaluation_path:
                 parent.log_file(record.evaluation_path, "evaluations")
@@ -293,9 +311,13 @@ def _first_sample(space: SearchSpace) -> dict[str, Any]:
 
 
 def _searched(space: SearchSpace, config: dict[str, Any]) -> dict[str, Any]:
-    """The searched keys of a trial's (nested) Tune config as ``{dotted key: value}``."""
-    flat = flat_keys(config)
-    return {key: flat.get(key) for key in space.search}
+    """The searched keys of a trial's (nested) Tune config as ``{dotted key: value}`` (a paper
+    row's label as its row's point)."""
+    try:
+        return space.flat_sample(config)
+    except UserError:  # an errored trial may lack keys: show what it has
+        flat = flat_keys(config)
+        return {key: flat.get(key) for key in space.search}
 
 
 def _records(grid, space: SearchSpace, epochs: int) -> list[TrialRecord]:
@@ -352,29 +374,31 @@ def ranked(records: list[TrialRecord], space: SearchSpace) -> list[TrialRecord]:
 
 def evaluate_best(context: _TrialContext, records: list[TrialRecord], report_dir: Path,
                   tracking_uri: str) -> TrialRecord | None:
-    """AutoAttack on the test data of the ``evaluation.top`` best completed trials' selected
-    (best held-out epoch's EMA) weights, ``runs:/ID/model``.
+    """AutoAttack on the test data of the best completed trials' selected (best held-out
+    epoch's EMA) weights, ``runs:/ID/model``: ``evaluation.top`` of them, or every one
+    (``top: all``, the paper mode). Each trial's clean and robust accuracies also go to its own
+    MLflow run (``autoattack_clean_acc``, ``autoattack_robust_acc_linf``, ...).
 
     Returns:
         The best of them by the space's metric (None when nothing was evaluated).
     """
     from raytrain_at.evaluation.evaluate import EvaluationRequest, evaluate
-
+    from raytrain_at.tracking.runs import log_run_metrics
     from raytrain_at.training.launch import expand_path
 
     space = context.space
     spec = space.evaluation
-    chosen = [r for r in ranked(records, space) if r.run_id is not None][:spec.top]
+    candidates = [r for r in ranked(records, space) if r.run_id is not None]
+    chosen = candidates[:spec.count(len(candidates))]
     for record in chosen:
         config = trial_config(context, record.sample)
         data = expand_path(evaluation_data(spec, config) or "", "evaluation.data")
-        n = spec.n
+        settings = spec.settings()
+        if "batch_size" not in spec.model_fields_set:
+            # One chunk per worker: the workers share the images, not only the norms.
+            settings["batch_size"] = max(1, -(-(spec.n or 250) // spec.workers))
         request = EvaluationRequest(
-            model_ref=f"runs:/{record.run_id}/model", data=data, norms=list(spec.norms),
-            eps=cast("dict[str, float]", dict(spec.eps)), version=spec.version, n=n,
-            workers=spec.workers,
-            corruptions=spec.corruptions, severity=spec.severity, eps_sweep=spec.eps_sweep,
-            batch_size=max(1, -(-(n or 250) // spec.workers)),
+            **settings, model_ref=f"runs:/{record.run_id}/model", data=data,
             out=report_dir / f"evaluation-{record.trial_id}.json", tracking_uri=tracking_uri,
             # The study's storage root: on a cluster, every shard's node writes its chunk
             # records there; one GPU per shard where the cluster has GPUs.
@@ -384,6 +408,9 @@ def evaluate_best(context: _TrialContext, records: list[TrialRecord], report_dir
         result, path = evaluate(request)
         record.evaluation = result.metrics()
         record.evaluation_path = str(path)
+        log_run_metrics(tracking_uri, cast(str, record.run_id),
+                        {f"autoattack_{k}": v for k, v in record.evaluation.items()},
+                        tags={EVALUATION_TAG: spec.version})
     return chosen[0] if chosen else None
 
 
