@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
 
@@ -154,7 +155,7 @@ def text_rows(items: list[dict[str, Any]], separator: str = " ",
 def rich_table(items: list[dict[str, Any]], title: str):
     """A rich table in the layout of the paper's Table 2, with radius, data and n; each
     interval on the line below its accuracy."""
-    table = Table(title=title, caption="[low, high]: 95 % Wilson interval over n images")
+    table = Table(title=title, caption=escape("[low, high]: 95 % Wilson interval over n images"))
     headers, cells = text_rows(items, separator="\n")
     for header in headers:
         table.add_column(header, justify="left" if header in TEXT_COLUMNS else "right")

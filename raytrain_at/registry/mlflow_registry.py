@@ -22,6 +22,7 @@ registered version.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import shutil
 import subprocess
@@ -415,6 +416,8 @@ class ModelRegistry:
             return []
         if not any(a.path == ALIAS_HISTORY_FILE for a in self.client.list_artifacts(run_id)):
             return []
+        # One small file: MLflow's progress bar would only add lines to register's output.
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         with tempfile.TemporaryDirectory(prefix="raytrain-at-history-") as tmp:
             path = self.client.download_artifacts(run_id, ALIAS_HISTORY_FILE, tmp)
             return [line for line in Path(path).read_text().splitlines() if line]
