@@ -174,9 +174,9 @@ def _evaluation_lines(card: VersionCard, result: EvaluationResult) -> list[str]:
         lines.append("**Paper row** reproduced by recipe " + f"`{recipe}`: " + "; ".join(
             f"{_md(r.table)}, {_md(r.row)}" for r in rows) + ".")
     elif rows:
-        lines.append(f"**Paper row**: none (recipe `{recipe or 'not recorded'}` is no row of "
-                     f"the paper); for reference, its size class's most robust model, "
-                     f"{_md(rows[0].table)}, {_md(rows[0].row)}.")
+        why = f"recipe `{recipe}` is no row of the paper" if recipe else "no recipe recorded"
+        lines.append(f"**Paper row**: none ({why}); for reference, its size class's most "
+                     f"robust model, {_md(rows[0].table)}, {_md(rows[0].row)}.")
     if rows:
         differences = paper_setting_differences(
             {norm: t.eps for norm, t in result.threats.items()}, result.data.n,
