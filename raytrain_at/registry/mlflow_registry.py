@@ -385,7 +385,7 @@ class ModelRegistry:
         tags = dict(self.client.get_registered_model(name).tags or {})
         legacy = sorted((int(key.rsplit(".", 1)[-1]), value) for key, value in tags.items()
                         if key.startswith(LEGACY_ALIAS_LOG) and key.rsplit(".", 1)[-1].isdigit())
-        run_id = self._history_run(name, create=True)
+        run_id = self._history_run(name) or self._new_history_run(name)
         lines = self.alias_history(name, run_id)
         lines += [f"{_utc(ms / 1000)}  {value}" for ms, value in legacy]
         lines.append(f"{_utc(time.time())}  {note}")
@@ -394,15 +394,15 @@ class ModelRegistry:
         for key in [k for k in tags if k.startswith(LEGACY_ALIAS_LOG)]:
             _retry(lambda k=key: self.client.delete_registered_model_tag(name, k), "alias log")
 
-    def _history_run(self, name: str, create: bool = False) -> str | None:
+    def _history_run(self, name: str) -> str | None:
         """The run of the registry experiment that holds ``name``'s alias history."""
         experiment = _experiment_id(self.client)
         found = self.client.search_runs(
             [experiment], filter_string=f"tags.`{HISTORY_RUN_TAG}` = '{name}'", max_results=1)
-        if found:
-            return found[0].info.run_id
-        if not create:
-            return None
+        return found[0].info.run_id if found else None
+
+    def _new_history_run(self, name: str) -> str:
+        experiment = _experiment_id(self.client)
         run_id = _retry(lambda: self.client.create_run(
             experiment, run_name=f"alias history {name}",
             tags={HISTORY_RUN_TAG: name}), "history run").info.run_id
