@@ -383,6 +383,7 @@ def evaluate_best(context: _TrialContext, records: list[TrialRecord], report_dir
         result, path = evaluate(request)
         record.evaluation = result.metrics()
         record.evaluation_path = str(path)
+        record.evaluation_n = result.data.n
     return chosen[0] if chosen else None
 
 
