@@ -170,7 +170,8 @@ def _card(result: dict | None, recipe: str | None = "table2_convnext_tiny_cvst_3
           **params) -> VersionCard:
     params = {"architecture": "convnext_tiny_cvst", "stem": "default", "params_m": "28.63",
               "flops_g": "4.600", "trained_resolution": 224, "recipe": recipe, "epochs": 300,
-              "attack_steps": 2, "selected_epoch": "297", **params}
+              "attack_steps": 2, "selected_epoch": "297", "train_objective": "adversarial",
+              "train_norm": "linf", "train_eps": 4 / 255, **params}
     lineage = Lineage(init="run:clean-pretraining/clean_convnext_tiny_cvst",
                       init_run=RunRef("c1e4", "3", "clean_convnext_tiny_cvst"),
                       init_is_clean=True, training=RunRef("a7d9", "4", "table2-run"),
@@ -203,7 +204,8 @@ def test_version_card_shows_accuracies_intervals_paper_row_and_lineage():
                   "path=evaluation.json)",
                   "![eps sweep](model-versions/get-artifact?name=robust-net&version=3&"
                   "path=evaluation_eps.png)",
-                  "[logged model](#/experiments/4/models/m-123)"):
+                  "[logged model](#/experiments/4/models/m-123)",
+                  "trained 300 epochs (adversarial) against 2-step l_inf attacks at 4/255"):
         assert shown in text, shown
     assert len(text) <= MAX_DESCRIPTION
 

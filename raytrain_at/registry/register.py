@@ -33,15 +33,20 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def _training_facts(metadata: dict[str, str]) -> dict[str, Any]:
-    """Epochs, attack steps, recipe and dataset from the model file's training record."""
+    """Epochs, attack steps, recipe and dataset from the model file's training record; a clean
+    training (no attack) has 0 attack steps and no training radius."""
     text = metadata.get("raytrain_at.run_config")
     if not text:
         return {"epochs": None, "attack_steps": None, "recipe": None, "dataset": None,
-                "train_eps": None}
+                "train_eps": None, "train_objective": None, "train_norm": None}
     config = json.loads(text)
-    return {"epochs": config["schedule"]["epochs"], "attack_steps": config["attack"]["steps"],
+    attack, objective = config["attack"], config["objective"]["kind"]
+    attacked = attack["kind"] != "none" and objective != "clean"
+    return {"epochs": config["schedule"]["epochs"],
+            "attack_steps": attack["steps"] if attacked else 0,
             "recipe": config.get("recipe"), "dataset": config["data"]["train"],
-            "train_eps": config["attack"]["eps"]}
+            "train_eps": attack["eps"] if attacked else None, "train_objective": objective,
+            "train_norm": attack["norm"] if attacked else None}
 
 
 def _model_size(spec) -> tuple[float, float]:

@@ -208,10 +208,19 @@ def _model_line(params: dict[str, Any]) -> str:
     if params.get("normalisation"):
         text += f", normalisation {_md(params['normalisation'])} inside"
     if params.get("epochs"):
-        train_eps = params.get("train_eps")
-        text += (f"; {params['epochs']} epochs of training with {params.get('attack_steps')}-"
-                 f"step attacks" + (f" at {float(train_eps):.4g}" if train_eps else ""))
+        eps, norm = params.get("train_eps"), params.get("train_norm")
+        if _adversarial(params) and norm in TITLES:
+            text += (f"; trained {params['epochs']} epochs ({params.get('train_objective')}) "
+                     f"against {params.get('attack_steps')}-step {TITLES[norm]} attacks at "
+                     f"{radius_text(norm, float(eps)) if eps else '?'}")
+        else:
+            text += f"; trained {params['epochs']} epochs without an attack"
     return text + "."
+
+
+def _adversarial(params: dict[str, Any]) -> bool:
+    """Whether the training record says the weights were trained against an attack."""
+    return bool(params.get("attack_steps")) and params.get("train_objective") != "clean"
 
 
 def _recipe_line(card: VersionCard) -> str:
@@ -250,7 +259,8 @@ def _lineage_lines(card: VersionCard) -> list[str]:
     if lin.init and lin.pretrained and lin.init_run is not None:
         start += f", non-stem weights first from `{_md(lin.pretrained)}`"
     if lin.training is not None:
-        kind = "adversarial training" if card.params.get("attack_steps") else "training"
+        kind = ("adversarial training" if _adversarial(card.params) else
+                "clean training" if card.params.get("epochs") else "training")
         train = f"{kind}: {lin.training.link()}"
     else:
         train = "training: not in this store (model file from elsewhere)"
