@@ -107,7 +107,7 @@ def test_console_summary_shows_the_intervals():
     console.print(summary_table(EvaluationResult.model_validate(_result())))
     text = console.export_text()
     assert "87.5% [52.9, 97.8]" in text and "100.0% [67.6, 100.0]" in text
-    assert "95 % Wilson interval over n=8" in text
+    assert "[low, high]: 95 % Wilson interval over n=8" in " ".join(text.split())
 
 
 # ------------------------------------------------------------------------------- paper rows

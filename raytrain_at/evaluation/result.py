@@ -268,6 +268,6 @@ def summary_table(result: EvaluationResult):
         table.add_row(label, f"{c.accuracy:.1%}", "", "")
     failed = [g.name for g in result.guards if not g.passed]
     table.caption = ("all guards passed" if not failed
-                     else "UNTRUSTWORTHY - failed guards: " + ", ".join(failed)) + (
+                     else "UNTRUSTWORTHY - failed guards: " + ", ".join(failed)) + escape(
         f"; [low, high]: 95 % Wilson interval over n={result.data.n}")
     return table
