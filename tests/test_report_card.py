@@ -309,3 +309,16 @@ def test_leaderboard_markdown_and_html_follow_table2_with_intervals():
     [record, _] = json.loads(render(rows, "json", "t"))
     assert record["robust_acc_linf_ci95_low"] == pytest.approx(0.2152, abs=1e-4)
     assert record["size"] == "large"
+
+
+def test_leaderboard_card_fits_the_description_column():
+    from raytrain_at.registry.report_card import leaderboard_card
+
+    rows = [_row(v, 0.875 - v / 1000, ["champion-linf"] if v == 1 else []) for v in range(1, 60)]
+    text = leaderboard_card(rows, "Leaderboard")
+    assert len(text) <= MAX_DESCRIPTION and "more: `raytrain-at leaderboard`" in text
+    first = next(line for line in text.splitlines() if line.startswith("| small"))
+    assert first.startswith("| small | [robust-net v1](#/models/robust-net/versions/1) "
+                            "(convnext_atto_cvst) | 3.37 |")
+    assert "| 87.4 [52.9, 97.8] at 8/255 | 75.0 [40.9, 92.9] at 1 |" in first
+    assert first.count("|") == 13  # 12 columns: narrow enough for MLflow's page

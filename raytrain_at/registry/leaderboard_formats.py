@@ -187,6 +187,34 @@ def markdown(items: list[dict[str, Any]], link: Callable[[dict[str, Any]], str] 
     return "\n".join(lines)
 
 
+def compact_markdown(items: list[dict[str, Any]],
+                     link: Callable[[dict[str, Any]], str]) -> str:
+    """Table 2's layout in 12 columns, for a page as narrow as MLflow's description: the
+    architecture beside the model, n beside the data, each radius inside its accuracy's cell
+    (``87.5 [52.9, 97.8] at 8/255``)."""
+    ordered = by_size(items)
+    headers = ["size", "model", "params (M)", "FLOPs (G)", "epochs", "steps", "data, n",
+               "clean [95 % CI]", *[f"{TITLES[norm]} [95 % CI] at radius" for norm in NORMS],
+               "aliases"]
+    lines = ["| " + " | ".join(headers) + " |",
+             "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---|"]
+    for r in ordered:
+        stem = r["stem"] or "default"
+        model = f"[{r['model']} v{r['version']}]({link(r)}) ({r['architecture'] or '?'}" + (
+            "" if stem == "default" else f" [{stem}]") + ")"
+        line = [r["size"] or "?", model,
+                "?" if r["params_m"] is None else f"{r['params_m']:.2f}",
+                "?" if r["flops_g"] is None else f"{r['flops_g']:.3f}",
+                str(r["epochs"] or "-"), str(r["attack_steps"] or "-"),
+                f"{r['data'] or '-'}, {r['n'] or '-'}", accuracy_cell(r, "clean_acc")]
+        for norm in NORMS:
+            cell = accuracy_cell(r, f"robust_acc_{norm}")
+            line.append(cell if cell == "-" else f"{cell} at {radius_text(norm, r[f'eps_{norm}'])}")
+        line.append(_aliases_text(r["aliases"]))
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in line) + " |")
+    return "\n".join(lines)
+
+
 def html_page(items: list[dict[str, Any]], title: str) -> str:
     """A standalone HTML page with the Markdown's table (Table 2's layout, escaped cells)."""
     ordered = by_size(items)

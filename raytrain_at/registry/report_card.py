@@ -27,7 +27,8 @@ from typing import Any
 from raytrain_at.evaluation.intervals import interval_text
 from raytrain_at.evaluation.result import EvaluationResult
 from raytrain_at.registry.leaderboard_formats import (ACCURACIES, NORMS, TITLES, accuracy_cell,
-                                                      markdown, radius_text, records)
+                                                      compact_markdown, radius_text,
+                                                      records)
 from raytrain_at.registry.paper_rows import (PAPER_SETTING, PaperRow, paper_rows,
                                              paper_setting_differences, reference_rows)
 
@@ -433,7 +434,7 @@ def leaderboard_card(rows: list[dict[str, Any]], title: str) -> str:
             "as a page.", ""]
     shown = len(items)
     while True:
-        table = markdown(items[:shown], link=lambda r: version_url(r["model"], r["version"]))
+        table = compact_markdown(items[:shown], lambda r: version_url(r["model"], r["version"]))
         tail = [] if shown == len(items) else [
             "", f"{len(items) - shown} more: `raytrain-at leaderboard`."]
         text = "\n".join(head + [table] + tail)
