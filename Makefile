@@ -16,11 +16,15 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest
 
-# The registry page in a real browser (headless Debian chromium over a loopback mlflow server):
-# installs chromium once, then runs the two slow page checks (about 2 minutes on 2 cores).
+# The registry pages in a real browser (headless Debian chromium over a loopback mlflow server):
+# installs chromium once, then runs the two slow page checks (about 2 minutes on 2 cores). The
+# screenshots and rendered pages are kept in ci-artifacts/registry/ (git-ignored; CI keeps it).
+CI_ARTIFACTS := $(CURDIR)/ci-artifacts
 browser-check: $(STAMP)
 	bash scripts/setup_browser.sh
-	$(VENV)/bin/python -m pytest -m slow tests/test_registry_server.py -k "screenshot or models_page"
+	RAYTRAIN_AT_CI_ARTIFACTS=$(CI_ARTIFACTS)/registry $(VENV)/bin/python -m pytest -m slow \
+	    tests/test_registry_server.py -k "screenshot or models_page"
+	@ls -l $(CI_ARTIFACTS)/registry
 
 # The cluster rehearsal: Ray head + 2 worker nodes with separate disks, an S3 store (moto) and the
 # MLflow server on this machine, the main job through them (tests/support/cluster_rehearsal.sh).

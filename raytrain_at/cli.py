@@ -372,18 +372,22 @@ def import_(
 
 @app.command()
 def leaderboard(
-    threat: str = typer.Option("linf", help="sort by linf | l2 | l1 robust accuracy"),
+    norm: str = typer.Option("linf", help="sort by linf | l2 | l1 robust accuracy"),
+    threat: str = typer.Option(None, hidden=True, help="old name of --norm"),
     size: str = typer.Option(None, help="small (<30M) | medium (30-80M) | large (>=80M)"),
     name: str = typer.Option(None, help="only this registered model"),
-    format_: str = typer.Option("table", "--format", help="table | markdown | csv | json"),
+    format_: str = typer.Option("table", "--format",
+                                help="table | markdown | html | csv | json"),
 ) -> None:
-    """The registered models as the paper's Table 2 (with radius, data and n), best first."""
+    """The registered models as the paper's Table 2 (with radius, data, n and 95 % intervals),
+    best first; markdown and html group them by size as the paper does."""
     from raytrain_at.registry.register import leaderboard as rows_of
 
     if format_ not in FORMATS:
         raise UserError(f"--format {format_!r}: use one of {', '.join(FORMATS)}")
-    shown = render(rows_of(threat, size, name), format_,
-                   f"Registered robust models, sorted by {THREAT_TITLES[threat]}")
+    norm = threat or norm
+    shown = render(rows_of(norm, size, name), format_,
+                   f"Registered robust models, sorted by {THREAT_TITLES.get(norm, norm)}")
     if format_ == "table":
         print_table(shown)
     else:

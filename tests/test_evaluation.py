@@ -399,8 +399,8 @@ def test_one_evaluation_section_for_the_command_the_study_and_the_benchmark():
     assert issubclass(EvaluationRequest, EvaluationSettings)
     assert issubclass(StudyEvaluation, EvaluationSettings)
     assert NORMS == ("linf", "l2", "l1")
-    assert lp_geometry.NORMS is NORMS and mlflow_registry.THREATS is NORMS
-    assert leaderboard_formats.THREATS is NORMS
+    assert lp_geometry.NORMS is NORMS and mlflow_registry.NORMS is NORMS
+    assert leaderboard_formats.NORMS is NORMS
     assert PAPER_PROTOCOL.eps == PAPER_EPS and PAPER_PROTOCOL.norms == list(NORMS)
     assert PAPER_PROTOCOL.version == "standard" and not PAPER_PROTOCOL.corruptions
     assert BENCHMARK_EVALUATION.settings() == {**PAPER_PROTOCOL.settings(), "corruptions": True}

@@ -75,12 +75,16 @@ def test_better_model_takes_the_alias_and_worse_does_not(store, robust_model_fil
     registry = ModelRegistry()
     holder = registry.resolve("models:/net@champion-linf")
     assert str(holder.version) == strong.version
-    moves = [v for k, v in registry.client.get_registered_model("net").tags.items()
-             if k.startswith("alias_log.champion-linf")]
-    assert sorted(moves) == sorted([f"champion-linf moved from nobody to v1 "
-                                    f"(robust_acc_linf {registry_metric(weak):.4f})",
-                                    f"champion-linf moved from v1 to v2 "
-                                    f"(robust_acc_linf {registry_metric(strong):.4f})"])
+    # Every move is one line of one history file, oldest first; no tag per move.
+    moves = [line.split("  ", 1)[1] for line in registry.alias_history("net")
+             if "champion-linf" in line]
+    assert moves == [f"champion-linf moved from nobody to v1 "
+                     f"(robust_acc_linf {registry_metric(weak):.4f})",
+                     f"champion-linf moved from v1 to v2 "
+                     f"(robust_acc_linf {registry_metric(strong):.4f})"]
+    tags = registry.client.get_registered_model("net").tags
+    assert not [k for k in tags if k.startswith("alias_log")], tags
+    assert len(registry.alias_history("net")) == 4  # linf and l2: nobody -> v1 -> v2
     rows = leaderboard("linf", name="net")
     assert [r["version"] for r in rows][0] == 2  # best first
     assert rows[0]["params"]["architecture"] == "test_resnet"
@@ -177,7 +181,7 @@ def test_leaderboard_command_prints_table2_columns(store, robust_model_file, wea
                                                    evaluations):
     register_model(weak_model_file, "board", eval_path=evaluations["weak"])
     register_model(robust_model_file, "board", eval_path=evaluations["strong"])
-    shown = CliRunner().invoke(app, ["leaderboard", "--threat", "l2", "--size", "small"],
+    shown = CliRunner().invoke(app, ["leaderboard", "--norm", "l2", "--size", "small"],
                                catch_exceptions=False, terminal_width=200)
     assert shown.exit_code == 0, shown.output
     lines = [line for line in shown.output.splitlines() if "board v" in line]
@@ -185,10 +189,17 @@ def test_leaderboard_command_prints_table2_columns(store, robust_model_file, wea
     assert "champion: linf, l2" in lines[0]
     for column in ("params (M)", "FLOPs (G)", "epochs", "steps", "clean", "l_inf", "l_2", "l_1"):
         assert column in shown.output
+    assert "[low, high]: 95 % Wilson interval over n images" in " ".join(shown.output.split())
     empty = CliRunner().invoke(app, ["leaderboard", "--size", "large"], catch_exceptions=False)
     assert "board v" not in empty.output
-    with pytest.raises(raytrain_at.UserError, match="'l3'"):
+    with pytest.raises(raytrain_at.UserError, match="unknown norm 'l3'"):
         leaderboard("l3")
+    # --threat is the old name of --norm: it still works, and help no longer shows it.
+    old = CliRunner().invoke(app, ["leaderboard", "--threat", "l2", "--size", "small"],
+                             catch_exceptions=False, terminal_width=200)
+    assert old.output == shown.output
+    usage = CliRunner().invoke(app, ["leaderboard", "--help"], terminal_width=200).output
+    assert "--norm" in usage and "--threat" not in usage and "html" in usage
 
 
 def test_leaderboard_formats_carry_radius_data_and_n(store, robust_model_file, evaluations,
@@ -288,3 +299,50 @@ def test_robustbench_model_info_of_an_evaluation(evaluations, robust_model_file,
         main()
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(lines) == 1 and "does not exist" in lines[0], lines
+
+
+def test_pages_are_written_at_registration(store, robust_model_file, weak_model_file,
+                                           evaluations):
+    """The version's description is its report card, the registered model's names the
+    champions above its versions, and the leaderboard model's lists every version; per-move
+    ``alias_log.*`` tags of older versions are folded into the history file and deleted."""
+    from raytrain_at.evaluation.result import read_result
+    from raytrain_at.registry.mlflow_registry import LEADERBOARD_MODEL
+
+    registry = ModelRegistry()
+    client = registry.client
+    weak = register_model(weak_model_file, "pages", eval_path=evaluations["weak"])
+    client.set_registered_model_tag("pages", "alias_log.champion-l1.1796589690782",
+                                    "champion-l1 moved from nobody to v0 (robust_acc_l1 0.6250)")
+    strong = register_model(robust_model_file, "pages", eval_path=evaluations["strong"])
+    result = read_result(evaluations["strong"])
+    card = client.get_model_version("pages", strong.version).description
+    linf, l2 = result.threats["linf"], result.threats["l2"]
+    assert card.splitlines()[0].startswith(
+        f"clean {100 * result.clean_accuracy:.1f} %, l_inf {100 * linf.robust_accuracy:.1f} %")
+    low, high = linf.robust_interval
+    assert (f"| l_inf | {100 * linf.robust_accuracy:.1f} % ({round(linf.robust_accuracy * 16)}"
+            f"/16) | [{100 * low:.1f}, {100 * high:.1f}] | 4/255 |") in card
+    assert f"| l_2 | {100 * l2.robust_accuracy:.1f} %" in card and "**n = 16**" in card
+    assert "AutoAttack apgdt" in card and "guards passed" in card
+    assert "Table 2 (small)" in card  # the size class's reference row beside ours
+    assert f"name=pages&version={strong.version}&path=strong.json" in card
+    # The links point at files the server really has.
+    names = {Path(a.path).name for a in client.list_logged_model_artifacts(strong.model_id)}
+    assert {"strong.json", "guards.json"} <= names
+    model = client.get_registered_model("pages")
+    assert f"| l_inf | [v{strong.version}](#/models/pages/versions/{strong.version}) |" in \
+        model.description
+    assert model.description.index("[v2](") < model.description.index("[v1](")
+    assert not [k for k in model.tags if k.startswith("alias_log")]
+    history = registry.alias_history("pages")
+    assert any("to v0" in line for line in history)  # the folded legacy tag
+    assert history[-1].endswith(f"to v{strong.version} (robust_acc_l2 {l2.robust_accuracy:.4f})")
+    board = client.get_registered_model(LEADERBOARD_MODEL).description
+    assert board.index(f"[pages v{strong.version}]") < board.index(f"[pages v{weak.version}]")
+    assert client.search_model_versions(f"name = '{LEADERBOARD_MODEL}'") == []
+    # The same weights again with an evaluation: the earlier version's card points to it.
+    again = register_model(robust_model_file, "pages", eval_path=evaluations["strong"])
+    earlier = client.get_model_version("pages", strong.version).description.splitlines()
+    assert earlier[2].startswith("**Re-evaluated**") and f"[v{again.version}]" in earlier[2]
+    assert "Re-evaluated" not in client.get_model_version("pages", weak.version).description

@@ -85,6 +85,12 @@ def test_version_and_champion_alias_read_back_over_rest(served):
                  name=NAME)["registered_model"]
     assert {a["alias"]: a["version"] for a in model["aliases"]} == {
         "champion-linf": "1", "champion-l2": "1"}
+    # The pages' Markdown, as the server hands it to the UI.
+    linf = served.result.threats["linf"]
+    assert version["description"].startswith(f"clean {100 * served.result.clean_accuracy:.1f} %")
+    assert f"| l_inf | {100 * linf.robust_accuracy:.1f} % (" in version["description"]
+    assert "| l_inf | [v1](#/models/served-digits-net/versions/1) |" in model["description"]
+    assert not [t for t in model.get("tags", []) if t["key"].startswith("alias_log")]
 
 
 def test_logged_model_metrics_equal_the_evaluation(served):
@@ -137,43 +143,57 @@ def _require_chromium() -> None:
         pytest.fail("chromium not installed: run scripts/setup_browser.sh (make browser-check)")
 
 
-@pytest.mark.slow
-def test_screenshot_script_renders_the_version_page(tmp_path):
-    _require_chromium()
-    out = tmp_path / "registry.png"
-    done = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out)], capture_output=True,
-                          text=True, timeout=600, cwd=tmp_path)
+def _run_script(tmp_path: Path, out: Path, *args: str) -> tuple[dict, str]:
+    """The screenshot script's JSON report and the rendered DOM of its page."""
+    done = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), *args],
+                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
+    return report, out.with_suffix(".html").read_text()
+
+
+@pytest.mark.slow
+def test_screenshot_script_renders_the_version_page(tmp_path):
+    """The version page of a real server in headless Chromium shows its report card without a
+    click: clean and l_inf / l_2 / l_1 accuracy with counts and 95 % intervals, n, the paper's
+    row and number beside ours, and the lineage."""
+    _require_chromium()
+    out = tmp_path / "registry.png"
+    report, dom = _run_script(tmp_path, out)
     assert report["ok"] and report["png"] == str(out)
     assert report["url"].endswith("/#/models/robust-digits-demo/versions/1")
     assert all(report["dom_contains"].values()) and "champion-linf" in report["dom_contains"]
+    metrics, n = report["metrics"], 16
+    for key in ("clean_acc", "robust_acc_linf", "robust_acc_l2", "robust_acc_l1"):
+        shown = f"{100 * metrics[key]:.1f} % ({round(metrics[key] * n)}/{n})"
+        assert report["dom_contains"][shown], (key, shown)  # in the card's table, as rendered
+        assert f"<td>{shown}</td>" in dom, shown
+    for text in ("n = 16", "Lineage", "Paper row", "Table 2 (small)", "50.16"):
+        assert report["dom_contains"][text], text
+    assert report["dom_shows_removed"] == []
     from PIL import Image
 
     with Image.open(out) as image:
         assert image.size == (1400, 1000)
         assert len(image.convert("RGB").getcolors(maxcolors=1 << 24)) > 64
     assert out.stat().st_size > 20_000
-    assert "robust-digits-demo" in (tmp_path / "registry.html").read_text()
+    assert "robust-digits-demo" in dom
 
 
 @pytest.mark.slow
 def test_models_page_lists_champions_and_robust_accuracies(tmp_path):
-    """The registered model's page of a real server, in headless Chromium: the model, its
-    champion-linf / -l2 / -l1 aliases and robust-accuracy tags are in the rendered page, and
-    the screenshot visibly differs from the same page before the registration."""
+    """The registered model's page of a real server, in headless Chromium: its description's
+    champions table (each norm's holder, accuracy and interval), the champion-linf / -l2 / -l1
+    aliases and robust-accuracy tags; no per-move alias tag; and the screenshot visibly differs
+    from the same page before the registration."""
     _require_chromium()
     out = tmp_path / "models.png"
-    done = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--page", "model"],
-                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report, dom = _run_script(tmp_path, out, "--page", "model")
     assert report["ok"] and report["url"].endswith("/#/models/robust-digits-demo")
-    for threat in ("linf", "l2", "l1"):
-        assert report["dom_contains"][f"champion-{threat}"], report["dom_contains"]
-        assert report["dom_contains"][f"robust_acc_{threat}"], report["dom_contains"]
-    dom = (tmp_path / "models.html").read_text()
-    for threat in ("linf", "l2", "l1"):
-        shown = f"{100 * report['metrics'][f'robust_acc_{threat}']:.1f}%"
-        assert shown in dom, (threat, shown)
+    assert "Champions" in dom and report["dom_shows_removed"] == []
+    for norm in ("linf", "l2", "l1"):
+        assert report["dom_contains"][f"champion-{norm}"], report["dom_contains"]
+        assert report["dom_contains"][f"robust_acc_{norm}"], report["dom_contains"]
+        shown = f"{100 * report['metrics'][f'robust_acc_{norm}']:.1f}%"
+        assert shown in dom, (norm, shown)  # the tag the Models list shows
     assert report["png_check"]["changed_vs_empty"] > 0.005

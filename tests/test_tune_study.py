@@ -226,6 +226,24 @@ def test_paper_mode_end_to_end_evaluates_every_trial_in_three_norms(tmp_path) ->
     assert rows[0]["paper_robust_acc_l2"] == "70.0" and rows[1]["paper_robust_acc_linf"] == "75.0"
 
 
+def test_printed_table_shows_autoattack_intervals(quick_space, capsys) -> None:
+    """The best trials' AutoAttack on 16 images reads as what it is: each accuracy with its
+    95 % Wilson interval (the CSV keeps the plain number)."""
+    from raytrain_at.tuning.report import print_table
+
+    records = _records()
+    records[1].evaluation_n = 16
+    print_table(records, quick_space, "study")
+    lines = capsys.readouterr().out.splitlines()
+    row = next(i for i, line in enumerate(lines) if line.startswith("│ t1"))
+    cells = [c.strip() for c in lines[row].split("│")[1:-1]]
+    below = [c.strip() for c in lines[row + 1].split("│")[1:-1]]
+    assert cells[-5:-1] == ["90.0", "40.0", "50.0", "30.0"]  # AA clean, l_inf, l_2, l_1 (%)
+    assert below[-3] == "[28.0, 72.0]" and below[-2] == "[14.2, 55.6]"  # 8/16, 5/16
+    assert "95 % Wilson interval" in " ".join(lines)
+    assert results_rows(records, quick_space)[1]["autoattack_robust_acc_l2"] == "0.5000"
+
+
 # --------------------------------------------------------------------------- errors
 def _tune_cli(args: list[str], cwd: Path, env_home: Path, timeout: int = 120):
     env = dict(os.environ, RAYTRAIN_AT_HOME=str(env_home),

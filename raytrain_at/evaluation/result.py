@@ -4,6 +4,10 @@ One file holds everything an evaluation measured, so that ``register`` can log i
 read it: per norm clean and robust accuracy with the per-attack breakdown and per-image outcome,
 the eps and resolution sweeps, corruption accuracy, the guards, and what was evaluated (model
 reference and weights hash, data, n, resolution, version, seed, wall time).
+
+Every clean and robust accuracy carries its 95 % Wilson interval (``*_interval``, fractions), so a
+small evaluation reads as what it is; a file written before the intervals existed gets them
+computed from its counts when it is read.
 """
 
 from __future__ import annotations
@@ -13,15 +17,23 @@ import os
 import tempfile
 from pathlib import Path
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 from rich.markup import escape
 from rich.table import Table
 
 from raytrain_at.config_loader import StrictModel
 from raytrain_at.errors import UserError
+from raytrain_at.evaluation.intervals import accuracy_interval, interval_text
 from raytrain_at.evaluation.threats import ThreatModel
 
 FORMAT = "raytrain_at.evaluation/1"
+# A 95 % Wilson interval (low, high) of an accuracy, as fractions.
+Interval = tuple[float, float]
+
+
+def _fill(model, name: str, value) -> None:
+    """Set a derived field inside an after-validator (plain assignment would validate again)."""
+    model.__dict__[name] = value
 
 
 class ModelInfo(StrictModel):
@@ -56,11 +68,28 @@ class ThreatResult(StrictModel):
         description="per image: misclassified, the breaking attack, or robust")
     unconfirmed: int = Field(0, description="fast kernels: breaks the exact model did not "
                              "confirm (those images were attacked again with exact kernels)")
+    clean_interval: Interval | None = None
+    robust_interval: Interval | None = None
+
+    @property
+    def n(self) -> int:
+        return len(self.status)
+
+    @model_validator(mode="after")
+    def _intervals(self) -> ThreatResult:
+        """95 % Wilson intervals over the images attacked (one status each)."""
+        if self.status:
+            if self.clean_interval is None:
+                _fill(self, "clean_interval", accuracy_interval(self.clean_accuracy, self.n))
+            if self.robust_interval is None:
+                _fill(self, "robust_interval", accuracy_interval(self.robust_accuracy, self.n))
+        return self
 
 
 class SweepPoint(StrictModel):
     eps: float
     robust_accuracy: float
+    robust_interval: Interval | None = None
 
 
 class EpsSweep(StrictModel):
@@ -69,6 +98,7 @@ class EpsSweep(StrictModel):
     clean_accuracy: float
     points: list[SweepPoint]
     expected_robustness: float
+    clean_interval: Interval | None = None
     plot: str | None = None
 
 
@@ -77,6 +107,8 @@ class ResolutionPoint(StrictModel):
     clean_accuracy: float
     robust_accuracy: dict[str, float]
     eps: dict[str, float]
+    clean_interval: Interval | None = None
+    robust_interval: dict[str, Interval] | None = None
 
 
 class ResolutionSweep(StrictModel):
@@ -125,6 +157,29 @@ class EvaluationResult(StrictModel):
     wall_seconds: float
     code_version: str
     created: str
+    clean_interval: Interval | None = None
+
+    @model_validator(mode="after")
+    def _intervals(self) -> EvaluationResult:
+        """95 % Wilson intervals of the overall clean accuracy and the sweeps' points (the
+        sweeps attack the same ``data.n`` images)."""
+        n = self.data.n
+        if self.clean_interval is None:
+            _fill(self, "clean_interval", accuracy_interval(self.clean_accuracy, n))
+        if self.eps_sweep is not None:
+            sweep = self.eps_sweep
+            if sweep.clean_interval is None:
+                _fill(sweep, "clean_interval", accuracy_interval(sweep.clean_accuracy, n))
+            for point in sweep.points:
+                if point.robust_interval is None:
+                    _fill(point, "robust_interval", accuracy_interval(point.robust_accuracy, n))
+        for point in self.resolution_sweep.points if self.resolution_sweep else []:
+            if point.clean_interval is None:
+                _fill(point, "clean_interval", accuracy_interval(point.clean_accuracy, n))
+            if point.robust_interval is None:
+                _fill(point, "robust_interval", {norm: accuracy_interval(value, n)
+                                                 for norm, value in point.robust_accuracy.items()})
+        return self
 
     def metrics(self) -> dict[str, float]:
         """Flat metrics, as the registry logs them (fractions)."""
@@ -173,6 +228,11 @@ def read_result(path: str | Path) -> EvaluationResult:
         raise UserError(f"evaluation result {str(path)!r}: {where}: {first['msg']}") from None
 
 
+def _with_interval(accuracy: float, interval: Interval | None) -> str:
+    """``87.5% [52.9, 97.8]`` (the interval in percent)."""
+    return f"{accuracy:.1%} {interval_text(interval)}".rstrip()
+
+
 def summary_table(result: EvaluationResult):
     """A rich table of the result (one screen)."""
     # The model by name and weights hash: a checkpoint path would wrap over several lines
@@ -182,18 +242,21 @@ def summary_table(result: EvaluationResult):
                                f"[{result.model.weights_sha256[:12]}] - n={result.data.n} at "
                                f"{result.data.resolution}px"))
     table.add_column("threat")
-    table.add_column("clean", justify="right")
-    table.add_column("robust", justify="right")
+    table.add_column("clean [95 % CI]", justify="right")
+    table.add_column("robust [95 % CI]", justify="right")
     table.add_column("after each attack", justify="left")
     for threat in result.threats.values():
         steps = ", ".join(f"{a} {v:.1%}" for a, v in threat.after_attack.items())
-        table.add_row(ThreatModel(threat.norm, threat.eps).label(), f"{threat.clean_accuracy:.1%}",
-                      f"{threat.robust_accuracy:.1%}", steps)
+        table.add_row(ThreatModel(threat.norm, threat.eps).label(),
+                      _with_interval(threat.clean_accuracy, threat.clean_interval),
+                      _with_interval(threat.robust_accuracy, threat.robust_interval), steps)
     if result.eps_sweep is not None:
         sweep = result.eps_sweep
         points = ", ".join(f"{ThreatModel(sweep.norm, p.eps).label().split()[1]} "
-                           f"{p.robust_accuracy:.1%}" for p in sweep.points)
-        table.add_row(f"{sweep.norm} sweep ({sweep.version})", f"{sweep.clean_accuracy:.1%}",
+                           f"{p.robust_accuracy:.1%} {interval_text(p.robust_interval, 0)}"
+                           for p in sweep.points)
+        table.add_row(f"{sweep.norm} sweep ({sweep.version})",
+                      _with_interval(sweep.clean_accuracy, sweep.clean_interval),
                       f"E={sweep.expected_robustness:.1%}", points)
     if result.resolution_sweep is not None:
         res = result.resolution_sweep
@@ -208,5 +271,6 @@ def summary_table(result: EvaluationResult):
         table.add_row(label, f"{c.accuracy:.1%}", "", "")
     failed = [g.name for g in result.guards if not g.passed]
     table.caption = ("all guards passed" if not failed
-                     else "UNTRUSTWORTHY - failed guards: " + ", ".join(failed))
+                     else "UNTRUSTWORTHY - failed guards: " + ", ".join(failed)) + escape(
+        f"; [low, high]: 95 % Wilson interval over n={result.data.n}")
     return table

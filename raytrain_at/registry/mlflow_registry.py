@@ -8,20 +8,29 @@ version is never overwritten: MLflow numbers them, and a clash between parallel 
 against one SQLite store is retried.
 
 Aliases ``champion-linf`` / ``champion-l2`` / ``champion-l1`` move to a new version only when it
-beats the holder on that threat's robust accuracy at the same radius on the same data; every move
-is recorded as a tag of the registered model and printed.
+beats the holder on that norm's robust accuracy at the same radius on the same data; every move
+is printed and appended to the model's alias history: one file, ``alias_history.txt``, of the run
+``alias history NAME`` in the registry experiment (the model's description shows the latest).
+
+What a person reads in ``mlflow ui`` is written here too (:mod:`raytrain_at.registry.report_card`):
+the version's description is its report card; the registered model's description names the
+champions above its versions' table, refreshed at every registration; and the description of the
+registered model :data:`LEADERBOARD_MODEL` (no versions of its own) is the leaderboard of every
+registered version.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
 import shutil
 import subprocess
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,20 +42,30 @@ import raytrain_at
 from raytrain_at.errors import UserError
 from raytrain_at.evaluation.threats import NORMS
 from raytrain_at.model_refs import resolve_version, write_mlflow_model
+from raytrain_at.registry.leaderboard_formats import SIZES
+from raytrain_at.registry.report_card import (HistoryLink, RunRef, VersionCard,
+                                              leaderboard_card, model_card, summary_line,
+                                              version_card, with_reevaluation)
 from raytrain_at.tracking.experiments import ensure_experiment
-from raytrain_at.tracking.runs import default_tracking_uri
+from raytrain_at.tracking.runs import default_tracking_uri, find_run_id
 
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "raytrain-at-registry"
 MODEL_TYPE = "raytrain_at.robust_classifier"
-THREATS = NORMS
-SIZES = {"small": (0.0, 30.0), "medium": (30.0, 80.0), "large": (80.0, float("inf"))}
+# The registered model whose description is the leaderboard of every registered version.
+LEADERBOARD_MODEL = "raytrain-at-leaderboard"
+# A registered model's alias moves: one text file (oldest first) of one run of the registry
+# experiment, the run tagged with the model's name.
+ALIAS_HISTORY_FILE = "alias_history.txt"
+HISTORY_RUN_TAG = "raytrain_at.alias_history_of"
+# Per-move tags of earlier versions (alias_log.<alias>.<ms>), folded into the history.
+LEGACY_ALIAS_LOG = "alias_log."
 T = TypeVar("T")
 
 
-def champion_alias(threat: str) -> str:
-    return f"champion-{threat}"
+def champion_alias(norm: str) -> str:
+    return f"champion-{norm}"
 
 
 def _retry(action: Callable[[], T], what: str, attempts: int = 40) -> T:
@@ -107,14 +126,15 @@ def _experiment_id(client: MlflowClient) -> str:
     return _retry(lambda: ensure_experiment(client, EXPERIMENT), "experiment")
 
 
-def _ensure_registered_model(client: MlflowClient, name: str) -> None:
+def _ensure_registered_model(client: MlflowClient, name: str,
+                             description: str = "robust classifiers (raytrain-at)") -> None:
     try:
         client.get_registered_model(name)
         return
     except MlflowException:
         pass
     try:
-        client.create_registered_model(name, description="robust classifiers (raytrain-at)")
+        client.create_registered_model(name, description=description)
     except MlflowException as exc:
         if "already exists" not in str(exc).lower():
             raise
@@ -137,16 +157,17 @@ class ModelRegistry:
                  metrics: dict[str, float], tags: dict[str, str],
                  comparable: dict[str, str], eligible: bool,
                  source_run_id: str | None = None, evaluation_file: Path | None = None,
-                 dataset: EvaluationDataset | None = None) -> Registration:
+                 dataset: EvaluationDataset | None = None,
+                 card: VersionCard | None = None) -> Registration:
         """Log ``model_dir`` as a logged model and register it as a new version of ``name``.
 
         Args:
             model_dir: folder with ``model.safetensors``, its MLflow model and the evaluation
                 files.
             params: architecture, size, training and evaluation facts.
-            metrics: ``clean_acc``, ``robust_acc_<threat>`` ... (fractions).
+            metrics: ``clean_acc``, ``robust_acc_<norm>`` ... (fractions).
             tags: weights hash, code version, ``trustworthy`` ...
-            comparable: per threat, what must match for two versions to be compared
+            comparable: per norm, what must match for two versions to be compared
                 (radius and data); stored as version tags.
             eligible: whether the version may take champion aliases (evaluated, trusted).
             source_run_id: the training run that produced the weights. When it is in this
@@ -155,6 +176,8 @@ class ModelRegistry:
             evaluation_file: the evaluation result JSON, logged as an artifact of that run.
             dataset: the evaluation data, logged as the run's dataset input; the metrics are
                 linked to it.
+            card: the version's report card without what only registering knows (version,
+                ids, runs); filled in and written as the version's description.
         """
         client = self.client
         source = self._existing_run(source_run_id)
@@ -207,13 +230,111 @@ class ModelRegistry:
             raise
         registration = Registration(name=name, version=str(version.version),
                                     model_id=model.model_id, run_id=run_id)
-        if eligible:
-            for threat in THREATS:
-                key = f"robust_acc_{threat}"
-                if key in metrics:
-                    self._maybe_take_alias(registration, threat, metrics[key],
-                                           comparable.get(threat, ""))
+        try:
+            if eligible:
+                for norm in NORMS:
+                    key = f"robust_acc_{norm}"
+                    if key in metrics:
+                        self._maybe_take_alias(registration, norm, metrics[key],
+                                               comparable.get(norm, ""))
+            if card is not None:
+                self._write_version_card(card, registration, experiment, own_run)
+                if card.result is not None and tags.get("weights_sha256"):
+                    self._mark_reevaluated(registration, tags["weights_sha256"],
+                                           summary_line(card.result))
+            self.refresh_pages(name)
+        except MlflowException as exc:
+            raise UserError(f"MLflow registry at {self.tracking_uri}: {name} version "
+                            f"{registration.version} is registered, but writing its pages "
+                            f"failed: {str(exc).splitlines()[0]}") from None
         return registration
+
+    # ------------------------------------------------------------------ pages
+    def _write_version_card(self, card: VersionCard, registration: Registration,
+                            experiment_id: str, own_run: bool) -> None:
+        """Fill in what registering decided (version, ids, runs) and write the card as the
+        version's description."""
+        run = self._run_ref(registration.run_id)
+        lineage = replace(card.lineage, training=None if own_run else run,
+                          register_run=run if own_run else None)
+        if lineage.init_run is None and (lineage.init or lineage.init_source_run):
+            lineage.init_run, lineage.init_is_clean = self._initial_run(
+                lineage.init_source_run or lineage.init or "")
+        filled = replace(card, name=registration.name, version=registration.version,
+                         model_id=registration.model_id, experiment_id=experiment_id,
+                         lineage=lineage)
+        text = version_card(filled)
+        _retry(lambda: self.client.update_model_version(
+            registration.name, registration.version, description=text), "description")
+
+    def _mark_reevaluated(self, registration: Registration, weights_sha256: str,
+                          summary: str) -> None:
+        """Earlier versions of the same weights: their cards point to this evaluation."""
+        same = self.client.search_model_versions(
+            f"name = '{registration.name}' and tags.weights_sha256 = '{weights_sha256}'")
+        for version in same:
+            if int(version.version) >= int(registration.version):
+                continue
+            full = self.client.get_model_version(registration.name, version.version)
+            text = with_reevaluation(full.description or "", registration.name,
+                                     registration.version, summary, _utc(time.time()))
+            _retry(lambda v=version.version, t=text: self.client.update_model_version(
+                registration.name, v, description=t), "re-evaluation note")
+
+    def _run_ref(self, run_id: str) -> RunRef | None:
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return None
+        return RunRef(run_id, run.info.experiment_id, run.info.run_name or run_id)
+
+    def _initial_run(self, reference: str) -> tuple[RunRef | None, bool]:
+        """The run a ``model.init`` reference (or a bare run id) names in this store, and
+        whether it trained without an attack (a clean pre-training)."""
+        run_id: str | None = None
+        if reference.startswith("run:"):
+            experiment, _, run_name = reference[len("run:"):].partition("/")
+            try:
+                run_id = find_run_id(self.tracking_uri, experiment, run_name)
+            except LookupError:
+                return None, False
+        elif reference.startswith("runs:/"):
+            run_id = reference[len("runs:/"):].split("/")[0]
+        elif reference.startswith("models:/"):
+            try:
+                run_id = self.resolve(reference).run_id
+            except UserError:
+                return None, False
+        elif "/" not in reference and reference:
+            run_id = reference
+        ref = self._run_ref(run_id) if run_id else None
+        if ref is None:
+            return None, False
+        params = self.client.get_run(ref.run_id).data.params
+        clean = params.get("objective.kind") == "clean" or params.get("attack.kind") == "none"
+        return ref, clean
+
+    def refresh_pages(self, name: str) -> None:
+        """Rewrite the registered model's description (champions, versions) and the
+        leaderboard model's (every registered version)."""
+        rows = self.rows(name)
+        run_id = self._history_run(name)
+        history = HistoryLink(self.alias_history(name, run_id), artifact_url=(
+            f"get-artifact?path={ALIAS_HISTORY_FILE}&run_uuid={run_id}" if run_id else None))
+        text = model_card(name, rows, LEADERBOARD_MODEL, history)
+        _retry(lambda: self.client.update_registered_model(name, description=text),
+               "model description")
+        self.refresh_leaderboard()
+
+    def refresh_leaderboard(self) -> None:
+        """The leaderboard (best l_inf first) as the description of :data:`LEADERBOARD_MODEL`."""
+        text = leaderboard_card(leaderboard_rows(self.rows(), "linf"),
+                                "Leaderboard: every registered robust model (raytrain-at)")
+        _retry(lambda: _ensure_registered_model(
+            self.client, LEADERBOARD_MODEL,
+            "the leaderboard of every registered version (raytrain-at)"), "leaderboard model")
+        _retry(lambda: self.client.update_registered_model(LEADERBOARD_MODEL, description=text),
+               "leaderboard")
 
     def _existing_run(self, run_id: str | None):
         """The run ``run_id`` if this store has it (a model file may come from another store)."""
@@ -225,20 +346,20 @@ class ModelRegistry:
             return None
         return None if run.info.lifecycle_stage == "deleted" else run
 
-    def _maybe_take_alias(self, registration: Registration, threat: str, value: float,
+    def _maybe_take_alias(self, registration: Registration, norm: str, value: float,
                           comparable: str) -> None:
-        alias = champion_alias(threat)
+        alias = champion_alias(norm)
         client = self.client
         try:
             holder = client.get_model_version_by_alias(registration.name, alias)
         except MlflowException:
             holder = None
         if holder is not None:
-            held = self.version_metrics(holder).get(f"robust_acc_{threat}")
-            if holder.tags.get(f"comparable.{threat}") != comparable:
+            held = self.version_metrics(holder).get(f"robust_acc_{norm}")
+            if holder.tags.get(f"comparable.{norm}") != comparable:
                 registration.alias_notes.append(
                     f"{alias} stays on v{holder.version}: measured at another radius or on "
-                    f"other data ({holder.tags.get(f'comparable.{threat}')} vs {comparable})")
+                    f"other data ({holder.tags.get(f'comparable.{norm}')} vs {comparable})")
                 return
             if held is not None and value <= held:
                 registration.alias_notes.append(
@@ -248,17 +369,59 @@ class ModelRegistry:
                                                          registration.version), "alias")
         previous = f"v{holder.version}" if holder is not None else "nobody"
         note = (f"{alias} moved from {previous} to v{registration.version} "
-                f"(robust_acc_{threat} {value:.4f})")
-        _retry(lambda: client.set_registered_model_tag(
-            registration.name, f"alias_log.{alias}.{int(time.time() * 1000)}", note), "alias log")
-        # The Models page lists registered models with their tags: one tag per threat says
+                f"(robust_acc_{norm} {value:.4f})")
+        self._record_alias_move(registration.name, note)
+        # The Models page lists registered models with their tags: one tag per norm says
         # what the champion holds, where it was measured, so the list itself compares models.
         _retry(lambda: client.set_registered_model_tag(
-            registration.name, f"robust_acc_{threat}",
+            registration.name, f"robust_acc_{norm}",
             f"{100 * value:.1f}% (v{registration.version}; {comparable})"), "champion tag")
         registration.aliases_taken.append(alias)
         registration.alias_notes.append(note)
         log.info(note)
+
+    def _record_alias_move(self, name: str, note: str) -> None:
+        """Append ``note`` (with its UTC time) to the model's alias history, folding in (and
+        deleting) the per-move ``alias_log.<alias>.<ms>`` tags earlier versions wrote."""
+        tags = dict(self.client.get_registered_model(name).tags or {})
+        legacy = sorted((int(key.rsplit(".", 1)[-1]), value) for key, value in tags.items()
+                        if key.startswith(LEGACY_ALIAS_LOG) and key.rsplit(".", 1)[-1].isdigit())
+        run_id = self._history_run(name) or self._new_history_run(name)
+        lines = self.alias_history(name, run_id)
+        lines += [f"{_utc(ms / 1000)}  {value}" for ms, value in legacy]
+        lines.append(f"{_utc(time.time())}  {note}")
+        _retry(lambda: self.client.log_text(run_id, "\n".join(lines) + "\n",
+                                            ALIAS_HISTORY_FILE), "alias history")
+        for key in [k for k in tags if k.startswith(LEGACY_ALIAS_LOG)]:
+            _retry(lambda k=key: self.client.delete_registered_model_tag(name, k), "alias log")
+
+    def _history_run(self, name: str) -> str | None:
+        """The run of the registry experiment that holds ``name``'s alias history."""
+        experiment = _experiment_id(self.client)
+        found = self.client.search_runs(
+            [experiment], filter_string=f"tags.`{HISTORY_RUN_TAG}` = '{name}'", max_results=1)
+        return found[0].info.run_id if found else None
+
+    def _new_history_run(self, name: str) -> str:
+        experiment = _experiment_id(self.client)
+        run_id = _retry(lambda: self.client.create_run(
+            experiment, run_name=f"alias history {name}",
+            tags={HISTORY_RUN_TAG: name}), "history run").info.run_id
+        _retry(lambda: self.client.set_terminated(run_id, "FINISHED"), "history run")
+        return run_id
+
+    def alias_history(self, name: str, run_id: str | None = None) -> list[str]:
+        """Every alias move of ``name``, oldest first (``TIME  NOTE`` lines)."""
+        run_id = run_id or self._history_run(name)
+        if run_id is None:
+            return []
+        if not any(a.path == ALIAS_HISTORY_FILE for a in self.client.list_artifacts(run_id)):
+            return []
+        # One small file: MLflow's progress bar would only add lines to register's output.
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        with tempfile.TemporaryDirectory(prefix="raytrain-at-history-") as tmp:
+            path = self.client.download_artifacts(run_id, ALIAS_HISTORY_FILE, tmp)
+            return [line for line in Path(path).read_text().splitlines() if line]
 
     # ------------------------------------------------------------------ reading
     @staticmethod
@@ -271,16 +434,20 @@ class ModelRegistry:
         return source.removeprefix("models:/") if source.startswith("models:/m-") else None
 
     def version_metrics(self, version) -> dict[str, float]:
-        model_id = self.logged_model_id(version)
-        if model_id is None:
-            return {}
-        return {m.key: m.value for m in self.client.get_logged_model(model_id).metrics or []}
+        return self._logged_facts(version)[0]
 
     def version_params(self, version) -> dict[str, str]:
+        return self._logged_facts(version)[1]
+
+    def _logged_facts(self, version) -> tuple[dict[str, float], dict[str, str]]:
+        """Metrics and params of a version's logged model (one read). A re-evaluated version
+        has several values per metric: the latest (highest step, then time) counts."""
         model_id = self.logged_model_id(version)
         if model_id is None:
-            return {}
-        return dict(self.client.get_logged_model(model_id).params or {})
+            return {}, {}
+        logged = self.client.get_logged_model(model_id)
+        latest = sorted(logged.metrics or [], key=lambda m: (m.step or 0, m.timestamp or 0))
+        return {m.key: m.value for m in latest}, dict(logged.params or {})
 
     def resolve(self, reference: str):
         """The model version a ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` names."""
@@ -306,8 +473,7 @@ class ModelRegistry:
                         version.name).aliases.items():
                     held.setdefault(str(number), []).append(alias)
                 aliases_of[version.name] = held
-            metrics = self.version_metrics(version)
-            params = self.version_params(version)
+            metrics, params = self._logged_facts(version)
             aliases = aliases_of[version.name].get(str(version.version), [])
             rows.append({"name": version.name, "version": int(version.version),
                          "aliases": aliases, "metrics": metrics, "params": params,
@@ -328,11 +494,15 @@ class ModelRegistry:
         return found
 
 
-def leaderboard_rows(rows: list[dict[str, Any]], threat: str = "linf",
+def _utc(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def leaderboard_rows(rows: list[dict[str, Any]], norm: str = "linf",
                      size: str | None = None) -> list[dict[str, Any]]:
-    """Rows filtered by size class (params in M) and sorted by the threat's robust accuracy."""
-    if threat not in THREATS:
-        raise UserError(f"unknown threat {threat!r} (known: {', '.join(THREATS)})")
+    """Rows filtered by size class (params in M) and sorted by the norm's robust accuracy."""
+    if norm not in NORMS:
+        raise UserError(f"unknown norm {norm!r} (known: {', '.join(NORMS)})")
     if size is not None and size not in SIZES:
         raise UserError(f"unknown size {size!r} (known: {', '.join(SIZES)})")
     kept = []
@@ -343,7 +513,7 @@ def leaderboard_rows(rows: list[dict[str, Any]], threat: str = "linf",
             if not low <= params_m < high:
                 continue
         kept.append(row)
-    key = f"robust_acc_{threat}"
+    key = f"robust_acc_{norm}"
     return sorted(kept, key=lambda r: r["metrics"].get(key, -1.0), reverse=True)
 
 

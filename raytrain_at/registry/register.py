@@ -4,39 +4,49 @@ registry reads back as the paper's Table 2.
 Everything is checked before MLflow is touched: the model file and its spec, the evaluation JSON
 (format, and that it evaluated these very weights), the guards (an untrustworthy evaluation is
 refused unless forced, and then tagged), and the explicit choice to register without evaluation.
+The version's report card (its description in ``mlflow ui``) is drafted here from the model
+file's training record and the evaluation; the registry fills in the runs and writes it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from raytrain_at.config import RunConfig, available_recipes, flatten, load_config
 from raytrain_at.errors import UserError
 from raytrain_at.evaluation.result import EvaluationResult, read_result
 from raytrain_at.evaluation.threats import THREAT_TITLES
 from raytrain_at.model_refs import local_model_file
 from raytrain_at.models.model_files import file_sha256, read_model_spec
 from raytrain_at.registry.leaderboard_formats import records, rich_table
+from raytrain_at.registry.report_card import Lineage, VersionCard
 
 GUARDS_FILE = "guards.json"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def _training_facts(metadata: dict[str, str]) -> dict[str, Any]:
-    """Epochs, attack steps, recipe and dataset from the model file's training record."""
+    """Epochs, attack steps, recipe and dataset from the model file's training record; a clean
+    training (no attack) has 0 attack steps and no training radius."""
     text = metadata.get("raytrain_at.run_config")
     if not text:
         return {"epochs": None, "attack_steps": None, "recipe": None, "dataset": None,
-                "train_eps": None}
+                "train_eps": None, "train_objective": None, "train_norm": None}
     config = json.loads(text)
-    return {"epochs": config["schedule"]["epochs"], "attack_steps": config["attack"]["steps"],
+    attack, objective = config["attack"], config["objective"]["kind"]
+    attacked = attack["kind"] != "none" and objective != "clean"
+    return {"epochs": config["schedule"]["epochs"],
+            "attack_steps": attack["steps"] if attacked else 0,
             "recipe": config.get("recipe"), "dataset": config["data"]["train"],
-            "train_eps": config["attack"]["eps"]}
+            "train_eps": attack["eps"] if attacked else None, "train_objective": objective,
+            "train_norm": attack["norm"] if attacked else None}
 
 
 def _model_size(spec) -> tuple[float, float]:
@@ -114,27 +124,103 @@ def register_model(model_ref: str, name: str, *, eval_path: str | Path | None = 
     params, metrics, tags, comparable = registration_payload(model_file, result, model_ref)
     if result is not None and not result.trustworthy:
         tags["forced"] = "true"
+    files: dict[str, str] = {}  # what each staged file is, for the report card's links
     with tempfile.TemporaryDirectory(prefix="raytrain-at-guards-") as tmp:
         extras = []
         if eval_path is not None and result is not None:
             extras.append(Path(eval_path))
+            files["result"] = Path(eval_path).name
             guards = Path(tmp) / GUARDS_FILE
             guards.write_text(json.dumps([g.model_dump() for g in result.guards], indent=1))
             extras.append(guards)
-            for sweep in (result.eps_sweep, result.resolution_sweep):
-                if sweep is not None and sweep.plot:
+            files["guards"] = GUARDS_FILE
+            for label, sweep in (("eps sweep", result.eps_sweep),
+                                 ("resolution sweep", result.resolution_sweep)):
+                if sweep is not None and sweep.plot and Path(sweep.plot).is_file():
                     extras.append(Path(sweep.plot))
+                    files[label] = Path(sweep.plot).name
         folder = stage_model_dir(model_file, extras)
-    _, metadata = read_model_spec(model_file)
+    spec, metadata = read_model_spec(model_file)
+    card = draft_card(params, metadata, result, files, forced=bool(tags.get("forced")))
+    if spec.mean is not None:
+        card.params["normalisation"] = f"mean {spec.mean}, std {spec.std}"
     try:
         return ModelRegistry(tracking_uri).register(
             name=name, model_dir=folder, params=params, metrics=metrics, tags=tags,
             comparable=comparable, eligible=result is not None and result.trustworthy,
             source_run_id=metadata.get("raytrain_at.source_run") or _run_of_reference(model_ref),
             evaluation_file=Path(eval_path) if eval_path is not None else None,
-            dataset=evaluation_dataset(result) if result is not None else None)
+            dataset=evaluation_dataset(result) if result is not None else None, card=card)
     finally:
         shutil.rmtree(folder.parent, ignore_errors=True)
+
+
+def draft_card(params: dict[str, Any], metadata: dict[str, str],
+               result: EvaluationResult | None, files: dict[str, str],
+               forced: bool = False) -> VersionCard:
+    """The report card of a version before registering (name, version and runs come later)."""
+    config = _run_config(metadata)
+    model = (config or {}).get("model", {})
+    init, pretrained = model.get("init"), model.get("pretrained")
+    lineage = Lineage(init=init, pretrained=pretrained,
+                      init_source_run=_source_run_of_file(init),
+                      selected_epoch=params.get("selected_epoch"),
+                      epochs=None if params.get("epochs") is None else str(params["epochs"]),
+                      selected_by=params.get("selected_by"), recorded=config is not None)
+    return VersionCard(name="", version="", model_id="", experiment_id="", params=dict(params),
+                       result=result, lineage=lineage, files=files,
+                       recipe_changes=recipe_changes(config), forced=forced)
+
+
+def _run_config(metadata: dict[str, str]) -> dict[str, Any] | None:
+    text = metadata.get("raytrain_at.run_config")
+    return json.loads(text) if text else None
+
+
+def _source_run_of_file(init: str | None) -> str | None:
+    """The training run a local ``model.init`` file records, if it is a model file here."""
+    if not init or init.startswith(("hub:", "run:", "runs:/", "models:/")):
+        return None
+    path = Path(init)
+    if not path.is_file():
+        return None
+    try:
+        return read_model_spec(path)[1].get("raytrain_at.source_run")
+    except UserError:
+        return None
+
+
+# Keys whose difference from the recipe says nothing about what was trained: where it ran and
+# was tracked, and how many workers shared the global batch.
+_NOT_RECIPE = ("tracking.", "scaling.", "data.loader_workers", "schedule.log_every_steps",
+               "schedule.checkpoint_every")
+
+
+def recipe_changes(config: dict[str, Any] | None) -> list[str] | None:
+    """``key=value`` for each trained setting that differs from the bundled recipe the run
+    names (None when there is no record or no such recipe). Paths are compared after
+    expanding ``$VARS`` and ``~``, and by file name."""
+    if not config or config.get("recipe") not in available_recipes():
+        return None
+    recipe = flatten(load_config(config["recipe"]))
+    ours = flatten(RunConfig.model_validate(config))
+    changed = []
+    for key, value in ours.items():
+        if key.startswith(_NOT_RECIPE) or _same_setting(recipe.get(key), value):
+            continue
+        changed.append(f"{key}={value}")
+    return changed
+
+
+def _same_setting(recipe: Any, ours: Any) -> bool:
+    if recipe == ours:
+        return True
+    if isinstance(recipe, str) and isinstance(ours, str):
+        expanded = os.path.expanduser(os.path.expandvars(recipe))
+        return expanded == ours or ("/" in expanded and Path(expanded).name == Path(ours).name)
+    if isinstance(recipe, int | float) and isinstance(ours, int | float):
+        return abs(recipe - ours) <= 1e-9 * max(abs(recipe), abs(ours))
+    return False
 
 
 def _run_of_reference(model_ref: str) -> str | None:
@@ -167,9 +253,9 @@ def evaluation_dataset(result: EvaluationResult):
                              profile=profile)
 
 
-def leaderboard(threat: str = "linf", size: str | None = None, name: str | None = None,
+def leaderboard(norm: str = "linf", size: str | None = None, name: str | None = None,
                 tracking_uri: str | None = None) -> list[dict[str, Any]]:
-    """Registered versions as Table 2 rows, best first for ``threat``.
+    """Registered versions as Table 2 rows, best first for ``norm``'s robust accuracy.
 
     Raises:
         UserError: ``name`` is not a registered model (an empty table would hide the typo).
@@ -181,9 +267,9 @@ def leaderboard(threat: str = "linf", size: str | None = None, name: str | None 
     if name is not None and not rows and not registry.has_model(name):
         raise UserError(f"--name {name!r}: no registered model of that name in "
                         f"{registry.tracking_uri}")
-    return leaderboard_rows(rows, threat, size)
+    return leaderboard_rows(rows, norm, size)
 
 
-def leaderboard_table(rows: list[dict[str, Any]], threat: str):
+def leaderboard_table(rows: list[dict[str, Any]], norm: str):
     """A rich table in the layout of the paper's Table 2, with radius, data and n."""
-    return rich_table(records(rows), f"Registered robust models, sorted by {THREAT_TITLES[threat]}")
+    return rich_table(records(rows), f"Registered robust models, sorted by {THREAT_TITLES[norm]}")

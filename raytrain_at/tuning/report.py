@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from rich.markup import escape
 from rich.table import Table
 
 from raytrain_at.runtime.console import make_console
+from raytrain_at.evaluation.intervals import accuracy_interval, interval_text
 from raytrain_at.evaluation.threats import NORMS
 from raytrain_at.tuning.spaces import SearchSpace
 
@@ -49,6 +51,7 @@ class TrialRecord:
     error: str | None = None
     evaluation: dict[str, float] = field(default_factory=dict)  # clean / robust per threat
     evaluation_path: str | None = None
+    evaluation_n: int | None = None  # images the evaluation attacked
 
 
 def trial_label(record: TrialRecord) -> str:
@@ -97,15 +100,28 @@ def print_table(records: list[TrialRecord], space: SearchSpace, title: str) -> N
                "mlflow_run_id": "MLflow run"}
     if space.metric not in headers:
         headers[space.metric] = space.metric
-    rows = results_rows(sorted(records, key=order), space)
+    ordered = sorted(records, key=order)
+    rows = results_rows(ordered, space)
     shown = [c for c in headers if any(row.get(c) for row in rows)]
     table = Table(title=title)
     for column in shown:
         table.add_column(headers[column], no_wrap=True,
+                         # an interval ("[28.0, 72.0]") is never cut
+                         min_width=12 if column.startswith("autoattack_") else None,
                          justify="left" if column in ("trial_id", "status", "mlflow_run_id",
                                                       *space.search) else "right")
-    for row in rows:
+    for record, row in zip(ordered, rows):
+        # AutoAttack of a few images says little: each accuracy (percent) with its 95 %
+        # interval on the line below.
+        for column in EVALUATION_COLUMNS:
+            value = record.evaluation.get(column)
+            if value is not None and record.evaluation_n:
+                row[f"autoattack_{column}"] = f"{100 * value:.1f}\n" + interval_text(
+                    accuracy_interval(value, record.evaluation_n))
         table.add_row(*(row[c][:8] if c == "mlflow_run_id" else row[c] for c in shown))
+    if any(r.evaluation_n for r in records):
+        table.caption = escape("AA: AutoAttack of the best trials (percent); [low, high]: 95 % "
+                               "Wilson interval over the images attacked")
     make_console().print(table)
 
 

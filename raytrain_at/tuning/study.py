@@ -408,6 +408,7 @@ def evaluate_best(context: _TrialContext, records: list[TrialRecord], report_dir
         result, path = evaluate(request)
         record.evaluation = result.metrics()
         record.evaluation_path = str(path)
+        record.evaluation_n = result.data.n
         log_run_metrics(tracking_uri, cast(str, record.run_id),
                         {f"autoattack_{k}": v for k, v in record.evaluation.items()},
                         tags={EVALUATION_TAG: spec.version})

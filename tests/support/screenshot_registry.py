@@ -1,29 +1,36 @@
 """Screenshot a registered model in the MLflow UI, registered through a real tracking server.
 
-    python tests/support/screenshot_registry.py --out registry.png [--model-file PATH]
-        [--keep-server]
+    python tests/support/screenshot_registry.py --out registry.png [--page version|model|models|
+        logged-model] [--model-file PATH] [--keep-server]
+    python tests/support/screenshot_registry.py --store sqlite:///DIR/mlflow.db --name NAME
+        [--version N] --page version|model --out page.png
 
 What it does, all on 127.0.0.1 with throw-away storage (a temporary folder, removed at the end):
 
 1. starts ``mlflow server`` on a free port (SQLite store, artifacts proxied by the server into the
-   temporary folder, one worker);
+   temporary folder, one worker), or with ``--store`` on an existing store (the quickstart's);
 2. meanwhile takes the model: ``--model-file``, or a small ``test_resnet`` (10 classes, 16x16)
    trained for two clean epochs on the bundled digits; evaluates it with AutoAttack ``apgdt`` on
-   16 bundled digits (l_inf and l_2) unless ``--eval`` gives a result or ``--unevaluated`` skips
-   it, so that the version has metrics and champion aliases (steps 1-2 take about 30 s on 2 CPU
-   cores);
+   16 bundled digits (l_inf, l_2 and l_1) unless ``--eval`` gives a result or ``--unevaluated``
+   skips it, so that the version has metrics and champion aliases (steps 1-2 take about 30 s on 2
+   CPU cores); with ``--store`` nothing is registered;
 3. registers it through the server (``register_model(..., tracking_uri=http://127.0.0.1:PORT)``);
 4. opens the page in headless Chromium (Debian's ``chromium``) - by default the registered
    version, ``#/models/NAME/versions/N`` - saves the screenshot and checks it (a PNG of the
    window's size with more than a handful of colours), and dumps the rendered DOM to check that
-   the page shows data only the server can have given it (the model name and its ``code_version``
-   tag; for ``--page logged-model`` the ``clean_acc`` metric or the ``architecture`` param);
-5. prints one JSON line (url, png, checks, registration) and stops the server by its process
-   group (``--keep-server`` keeps it serving until Ctrl-C / SIGTERM, to look around).
+   the page shows what a person reads there (:func:`page_evidence`): on the version page its
+   report card (clean and each robust accuracy as ``25.0 % (4/16)`` with its 95 % interval,
+   ``n = 16``, the paper's row and number, the lineage), on the model page the champions table
+   with each champion's accuracy and interval; and that no page shows a per-move
+   ``alias_log.*`` tag;
+5. prints one JSON line (url, png, checks, version) and stops the server by its process
+   group (``--keep-server`` keeps it serving until Ctrl-C / SIGTERM, to look around). With
+   ``RAYTRAIN_AT_CI_ARTIFACTS`` set (``make browser-check`` sets ``ci-artifacts/registry``), the
+   PNG and the DOM dump are also copied there, for CI to keep.
 
-Exit status: 0 when every check passed, 1 when one failed (the PNG and DOM are kept for a look),
-2 for usage errors, a missing Chromium (``error: chromium not found: apt-get install chromium``)
-or a model that cannot be registered.
+Exit status: 0 when every check passed, 1 when one failed (the PNG and DOM are kept for a look;
+the error names the missing text), 2 for usage errors, a missing Chromium (``error: chromium
+not found: apt-get install chromium``) or a model that cannot be registered.
 
 The server helper (:class:`MlflowServer`) is also what ``tests/test_registry_server.py`` uses.
 """
@@ -80,8 +87,10 @@ class MlflowServer:
     process group it created (the ``mlflow`` CLI and its uvicorn child), never anything else.
     """
 
-    def __init__(self, root: str | Path, port: int | None = None, workers: int = 1) -> None:
+    def __init__(self, root: str | Path, port: int | None = None, workers: int = 1,
+                 backend_store_uri: str | None = None) -> None:
         self.root = Path(root)
+        self.backend_store_uri = backend_store_uri
         self.port = port or free_local_port(HOST)
         self.workers = workers
         self.artifacts = self.root / "artifacts"
@@ -96,7 +105,7 @@ class MlflowServer:
 
     def command(self) -> list[str]:
         return [*mlflow_command(), "server", "--host", HOST, "--port", str(self.port),
-                "--backend-store-uri", f"sqlite:///{self.store}",
+                "--backend-store-uri", self.backend_store_uri or f"sqlite:///{self.store}",
                 "--serve-artifacts", "--default-artifact-root", "mlflow-artifacts:/",
                 "--artifacts-destination", str(self.artifacts),
                 "--workers", str(self.workers)]
@@ -306,19 +315,84 @@ def changed_fraction(before: Path, after: Path) -> float:
         return changed / (diff.size[0] * diff.size[1])
 
 
-def page_evidence(page: str, registration, evaluated: bool) -> list[str]:
-    """Strings the rendered DOM must hold: ones only the server's answers can put there."""
-    name = registration.name
+def version_facts(client, name: str, version: str) -> dict[str, Any]:
+    """What the server holds about a version: its aliases, its logged model's metrics and
+    params (where a page's evidence comes from)."""
+    held = client.get_registered_model(name).aliases
+    logged_id = (client.get_model_version(name, version).source or "").removeprefix("models:/")
+    logged = client.get_logged_model(logged_id)
+    return {"name": name, "version": str(version), "model_id": logged_id,
+            "experiment_id": logged.experiment_id,
+            "aliases": sorted(a for a, v in held.items() if str(v) == str(version)),
+            "all_aliases": sorted(held),
+            "metrics": {m.key: m.value for m in logged.metrics or []},
+            "params": dict(logged.params or {})}
+
+
+def _accuracy_texts(facts: dict[str, Any], key: str) -> list[str]:
+    """How a version's report card prints an accuracy: ``25.0 % (4/16)`` and its interval."""
+    from raytrain_at.evaluation.intervals import accuracy_interval, interval_text
+
+    value, n = facts["metrics"][key], int(facts["params"]["eval_n"])
+    return [f"{100 * value:.1f} % ({round(value * n)}/{n})",
+            interval_text(accuracy_interval(value, n))]
+
+
+def page_evidence(page: str, facts: dict[str, Any]) -> list[str]:
+    """Strings the rendered DOM must hold: what a person reads there, which only the server's
+    answers (and, on the version and model pages, their descriptions) can put on the page."""
+    from raytrain_at.evaluation.intervals import accuracy_interval, interval_text
+    from raytrain_at.registry.paper_rows import reference_rows
+
+    name, metrics = facts["name"], facts["metrics"]
+    robust = [k for k in ("robust_acc_linf", "robust_acc_l2", "robust_acc_l1") if k in metrics]
     if page == "logged-model":
-        return [name, "clean_acc" if evaluated else "architecture"]
-    if page in ("models", "model"):  # the model, its champion aliases and accuracy tags
-        return [name, *registration.aliases_taken,
-                *[f"robust_acc_{alias.removeprefix('champion-')}"
-                  for alias in registration.aliases_taken]]
-    evidence = [name, "code_version"]  # a version tag every registration sets
-    if registration.aliases_taken:
-        evidence.append(registration.aliases_taken[0])
+        return [name, "clean_acc" if metrics else "architecture"]
+    if page == "models":  # the list: the model, its champion aliases and accuracy tags
+        return [name, *facts["all_aliases"],
+                *[f"robust_acc_{a.removeprefix('champion-')}" for a in facts["all_aliases"]]]
+    if page == "model":  # the champions table of the description, the versions, the tags
+        evidence = [name, "Champions", *facts["all_aliases"]]
+        n = int(facts["params"].get("eval_n") or 0)
+        for alias in facts["aliases"]:
+            key = f"robust_acc_{alias.removeprefix('champion-')}"
+            evidence += [key, f"{100 * metrics[key]:.1f} "
+                         f"{interval_text(accuracy_interval(metrics[key], n))}"]
+        return evidence
+    # The version's report card: clean and robust accuracy with counts and intervals, n, the
+    # paper's row beside ours, the lineage; plus a tag and the aliases the page always shows.
+    evidence = [name, "code_version", *facts["aliases"]]
+    if not metrics:
+        return evidence + ["Not evaluated"]
+    for key in ["clean_acc", *robust]:
+        evidence += _accuracy_texts(facts, key)
+    evidence += [f"n = {facts['params']['eval_n']}", "Lineage", "Paper row"]
+    params_m = float(facts["params"].get("params_m") or "nan")
+    rows, _ = reference_rows(facts["params"].get("recipe"),
+                             params_m if params_m == params_m else None)
+    for row in rows[:1]:
+        evidence += [row.table, f"{row.linf:.2f}"]
     return evidence
+
+
+# Text no page may show any more: the per-move alias tags of earlier versions.
+ABSENT = ("alias_log.",)
+
+
+def keep_for_ci(paths: list[Path]) -> list[str]:
+    """Copy screenshots and DOM dumps into ``$RAYTRAIN_AT_CI_ARTIFACTS`` (what CI keeps as
+    the run's artifacts: ``make browser-check`` sets it to ``ci-artifacts/registry``)."""
+    folder = os.environ.get("RAYTRAIN_AT_CI_ARTIFACTS")
+    if not folder:
+        return []
+    target = Path(folder)
+    target.mkdir(parents=True, exist_ok=True)
+    kept = []
+    for path in paths:
+        if path.is_file():
+            shutil.copy2(path, target / path.name)
+            kept.append(str(target / path.name))
+    return kept
 
 
 # ---------------------------------------------------------------------------------- main
@@ -355,7 +429,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="after the screenshot keep serving until Ctrl-C / SIGTERM")
     parser.add_argument("--startup-timeout", type=float, default=90.0,
                         help="seconds to wait for the server's /health [90]")
+    parser.add_argument("--store", default=None,
+                        help="serve this existing backend store (e.g. sqlite:///DIR/mlflow.db "
+                             "after the quickstart) and check --name's pages instead of "
+                             "registering the built-in model")
+    parser.add_argument("--version", default=None,
+                        help="with --store: the version to check [the champion-linf holder, "
+                             "else the newest]")
     args = parser.parse_args(argv)
+    if args.store is not None and (args.model_file or args.eval_path or args.unevaluated):
+        parser.error("--store checks a registry as it is: it takes no --model-file, --eval "
+                     "or --unevaluated")
     if args.eval_path is not None and args.unevaluated:
         parser.error("--eval and --unevaluated contradict each other")
     if args.eval_path is not None and args.model_file is None:
@@ -383,6 +467,39 @@ def _wait_for_interrupt(server: MlflowServer, url: str) -> None:
         pass
 
 
+def _register_builtin(args, work: Path, server: MlflowServer, binary: str) -> tuple[str, str]:
+    """Build, evaluate and register the model through the server; (name, version)."""
+    from raytrain_at.registry.register import register_model
+
+    model_file = args.model_file or build_model(work / "model.safetensors", args.train_epochs)
+    eval_path = args.eval_path
+    if eval_path is None and not args.unevaluated:
+        eval_path = evaluate_model(model_file, work, args.data)
+    server.wait_ready(args.startup_timeout)
+    if args.page in ("models", "model"):  # before: to see what registering adds
+        run_chromium(binary, [f"--screenshot={work / 'before.png'}"], f"{server.url}/" + PAGES[
+            args.page].format(name=urllib.parse.quote(args.name, safe="")),
+                     work / "chromium-before", args.window_size, args.budget_ms)
+    registration = register_model(str(model_file), args.name, eval_path=eval_path,
+                                  unevaluated=eval_path is None, tracking_uri=server.url)
+    return registration.name, registration.version
+
+
+def _version_of(client, name: str, wanted: str | None) -> str:
+    """``wanted``, else the champion-linf holder, else the newest version."""
+    from raytrain_at.errors import UserError
+
+    if wanted:
+        return wanted
+    model = client.get_registered_model(name)
+    if "champion-linf" in model.aliases:
+        return str(model.aliases["champion-linf"])
+    versions = client.search_model_versions(f"name = '{name}'")
+    if not versions:
+        raise UserError(f"--name {name!r}: no version registered in --store")
+    return str(max(int(v.version) for v in versions))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     binary = chromium_binary()
@@ -398,41 +515,31 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="raytrain-at-registry-shot-"))
     os.environ["RAYTRAIN_AT_HOME"] = str(work / "home")  # bundled data written here, not in ~
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    server = MlflowServer(work / "mlflow")
+    server = MlflowServer(work / "mlflow", backend_store_uri=args.store)
     try:
         server.start()  # boots (about 15 s on 2 cores) while the model is built and evaluated
         # MLflow and the evaluation print progress to stdout; stdout is for the JSON line only.
         with contextlib.redirect_stdout(sys.stderr):
+            from mlflow.tracking import MlflowClient
+
             from raytrain_at.errors import UserError
-            from raytrain_at.registry.register import register_model
 
             try:
-                model_file = args.model_file or build_model(work / "model.safetensors",
-                                                           args.train_epochs)
-                eval_path = args.eval_path
-                if eval_path is None and not args.unevaluated:
-                    eval_path = evaluate_model(model_file, work, args.data)
-                server.wait_ready(args.startup_timeout)
-                baseline = None
-                if args.page in ("models", "model"):  # before: to see what registering adds
-                    baseline = work / "before.png"
-                    run_chromium(binary, [f"--screenshot={baseline}"], f"{server.url}/" + PAGES[
-                        args.page].format(name=urllib.parse.quote(args.name, safe="")),
-                                 work / "chromium-before", args.window_size, args.budget_ms)
-                registration = register_model(str(model_file), args.name, eval_path=eval_path,
-                                              unevaluated=eval_path is None,
-                                              tracking_uri=server.url)
+                if args.store is None:
+                    name, version = _register_builtin(args, work, server, binary)
+                else:
+                    server.wait_ready(args.startup_timeout)
+                    client = MlflowClient(tracking_uri=server.url, registry_uri=server.url)
+                    name = args.name
+                    version = _version_of(client, name, args.version)
+                facts = version_facts(MlflowClient(tracking_uri=server.url,
+                                                   registry_uri=server.url), name, version)
             except UserError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 2
-            from mlflow.tracking import MlflowClient
-
-            logged = MlflowClient(tracking_uri=server.url).get_logged_model(
-                registration.model_id)
         url = f"{server.url}/" + PAGES[args.page].format(
-            name=urllib.parse.quote(registration.name, safe=""),
-            version=registration.version, experiment_id=logged.experiment_id,
-            model_id=registration.model_id)
+            name=urllib.parse.quote(name, safe=""), version=version,
+            experiment_id=facts["experiment_id"], model_id=facts["model_id"])
         profile = work / "chromium-profile"
         if out.exists():
             out.unlink()
@@ -442,25 +549,28 @@ def main(argv: list[str] | None = None) -> int:
                            args.budget_ms)
         dom_out.write_text(dom.stdout)
         png = png_check(out, args.window_size)
-        evidence = page_evidence(args.page, registration, eval_path is not None)
-        found = {text: text in dom.stdout for text in evidence}
-        if baseline is not None:
+        found = {text: text in dom.stdout for text in page_evidence(args.page, facts)}
+        shown_but_gone = [text for text in ABSENT if text in dom.stdout]
+        baseline = work / "before.png"
+        if baseline.exists():
             png["changed_vs_empty"] = changed_fraction(baseline, out)
             png["ok"] = png["ok"] and png["changed_vs_empty"] > 0.005
-        ok = shot.returncode == 0 and png["ok"] and all(found.values())
+        ok = (shot.returncode == 0 and png["ok"] and all(found.values())
+              and not shown_but_gone)
         report = {
             "ok": ok, "url": url, "png": str(out), "dom": str(dom_out), "page": args.page,
-            "png_check": png, "dom_contains": found, "dom_chars": len(dom.stdout),
-            "chromium": binary, "chromium_returncode": shot.returncode,
-            "tracking_uri": server.url, "name": registration.name,
-            "version": registration.version, "model_id": registration.model_id,
-            "aliases": registration.aliases_taken,
-            "metrics": {m.key: m.value for m in logged.metrics or []},
-            "evaluated": eval_path is not None, "server_kept": args.keep_server}
+            "png_check": png, "dom_contains": found, "dom_shows_removed": shown_but_gone,
+            "dom_chars": len(dom.stdout), "chromium": binary,
+            "chromium_returncode": shot.returncode, "tracking_uri": server.url, "name": name,
+            "version": version, "model_id": facts["model_id"], "aliases": facts["aliases"],
+            "metrics": facts["metrics"], "evaluated": bool(facts["metrics"]),
+            "kept": keep_for_ci([out, dom_out]), "server_kept": args.keep_server}
         print(json.dumps(report), flush=True)
         if not ok:
-            print(f"error: the page check failed (png {png}, dom {found}); chromium said: "
-                  f"{shot.stderr[-1500:]}", file=sys.stderr)
+            missing = [text for text, seen in found.items() if not seen]
+            print(f"error: the page check failed: the rendered page lacks {missing}"
+                  + (f" and shows {shown_but_gone}" if shown_but_gone else "")
+                  + f" (png {png}); chromium said: {shot.stderr[-1500:]}", file=sys.stderr)
         if args.keep_server:
             _wait_for_interrupt(server, url)
         return 0 if ok else 1
