@@ -96,9 +96,9 @@ def test_ema_decay_is_the_configured_one_and_stays_fp32() -> None:
     assert build_ema(torch.nn.Linear(2, 2).to(torch.bfloat16), 0.9).module.weight.dtype == \
         torch.float32
 
+
 # 0.9999: the paper's code (timm ModelEmaV2) and Sec. 4.2; the appendix's 0.999 was the value
 # before issue 27 (docs/training.md, "Values taken from the paper's code").
-
 @pytest.mark.parametrize("recipe, decay", [("quickstart", 0.9),
                                            ("table2_convnext_tiny_cvst_300ep_2step", 0.9999)])
 def test_recipes_carry_their_ema_decay(recipe: str, decay: float) -> None:
