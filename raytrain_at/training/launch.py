@@ -24,6 +24,7 @@ import torch
 from raytrain_at.config import RunConfig, flatten
 from raytrain_at.runtime.console import is_verbose, user_line
 from raytrain_at.errors import RunFailed, UserError, first_lines
+from raytrain_at.names import check_name
 from raytrain_at.runtime.worker_output import worker_log_file
 from raytrain_at.runtime.ray_init import init_ray
 from raytrain_at.runtime.storage import check_root, default_home, explicit_root, require_shared_root
@@ -138,6 +139,9 @@ def prepare_run(config: RunConfig, *, run_name: str | None = None,
     from raytrain_at.tracking.runs import default_tracking_uri
 
     config = config.model_copy(deep=True)
+    # First: the name is the run's folder (and its MLflow run), so nothing is written before.
+    name = check_name(run_name or config.tracking.run_name or default_run_name(config),
+                      "run name")
     explicit = explicit_root(storage_path, config.tracking.storage_path)
     chosen = explicit or str(default_home())
     check_root(chosen)
@@ -154,9 +158,6 @@ def prepare_run(config: RunConfig, *, run_name: str | None = None,
         runs = str(local / "runs")
     local.mkdir(parents=True, exist_ok=True)
     train, heldout = prepare_data(config, local)
-    name = run_name or config.tracking.run_name or default_run_name(config)
-    if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
-        raise UserError(f"run name {name!r} may only use letters, digits, '.', '_' and '-'")
     return PreparedRun(config=config, train_path=train, heldout_path=heldout, tracking_uri=uri,
                        run_name=name, storage_path=runs, run_tags=dict(run_tags or {}),
                        shared_storage=explicit is not None)
