@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import posixpath
 import re
 import shutil
 import tempfile
@@ -28,6 +29,7 @@ from raytrain_at.names import check_name
 from raytrain_at.runtime.worker_output import worker_log_file
 from raytrain_at.runtime.ray_init import init_ray
 from raytrain_at.runtime.storage import check_root, default_home, explicit_root, require_shared_root
+from raytrain_at.training.checkpoint_manifest import restore_first_good
 from raytrain_at.training.progress import epoch_line, progress_line
 from raytrain_at.training.single_rank import rank_environment, single_rank_environment
 
@@ -193,8 +195,9 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     loop = WorkerLoop(config, place, payload["train_path"], payload["heldout_path"])
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            loop.load(Path(directory))
+        # The newest checkpoint that passes its checksums, saying which newer ones failed.
+        restore_first_good(checkpoint, lambda: earlier_checkpoints(checkpoint), loop.load,
+                           say=_resume_note if place.rank == 0 else log.warning)
     tracker = None
     if place.rank == 0:
         from raytrain_at.tracking.runs import TrainingRun
@@ -227,6 +230,32 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def earlier_checkpoints(latest) -> list:
+    """The run's checkpoints older than ``latest`` (a ``ray.train.Checkpoint``), newest first.
+
+    Ray Train keeps them beside it in the run folder (local or in the cloud) as
+    ``checkpoint_<date and time>``, names that sort by time; they are listed on the
+    checkpoint's own filesystem, whatever Ray's controller remembers after a restart.
+    """
+    import ray.train
+    from pyarrow.fs import FileSelector, FileType
+
+    parent, name = posixpath.split(latest.path.rstrip("/"))
+    entries = latest.filesystem.get_file_info(FileSelector(parent))
+    names = sorted((entry.base_name for entry in entries
+                    if entry.type == FileType.Directory
+                    and entry.base_name.startswith("checkpoint_") and entry.base_name < name),
+                   reverse=True)
+    return [ray.train.Checkpoint(posixpath.join(parent, older), filesystem=latest.filesystem)
+            for older in names]
+
+
+def _resume_note(line: str) -> None:
+    """Rank 0's line about skipped checkpoints: on the console and in the log."""
+    log.warning("%s", line)
+    user_line(line)
 
 
 def _progress_reporter(tracker, run_name: str):
