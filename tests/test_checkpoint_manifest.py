@@ -80,7 +80,8 @@ def test_resume_takes_the_newest_good_checkpoint_saying_what_it_skipped(tmp_path
     (new / "state/shard0.pt").write_bytes(b"")
     (middle / "checksums-rank1.json").unlink()
     loaded, lines = [], []
-    chosen = restore_first_good(_Folder(str(new)), lambda: [_Folder(str(middle)), _Folder(str(old))],
+    chosen = restore_first_good(_Folder(str(new)),
+                                lambda: [_Folder(str(middle)), _Folder(str(old))],
                                 loaded.append, say=lines.append)
     assert chosen.path == str(old) and loaded == [old]
     [line] = lines

@@ -252,7 +252,7 @@ def _child(storage: str, out: str) -> None:
             root = Path(out) / f"nan-{name}"
             epoch_before = restored.epoch
             try:
-                restored.run(lambda metrics, directory: reports.append(metrics), root)
+                restored.run(lambda metrics, _, sink=reports: sink.append(metrics), root)
                 stops[name] = None
             except NonFiniteLoss as exc:
                 stops[name] = [str(exc), reports, root.exists(), restored.epoch - epoch_before]
