@@ -195,9 +195,10 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     loop = WorkerLoop(config, place, payload["train_path"], payload["heldout_path"])
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        # The newest checkpoint that passes its checksums, saying which newer ones failed.
+        # The newest checkpoint that passes its checksums; rank 0 says which newer ones failed
+        # (its line reaches the console and console.log; every rank takes the same decision).
         restore_first_good(checkpoint, lambda: earlier_checkpoints(checkpoint), loop.load,
-                           say=_resume_note if place.rank == 0 else log.warning)
+                           say=user_line if place.rank == 0 else log.debug)
     tracker = None
     if place.rank == 0:
         from raytrain_at.tracking.runs import TrainingRun
@@ -250,12 +251,6 @@ def earlier_checkpoints(latest) -> list:
                    reverse=True)
     return [ray.train.Checkpoint(posixpath.join(parent, older), filesystem=latest.filesystem)
             for older in names]
-
-
-def _resume_note(line: str) -> None:
-    """Rank 0's line about skipped checkpoints: on the console and in the log."""
-    log.warning("%s", line)
-    user_line(line)
 
 
 def _progress_reporter(tracker, run_name: str):
