@@ -28,9 +28,11 @@ Model = TypeVar("Model", bound=BaseModel)
 
 
 class StrictModel(BaseModel):
-    """Base of every config section: an unknown key is an error, not a silent default."""
+    """Base of every config section: an unknown key is an error, not a silent default, and
+    every float is finite (``.inf``, ``inf`` or ``nan`` is refused naming the key: an infinite
+    learning rate or radius would pass every bound and ruin a run hours later)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------- values

@@ -22,7 +22,12 @@ Two things are shortened or replaced, for time and for a reason outside this pro
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import time
 import traceback
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -52,6 +57,40 @@ class _FixedBatches:
     def __iter__(self):
         for images, labels in self.batches:
             yield images.clone(), labels.clone()
+
+
+class _Canary:
+    """A pickle payload: unpickling it creates ``marker`` (what a planted file would run)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+@dataclass
+class _Folder:
+    """A local checkpoint folder in the shape of ``ray.train.Checkpoint``."""
+
+    path: str
+
+    def as_directory(self):
+        return nullcontext(self.path)
+
+
+def _plant(checkpoint: Path, target: Path, relative: str, marker: Path) -> Path:
+    """A copy of ``checkpoint`` whose file ``relative`` carries a :class:`_Canary`, with the
+    manifests rewritten to match (someone who can write the folder can write them too)."""
+    from raytrain_at.training.checkpoint_manifest import write_manifest
+
+    shutil.copytree(checkpoint, target)
+    path = target / relative
+    state = torch.load(path, weights_only=False)  # our own file, written by this test
+    state["note"] = _Canary(str(marker))
+    torch.save(state, path, _use_new_zipfile_serialization=False)  # as DeepSpeed writes
+    write_manifest(target, 0, 1)
+    return path
 
 
 def _flatten(value, prefix: str = "") -> dict[str, object]:
@@ -163,12 +202,78 @@ def _child(storage: str, out: str) -> None:
         restored.train_epoch()
         continued, continued_restored = _snapshot(loop), _snapshot(restored)
 
+        from raytrain_at.errors import UserError
+        from raytrain_at.training.checkpoint_manifest import (checkpoint_problem,
+                                                              restore_first_good)
+
+        added_start = time.perf_counter()
+        # The next checkpoint (epoch 2), then truncated as an interrupted upload leaves it:
+        # the resume takes the one before, with one line naming the skipped one.
+        newest = Path(out) / "checkpoint-epoch2"
+        loop.save(newest)
+        problems = [checkpoint_problem(checkpoint), checkpoint_problem(newest)]
+        optim_file = next(newest.glob("state/*optim_states.pt"))
+        optim_file.write_bytes(optim_file.read_bytes()[: optim_file.stat().st_size // 2])
+        lines: list[str] = []
+        chosen = restore_first_good(_Folder(str(newest)), lambda: [_Folder(str(checkpoint))],
+                                    restored.load, say=lines.append)
+        after_fallback = _snapshot(restored)
+
+        # Pickle canaries in DeepSpeed's two files, manifests rewritten to match.
+        refusals, markers = {}, {}
+        for name, relative in (("model", "state/mp_rank_00_model_states.pt"),
+                               ("optimizer", optim_file.relative_to(newest).as_posix())):
+            marker = Path(out) / f"canary-{name}-ran"
+            planted = _plant(checkpoint, Path(out) / f"planted-{name}", relative, marker)
+            try:
+                restored.load(planted.parents[1])
+                refusals[name] = None
+            except UserError as exc:
+                refusals[name] = str(exc)
+            markers[name] = [str(planted), checkpoint_problem(planted.parents[1]),
+                             marker.exists()]
+        # The payload is live: DeepSpeed's own loader (which the engine wraps) runs it.
+        live = Path(out) / "canary-live-ran"
+        planted = _plant(checkpoint, Path(out) / "planted-live", "state/mp_rank_00_model_states.pt",
+                         live)
+        restored.engine.checkpoint_engine._inner.load(str(planted))
+        # A NaN weight makes the loss NaN: run() stops within the epoch, before any report or
+        # checkpoint; rank 0 at its first progress report, any rank at the epoch's end.
+        from raytrain_at.training.loop import NonFiniteLoss
+
+        stops = {}
+        for name, progress in (("progress", lambda _: None), ("epoch_end", None)):
+            with torch.no_grad():
+                restored.engine.module.backbone.head.fc.weight.fill_(float("nan"))
+            restored.train_data = _FixedBatches(fixed)
+            restored.on_progress = progress
+            restored.config.schedule.log_every_steps = 1
+            reports: list = []
+            root = Path(out) / f"nan-{name}"
+            epoch_before = restored.epoch
+            try:
+                restored.run(lambda metrics, _, sink=reports: sink.append(metrics), root)
+                stops[name] = None
+            except NonFiniteLoss as exc:
+                stops[name] = [str(exc), reports, root.exists(), restored.epoch - epoch_before]
+        added_seconds = time.perf_counter() - added_start
+
         result = {
             "first_epoch_loss": metrics["train_loss"],
             "trained": _mismatches(initial, saved["weights"]),
             "fresh_vs_saved": _compare(saved, fresh),
             "restored_vs_saved": _compare(saved, after_load),
             "continued": _compare(continued, continued_restored),
+            "manifest_problems": problems,
+            "fallback_chosen": chosen.path == str(checkpoint),
+            "fallback_lines": lines,
+            "fallback_vs_saved": _compare(saved, after_fallback),
+            "newest_vs_saved": _compare(saved, continued_restored),
+            "refusals": refusals,
+            "canaries": markers,
+            "live_canary_ran": live.exists(),
+            "integrity_checks_seconds": added_seconds,
+            "nan_stops": stops,
             "moved_in_continued_epoch": _mismatches(saved["weights"], continued["weights"]),
             "epochs": [snap["epoch"][""] for snap in (saved, after_load, continued, continued_restored)],
             "optimizer_type": type(loop.engine.optimizer).__name__,
@@ -223,3 +328,39 @@ def test_training_continues_identically(result) -> None:
     assert continued == {key: [] for key in continued}, continued
     assert result["epochs"][2:] == [2, 2]
     assert result["augment_calls"][2:] == [FIRST_EPOCH_BATCHES + CONTINUED_BATCHES] * 2
+
+
+def test_truncated_latest_checkpoint_falls_back_to_the_one_before(result) -> None:
+    assert result["manifest_problems"] == [None, None]  # both verified when written
+    assert result["fallback_chosen"]
+    # One line: which checkpoint was skipped, and why (the truncated file, its sizes).
+    [line] = result["fallback_lines"]
+    assert "checkpoint-epoch2" in line and "optim_states.pt is " in line and "bytes" in line
+    assert line.startswith("resuming from the earlier checkpoint ") and "\n" not in line
+    # The loop held epoch 2's state; after the fallback it is epoch 1's, bit for bit.
+    assert all(result["newest_vs_saved"][key] for key in ("weights", "optimizer", "epoch"))
+    fallback = result["fallback_vs_saved"]
+    assert fallback == {key: [] for key in fallback}, fallback
+
+
+def test_pickle_payload_in_a_checkpoint_never_runs(result) -> None:
+    print("integrity checks took", round(result["integrity_checks_seconds"], 1), "s")
+    assert result["live_canary_ran"], "the planted payload is inert: the check proves nothing"
+    for name, (path, problem, ran) in result["canaries"].items():
+        assert problem is None, (name, problem)  # its checksums match: only the load stops it
+        assert not ran, f"the {name} file's payload ran"
+        message = result["refusals"][name]
+        assert re.fullmatch(rf"checkpoint file {re.escape(path)} holds a pickled object that is "
+                            r"not training state \(Unsupported global: GLOBAL (builtins\.)?exec\): "
+                            "refused to load it", message), message
+
+
+def test_a_non_finite_loss_stops_the_run_before_its_checkpoint(result) -> None:
+    stops = result["nan_stops"]
+    for name, step in (("progress", 1), ("epoch_end", CONTINUED_BATCHES)):
+        assert stops[name] is not None, f"a NaN loss did not stop the run ({name})"
+        message, reports, wrote_checkpoint, epochs_done = stops[name]
+        assert message == (f"the training loss is nan in epoch 2 (by step {step}): training "
+                           "stopped; the last checkpoint before this epoch is kept (lower "
+                           "optim.lr, set optim.grad_clip, or check the data)")
+        assert reports == [] and not wrote_checkpoint and epochs_done == 0

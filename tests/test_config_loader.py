@@ -15,6 +15,7 @@ from raytrain_at.config_loader import (
     FINETUNE_BENCHMARKS,
     RECIPES,
     SPACES,
+    StrictModel,
     deep_merge,
     flat_keys,
     nest,
@@ -122,3 +123,31 @@ def test_errors_are_one_line_naming_file_and_key(tmp_path) -> None:
             kind.read(bad)
     with pytest.raises(UserError, match=r"^unknown config key 'optim\.lrr'$"):
         load_config("quickstart", ["optim.lrr=1"])
+
+
+@pytest.mark.parametrize("override, key, shown", [
+    ("optim.lr=inf", "optim.lr", "'inf'"),
+    ("optim.lr=.inf", "optim.lr", "inf"),  # YAML's infinity
+    ("attack.eps=.inf", "attack.eps", "inf"),
+    ("attack.eps=nan", "attack.eps", "'nan'"),
+    ("optim.grad_clip=-inf", "optim.grad_clip", "'-inf'"),
+    ("optim.betas=[0.9, .nan]", "optim.betas.1", "nan"),
+])
+def test_non_finite_numbers_are_refused_naming_the_key(override, key, shown) -> None:
+    with pytest.raises(UserError) as info:
+        load_config("quickstart", [override])
+    assert str(info.value) == (f"config key {key!r}: Input should be a finite number "
+                               f"(got {shown})")
+    assert load_config("quickstart", ["optim.lr=1e-3"]).optim.lr == 1e-3
+
+
+def test_every_config_section_refuses_non_finite_floats() -> None:
+    """One rule for all sections (run config, search spaces, benchmark specs): no subclass of
+    StrictModel turns the finite-float check back off."""
+    seen, todo = [], [StrictModel]
+    while todo:
+        model = todo.pop()
+        seen.append(model)
+        todo.extend(model.__subclasses__())
+    assert len(seen) > 20
+    assert [m.__name__ for m in seen if m.model_config.get("allow_inf_nan") is not False] == []

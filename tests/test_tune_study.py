@@ -270,6 +270,8 @@ def _tune_in_process(args: list[str], cwd: Path, home: Path, monkeypatch, capsys
     (["--scheduler", "hyperband"], "--scheduler 'hyperband'"),
     (["--recipe", "nope"], "nope"),
     (["--name", "bad name!"], "study name 'bad name!'"),
+    (["--name", ".."], "study name '..'"),
+    (["--name", "a/b"], "study name 'a/b'"),
 ])
 def test_bad_input_fails_before_any_trial(tmp_path, monkeypatch, capsys, args, culprit) -> None:
     import ray

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,11 +24,11 @@ from raytrain_at.evaluation.result import EvaluationResult, read_result
 from raytrain_at.evaluation.threats import THREAT_TITLES
 from raytrain_at.model_refs import local_model_file
 from raytrain_at.models.model_files import file_sha256, read_model_spec
+from raytrain_at.names import check_name
 from raytrain_at.registry.leaderboard_formats import records, rich_table
 from raytrain_at.registry.report_card import Lineage, VersionCard
 
 GUARDS_FILE = "guards.json"
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def _training_facts(metadata: dict[str, str]) -> dict[str, Any]:
@@ -102,9 +101,7 @@ def register_model(model_ref: str, name: str, *, eval_path: str | Path | None = 
     """Register ``model_ref`` as a new version of ``name`` (see module docstring)."""
     from raytrain_at.registry.mlflow_registry import ModelRegistry, stage_model_dir
 
-    if not NAME_PATTERN.match(name):
-        raise UserError(f"model name {name!r}: use letters, digits, '.', '_' or '-' "
-                        "(at most 128), starting with a letter or digit")
+    check_name(name, "model name")
     if eval_path is None and not unevaluated:
         raise UserError("no --eval result given: evaluate first (raytrain-at evaluate), or pass "
                         "--unevaluated to register without robust accuracy")

@@ -7,7 +7,7 @@ parameters, and the backbone's ``no_weight_decay()`` set (positional embedding, 
 not decayed.
 Gradient clipping is always written into the DeepSpeed config, because DeepSpeed's default is 1.0.
 The EMA of the weights is timm's ``ModelEmaV3``, kept in fp32 (also when DeepSpeed runs the
-model in bf16).
+model in bf16). The engine loads checkpoints weights-only (:mod:`.safe_loading`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from timm.utils.model_ema import ModelEmaV3
 
 from raytrain_at.config import RunConfig
 from raytrain_at.models.pixel_space import unwrap
+from raytrain_at.training.safe_loading import use_weights_only_loading
 from raytrain_at.training.schedules import lr_factor
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,8 @@ def build_engine(model: nn.Module, config: RunConfig, steps_per_epoch: int, devi
         model=model, optimizer=optimizer,
         lr_scheduler=scheduler,  # pyright: ignore[reportArgumentType]
         config=deepspeed_config(config, precision))
+    # A resume reads files any node may write: never unpickle objects from them.
+    use_weights_only_loading(engine)
     return engine, optimizer, scheduler
 
 

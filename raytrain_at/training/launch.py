@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import posixpath
 import re
 import shutil
 import tempfile
@@ -24,9 +25,11 @@ import torch
 from raytrain_at.config import RunConfig, flatten
 from raytrain_at.runtime.console import is_verbose, user_line
 from raytrain_at.errors import RunFailed, UserError, first_lines
+from raytrain_at.names import check_name
 from raytrain_at.runtime.worker_output import worker_log_file
 from raytrain_at.runtime.ray_init import init_ray
 from raytrain_at.runtime.storage import check_root, default_home, explicit_root, require_shared_root
+from raytrain_at.training.checkpoint_manifest import restore_first_good
 from raytrain_at.training.progress import epoch_line, progress_line
 from raytrain_at.training.single_rank import rank_environment, single_rank_environment
 
@@ -138,6 +141,9 @@ def prepare_run(config: RunConfig, *, run_name: str | None = None,
     from raytrain_at.tracking.runs import default_tracking_uri
 
     config = config.model_copy(deep=True)
+    # First: the name is the run's folder (and its MLflow run), so nothing is written before.
+    name = check_name(run_name or config.tracking.run_name or default_run_name(config),
+                      "run name")
     explicit = explicit_root(storage_path, config.tracking.storage_path)
     chosen = explicit or str(default_home())
     check_root(chosen)
@@ -154,9 +160,6 @@ def prepare_run(config: RunConfig, *, run_name: str | None = None,
         runs = str(local / "runs")
     local.mkdir(parents=True, exist_ok=True)
     train, heldout = prepare_data(config, local)
-    name = run_name or config.tracking.run_name or default_run_name(config)
-    if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
-        raise UserError(f"run name {name!r} may only use letters, digits, '.', '_' and '-'")
     return PreparedRun(config=config, train_path=train, heldout_path=heldout, tracking_uri=uri,
                        run_name=name, storage_path=runs, run_tags=dict(run_tags or {}),
                        shared_storage=explicit is not None)
@@ -192,8 +195,10 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     loop = WorkerLoop(config, place, payload["train_path"], payload["heldout_path"])
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            loop.load(Path(directory))
+        # The newest checkpoint that passes its checksums; rank 0 says which newer ones failed
+        # (its line reaches the console and console.log; every rank takes the same decision).
+        restore_first_good(checkpoint, lambda: earlier_checkpoints(checkpoint), loop.load,
+                           say=user_line if place.rank == 0 else log.debug)
     tracker = None
     if place.rank == 0:
         from raytrain_at.tracking.runs import TrainingRun
@@ -226,6 +231,26 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def earlier_checkpoints(latest) -> list:
+    """The run's checkpoints older than ``latest`` (a ``ray.train.Checkpoint``), newest first.
+
+    Ray Train keeps them beside it in the run folder (local or in the cloud) as
+    ``checkpoint_<date and time>``, names that sort by time; they are listed on the
+    checkpoint's own filesystem, whatever Ray's controller remembers after a restart.
+    """
+    import ray.train
+    from pyarrow.fs import FileSelector, FileType
+
+    parent, name = posixpath.split(latest.path.rstrip("/"))
+    entries = latest.filesystem.get_file_info(FileSelector(parent))
+    names = sorted((entry.base_name for entry in entries
+                    if entry.type == FileType.Directory
+                    and entry.base_name.startswith("checkpoint_") and entry.base_name < name),
+                   reverse=True)
+    return [ray.train.Checkpoint(posixpath.join(parent, older), filesystem=latest.filesystem)
+            for older in names]
 
 
 def _progress_reporter(tracker, run_name: str):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import time
 from contextlib import nullcontext
@@ -30,6 +31,7 @@ from safetensors.torch import load_file
 from raytrain_at.attacks import APGD, FGSM, PGD
 from raytrain_at.attacks.base import Attack
 from raytrain_at.config import RunConfig
+from raytrain_at.errors import RunFailed
 from raytrain_at.data.device_augment import DeviceAugment
 from raytrain_at.data.ffcv_loaders import eval_loader, inspect_beton, train_loader
 from raytrain_at.model_refs import init_normalisation, local_weights, named_as
@@ -37,6 +39,7 @@ from raytrain_at.models import (LoadReport, build_robust_model, load_backbone_we
                                 with_normalisation)
 from raytrain_at.models.model_files import MODEL_FILE, ModelSpec, save_model_file
 from raytrain_at.models.pixel_space import normalisation_of
+from raytrain_at.training.checkpoint_manifest import write_manifest
 from raytrain_at.training.engine import (build_ema, build_engine, freeze_all_but_head,
                                          resolve_precision)
 from raytrain_at.training.objectives import StepLoss, training_step_loss
@@ -107,6 +110,20 @@ class _Interval:
 
     def __post_init__(self) -> None:
         self.time = self.epoch_start
+
+
+class NonFiniteLoss(RunFailed):
+    """The training loss became NaN or infinite: the run stops before the epoch's checkpoint,
+    so the last checkpoint written (the one a re-run resumes from) holds finite weights."""
+
+
+def _check_finite(loss: float, epoch: int, step: int) -> None:
+    """Stop on a non-finite loss. Called where the loop reads its loss sums on the host anyway
+    (each progress report on rank 0, the epoch's all-reduce on every rank): no extra sync."""
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(f"the training loss is {loss} in epoch {epoch} (by step {step}): "
+                            "training stopped; the last checkpoint before this epoch is kept "
+                            "(lower optim.lr, set optim.grad_clip, or check the data)")
 
 
 class _Unperturbed:
@@ -302,6 +319,8 @@ class WorkerLoop:
                     and interval.steps % self.config.schedule.log_every_steps == 0):
                 self.on_progress(self._progress(interval, totals, seen))
         loss_sum, correct, count = self._all_reduce(totals.tolist() + [float(seen)])
+        # Summed over ranks, so every rank stops here together, before the epoch's checkpoint.
+        _check_finite(loss_sum / count, self.epoch + 1, interval.steps)
         self.epoch += 1
         return {"train_loss": loss_sum / count, "train_accuracy": correct / count,
                 "train_eps": eps, "lr": float(self.optimizer.param_groups[0]["lr"]),
@@ -347,6 +366,9 @@ class WorkerLoop:
         now = time.perf_counter()
         loss_sum, correct = totals.tolist()
         images = seen - interval.seen
+        # The sums are on the host here anyway: a NaN stops the run within the epoch.
+        _check_finite((loss_sum - interval.loss_sum) / max(images, 1), self.epoch + 1,
+                      interval.steps)
         steps = len(self.train_data)
         per_step = (now - interval.epoch_start) / interval.steps
         progress = StepProgress(
@@ -418,9 +440,17 @@ class WorkerLoop:
                      "augment_calls": self.augment.calls,
                      "config": self.config.model_dump(mode="json")}
             (directory / STATE_FILE).write_text(json.dumps(state))
+        # Last: the sizes and digests of what this rank wrote, checked before a resume.
+        write_manifest(directory, self.place.rank, self.place.world_size)
 
     def load(self, directory: Path) -> None:
-        """Restore weights, optimiser, LR schedule, EMA, epoch and augmentation count."""
+        """Restore weights, optimiser, LR schedule, EMA, epoch and augmentation count.
+
+        Every file is read without unpickling objects: DeepSpeed's through the engine's
+        weights-only loading (:mod:`.safe_loading`: a planted object is a one-line
+        :class:`UserError` naming the file), the rest as safetensors and JSON. Which checkpoint
+        to load is :func:`.checkpoint_manifest.restore_first_good`'s choice.
+        """
         path, _ = self.engine.load_checkpoint(str(directory), tag=DS_TAG,
                                               load_optimizer_states=True,
                                               load_lr_scheduler_states=True)

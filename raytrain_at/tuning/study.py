@@ -29,6 +29,7 @@ from typing import Any, Literal, cast
 from raytrain_at.config import RunConfig
 from raytrain_at.config_loader import deep_merge, flat_keys, nest, validate
 from raytrain_at.errors import UserError
+from raytrain_at.names import check_name
 from raytrain_at.runtime.worker_output import worker_log_file
 from raytrain_at.runtime.ray_init import init_ray
 from raytrain_at.runtime.storage import (default_home, explicit_root, require_shared_root,
@@ -218,8 +219,10 @@ def run_study(space: SearchSpace, options: StudyOptions = StudyOptions()) -> Stu
 
     space = apply_options(space, options)
     name = options.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if not all(c.isalnum() or c in "._-" for c in name):
-        raise UserError(f"study name {name!r} may only use letters, digits, '.', '_' and '-'")
+    check_name(name, "study name")
+    if space.evaluation.register_best:
+        # Checked here too: register_model would refuse a bad name only after every trial ran.
+        check_name(options.register_name or f"tune-{space.name}", "model name")
     tracking_uri = default_tracking_uri()
     from raytrain_at.config import load_config
 
