@@ -3,7 +3,7 @@
 VENV  := .venv
 STAMP := $(VENV)/.raytrain-at-installed
 
-.PHONY: demo test setup browser-check cluster-rehearsal
+.PHONY: demo test setup browser-check cluster-rehearsal fault-battery
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
@@ -30,3 +30,11 @@ browser-check: $(STAMP)
 # MLflow server on this machine, the main job through them (tests/support/cluster_rehearsal.sh).
 cluster-rehearsal: $(STAMP)
 	$(VENV)/bin/python -m pytest -m cluster tests/test_cluster_rehearsal.py
+
+# The fault battery (tests/fault_battery/): a tracking outage, truncated and pickled checkpoints,
+# a changed config on resume, two evaluation drivers on one state folder, a corrupt .beton, an
+# open or restored registry, concurrent registrations; loopback only. The result table goes to
+# ci-artifacts/fault-battery.md.
+fault-battery: $(STAMP)
+	RAYTRAIN_AT_CI_ARTIFACTS=$(CI_ARTIFACTS) $(VENV)/bin/python -m pytest -m faults tests/fault_battery
+	@cat $(CI_ARTIFACTS)/fault-battery.md
