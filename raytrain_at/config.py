@@ -78,6 +78,8 @@ class DataSection(StrictModel):
     train_size: int | None = Field(default=None, ge=1)  # use only the first N training samples
     heldout_size: int | None = Field(default=None, ge=1)  # use only the first N held-out samples
     loader_workers: int = Field(default=2, ge=1)
+    # Longest wait for one batch: a stuck FFCV reader (a damaged file) becomes one line.
+    loader_timeout_s: float = Field(default=900.0, gt=0.0, allow_inf_nan=False)
     eval_crop_pct: float | None = Field(default=None, gt=0.0, le=1.0)
 
     @property

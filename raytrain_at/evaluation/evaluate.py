@@ -83,12 +83,16 @@ def preprocessing_text(resolution: int, crop_pct: float) -> str:
 def resolve_data(data: str, storage: Path) -> str:
     """A .beton path, or a bundled dataset's test split written once under ``storage``."""
     from raytrain_at.data.ffcv_loaders import inspect_beton
+    from raytrain_at.data.provenance import verify_beton
     from raytrain_at.data.write import BUNDLED, bundled_beton
 
     if data in BUNDLED:
-        return bundled_beton(data, "test", storage)
+        path = Path(bundled_beton(data, "test", storage))
+        verify_beton(path, "--data")
+        return str(path)
     path = Path(data).expanduser()
     inspect_beton(path)  # one-line errors for missing, foreign or truncated files
+    verify_beton(path, "--data")  # and for one that differs from its recorded checksum
     # Absolute but not resolved: a staged file's link (the same path on every node) is what
     # workers open, not where it points on the driver's node.
     return str(path.absolute())

@@ -72,11 +72,16 @@ class PreparedRun:
 
 
 def _validate_dataset(path: str, key: str, config: RunConfig) -> None:
-    """The file is FFCV, its labels fit the model, and (train) it fills a global batch."""
+    """The file matches its recorded checksum, is FFCV, its labels fit the model, (train) it
+    fills a global batch, and (held-out) its provenance says it is not test data."""
     from raytrain_at.data.ffcv_loaders import inspect_beton
     from raytrain_at.data.inspection import beton_labels
-    from raytrain_at.data.write import is_test_data
+    from raytrain_at.data.provenance import is_test_data, require_provenance, verify_beton
 
+    if Path(path).is_file():  # (a missing file is named by inspect_beton below)
+        if key == "data.heldout":
+            require_provenance(path, key)  # without it the test-split check cannot see
+        verify_beton(path, key)
     if key == "data.heldout" and is_test_data(path):
         raise UserError(f"data.heldout {path!r} was written from a test split: checkpoints are "
                         "selected on held-out training data (write one with --split val, or "

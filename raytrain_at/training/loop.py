@@ -234,7 +234,8 @@ class WorkerLoop:
             batch_size=config.per_worker_batch_size,
             resolution=config.data.resolution, rank=place.rank, world_size=place.world_size,
             seed=config.seed, num_workers=config.data.loader_workers,
-            flip=config.aug.preset != "basic", device=place.device)
+            flip=config.aug.preset != "basic", device=place.device,
+            timeout_s=config.data.loader_timeout_s)
         self.heldout_path = heldout_path
         self._heldout_data = None
         model, self.init_report = build_model_and_report(config)
@@ -404,7 +405,8 @@ class WorkerLoop:
                 crop_pct=self.config.data.evaluation_crop_pct, rank=self.place.rank,
                 world_size=self.place.world_size, device=self.place.device,
                 num_workers=self.config.data.loader_workers,
-                indices=_first(self.config.data.heldout_size, self.heldout_path))
+                indices=_first(self.config.data.heldout_size, self.heldout_path),
+                timeout_s=self.config.data.loader_timeout_s)
         loader = self._heldout_data
         # Counts stay on the device until the end: a read per batch would stall the queue.
         correct = torch.zeros(2, dtype=torch.float64, device=self.place.device)
