@@ -18,6 +18,7 @@ from pydantic import Field
 
 import raytrain_at
 from raytrain_at.config_loader import validate
+from raytrain_at.data.provenance import verify_beton
 from raytrain_at.errors import UserError
 from raytrain_at.evaluation import guards as checks
 from raytrain_at.evaluation.corruption_accuracy import corruption_accuracy_on_device
@@ -83,7 +84,6 @@ def preprocessing_text(resolution: int, crop_pct: float) -> str:
 def resolve_data(data: str, storage: Path) -> str:
     """A .beton path, or a bundled dataset's test split written once under ``storage``."""
     from raytrain_at.data.ffcv_loaders import inspect_beton
-    from raytrain_at.data.provenance import verify_beton
     from raytrain_at.data.write import BUNDLED, bundled_beton
 
     if data in BUNDLED:

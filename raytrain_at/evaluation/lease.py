@@ -22,7 +22,7 @@ import socket
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from raytrain_at.errors import UserError
 from raytrain_at.runtime.storage import (create_if_absent, delete_if_unchanged, read_versioned,
@@ -88,7 +88,7 @@ class StateLease:
             data, tag = current
             held = _parse(data)
             if held is not None and held["owner"] != self.owner and held["expires"] > time.time():
-                until = datetime.fromtimestamp(held["expires"], timezone.utc)
+                until = datetime.fromtimestamp(held["expires"], UTC)
                 raise UserError(f"evaluation state {self.path.rsplit('/', 1)[0]} is in use by "
                                 f"another driver ({held['owner']}, lease until "
                                 f"{until:%H:%M:%S} UTC): wait for it to finish, then run this "

@@ -242,9 +242,9 @@ def create_if_absent(path: str, data: bytes) -> str | None:
 
 def replace_if_unchanged(path: str, data: bytes, tag: str) -> str | None:
     """Overwrite ``path`` only if it still has the version ``tag`` read before: the new tag, or
-    None when it changed (or vanished) in between. Local files: the compare and the rename are serialised by
-    an exclusive lock on ``path.lock`` (``flock``; on a shared folder, as good as its lock
-    support)."""
+    None when it changed (or vanished) in between. Local files: the compare and the rename are
+    serialised by an exclusive lock on ``path.lock`` (``flock``; on a shared folder, as good as
+    its lock support)."""
     if path.startswith("s3://"):
         from botocore.exceptions import ClientError
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 
 from raytrain_at.config import RunConfig, flatten
+from raytrain_at.data.provenance import is_test_data, require_provenance, verify_beton
 from raytrain_at.runtime.console import is_verbose, user_line
 from raytrain_at.errors import RunFailed, UserError, first_lines
 from raytrain_at.names import check_name
@@ -76,7 +77,6 @@ def _validate_dataset(path: str, key: str, config: RunConfig) -> None:
     fills a global batch, and (held-out) its provenance says it is not test data."""
     from raytrain_at.data.ffcv_loaders import inspect_beton
     from raytrain_at.data.inspection import beton_labels
-    from raytrain_at.data.provenance import is_test_data, require_provenance, verify_beton
 
     if Path(path).is_file():  # (a missing file is named by inspect_beton below)
         if key == "data.heldout":
