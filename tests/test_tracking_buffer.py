@@ -201,7 +201,7 @@ def test_marking_failed_never_hides_the_first_error(caplog) -> None:
 ])
 def test_tracking_uris_lose_their_credentials(uri: str, shown: str) -> None:
     assert without_userinfo(uri) == shown
-    assert scrubbed(f"API request to {uri}api/2.0 failed") == f"API request to {shown}api/2.0 failed"
+    assert scrubbed(f"request to {uri}api/2.0 failed") == f"request to {shown}api/2.0 failed"
 
 
 def test_params_and_model_metadata_hold_no_credentials() -> None:

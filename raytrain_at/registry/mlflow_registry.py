@@ -245,7 +245,8 @@ class ModelRegistry:
                                            summary_line(card.result))
             self.refresh_pages(name)
         except MlflowException as exc:
-            raise UserError(f"MLflow registry at {without_userinfo(self.tracking_uri)}: {name} version "
+            raise UserError(f"MLflow registry at {without_userinfo(self.tracking_uri)}: {name} "
+                            f"version "
                             f"{registration.version} is registered, but writing its pages "
                             f"failed: {str(exc).splitlines()[0]}") from None
         return registration

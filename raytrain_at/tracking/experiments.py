@@ -55,7 +55,8 @@ def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise UserError(f"MLflow tracking server {without_userinfo(uri)} does not answer ({reason}): start it "
+        raise UserError(f"MLflow tracking server {without_userinfo(uri)} does not answer "
+                        f"({reason}): start it "
                         "(scripts/cluster/start_mlflow.sh on a cluster) or set "
                         "MLFLOW_TRACKING_URI") from None
 
