@@ -30,6 +30,7 @@ from raytrain_at.names import check_name
 from raytrain_at.runtime.worker_output import worker_log_file
 from raytrain_at.runtime.ray_init import init_ray
 from raytrain_at.runtime.storage import check_root, default_home, explicit_root, require_shared_root
+from raytrain_at.tracking.redact import redacted_config_dump, without_userinfo
 from raytrain_at.training.checkpoint_manifest import restore_first_good
 from raytrain_at.training.progress import epoch_line, progress_line
 from raytrain_at.training.single_rank import rank_environment, single_rank_environment
@@ -69,7 +70,8 @@ class PreparedRun:
     def worker_payload(self) -> dict[str, Any]:
         return {"run": self.config.model_dump(mode="json"), "train_path": self.train_path,
                 "heldout_path": self.heldout_path, "tracking_uri": self.tracking_uri,
-                "run_name": self.run_name, "run_tags": dict(self.run_tags)}
+                "run_name": self.run_name, "run_tags": dict(self.run_tags),
+                "run_folder": str(run_folder(self))}
 
 
 def _validate_dataset(path: str, key: str, config: RunConfig) -> None:
@@ -175,6 +177,8 @@ def run_params(config: RunConfig, init_report: LoadReport | None) -> dict[str, A
     what that load matched (``init.matched`` of ``init.total`` tensors, the layout, the modules
     left fresh and the normalisation taken from them)."""
     params: dict[str, Any] = dict(flatten(config))
+    if params.get("tracking.tracking_uri"):  # the URI may hold credentials
+        params["tracking.tracking_uri"] = without_userinfo(str(params["tracking.tracking_uri"]))
     if init_report is not None:
         params.update(init_report.as_params())
     return params
@@ -199,26 +203,21 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     config = RunConfig.model_validate(payload["run"])
     loop = WorkerLoop(config, place, payload["train_path"], payload["heldout_path"])
     checkpoint = ray.train.get_checkpoint()
+    restored: list[dict[str, Any]] = []
     if checkpoint is not None:
         # The newest checkpoint that passes its checksums; rank 0 says which newer ones failed
         # (its line reaches the console and console.log; every rank takes the same decision).
-        restore_first_good(checkpoint, lambda: earlier_checkpoints(checkpoint), loop.load,
+        restore_first_good(checkpoint, lambda: earlier_checkpoints(checkpoint),
+                           lambda folder: restored.extend(_restore(loop, folder, place.rank)),
                            say=user_line if place.rank == 0 else log.debug)
-    tracker = None
-    if place.rank == 0:
-        from raytrain_at.tracking.runs import TrainingRun
-
-        tracker = TrainingRun(payload["tracking_uri"], config.tracking.experiment,
-                              payload["run_name"])
-        tracker.log_params(run_params(config, loop.init_report))
-        tracker.set_tags(payload.get("run_tags") or {})
-        # Rank 0 alone speaks to the user and logs step metrics (the one place of that gating).
-        loop.on_progress = _progress_reporter(tracker, payload["run_name"])
+    # Rank 0 alone speaks to the user and tracks (the one place of that gating).
+    tracker = _start_tracking(payload, config, loop, restored) if place.rank == 0 else None
     scratch = Path(tempfile.mkdtemp(prefix="raytrain-at-ckpt-"))
 
     def report(metrics: dict[str, float], directory: Path | None) -> None:
+        # The epoch's metrics are in the tracking journal (and its copy in the checkpoint)
+        # already; MLflow gets them from the background sender, never before this report.
         if tracker is not None:
-            tracker.log_metrics(metrics, step=int(metrics["epoch"]))
             user_line(epoch_line(metrics, config.schedule.epochs))
         ckpt = ray.train.Checkpoint.from_directory(str(directory)) if directory else None
         ray.train.report(metrics, checkpoint=ckpt)
@@ -228,14 +227,69 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     try:
         loop.run(report, scratch)
         if tracker is not None:
-            _log_final_artifacts(tracker, loop, config)
-            tracker.finish()
+            _finish_tracking(tracker, loop, config)
     except BaseException:
         if tracker is not None:
-            tracker.finish("FAILED")
+            _mark_failed(tracker)
         raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _restore(loop, folder: Path, rank: int) -> list[dict[str, Any]]:
+    """Restore ``loop`` from a verified checkpoint folder; rank 0 also gets the tracking
+    records the checkpoint carries (those not delivered when it was written)."""
+    from raytrain_at.tracking.buffered import JOURNAL_FILE, read_journal
+
+    loop.load(folder)
+    return read_journal(folder / JOURNAL_FILE) if rank == 0 else []
+
+
+def _start_tracking(payload: dict[str, Any], config: RunConfig, loop,
+                    restored: list[dict[str, Any]]):
+    """Rank 0's MLflow run behind its journal: params, tags, step and epoch metrics are
+    buffered (never a wait on the server), the journal is copied into every checkpoint."""
+    from raytrain_at.tracking.buffered import (JOURNAL_FILE, BufferedRun,
+                                               use_short_client_timeouts)
+
+    use_short_client_timeouts()
+    tracker = BufferedRun(payload["tracking_uri"], config.tracking.experiment,
+                          payload["run_name"], Path(payload["run_folder"]) / JOURNAL_FILE,
+                          restored=restored, say=user_line)
+    tracker.log_params(run_params(config, loop.init_report))
+    tracker.set_tags(payload.get("run_tags") or {})
+    loop.on_progress = _progress_reporter(tracker, payload["run_name"])
+    loop.on_epoch_metrics = lambda metrics: tracker.log_metrics(metrics,
+                                                                step=int(metrics["epoch"]))
+    loop.checkpoint_extras = tracker.snapshot_into
+    return tracker
+
+
+def _finish_tracking(tracker, loop, config: RunConfig) -> None:
+    """Deliver the buffered records (a bounded wait), then the model and the run's end; one
+    line, and nothing lost, when the server does not answer in time."""
+    from raytrain_at.tracking.buffered import FINAL_FLUSH_S
+
+    if not tracker.flush(FINAL_FLUSH_S):
+        user_line(f"MLflow at {tracker.where} did not answer within {FINAL_FLUSH_S:.0f} s: "
+                  f"the run's model, its end and {tracker.pending} tracking records are not "
+                  f"logged (the records are kept in {tracker.journal} and the last "
+                  "checkpoint); run the same command again to resume the run and send them")
+        tracker.close()
+        return
+    _log_final_artifacts(tracker, loop, config)
+    tracker.finish()
+
+
+def _mark_failed(tracker) -> None:
+    """End the MLflow run FAILED, briefly; a failure here is logged, never raised, so the
+    error that failed the run is the one that propagates."""
+    from raytrain_at.tracking.buffered import FAILED_FLUSH_S
+
+    try:
+        tracker.finish("FAILED", timeout_s=FAILED_FLUSH_S)
+    except Exception as exc:  # noqa: BLE001 - the run's own error matters more
+        log.warning("could not mark the MLflow run FAILED: %s", first_lines(str(exc)))
 
 
 def earlier_checkpoints(latest) -> list:
@@ -291,8 +345,8 @@ def _log_final_artifacts(tracker, loop, config: RunConfig) -> None:
     selection = loop.selection
     tracker.set_tags({"raytrain_at.selected_by": loop.selected_by,
                       "raytrain_at.selected_epoch": selection.epoch})
-    tracker.log_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False),
-                     "config.yaml")
+    tracker.log_text(yaml.safe_dump(redacted_config_dump(config.model_dump(mode="json")),
+                                    sort_keys=False), "config.yaml")
 
 
 def run_single_process(prepared: PreparedRun) -> dict[str, float]:

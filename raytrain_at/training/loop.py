@@ -39,6 +39,7 @@ from raytrain_at.models import (LoadReport, build_robust_model, load_backbone_we
                                 with_normalisation)
 from raytrain_at.models.model_files import MODEL_FILE, ModelSpec, save_model_file
 from raytrain_at.models.pixel_space import normalisation_of
+from raytrain_at.tracking.redact import redacted_config_dump
 from raytrain_at.training.checkpoint_manifest import write_manifest
 from raytrain_at.training.engine import (build_ema, build_engine, freeze_all_but_head,
                                          resolve_precision)
@@ -210,7 +211,9 @@ def training_metadata(config: RunConfig, epoch: int,
     """What a model file records about its training (read back by ``register``): the epoch
     whose weights it holds and, for a selected model, what selected it."""
     meta = {"raytrain_at.epoch": str(epoch),
-            "raytrain_at.run_config": json.dumps(config.model_dump(mode="json"))}
+            # Without the tracking URI's credentials: model files travel to the registry.
+            "raytrain_at.run_config": json.dumps(
+                redacted_config_dump(config.model_dump(mode="json")))}
     if selected_by is not None:
         meta["raytrain_at.selected_by"] = selected_by
     return meta
@@ -268,6 +271,10 @@ class WorkerLoop:
         # Called every schedule.log_every_steps steps (the launcher gives it to rank 0 only);
         # None costs nothing: no host-device sync for progress.
         self.on_progress: Progress | None = None
+        # Rank 0's tracking: gets each epoch's metrics before its checkpoint is written, and
+        # adds its files (the undelivered tracking records) to each checkpoint it writes.
+        self.on_epoch_metrics: Callable[[dict[str, float]], None] | None = None
+        self.checkpoint_extras: Callable[[Path], None] | None = None
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -442,6 +449,8 @@ class WorkerLoop:
                      "augment_calls": self.augment.calls,
                      "config": self.config.model_dump(mode="json")}
             (directory / STATE_FILE).write_text(json.dumps(state))
+        if self.checkpoint_extras is not None:
+            self.checkpoint_extras(directory)
         # Last: the sizes and digests of what this rank wrote, checked before a resume.
         write_manifest(directory, self.place.rank, self.place.world_size)
 
@@ -496,6 +505,8 @@ class WorkerLoop:
                                     self.eval_model if self.place.rank == 0 else None)
             metrics.update(self.selection.report())
             metrics["epoch"] = self.epoch
+            if self.on_epoch_metrics is not None:
+                self.on_epoch_metrics(metrics)
             checkpoint = None
             if self.epoch % schedule.checkpoint_every == 0 or self.epoch == schedule.epochs:
                 checkpoint = checkpoint_root / f"epoch-{self.epoch:04d}-rank{self.place.rank}"
