@@ -20,7 +20,7 @@ from raytrain_at.training.launch import launch, prepare_run
 from raytrain_at.training.loop import PID_DIR_ENV
 
 FAST = ["data.train_size=512", "data.heldout_size=64", "attack.heldout_steps=2",
-        "scaling.max_failures=1"]
+        "scaling.max_failures_per_hour=1"]
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from raytrain_at.attacks import APGD, FGSM, PGD
 from raytrain_at.attacks.base import Attack
 from raytrain_at.config import RunConfig
-from raytrain_at.errors import RunFailed
+from raytrain_at.errors import NonFiniteLoss
 from raytrain_at.data.device_augment import DeviceAugment
 from raytrain_at.data.ffcv_loaders import eval_loader, inspect_beton, train_loader
 from raytrain_at.model_refs import init_normalisation, local_weights, named_as
@@ -110,11 +110,6 @@ class _Interval:
 
     def __post_init__(self) -> None:
         self.time = self.epoch_start
-
-
-class NonFiniteLoss(RunFailed):
-    """The training loss became NaN or infinite: the run stops before the epoch's checkpoint,
-    so the last checkpoint written (the one a re-run resumes from) holds finite weights."""
 
 
 def _check_finite(loss: float, epoch: int, step: int) -> None:
