@@ -375,7 +375,7 @@ def launch(prepared: PreparedRun, *, address: str | None = None):
     log_path = run_folder(prepared) / "console.log"
     from ray.train import TrainingFailedError
 
-    with worker_log_file(log_path), terminate_as_interrupt():
+    with worker_log_file(log_path), sigterm_stops_gracefully() as stop:
         try:
             result = build_trainer(prepared).fit()
         except TrainingFailedError as exc:
@@ -385,15 +385,19 @@ def launch(prepared: PreparedRun, *, address: str | None = None):
             end_tracking_run(prepared, "FAILED", line)
             raise RunFailed(f"run {prepared.run_name} failed: {line} (the "
                             f"workers' full output is in {log_path})") from exc
-        except KeyboardInterrupt:
-            # Ctrl-C or SIGTERM (a spot reclaim of the driver's node): Ray tears the workers
-            # down; a checkpoint cut short fails its checksums, so a resume skips it.
+        except (KeyboardInterrupt, SystemExit):
             end_tracking_run(prepared, "KILLED", "the driver was interrupted")
             raise
         except Exception as exc:
             end_tracking_run(prepared, "FAILED", first_lines(str(exc)))
             log.error("the workers' full output is in %s", log_path)
             raise
+        if stop.signal is not None:
+            # Ray aborted the run: a checkpoint cut short fails its checksums, so the resume
+            # takes the last complete one.
+            end_tracking_run(prepared, "KILLED", f"stopped by signal {stop.signal}")
+            raise RunFailed(f"run {prepared.run_name} stopped by signal {stop.signal}: "
+                            "the same command resumes it from its last complete checkpoint")
     _attach_console_log(prepared, log_path)
     return result
 
@@ -409,22 +413,38 @@ def failure_line(error: BaseException) -> str:
     return first_lines(str(error))
 
 
+@dataclass
+class _Stop:
+    signal: int | None = None
+
+
 @contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt in the driver while this block runs (main thread only),
-    so a reclaimed driver ends its run as Ctrl-C does: workers stopped, MLflow run KILLED."""
+def sigterm_stops_gracefully() -> Iterator[_Stop]:
+    """While the block runs (main thread only), SIGTERM (a spot reclaim of the driver's node,
+    a job manager's stop) aborts the run as Ctrl-C does: Ray Train's own SIGINT handler (set by
+    ``fit``) asks its controller to stop the workers; before ``fit`` it interrupts. The
+    yielded object records the signal."""
+    stop = _Stop()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield stop
         return
 
-    def interrupt(signum, frame) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
+    def on_sigterm(signum, frame) -> None:
+        stop.signal = signum
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler) and handler is not signal.default_int_handler:
+            handler(signal.SIGINT, frame)
+        else:
+            raise KeyboardInterrupt(f"signal {signum}")
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous_term, previous_int = signal.getsignal(signal.SIGTERM), signal.getsignal(
+        signal.SIGINT)
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        yield
+        yield stop
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous_term)
+        signal.signal(signal.SIGINT, previous_int)  # Ray's handler refers to a finished run
 
 
 def end_tracking_run(prepared: PreparedRun, status: str, error: str) -> None:
