@@ -378,28 +378,34 @@ def launch(prepared: PreparedRun, *, address: str | None = None):
     with worker_log_file(log_path), sigterm_stops_gracefully() as stop:
         try:
             result = build_trainer(prepared).fit()
-        except TrainingFailedError as exc:
-            # Ray's message runs to a hundred lines (memory tables, actor lists): one line here,
-            # everything in the log.
-            line = failure_line(exc)
-            end_tracking_run(prepared, "FAILED", line)
-            raise RunFailed(f"run {prepared.run_name} failed: {line} (the "
-                            f"workers' full output is in {log_path})") from exc
-        except (KeyboardInterrupt, SystemExit):
-            end_tracking_run(prepared, "KILLED", "the driver was interrupted")
-            raise
-        except Exception as exc:
-            end_tracking_run(prepared, "FAILED", first_lines(str(exc)))
-            log.error("the workers' full output is in %s", log_path)
+        except BaseException as exc:
+            if stop.signal is not None:  # whatever Ray raised on its way down
+                _stopped_by_signal(prepared, stop.signal, exc)
+            if isinstance(exc, TrainingFailedError):
+                # Ray's message runs to a hundred lines (memory tables, actor lists): one line
+                # here, everything in the log.
+                line = failure_line(exc)
+                end_tracking_run(prepared, "FAILED", line)
+                raise RunFailed(f"run {prepared.run_name} failed: {line} (the "
+                                f"workers' full output is in {log_path})") from exc
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                end_tracking_run(prepared, "KILLED", "the driver was interrupted")
+            else:
+                end_tracking_run(prepared, "FAILED", first_lines(str(exc)))
+                log.error("the workers' full output is in %s", log_path)
             raise
         if stop.signal is not None:
-            # Ray aborted the run: a checkpoint cut short fails its checksums, so the resume
-            # takes the last complete one.
-            end_tracking_run(prepared, "KILLED", f"stopped by signal {stop.signal}")
-            raise RunFailed(f"run {prepared.run_name} stopped by signal {stop.signal}: "
-                            "the same command resumes it from its last complete checkpoint")
+            _stopped_by_signal(prepared, stop.signal, None)
     _attach_console_log(prepared, log_path)
     return result
+
+
+def _stopped_by_signal(prepared: PreparedRun, signum: int, cause: BaseException | None) -> None:
+    """Ray aborted the run on SIGTERM: KILLED in MLflow, one line. A checkpoint cut short fails
+    its checksums, so the resume takes the last complete one."""
+    end_tracking_run(prepared, "KILLED", f"stopped by signal {signum}")
+    raise RunFailed(f"run {prepared.run_name} stopped by signal {signum}: the same command "
+                    "resumes it from its last complete checkpoint") from cause
 
 
 def failure_line(error: BaseException) -> str:
