@@ -178,7 +178,10 @@ class ScalingSection(StrictModel):
     num_workers: int = Field(default=2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0.0)
-    max_failures: int = Field(default=2, ge=0)
+    # Worker-group failures Ray Train recovers from (from the latest good checkpoint) in any
+    # sliding hour; None: no limit (spot capacity, where reclaims are routine). A failure that
+    # retrying cannot fix (a non-finite loss, a bad input) stops the run whatever the budget.
+    max_failures_per_hour: int | None = Field(default=3, ge=0)
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     channels_last: bool = True
     compile: bool = False

@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from raytrain_at.attacks import APGD, FGSM, PGD
 from raytrain_at.attacks.base import Attack
 from raytrain_at.config import RunConfig
-from raytrain_at.errors import RunFailed
+from raytrain_at.errors import NonFiniteLoss
 from raytrain_at.data.device_augment import DeviceAugment
 from raytrain_at.data.ffcv_loaders import eval_loader, inspect_beton, train_loader
 from raytrain_at.model_refs import init_normalisation, local_weights, named_as
@@ -111,11 +111,6 @@ class _Interval:
 
     def __post_init__(self) -> None:
         self.time = self.epoch_start
-
-
-class NonFiniteLoss(RunFailed):
-    """The training loss became NaN or infinite: the run stops before the epoch's checkpoint,
-    so the last checkpoint written (the one a re-run resumes from) holds finite weights."""
 
 
 def _check_finite(loss: float, epoch: int, step: int) -> None:
@@ -462,11 +457,21 @@ class WorkerLoop:
         :class:`UserError` naming the file), the rest as safetensors and JSON. Which checkpoint
         to load is :func:`.checkpoint_manifest.restore_first_good`'s choice.
         """
+        # The config's learning rate and weight decay, not the checkpoint's: a resume allowed to
+        # change optim.lr or optim.weight_decay (--allow-change) trains with the new values,
+        # which the restored optimiser and scheduler states would otherwise put back.
+        groups = self.scheduler.optimizer.param_groups
+        base_lrs, decays = list(self.scheduler.base_lrs), [g["weight_decay"] for g in groups]
         path, _ = self.engine.load_checkpoint(str(directory), tag=DS_TAG,
                                               load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"no DeepSpeed checkpoint under {directory}")
+        self.scheduler.base_lrs = base_lrs
+        for group, base, decay, factor in zip(groups, base_lrs, decays,
+                                              self.scheduler.lr_lambdas, strict=True):
+            group.update(initial_lr=base, weight_decay=decay,
+                         lr=base * factor(self.scheduler.last_epoch))
         if self.ema is not None:
             self.ema.module.load_state_dict(load_file(str(directory / MODEL_FILE)))
         state = json.loads((directory / STATE_FILE).read_text())
