@@ -8,10 +8,12 @@ yet: it lives in the run folder beside Ray's checkpoints, and a copy goes into e
 (:meth:`BufferedRun.snapshot_into`), so a restarted worker - on this node or another - finds the
 records the crashed one could not send and replays them.
 
-Delivery is exactly once per ``(key, step)`` of a metric: before the sender first sends a key (in
-this process, or again after a failed send whose answer was lost), it reads that key's history
-from the run, and it never sends a ``(key, step)`` the run already holds. Params already logged
-are not sent again (MLflow refuses changed values); tags are idempotent.
+Delivery is exactly once per record: a metric record is ``(key, step, timestamp)``, the time it
+was journaled. Before the sender first sends a key (in this process, or again after a failed send
+whose answer was lost), it reads that key's history from the run, and it never sends a point the
+run already holds. An epoch trained again after a resume from an earlier checkpoint is a new
+record (same step, later time) and is logged as such. Params already logged are not sent again
+(MLflow refuses changed values); tags are idempotent.
 
 MLflow's HTTP client retries for minutes by default; :func:`use_short_client_timeouts` makes a dead
 server cost seconds in this process (set before the first request, overridable by the user).
@@ -161,7 +163,10 @@ class BufferedRun:
         for record in self._pending:
             self._number(record)
         _write_lines(self.journal, self._pending)
-        self._known: set[tuple[str, int]] = set()  # (key, step) the run holds
+        # (key, step, timestamp in ms) of the points the run holds: a record's identity, so a
+        # replayed record is sent once while an epoch trained again after a resume from an
+        # earlier checkpoint (same step, a later time) is logged as the new point it is.
+        self._known: set[tuple[str, int, int]] = set()
         self._seeded: set[str] = set()  # keys whose history was read since the last doubt
         self._outage_since: float | None = None
         self._stopping = False
@@ -378,14 +383,14 @@ class BufferedRun:
         kind = batch[0]["kind"]
         if kind == "metric":
             for key in sorted({r["key"] for r in batch} - self._seeded):
-                self._known |= {(key, m.step) for m in self.client.get_metric_history(run_id,
-                                                                                      key)}
+                self._known |= {(key, m.step, m.timestamp)
+                                for m in self.client.get_metric_history(run_id, key)}
                 self._seeded.add(key)
-            fresh: dict[tuple[str, int], Metric] = {}
+            fresh: dict[tuple[str, int, int], Metric] = {}
             for r in batch:
-                point = (r["key"], int(r["step"]))
+                point = (r["key"], int(r["step"]), int(r["ts"]))
                 if point not in self._known and point not in fresh:
-                    fresh[point] = Metric(r["key"], float(r["value"]), int(r["ts"]), point[1])
+                    fresh[point] = Metric(r["key"], float(r["value"]), point[2], point[1])
             if fresh:
                 self.client.log_batch(run_id, metrics=list(fresh.values()))
             self._known |= set(fresh)

@@ -205,6 +205,10 @@ def test_nan_loss_stops_within_the_epoch_and_keeps_the_last_checkpoint(ray_local
     good = _checkpoints(place, "nan")
     assert len(good) == 1 and checkpoint_problem(good[0]) is None
     files = _files(good[0])
+    client = MlflowClient(_uri(place))
+    # Epoch 1's run ended FINISHED with its selected model; the failing resume must not touch it.
+    model_before = _model_artifacts(client, _run(client, "nan").info.run_id)
+    assert model_before, "the first launch logged no model"
     # AdamW's decoupled decay at lr * weight_decay >> 2 flips and multiplies every weight
     # each step: the weights overflow within a few steps.
     with pytest.raises(RunFailed) as caught:
@@ -219,7 +223,9 @@ def test_nan_loss_stops_within_the_epoch_and_keeps_the_last_checkpoint(ray_local
     run = _run(client, "nan")
     assert run.info.status == "FAILED" and "training loss" in run.data.tags["raytrain_at.error"]
     assert _steps(client, run.info.run_id) == [1]
-    assert not client.list_artifacts(run.info.run_id, "model")  # nothing selected or logged
+    # Nothing new selected or logged: the model is still epoch 1's, file for file.
+    assert _model_artifacts(client, run.info.run_id) == model_before
+    assert run.data.tags["raytrain_at.selected_epoch"] == "1"
 
 
 def _signal_when(pid_file: Path, signum: int, pid: int | None = None,
@@ -277,3 +283,15 @@ def test_sigterm_to_the_driver_ends_the_run_killed(ray_local, place, pid_dir) ->
     run = _run(client, "term-driver")
     assert run.info.status == "FINISHED" and sorted(set(_steps(client, run.info.run_id))) == [1,
                                                                                               2]
+
+
+def _model_artifacts(client: MlflowClient, run_id: str) -> list[tuple[str, int | None]]:
+    """Every file under the run's ``model`` artifact folder, with its size."""
+    found, folders = [], ["model"]
+    while folders:
+        for info in client.list_artifacts(run_id, folders.pop()):
+            if info.is_dir:
+                folders.append(info.path)
+            else:
+                found.append((info.path, info.file_size))
+    return sorted(found)

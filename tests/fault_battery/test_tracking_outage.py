@@ -25,7 +25,8 @@ EPOCHS = 4
 OUTAGE_S = 30.0
 # One worker on the bundled digits; 512 training images, a small held-out attack.
 OVERRIDES = ["scaling.num_workers=1", f"schedule.epochs={EPOCHS}", "data.train_size=512",
-             "data.heldout_size=64", "attack.heldout_steps=2", "scaling.max_failures_per_hour=0"]
+             "data.heldout_size=64", "attack.heldout_steps=2", "scaling.max_failures_per_hour=0",
+             "schedule.log_every_steps=2"]
 EPOCH_KEYS = ("train_loss", "epoch", "heldout_robust_accuracy", "heldout_clean_accuracy")
 
 
