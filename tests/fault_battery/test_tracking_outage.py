@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from raytrain_at.config import load_config
 from raytrain_at.runtime.ports import free_local_port
+from raytrain_at.runtime.ray_init import init_ray
 from raytrain_at.tracking.buffered import JOURNAL_FILE
 from raytrain_at.training.checkpoint_manifest import checkpoint_problem
 from raytrain_at.training.launch import launch, prepare_run, run_folder
@@ -35,7 +36,8 @@ def ray_local():
     import ray
 
     ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # As the CLI starts it: worker output then reaches the run's console.log, read below.
+    init_ray()
     yield ray
     ray.shutdown()
 
