@@ -1,4 +1,4 @@
-"""The fault battery: every case is a test marked ``faults`` whose docstring's first line names
+"""The fault battery: every case is a test marked ``faults`` whose docstring's first paragraph names
 the fault it injects and what must hold afterwards (nothing lost, nothing wrongly registered).
 
 ``make fault-battery`` runs them; at the end this file writes the result table (case, outcome,
@@ -26,8 +26,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def _case(item: pytest.Item) -> str:
     function = getattr(item, "function", None)
-    doc = (getattr(function, "__doc__", None) or "").strip().splitlines()
-    return doc[0].strip() if doc else item.name
+    # The docstring's first paragraph (it may wrap over several lines).
+    doc = (getattr(function, "__doc__", None) or "").strip().split("\n\n")[0]
+    return " ".join(doc.split()) or item.name
 
 
 @pytest.hookimpl(hookwrapper=True)
