@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import os
 import queue
+import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,7 +22,7 @@ from raytrain_at.data.watchdog import watched_batches
 from raytrain_at.data.write import write_dataset
 from raytrain_at.errors import UserError
 from raytrain_at.evaluation.autoattack import ChunkRecord
-from raytrain_at.evaluation.lease import StateLease
+from raytrain_at.evaluation.lease import StateLease, holder_is_gone
 from raytrain_at.evaluation.runner import (EvalJob, merge, pending_units, read_unit,
                                            record_problem, write_record)
 from raytrain_at.evaluation.threats import ThreatModel
@@ -225,6 +228,31 @@ def _lease_cycle(state_dir: str) -> None:
 
 def test_lease_on_a_local_folder(tmp_path):
     _lease_cycle(str(tmp_path / "state"))
+
+
+def test_a_killed_driver_of_this_host_leaves_a_lease_taken_over_at_once(tmp_path):
+    """A SIGKILLed driver cannot release its lease; run again on the same machine, the command
+    takes it over without waiting for the expiry. A live holder still refuses."""
+    state_dir = str(tmp_path / "state")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    StateLease(state_dir, ttl_s=600, owner=f"{host}:{dead.pid}:deadbeef").acquire()
+    again = StateLease(state_dir, ttl_s=60)
+    again.acquire()
+    held = read_versioned(f"{state_dir}/lease.json")
+    assert held is not None and json.loads(held[0])["owner"] == again.owner
+    again.release()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        StateLease(state_dir, ttl_s=600, owner=f"{host}:{alive.pid}:cafe").acquire()
+        with pytest.raises(UserError, match="in use by another driver"):
+            StateLease(state_dir).acquire()
+        # A holder on another host is never judged from here, dead or not.
+        assert not holder_is_gone(f"elsewhere:{dead.pid}:x")
+    finally:
+        alive.kill()
+        alive.wait()
 
 
 def test_lease_on_an_s3_store_uses_conditional_puts():

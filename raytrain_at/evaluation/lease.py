@@ -7,7 +7,8 @@ owner id (host, process, random) and an expiry, created only where none exists (
 link on a local disk, ``If-None-Match: *`` on S3), renewed by a background thread well before it
 expires (``If-Match`` on the version it wrote), and removed when the driver is done. A second
 driver finds a live lease and stops with one line; a lease whose holder died expires and the
-next driver takes it over (again conditionally, so two cannot take it over together).
+next driver takes it over (again conditionally, so two cannot take it over together), at once
+when the holder was a process of the same host that no longer runs.
 
 Expiry is wall-clock time: drivers on machines whose clocks differ by more than the lease's
 lifetime could take over a live lease (cloud machines keep NTP time).
@@ -37,6 +38,24 @@ DEFAULT_TTL_S = 300.0
 def new_owner_id() -> str:
     """Who holds a lease: this host and process, and a random part (a reused PID is another)."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def holder_is_gone(owner: str) -> bool:
+    """Whether ``owner`` is a process of this host that no longer runs: a driver killed with
+    SIGKILL (or its node's OOM killer) leaves its lease behind, and the command run again on
+    the same machine takes it over at once instead of waiting for the expiry. A holder on
+    another host is never judged from here."""
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit() or int(pid_text) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def _parse(data: bytes) -> dict | None:
@@ -87,7 +106,8 @@ class StateLease:
                 continue  # released in between: try to create it again
             data, tag = current
             held = _parse(data)
-            if held is not None and held["owner"] != self.owner and held["expires"] > time.time():
+            if (held is not None and held["owner"] != self.owner
+                    and held["expires"] > time.time() and not holder_is_gone(held["owner"])):
                 until = datetime.fromtimestamp(held["expires"], UTC)
                 raise UserError(f"evaluation state {self.path.rsplit('/', 1)[0]} is in use by "
                                 f"another driver ({held['owner']}, lease until "
