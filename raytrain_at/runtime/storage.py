@@ -21,6 +21,8 @@ import fcntl
 import functools
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from raytrain_at.errors import UserError
@@ -257,8 +259,7 @@ def replace_if_unchanged(path: str, data: bytes, tag: str) -> str | None:
             raise
         return str(answer["ETag"])
     local = Path(path)
-    with open(local.with_name(local.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _local_version_lock(local):
         current = read_versioned(path)
         if current is None or current[1] != tag:
             return None
@@ -281,10 +282,18 @@ def delete_if_unchanged(path: str, tag: str) -> bool:
             raise
         return True
     local = Path(path)
-    with open(local.with_name(local.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _local_version_lock(local):
         current = read_versioned(path)
         if current is None or current[1] != tag:
             return False
         local.unlink()
         return True
+
+
+@contextmanager
+def _local_version_lock(local: Path) -> Iterator[None]:
+    """Hold the exclusive lock beside ``local`` (``NAME.lock``) while the block compares its
+    version and changes it: the compare-and-set of a local file is atomic among processes."""
+    with open(local.with_name(local.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield

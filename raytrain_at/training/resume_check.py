@@ -16,6 +16,7 @@ import logging
 import posixpath
 from typing import Any
 
+from raytrain_at.config_loader import flat_keys
 from raytrain_at.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -31,21 +32,10 @@ OPERATIONAL_KEYS = frozenset({
 })
 
 
-def flat_dict(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"optim.lr": 0.001, ...}`` of a nested (JSON) config."""
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(flat_dict(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """The keys whose values differ between two nested configs (JSON form), as (old, new);
     a key only one side has reads as None on the other. Operational keys are left out."""
-    old, new = flat_dict(saved), flat_dict(current)
+    old, new = flat_keys(saved), flat_keys(current)
     return {key: (old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys())
             if key not in OPERATIONAL_KEYS and old.get(key) != new.get(key)}
 
@@ -70,7 +60,7 @@ def check_resume_config(saved: dict[str, Any] | None, current: dict[str, Any],
         UserError: a key changed that ``allowed`` does not name (one line: every such key,
             old -> new), or ``allowed`` names a key the config does not have.
     """
-    known = set(flat_dict(current))
+    known = set(flat_keys(current))
     unknown = sorted(key for key in allowed if key not in known)
     if unknown:
         raise UserError(f"--allow-change names {', '.join(unknown)}: no such config key")
