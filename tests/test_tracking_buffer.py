@@ -1,5 +1,5 @@
 """The buffered MLflow run (raytrain_at.tracking.buffered): records reach a real MLflow store in
-order and exactly once per (key, step), survive an outage and a restart through the journal file,
+order and exactly once per record, survive an outage and a restart through the journal file,
 and a dead server costs a bounded wait, never an exception in the training."""
 
 from __future__ import annotations
