@@ -33,7 +33,9 @@ folder=$(mktemp -d)
 trap 'rm -rf "$folder"' EXIT
 pg_dump --format=custom --no-owner --no-privileges -d "$PG_URI" -f "$folder/mlflow.dump" \
     || fail "pg_dump failed"
-pg_restore --list "$folder/mlflow.dump" | grep -Eq " TABLE [a-z_]+ runs " \
+# Not `grep -q`: it stops reading early, and pg_restore's SIGPIPE would fail the pipeline.
+listed=$(pg_restore --list "$folder/mlflow.dump") || fail "pg_restore cannot read the dump"
+grep -Eq " TABLE [a-z_]+ runs " <<< "$listed" \
     || fail "the dump holds no MLflow tables: not uploading it"
 rows=$(psql -XtAq -d "$PG_URI" -c \
     "select (select count(*) from runs) + (select count(*) from registered_models)")
