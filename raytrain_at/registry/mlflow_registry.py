@@ -373,7 +373,7 @@ class ModelRegistry:
             if first_holder is None:
                 first_holder = holder.version if holder is not None else ""
             held_on = holder.tags.get(f"comparable.{norm}") if holder is not None else comparable
-            if held_on != comparable:
+            if holder is not None and held_on != comparable:
                 registration.alias_notes.append(
                     f"{alias} stays on v{holder.version}: measured at another radius or on "
                     f"other data ({held_on} vs {comparable})")
