@@ -131,8 +131,11 @@ restore_if_empty() {
     folder=$(mktemp -d "$MLFLOW_HOME/restore.XXXX")
     # shellcheck disable=SC2064
     trap "rm -rf '$folder'" EXIT
-    "${BACKUP_TOOL[@]}" get "$BACKUPS" "$latest" "$folder/mlflow.dump" \
-        || refuse "downloading $BACKUPS/$latest failed: $SHOWN stays empty"
+    local reason
+    # One line in all: the tool's own message goes into the refusal.
+    reason=$("${BACKUP_TOOL[@]}" get "$BACKUPS" "$latest" "$folder/mlflow.dump" 2>&1) \
+        || refuse "downloading $BACKUPS/$latest failed (${reason#\[mlflow-backups\] }):" \
+                  "$SHOWN stays empty"
     pg_restore --list "$folder/mlflow.dump" > /dev/null 2>&1 \
         || refuse "$BACKUPS/$latest is not a pg_dump archive: $SHOWN stays empty"
     # One transaction: a restore that fails half-way leaves the database empty, so the next
