@@ -11,6 +11,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -329,7 +330,8 @@ def test_a_failed_restore_keeps_the_server_down_on_its_empty_database(head, tmp_
         broken.write_bytes(bytes(data))
         (head.backups / f"{planted.name}.sha256").write_text(
             hashlib.sha256(bytes(data)).hexdigest() + "\n")
-        assert "failed" in refused("restore fails")
+        # The archive may already fail its listing; either way nothing is restored.
+        assert re.search("failed|not a pg_dump archive", refused("restore fails"))
         # No dump at all on a store that was initialised.
         for dump in head.backups.glob("*.dump*"):
             dump.rename(tmp_path / dump.name)
