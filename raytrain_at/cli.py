@@ -130,6 +130,9 @@ def train(
     single_process: bool = typer.Option(False, help="run one worker in this process, no Ray"),
     dry_run: bool = typer.Option(False, help="print the resolved config and the Ray resources "
                                  "the run would ask for, then stop"),
+    allow_change: list[str] = typer.Option(None, "--allow-change", help="config keys a resume "
+                                           "may change, e.g. --allow-change schedule.epochs "
+                                           "(KEY[,KEY]; repeatable)"),
 ) -> None:
     """Adversarially train a model with Ray Train + DeepSpeed, tracked in MLflow."""
     from raytrain_at.config import load_config
@@ -143,9 +146,10 @@ def train(
         print(describe_run(load_config(recipe, overrides)), end="")
         return
     from raytrain_at.training.launch import launch, prepare_run, run_single_process
+    from raytrain_at.training.resume_check import parse_allowed
 
     prepared = prepare_run(load_config(recipe, overrides), run_name=run_name,
-                           storage_path=storage_path)
+                           storage_path=storage_path, allow_change=parse_allowed(allow_change))
     if single_process:
         print(f"run {prepared.run_name}: {run_single_process(prepared)}")
         return

@@ -78,6 +78,8 @@ class DataSection(StrictModel):
     train_size: int | None = Field(default=None, ge=1)  # use only the first N training samples
     heldout_size: int | None = Field(default=None, ge=1)  # use only the first N held-out samples
     loader_workers: int = Field(default=2, ge=1)
+    # Longest wait for one batch: a stuck FFCV reader (a damaged file) becomes one line.
+    loader_timeout_s: float = Field(default=900.0, gt=0.0, allow_inf_nan=False)
     eval_crop_pct: float | None = Field(default=None, gt=0.0, le=1.0)
 
     @property
@@ -176,7 +178,10 @@ class ScalingSection(StrictModel):
     num_workers: int = Field(default=2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0.0)
-    max_failures: int = Field(default=2, ge=0)
+    # Worker-group failures Ray Train recovers from (from the latest good checkpoint) in any
+    # sliding hour; None: no limit (spot capacity, where reclaims are routine). A failure that
+    # retrying cannot fix (a non-finite loss, a bad input) stops the run whatever the budget.
+    max_failures_per_hour: int | None = Field(default=3, ge=0)
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     channels_last: bool = True
     compile: bool = False

@@ -19,7 +19,14 @@ def ray_resources(config: RunConfig) -> dict[str, object]:
     per_worker = dict(scaling._resources_per_worker_not_none)  # what each worker actor gets
     return {"num_workers": scaling.num_workers, "per_worker": per_worker,
             "total": dict(scaling.total_resources),
-            "per_worker_batch_size": config.per_worker_batch_size}
+            "per_worker_batch_size": config.per_worker_batch_size,
+            # Worker-group restarts Ray Train may make in any hour (training.failure_budget).
+            "failure_budget": failure_budget_text(config.scaling.max_failures_per_hour)}
+
+
+def failure_budget_text(budget: int | None) -> str:
+    """``scaling.max_failures_per_hour`` as the dry run states it."""
+    return "unlimited restarts" if budget is None else f"{budget} restarts per hour"
 
 
 def describe_run(config: RunConfig) -> str:

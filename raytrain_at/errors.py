@@ -20,6 +20,17 @@ class RunFailed(RuntimeError):
     """
 
 
+class NonFiniteLoss(RunFailed):
+    """The training loss became NaN or infinite: the run stops before the epoch's checkpoint,
+    so the last checkpoint written (the one a re-run resumes from) holds finite weights. Not
+    retried: the retry would resume from that checkpoint and meet the same loss."""
+
+
+class RetriesStopped(RunFailed):
+    """Ray Train stops retrying a run: its hourly failure budget is spent, or the failure is
+    one a retry would repeat (raised in Ray's controller by the failure-budget callback)."""
+
+
 def first_lines(message: str, limit: int = 300) -> str:
     """The first two non-empty lines of a long framework message, joined and cut to ``limit``."""
     lines = [line.strip() for line in message.splitlines() if line.strip()][:2]

@@ -32,6 +32,7 @@ from raytrain_at.models import complexity, stem_spec_of
 from raytrain_at.models.paper_tables import TABLE14
 from raytrain_at.models.stems import design_name
 from raytrain_at.registry.leaderboard_formats import print_table
+from raytrain_at.tracking.redact import without_userinfo
 
 
 def model_size_table(console: Console, resolution: int = 224) -> None:
@@ -107,7 +108,8 @@ def run_quickstart(extra_overrides: list[str] | None = None,
     adversarial = next(iter(VARIANTS))
     _evaluate_and_register(console, models[adversarial], config, eval_n, stamp)
     console.print(f"Runs, params, per-epoch metrics, weights and the registered models are in "
-                  f"MLflow ({uri}): run `mlflow ui` in this folder (or with --backend-store-uri "
+                  f"MLflow ({without_userinfo(uri or '')}): run `mlflow ui` in this folder "
+                  "(or with --backend-store-uri "
                   "set to it) and open http://127.0.0.1:5000 (Models tab for the registry).",
                   soft_wrap=True)
     return results

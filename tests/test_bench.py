@@ -9,6 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from tests.support.cli_runner import run_cli
+
 ROOT = Path(__file__).resolve().parents[1]
 CLI = str(Path(sys.executable).with_name("raytrain-at"))
 # Issue 9 (speed): one thread per command, so the timings of a busy 2-core machine cannot make
@@ -32,6 +36,7 @@ def _bench(*args: str, absent: tuple[str, ...] = (), env: dict | None = None) ->
     return json.loads(result.stdout)
 
 
+@pytest.mark.slow  # 80 s on 2 cores: heavy augmentation and a ConvNeXt step at 224 px (CI's slow list)
 def test_bench_loader_prints_rates() -> None:
     """The loader's rate and, as scripts/bench_augment.py printed, the heavy augmentation and its
     RandAugment stage; the share is against the real training step at the same batch."""
@@ -104,8 +109,7 @@ def test_bad_bench_settings_are_one_line_before_any_work() -> None:
                            (("step", "--batch", "0"), "--batch 0"),
                            (("eval", "--norm", "l3"), "--norm 'l3'"),
                            (("loader", "--aug-batch", "3"), "--aug-batch 3")):
-        result = subprocess.run([CLI, "bench", *args], capture_output=True, text=True,
-                                timeout=120, cwd=ROOT)
+        result = run_cli(["bench", *args], timeout=120, cwd=ROOT)
         assert result.returncode == 2, (args, result.stderr)
         assert result.stderr.strip().splitlines() == [result.stderr.strip()], result.stderr
         assert result.stderr.startswith("error: ") and fragment in result.stderr, result.stderr

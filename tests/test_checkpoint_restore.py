@@ -239,7 +239,7 @@ def _child(storage: str, out: str) -> None:
         restored.engine.checkpoint_engine._inner.load(str(planted))
         # A NaN weight makes the loss NaN: run() stops within the epoch, before any report or
         # checkpoint; rank 0 at its first progress report, any rank at the epoch's end.
-        from raytrain_at.training.loop import NonFiniteLoss
+        from raytrain_at.errors import NonFiniteLoss
 
         stops = {}
         for name, progress in (("progress", lambda _: None), ("epoch_end", None)):

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,8 +15,8 @@ from raytrain_at.data.inspection import beton_labels, describe_beton
 from raytrain_at.data.sources import Sample, cifar_samples, digits_samples, digits_split_indices
 from raytrain_at.data.write import write_dataset
 from raytrain_at.errors import UserError
+from tests.support.cli_runner import run_cli
 
-CLI = str(Path(sys.executable).with_name("raytrain-at"))
 
 
 def test_digits_round_trip(tmp_path) -> None:
@@ -130,16 +127,13 @@ def test_non_ffcv_and_truncated_files_are_refused(tmp_path) -> None:
 
 def test_cli_write_and_errors(tmp_path) -> None:
     out = tmp_path / "d.beton"
-    ok = subprocess.run([CLI, "data", "write-ffcv", "digits", str(out), "--split", "test"],
-                        capture_output=True, text=True, timeout=120)
+    ok = run_cli(["data", "write-ffcv", "digits", str(out), "--split", "test"], timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert inspect_beton(out).num_samples == 297
-    bad = subprocess.run([CLI, "data", "write-ffcv", str(tmp_path / "missing"), str(out)],
-                         capture_output=True, text=True, timeout=120)
+    bad = run_cli(["data", "write-ffcv", str(tmp_path / "missing"), str(out)], timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
     assert "does not exist" in bad.stderr and "Traceback" not in bad.stderr
-    info = subprocess.run([CLI, "data", "info", str(tmp_path / "missing.beton")],
-                          capture_output=True, text=True, timeout=120)
+    info = run_cli(["data", "info", str(tmp_path / "missing.beton")], timeout=120)
     assert info.returncode == 2 and "missing.beton" in info.stderr
 
 

@@ -64,6 +64,7 @@ def smoke(tmp_path_factory) -> dict:
     return _smoke(tmp_path_factory.mktemp("smoke"), FAST_PARTS)
 
 
+@pytest.mark.slow  # the CPU smoke run behind them: 4-5 min on 2 cores (CI's slow list)
 def test_cpu_smoke_runs_every_part(smoke) -> None:
     assert smoke["sizes"] == "cpu-smoke" and list(smoke["parts"]) == FAST_PARTS.split(",")
     assert smoke["versions"]["torch"] and smoke["versions"]["deepspeed"]
@@ -83,6 +84,7 @@ def test_cpu_smoke_runs_every_part(smoke) -> None:
     assert row["ratio_ours_over_reference"] > 0
 
 
+@pytest.mark.slow  # the CPU smoke run behind them: 4-5 min on 2 cores (CI's slow list)
 def test_cpu_smoke_runs_the_gpu_tests_on_the_cpu(smoke) -> None:
     records = {r["test"]: r for r in smoke["parts"]["tests"]["records"]}
     assert set(records) == GPU_TESTS
@@ -96,6 +98,7 @@ def test_cpu_smoke_runs_the_gpu_tests_on_the_cpu(smoke) -> None:
     assert fast["unconfirmed_then_reattacked"] == 0
 
 
+@pytest.mark.slow  # the CPU smoke run behind them: 4-5 min on 2 cores (CI's slow list)
 def test_cpu_smoke_autoattack_compares_each_image(smoke) -> None:
     (document,) = smoke["parts"]["eval"]["records"]
     assert document["settings"]["kernels"] == "fast"
@@ -104,6 +107,7 @@ def test_cpu_smoke_autoattack_compares_each_image(smoke) -> None:
     assert document["ours"]["unconfirmed_then_reattacked"] == 0
 
 
+@pytest.mark.slow  # the CPU smoke run behind them: 4-5 min on 2 cores (CI's slow list)
 def test_cpu_smoke_loader_and_t_step(smoke) -> None:
     (loader,) = smoke["parts"]["loader"]["records"]
     (rate,) = loader["train_loader_224"]
@@ -116,6 +120,7 @@ def test_cpu_smoke_loader_and_t_step(smoke) -> None:
     assert "a_s" in fit and "b_s_per_image" in fit
 
 
+@pytest.mark.slow  # the CPU smoke run behind them: 4-5 min on 2 cores (CI's slow list)
 def test_goals_are_read_from_the_figures(smoke) -> None:
     goals = smoke["goals"]
     ratio = goals["test_vit: ours / paper-style images/s (eager)"]

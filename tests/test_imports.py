@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "raytrain_at"
 # project's modules that load any of them.
 SLOW = {"torch", "torchvision", "timm", "kornia", "pyautoattack", "sklearn", "scipy", "matplotlib",
         "imagecorruptions", "numba", "fvcore", "numpy", "cv2", "safetensors", "pydantic", "yaml",
-        "ray", "deepspeed", "mlflow", "ffcv", "pyarrow"}
+        "ray", "deepspeed", "mlflow", "ffcv", "pyarrow", "boto3", "botocore"}
 
 
 def test_no_import_cycles_in_the_package() -> None:

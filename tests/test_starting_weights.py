@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import timm
@@ -31,6 +28,7 @@ from raytrain_at.models.pixel_space import normalisation_of
 from raytrain_at.registry.register import registration_payload
 from raytrain_at.training.launch import run_params
 from raytrain_at.training.loop import build_model, build_model_and_report, run_model_spec
+from tests.support.cli_runner import run_cli
 
 IMAGENET = (tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD))
 HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -158,10 +156,8 @@ def test_a_renamed_block_stops_train_before_ray_starts(tmp_path) -> None:
     torch.save({"model": state}, path)
     env = dict(os.environ, RAYTRAIN_AT_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1",
                RAY_TMPDIR=str(tmp_path / "ray"))
-    result = subprocess.run(
-        [str(Path(sys.executable).with_name("raytrain-at")), "train", "quickstart",
-         "--set", "model.name=convnext_iso_small", "--set", f"model.pretrained={path}"],
-        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    result = run_cli(["train", "quickstart", "--set", "model.name=convnext_iso_small",
+                      "--set", f"model.pretrained={path}"], env=env, cwd=tmp_path, timeout=300)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2
     assert len(lines) == 1 and lines[0].startswith("error: checkpoint "), result.stderr[-2000:]

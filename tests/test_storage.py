@@ -73,7 +73,7 @@ def test_chunk_records_live_on_the_object_store(store, eval_home):
                                     ["robust", "robust", "apgd-t"])):
         record = ChunkRecord(ids=list(job.chunks()[chunk]), status=status,
                              attacks_done=["apgd-ce", "apgd-t"], complete=True,
-                             max_perturbation=4 / 255)
+                             max_perturbation=4 / 255, norm=threat.norm, eps=threat.eps)
         write_record(job.record_path(threat, chunk), record)
     assert read_record(job.record_path(threat, 1)).status == ["robust", "robust", "apgd-t"]
     assert pending_chunks(job) == [] and finished_images(job) == 6

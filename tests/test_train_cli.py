@@ -10,14 +10,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.cli_runner import run_cli
+
 CLI = str(Path(sys.executable).with_name("raytrain-at"))
 
 
 def _train(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, RAYTRAIN_AT_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1")
     env.pop("NOPE_DATA", None)
-    return subprocess.run([CLI, "train", *args], capture_output=True, text=True, timeout=180,
-                          env=env, cwd=tmp_path)
+    return run_cli(["train", *args], env=env, cwd=tmp_path, timeout=180)
 
 
 @pytest.mark.parametrize("args,fragment", [

@@ -133,7 +133,7 @@ def test_two_worker_training_spans_both_nodes(cluster, tmp_path) -> None:
                "--num-workers", "2", "--storage-path", str(storage), "--run-name", RUN_NAME,
                "--set", "schedule.epochs=1", "--set", "data.train_size=256",
                "--set", "data.heldout_size=64", "--set", "attack.heldout_steps=2",
-               "--set", "scaling.cpus_per_worker=1", "--set", "scaling.max_failures=0"]
+               "--set", "scaling.cpus_per_worker=1", "--set", "scaling.max_failures_per_hour=0"]
     started = time.time()
     result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True,
                             timeout=900)

@@ -8,6 +8,8 @@
 
 Every loader first checks the file (exists, is FFCV, not truncated, has ``image`` and ``label``)
 and raises :class:`UserError` naming it, before any decoding starts.
+
+Every batch is awaited at most ``timeout_s`` (:mod:`raytrain_at.data.watchdog`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 
 from raytrain_at.data.sharding import ShardedOrder
+from raytrain_at.data.watchdog import DEFAULT_LOADER_TIMEOUT_S, watched_batches
 from raytrain_at.errors import UserError
 
 REQUIRED_FIELDS = ("image", "label")
@@ -82,13 +85,16 @@ class DeviceBatches:
     """Iterate an FFCV loader as (images float32 [0, 1] (B, 3, H, W) on ``device``, labels int64).
 
     The uint8 -> float conversion happens on the device, so only bytes cross the bus.
-    ``set_epoch`` fixes the data order of the next epoch (used when resuming).
+    ``set_epoch`` fixes the data order of the next epoch (used when resuming). Each batch is
+    awaited at most ``timeout_s`` seconds (see the module docstring).
     """
 
-    def __init__(self, loader, device: torch.device, info: BetonInfo) -> None:
+    def __init__(self, loader, device: torch.device, info: BetonInfo,
+                 timeout_s: float = DEFAULT_LOADER_TIMEOUT_S) -> None:
         self.loader = loader
         self.device = device
         self.info = info
+        self.timeout_s = timeout_s
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -101,7 +107,7 @@ class DeviceBatches:
         self.loader.next_epoch = int(epoch)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels in self.loader:
+        for images, labels in watched_batches(iter(self.loader), self.timeout_s, self.info.path):
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             yield images.float().div_(255.0), labels.long().view(-1)
@@ -131,7 +137,8 @@ def train_loader(path: str | Path, *, batch_size: int, resolution: int = 224, ra
                  world_size: int = 1, seed: int = 0, num_workers: int = 2, flip: bool = True,
                  scale: tuple[float, float] = (0.08, 1.0), device: str | torch.device = "cpu",
                  drop_last: bool = True, os_cache: bool = True,
-                 indices: np.ndarray | None = None) -> DeviceBatches:
+                 indices: np.ndarray | None = None,
+                 timeout_s: float = DEFAULT_LOADER_TIMEOUT_S) -> DeviceBatches:
     """The training loader of one rank.
 
     Args:
@@ -147,6 +154,7 @@ def train_loader(path: str | Path, *, batch_size: int, resolution: int = 224, ra
         drop_last: drop the last incomplete batch (keeps ranks in step).
         os_cache: keep the file in the page cache (FFCV's RANDOM order needs RAM for the file).
         indices: restrict training to these samples (e.g. the first n).
+        timeout_s: longest wait for one batch (``data.loader_timeout_s``).
     """
     from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
     from ffcv.loader import Loader
@@ -171,16 +179,18 @@ def train_loader(path: str | Path, *, batch_size: int, resolution: int = 224, ra
     if len(loader) == 0:
         raise UserError(f"dataset file {str(info.path)!r}: {info.num_samples} samples over "
                         f"{world_size} workers give no full batch of {batch_size}")
-    return DeviceBatches(loader, device, info)
+    return DeviceBatches(loader, device, info, timeout_s)
 
 
 def eval_loader(path: str | Path, *, batch_size: int, resolution: int = 224,
                 crop_pct: float = 0.875, rank: int = 0, world_size: int = 1,
                 num_workers: int = 2, device: str | torch.device = "cpu",
-                indices: np.ndarray | None = None) -> DeviceBatches:
+                indices: np.ndarray | None = None,
+                timeout_s: float = DEFAULT_LOADER_TIMEOUT_S) -> DeviceBatches:
     """The evaluation loader (paper preprocessing, sequential, optionally one shard of it).
 
-    ``indices`` restricts the file to a subset (e.g. the first n images) before sharding.
+    ``indices`` restricts the file to a subset (e.g. the first n images) before sharding;
+    ``timeout_s`` bounds the wait for one batch (see the module docstring).
     """
     from ffcv.loader import Loader
 
@@ -198,5 +208,5 @@ def eval_loader(path: str | Path, *, batch_size: int, resolution: int = 224,
                     pipelines={"image": [BicubicCenterCropDecoder(resolution, crop_pct)]
                                + _image_tail(device),
                                "label": _label_pipeline(device)})
-    return DeviceBatches(loader, device, info)
+    return DeviceBatches(loader, device, info, timeout_s)
 

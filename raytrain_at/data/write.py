@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 from pathlib import Path
 from typing import Literal
@@ -21,6 +20,7 @@ from raytrain_at.data import imagenet_subsets as subsets
 from raytrain_at.data.finetune_datasets import (READERS as FINETUNE_READERS,
                                                  detect_dataset_format)
 from raytrain_at.data.ffcv_writer import FULL_QUALITY, WriteOptions, write_beton
+from raytrain_at.data.provenance import read_provenance, write_provenance
 from raytrain_at.data.sources import (Sample, cifar_samples, digits_samples, flowers102_samples,
                                       image_folder_samples, list_class_folders)
 from raytrain_at.errors import UserError
@@ -107,34 +107,6 @@ def write_dataset(source: str, out: str | Path, *, split: str = "train",
     return written
 
 
-def provenance_path(beton: str | Path) -> Path:
-    """``NAME.beton.json`` beside a written file: where it came from (source, split, subset)."""
-    beton = Path(beton)
-    return beton.with_name(beton.name + ".json")
-
-
-def write_provenance(beton: Path, record: dict) -> None:
-    target = provenance_path(beton)
-    partial = target.with_name(target.name + ".partial")
-    partial.write_text(json.dumps(record, indent=1))
-    partial.replace(target)
-
-
-def read_provenance(beton: str | Path) -> dict | None:
-    """The provenance record of a .beton file, or None (written elsewhere or before it existed)."""
-    path = provenance_path(beton)
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def is_test_data(beton: str | Path) -> bool:
-    """Whether a .beton was written from a test split (or ImageNet's RobustBench 5k subset)."""
-    record = read_provenance(beton) or {}
-    return record.get("split") == "test" or record.get("subset") == "robustbench5k"
-
-
 BUNDLED: tuple[str, ...] = ("digits",)
 
 
@@ -150,7 +122,9 @@ def bundled_beton(name: str, split: str, storage: Path) -> str:
     if name not in BUNDLED:
         raise UserError(f"unknown bundled dataset {name!r} (bundled: {', '.join(BUNDLED)})")
     target = Path(storage) / "datasets" / f"{name}_{split}.beton"
-    if not target.exists() or read_provenance(target) is None:
+    # Rewritten when its provenance is missing or predates checksums (a home from an older
+    # version): the run start checks the file against it.
+    if not target.exists() or "sha256" not in (read_provenance(target) or {}):
         target.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.redirect_stderr(io.StringIO()):
             write_dataset(name, target, split=split, options=FULL_QUALITY)

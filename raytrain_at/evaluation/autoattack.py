@@ -76,6 +76,9 @@ class ChunkRecord:
     complete: bool = False
     # Fast kernels: breaks the exact model did not confirm (those images stay robust).
     unconfirmed: int = 0
+    # The threat model it was attacked under (checked against the unit's when read back).
+    norm: str = ""
+    eps: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)

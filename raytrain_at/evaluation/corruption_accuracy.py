@@ -108,8 +108,9 @@ def corruption_accuracy_on_device(model: torch.nn.Module, model_ref: str, *,
     import ray
 
     init_ray(address)
+    # A pure function of the model and the images: a task lost with its node runs again.
     task = ray.remote(_remote_corruption_accuracy).options(
-        num_cpus=1, num_gpus=1 if use_gpu else 0, max_retries=0)
+        num_cpus=1, num_gpus=1 if use_gpu else 0, max_retries=3)
     device = "cuda" if use_gpu else "cpu"
     return CorruptionResult.model_validate(ray.get(task.remote(
         model_ref, tracking_uri, resolution, device, kwargs)))

@@ -18,6 +18,7 @@ from pydantic import Field
 
 import raytrain_at
 from raytrain_at.config_loader import validate
+from raytrain_at.data.provenance import verify_beton
 from raytrain_at.errors import UserError
 from raytrain_at.evaluation import guards as checks
 from raytrain_at.evaluation.corruption_accuracy import corruption_accuracy_on_device
@@ -86,9 +87,12 @@ def resolve_data(data: str, storage: Path) -> str:
     from raytrain_at.data.write import BUNDLED, bundled_beton
 
     if data in BUNDLED:
-        return bundled_beton(data, "test", storage)
+        path = Path(bundled_beton(data, "test", storage))
+        verify_beton(path, "--data")
+        return str(path)
     path = Path(data).expanduser()
     inspect_beton(path)  # one-line errors for missing, foreign or truncated files
+    verify_beton(path, "--data")  # and for one that differs from its recorded checksum
     # Absolute but not resolved: a staged file's link (the same path on every node) is what
     # workers open, not where it points on the driver's node.
     return str(path.absolute())

@@ -12,7 +12,7 @@ single-process run.
 The state folder is keyed by everything that changes the result (weights hash, data file, image
 ids, resolution, preprocessing, version, seed, batch size), so a re-run of the same evaluation
 resumes and a different one starts afresh. The key is computed once, on the driver, from what
-every node agrees on (the data file's name, size and first MiB, never its resolved path), and it
+every node agrees on (the data file's name, size and full sha256, never its resolved path), and it
 lies under the storage root (:mod:`raytrain_at.runtime.storage`): ``s3://`` or a shared folder on a
 cluster, so the driver merges what workers on other machines wrote.
 """
@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import logging
+import math
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -31,6 +32,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from raytrain_at.data.provenance import beton_sha256
+from raytrain_at.data.watchdog import default_loader_timeout
 from raytrain_at.errors import UserError
 from raytrain_at.evaluation.autoattack import (MISCLASSIFIED, ROBUST, VERSIONS, ChunkRecord,
                                                attack_chunk, build_autoattack)
@@ -39,9 +42,15 @@ from raytrain_at.evaluation.kernels import attack_model
 from raytrain_at.evaluation.threats import ThreatModel
 from raytrain_at.runtime.worker_output import worker_log_file
 from raytrain_at.runtime.ray_init import init_ray
-from raytrain_at.runtime.storage import default_home, filesystem, is_uri
+from raytrain_at.evaluation.lease import StateLease
+from raytrain_at.runtime.storage import default_home, filesystem, is_uri, write_durably
 
-FORMAT = 1
+log = logging.getLogger(__name__)
+
+# 2: the data's full-file sha256 in the key, norm and eps in every record.
+FORMAT = 2
+# Retries of an evaluation task lost with its worker or node (units are idempotent).
+TASK_RETRIES = 3
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,7 @@ class EvalJob:
         tracking_uri: MLflow tracking URI for ``runs:/`` / ``models:/`` references.
         kernels: ``exact`` or ``fast`` (:mod:`raytrain_at.evaluation.kernels`).
         state_key: the state folder's name (:func:`state_key`); computed when left empty.
+        loader_timeout_s: the loader watchdog's limit (``$RAYTRAIN_AT_LOADER_TIMEOUT_S``).
     """
 
     model_ref: str
@@ -81,6 +91,9 @@ class EvalJob:
     tracking_uri: str | None = None
     kernels: str = "exact"
     state_key: str = ""
+    # Longest wait for one batch of images (a stuck reader of a damaged file becomes one line);
+    # not part of the key: it changes no result.
+    loader_timeout_s: float = field(default_factory=default_loader_timeout)
 
     def __post_init__(self) -> None:
         if not self.state_key:  # on the driver; workers receive the driver's key
@@ -111,13 +124,12 @@ class EvalJob:
 
 
 def data_fingerprint(data_path: str) -> list:
-    """What identifies a data file wherever it lies: its name, size and the hash of its first
-    MiB. Not its path (a staged copy has another one on each node) nor its mtime (each copy has
-    its own), which a key hashed on one node would disagree on with the others."""
+    """What identifies a data file wherever it lies: its name, size and the sha256 of the whole
+    file (checked against its provenance, :func:`raytrain_at.data.provenance.beton_sha256`). Not
+    its path (a staged copy has another one on each node) nor its mtime (each copy has its own),
+    which a key hashed on one node would disagree on with the others."""
     path = Path(data_path)
-    with path.open("rb") as handle:
-        head = hashlib.sha256(handle.read(1 << 20)).hexdigest()
-    return [path.name, path.stat().st_size, head]
+    return [path.name, path.stat().st_size, beton_sha256(path)]
 
 
 def state_key(*, weights_sha256: str, data_path: str, ids: tuple[int, ...], resolution: int,
@@ -141,30 +153,75 @@ def _fs_path(path: str):
 
 
 def read_record(path: str | Path) -> ChunkRecord | None:
-    """The chunk record at ``path`` (local or ``s3://``), None when there is none yet."""
+    """The chunk record at ``path`` (local or ``s3://``), None when there is none yet or what is
+    there is not a record (empty, not JSON, wrong fields: logged, and then attacked again)."""
     import pyarrow.fs as pafs
 
     fs, inner = _fs_path(str(path))
     if fs.get_file_info(inner).type != pafs.FileType.File:
         return None
     with fs.open_input_stream(inner) as handle:
-        return ChunkRecord(**json.loads(handle.read().decode()))
+        raw = handle.read()
+    try:
+        return ChunkRecord(**json.loads(raw.decode()))
+    except (UnicodeDecodeError, ValueError, TypeError) as exc:
+        log.warning("chunk record %s is unreadable (%s): attacking its chunk again", path,
+                    str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__)
+        return None
+
+
+def record_problem(record: ChunkRecord, ids: tuple[int, ...], threat: ThreatModel,
+                   version: str) -> str | None:
+    """What makes ``record`` unfit for its unit (chunk ``ids`` under ``threat``), or None."""
+    attacks = VERSIONS[version]
+    allowed = {MISCLASSIFIED, ROBUST, *attacks}
+    if not isinstance(record.ids, list) or list(record.ids) != list(ids):
+        return "its image ids are not the chunk's"
+    if not isinstance(record.status, list) or len(record.status) != len(ids):
+        return (f"it has {len(record.status) if isinstance(record.status, list) else 'no'} "
+                f"statuses for {len(ids)} images")
+    if any(s not in allowed for s in record.status):
+        return "it has a status that is no attack of this version"
+    if not isinstance(record.attacks_done, list) or any(a not in attacks
+                                                        for a in record.attacks_done):
+        return "it lists an attack that is not of this version"
+    if record.complete and set(record.attacks_done) != set(attacks):
+        return "it is marked complete without every attack"
+    if record.norm != threat.norm or not isinstance(record.eps, (int, float)) \
+            or not math.isclose(record.eps, threat.eps, rel_tol=1e-9, abs_tol=1e-12):
+        return f"it was attacked under {record.norm or '?'} eps {record.eps}, not {threat.key}"
+    if not (isinstance(record.max_perturbation, (int, float))
+            and math.isfinite(record.max_perturbation) and record.max_perturbation >= 0):
+        return "its largest perturbation is not a finite number"
+    return None
+
+
+def read_unit(job: EvalJob, threat: ThreatModel, number: int) -> ChunkRecord | None:
+    """The record of one unit, validated against its chunk; None (logged, so it is attacked
+    again from the start) when there is none or it does not fit."""
+    path = job.record_path(threat, number)
+    record = read_record(path)
+    if record is None:
+        return None
+    problem = record_problem(record, job.chunks()[number], threat, job.version)
+    if problem is not None:
+        log.warning("chunk record %s does not fit its chunk (%s): attacking it again", path,
+                    problem)
+        return None
+    return record
 
 
 def write_record(path: str | Path, record: ChunkRecord) -> None:
-    """Atomically: a worker killed mid-write leaves the previous record, never half of one (a
-    local file is renamed into place; an object store's PUT is atomic by itself)."""
+    """Atomically and durably: a worker killed mid-write (or a machine losing power) leaves the
+    previous record, never half of one. A local file is written, fsynced and renamed into place
+    and its folder fsynced; an object store's PUT is atomic and durable by itself."""
     data = json.dumps(record.as_dict()).encode()
     fs, inner = _fs_path(str(path))
     if is_uri(str(path)):
         with fs.open_output_stream(inner) as handle:
             handle.write(data)
         return
-    local = Path(inner)
-    local.parent.mkdir(parents=True, exist_ok=True)
-    tmp = local.with_name(f".{local.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, local)
+    write_durably(Path(inner), data)
 
 
 # One unit of work: a chunk under one threat model, by chunk number and threat key.
@@ -174,8 +231,7 @@ Unit = tuple[int, str]
 def pending_units(job: EvalJob) -> list[Unit]:
     """The (chunk, threat) pairs whose record is not finished, chunk by chunk."""
     return [(number, threat.key) for number in range(len(job.chunks())) for threat in job.threats
-            if not ((r := read_record(job.record_path(threat, number))) is not None
-                    and r.complete)]
+            if not ((r := read_unit(job, threat, number)) is not None and r.complete)]
 
 
 def deal_units(pending: list[Unit], workers: int) -> list[list[Unit]]:
@@ -203,24 +259,28 @@ def finished_images(job: EvalJob) -> int:
         folder = f"{job.state_dir}/{threat.key}"
         fs, inner = _fs_path(folder)
         infos = fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
-        prefix = "s3://" if folder.startswith("s3://") else ""
         for info in infos:
-            if not (info.base_name.startswith("chunk-") and info.base_name.endswith(".json")):
+            name = info.base_name
+            if not (name.startswith("chunk-") and name.endswith(".json")):
                 continue
-            record = read_record(prefix + info.path)
-            if record and record.complete:
-                finished += sizes[int(info.base_name[len("chunk-"):-len(".json")])]
+            number = int(name[len("chunk-"):-len(".json")])
+            if number < len(sizes) and (record := read_unit(job, threat, number)) \
+                    and record.complete:
+                finished += sizes[number]
     return finished
 
 
 def load_images(data_path: str, ids: list[int], *, resolution: int, crop_pct: float,
-                batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The images ``ids`` (sorted) with the paper's eval preprocessing, as one tensor."""
+                batch_size: int, device: torch.device,
+                timeout_s: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images ``ids`` (sorted) with the paper's eval preprocessing, as one tensor; each
+    batch awaited at most ``timeout_s`` (default :func:`default_loader_timeout`)."""
     from raytrain_at.data.ffcv_loaders import eval_loader
 
     loader = eval_loader(data_path, batch_size=batch_size, resolution=resolution,
                          crop_pct=crop_pct, num_workers=1, device=device,
-                         indices=np.asarray(sorted(ids), dtype=np.int64))
+                         indices=np.asarray(sorted(ids), dtype=np.int64),
+                         timeout_s=timeout_s or default_loader_timeout())
     xs, ys = zip(*[(x, y) for x, y in loader])
     # Channels-first memory: pyautoattack views gradients as (n, -1), which a channels-last
     # (FFCV's layout) gradient does not allow.
@@ -244,7 +304,7 @@ def evaluate_units(job: EvalJob, units: list[Unit], *, device: str = "cpu",
     # Each unit's saved record, read once: skipped when complete, resumed otherwise.
     todo: list[tuple[int, ThreatModel, ChunkRecord | None]] = []
     for number, key in units:
-        record = read_record(job.record_path(threats[key], number))
+        record = read_unit(job, threats[key], number)
         if record is None or not record.complete:
             todo.append((number, threats[key], record))
     if not todo:
@@ -263,7 +323,7 @@ def evaluate_units(job: EvalJob, units: list[Unit], *, device: str = "cpu",
     wanted = sorted({i for number, _, _ in todo for i in chunks[number]})
     x_all, y_all = load_images(job.data_path, wanted, resolution=job.resolution,
                                crop_pct=job.crop_pct, batch_size=job.batch_size,
-                               device=torch_device)
+                               device=torch_device, timeout_s=job.loader_timeout_s)
     position = {sample: k for k, sample in enumerate(wanted)}
     fast = attack_model(model, job.kernels, torch_device)
     attackers = {t: build_autoattack(fast, t, job.version, job.seed, torch_device,
@@ -276,10 +336,14 @@ def evaluate_units(job: EvalJob, units: list[Unit], *, device: str = "cpu",
         rows = torch.tensor([position[i] for i in chunks[number]], device=torch_device)
         x, y = x_all[rows], y_all[rows]
         path = job.record_path(threat, number)
+
+        def save(r: ChunkRecord, p: str = path, t: ThreatModel = threat) -> None:
+            r.norm, r.eps = t.norm, t.eps
+            write_record(p, r)
+
         with capture_autoattack_warnings() as seen:
             attack_chunk(fast, attackers[threat], x, y, list(chunks[number]), threat.norm,
-                         batch_size=job.batch_size, record=record,
-                         save=lambda r, p=path: write_record(p, r), warnings=seen,
+                         batch_size=job.batch_size, record=record, save=save, warnings=seen,
                          kernels=job.kernels, exact_model=model,
                          exact_aa=exact_attackers[threat])
         on_record()
@@ -320,22 +384,28 @@ def run_job(job: EvalJob, *, workers: int = 1, address: str | None = None,
     # Counted in images (over all threat models), so the bar shows images/s and an ETA. Off a
     # terminal it redraws once a minute: a log file gets a few updates, not hundreds.
     total = len(job.threats) * len(job.ids)
-    bar = tqdm(total=total, initial=finished_images(job), desc=description, unit="img",
-               dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 60.0)
-    try:
-        if workers == 1 and address is None:
-            gpu = torch.cuda.is_available() if use_gpu is None else use_gpu
-            evaluate_chunks(job, list(range(len(job.chunks()))),
-                            device="cuda" if gpu else "cpu",
-                            on_record=lambda: bar.update(finished_images(job) - bar.n))
-            return
-        _run_on_ray(job, workers, address, use_gpu, bar)
-    finally:
-        bar.close()
+    # One driver at a time on a state folder (a second one stops here with one line).
+    with StateLease(job.state_dir) as lease:
+        bar = tqdm(total=total, initial=finished_images(job), desc=description, unit="img",
+                   dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 60.0)
+        try:
+            if workers == 1 and address is None:
+                gpu = torch.cuda.is_available() if use_gpu is None else use_gpu
+
+                def on_record() -> None:
+                    lease.check()
+                    bar.update(finished_images(job) - bar.n)
+
+                evaluate_chunks(job, list(range(len(job.chunks()))),
+                                device="cuda" if gpu else "cpu", on_record=on_record)
+                return
+            _run_on_ray(job, workers, address, use_gpu, bar, lease)
+        finally:
+            bar.close()
 
 
 def _run_on_ray(job: EvalJob, workers: int, address: str | None, use_gpu: bool | None,
-                bar) -> None:
+                bar, lease: StateLease) -> None:
     import ray
     import ray.exceptions
 
@@ -344,8 +414,10 @@ def _run_on_ray(job: EvalJob, workers: int, address: str | None, use_gpu: bool |
     if not shares:
         return
     gpu, cpus, gpus = shard_resources(use_gpu, len(shares), ray.cluster_resources())
+    # A task whose worker or node dies (a spot preemption) runs again: a unit's result depends
+    # only on its images, so re-running one (resuming its saved record) changes nothing.
     task = ray.remote(_ray_evaluate_chunks).options(num_cpus=cpus, num_gpus=gpus,
-                                                    max_retries=0)
+                                                    max_retries=TASK_RETRIES)
     refs = [task.remote(job.to_dict(), share, "cuda" if gpu else "cpu", cpus)
             for share in shares]
     remaining = list(refs)
@@ -353,6 +425,12 @@ def _run_on_ray(job: EvalJob, workers: int, address: str | None, use_gpu: bool |
     with worker_log_file(_console_log(job)):
         while remaining:
             _, remaining = ray.wait(remaining, timeout=1.0)
+            try:
+                lease.check()
+            except UserError:
+                for ref in remaining:
+                    ray.cancel(ref, force=True)
+                raise
             finished = finished_images(job)
             if finished != bar.n:
                 bar.update(finished - bar.n)
@@ -396,9 +474,11 @@ def merge(job: EvalJob) -> dict[ThreatModel, ThreatOutcome]:
         status: list[str] = []
         largest, warnings, unconfirmed = 0.0, {}, 0
         for number in range(len(job.chunks())):
-            record = read_record(job.record_path(threat, number))
-            if record is None or not record.complete:
-                raise RuntimeError(f"chunk {number} of {threat.key} is unfinished")
+            record = read_unit(job, threat, number)
+            if record is None or not record.complete:  # never merge a partial or unfit record
+                raise UserError(f"chunk record {job.record_path(threat, number)} is unfinished "
+                                "or does not fit its chunk: run the same command again to "
+                                "attack it")
             status.extend(record.status)
             largest = max(largest, record.max_perturbation)
             warnings.update(record.warnings)

@@ -47,6 +47,7 @@ from raytrain_at.registry.report_card import (HistoryLink, RunRef, VersionCard,
                                               leaderboard_card, model_card, summary_line,
                                               version_card, with_reevaluation)
 from raytrain_at.tracking.experiments import ensure_experiment
+from raytrain_at.tracking.redact import without_userinfo
 from raytrain_at.tracking.runs import default_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -222,7 +223,7 @@ class ModelRegistry:
         except MlflowException as exc:
             if own_run:
                 client.set_terminated(run_id, "FAILED")
-            raise UserError(f"MLflow registry at {self.tracking_uri}: "
+            raise UserError(f"MLflow registry at {without_userinfo(self.tracking_uri)}: "
                             f"{str(exc).splitlines()[0]}") from None
         except BaseException:
             if own_run:
@@ -244,7 +245,8 @@ class ModelRegistry:
                                            summary_line(card.result))
             self.refresh_pages(name)
         except MlflowException as exc:
-            raise UserError(f"MLflow registry at {self.tracking_uri}: {name} version "
+            raise UserError(f"MLflow registry at {without_userinfo(self.tracking_uri)}: {name} "
+                            f"version "
                             f"{registration.version} is registered, but writing its pages "
                             f"failed: {str(exc).splitlines()[0]}") from None
         return registration

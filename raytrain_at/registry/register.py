@@ -27,6 +27,7 @@ from raytrain_at.models.model_files import file_sha256, read_model_spec
 from raytrain_at.names import check_name
 from raytrain_at.registry.leaderboard_formats import records, rich_table
 from raytrain_at.registry.report_card import Lineage, VersionCard
+from raytrain_at.tracking.redact import without_userinfo
 
 GUARDS_FILE = "guards.json"
 
@@ -263,7 +264,7 @@ def leaderboard(norm: str = "linf", size: str | None = None, name: str | None = 
     rows = registry.rows(name)
     if name is not None and not rows and not registry.has_model(name):
         raise UserError(f"--name {name!r}: no registered model of that name in "
-                        f"{registry.tracking_uri}")
+                        f"{without_userinfo(registry.tracking_uri)}")
     return leaderboard_rows(rows, norm, size)
 
 

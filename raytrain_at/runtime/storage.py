@@ -17,6 +17,7 @@ endpoint, existing bucket), so a wrong endpoint or bucket is one line, not a stu
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import logging
 import os
@@ -127,3 +128,163 @@ def check_root(root: str) -> None:
                         f"({reason})") from None
     if info.type == pafs.FileType.NotFound:
         raise UserError(f"storage root {root}: bucket {bucket!r} does not exist at {endpoint}")
+
+
+# Conditional writes: what a lease needs (create only when absent; replace only what was read).
+# pyarrow's S3 file system has no conditional PUT, so S3 goes through boto3, whose
+# ``If-None-Match: *`` / ``If-Match: ETAG`` headers AWS S3 honours since 2024 (as does moto). An
+# S3-compatible store that ignores them makes the lease a best effort: two drivers that start in
+# the same second could both hold it (their units are idempotent, so results stay equal).
+_PRECONDITION_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
+
+
+@functools.lru_cache(maxsize=4)
+def _boto_s3(endpoint: str | None, region: str | None):
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", endpoint_url=endpoint, region_name=region or "us-east-1",
+                        config=Config(connect_timeout=5, read_timeout=30,
+                                      retries={"max_attempts": 3, "mode": "standard"}))
+
+
+def _bucket_key(uri: str) -> tuple:
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    return _boto_s3(os.environ.get("AWS_ENDPOINT_URL"), region), bucket, key
+
+
+def _refused(exc: Exception) -> bool:
+    response = getattr(exc, "response", None) or {}
+    code = str(response.get("Error", {}).get("Code", ""))
+    status = str(response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+    return code in _PRECONDITION_CODES or status in _PRECONDITION_CODES
+
+
+def read_versioned(path: str) -> tuple[bytes, str] | None:
+    """``(content, version tag)`` of a small file (local or ``s3://``), None when absent. The tag
+    (an S3 ETag; a local file's inode, size and mtime) is what :func:`replace_if_unchanged`
+    compares."""
+    if path.startswith("s3://"):
+        from botocore.exceptions import ClientError
+
+        client, bucket, key = _bucket_key(path)
+        try:
+            answer = client.get_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise
+        return answer["Body"].read(), str(answer["ETag"])
+    local = Path(path)
+    try:
+        data = local.read_bytes()
+        tag = _local_tag(local)
+    except FileNotFoundError:
+        return None
+    return data, tag
+
+
+def _local_tag(local: Path) -> str:
+    stat = local.stat()
+    return f"{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _fsync_folder(folder: Path) -> None:
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def write_durably(local: Path, data: bytes) -> None:
+    """Replace ``local`` atomically and durably: a temporary file written and fsynced, renamed
+    into place, and its folder fsynced (so a power loss leaves the old file or the new, and the
+    rename itself survives)."""
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_name(f".{local.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, local)
+    _fsync_folder(local.parent)
+
+
+def create_if_absent(path: str, data: bytes) -> str | None:
+    """Write ``path`` only if nothing is there (atomic on a local disk and on S3): its version
+    tag (see :func:`read_versioned`), or None when something already was."""
+    if path.startswith("s3://"):
+        from botocore.exceptions import ClientError
+
+        client, bucket, key = _bucket_key(path)
+        try:
+            answer = client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        except ClientError as exc:
+            if _refused(exc):
+                return None
+            raise
+        return str(answer["ETag"])
+    local = Path(path)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_name(f".{local.name}.{os.getpid()}.new")
+    tmp.write_bytes(data)
+    try:
+        os.link(tmp, local)  # atomic, and fails when the name exists
+    except FileExistsError:
+        return None
+    finally:
+        tmp.unlink()
+    _fsync_folder(local.parent)
+    return _local_tag(local)
+
+
+def replace_if_unchanged(path: str, data: bytes, tag: str) -> str | None:
+    """Overwrite ``path`` only if it still has the version ``tag`` read before: the new tag, or
+    None when it changed (or vanished) in between. Local files: the compare and the rename are
+    serialised by an exclusive lock on ``path.lock`` (``flock``; on a shared folder, as good as
+    its lock support)."""
+    if path.startswith("s3://"):
+        from botocore.exceptions import ClientError
+
+        client, bucket, key = _bucket_key(path)
+        try:
+            answer = client.put_object(Bucket=bucket, Key=key, Body=data, IfMatch=tag)
+        except ClientError as exc:
+            if _refused(exc) or exc.response.get("Error", {}).get("Code") == "NoSuchKey":
+                return None
+            raise
+        return str(answer["ETag"])
+    local = Path(path)
+    with open(local.with_name(local.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        current = read_versioned(path)
+        if current is None or current[1] != tag:
+            return None
+        write_durably(local, data)
+        return _local_tag(local)
+
+
+def delete_if_unchanged(path: str, tag: str) -> bool:
+    """Remove ``path`` if it still has version ``tag`` (S3: ``If-Match`` on the delete where the
+    store supports it; a store that rejects the header gets a plain delete)."""
+    if path.startswith("s3://"):
+        from botocore.exceptions import ClientError
+
+        client, bucket, key = _bucket_key(path)
+        try:
+            client.delete_object(Bucket=bucket, Key=key, IfMatch=tag)
+        except ClientError as exc:
+            if _refused(exc) or exc.response.get("Error", {}).get("Code") == "NoSuchKey":
+                return False
+            raise
+        return True
+    local = Path(path)
+    with open(local.with_name(local.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        current = read_versioned(path)
+        if current is None or current[1] != tag:
+            return False
+        local.unlink()
+        return True

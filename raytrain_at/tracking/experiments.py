@@ -25,6 +25,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from raytrain_at.errors import UserError
+from raytrain_at.tracking.redact import without_userinfo
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,8 @@ def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise UserError(f"MLflow tracking server {uri} does not answer ({reason}): start it "
+        raise UserError(f"MLflow tracking server {without_userinfo(uri)} does not answer "
+                        f"({reason}): start it "
                         "(scripts/cluster/start_mlflow.sh on a cluster) or set "
                         "MLFLOW_TRACKING_URI") from None
 
@@ -104,7 +106,7 @@ def prepare_experiment(tracking_uri: str, name: str) -> str:
     try:
         return ensure_experiment(MlflowClient(tracking_uri=tracking_uri), name)
     except MlflowException as exc:
-        raise UserError(f"MLflow tracking store {tracking_uri}: "
+        raise UserError(f"MLflow tracking store {without_userinfo(tracking_uri)}: "
                         f"{str(exc).strip().splitlines()[0]}") from None
 
 

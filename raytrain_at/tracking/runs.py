@@ -53,7 +53,7 @@ class TrainingRun:
     def log_params(self, params: dict[str, Any]) -> None:
         """Log params once (a resumed run already has them: MLflow refuses changed values)."""
         logged = self.client.get_run(self.run_id).data.params
-        fresh = [Param(k, _param_text(v)) for k, v in params.items() if k not in logged]
+        fresh = [Param(k, param_text(v)) for k, v in params.items() if k not in logged]
         for start in range(0, len(fresh), 100):
             self.client.log_batch(self.run_id, params=fresh[start:start + 100])
 
@@ -86,7 +86,8 @@ class TrainingRun:
         self.client.set_terminated(self.run_id, status=status)
 
 
-def _param_text(value: Any) -> str:
+def param_text(value: Any) -> str:
+    """A param's text as MLflow keeps it: JSON for lists and dicts, at most 6,000 characters."""
     text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
     return text[:6000]
 

@@ -15,7 +15,11 @@ import os
 import posixpath
 import re
 import shutil
+import signal
 import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -23,20 +27,27 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 
 from raytrain_at.config import RunConfig, flatten
+from raytrain_at.data.provenance import is_test_data, require_provenance, verify_beton
 from raytrain_at.runtime.console import is_verbose, user_line
-from raytrain_at.errors import RunFailed, UserError, first_lines
+from raytrain_at.errors import RetriesStopped, RunFailed, UserError, first_lines
 from raytrain_at.names import check_name
 from raytrain_at.runtime.worker_output import worker_log_file
 from raytrain_at.runtime.ray_init import init_ray
 from raytrain_at.runtime.storage import check_root, default_home, explicit_root, require_shared_root
+from raytrain_at.tracking.redact import redacted_config_dump, without_userinfo
 from raytrain_at.training.checkpoint_manifest import restore_first_good
 from raytrain_at.training.progress import epoch_line, progress_line
+from raytrain_at.training.resume_check import (changed_tags, check_resume_config,
+                                               latest_saved_config)
 from raytrain_at.training.single_rank import rank_environment, single_rank_environment
 
 if TYPE_CHECKING:  # timm-heavy; the driver's dry runs import this module without it
     from raytrain_at.models.weights import LoadReport
 
 log = logging.getLogger(__name__)
+
+# The MLflow tag holding a failed run's error (one line).
+ERROR_TAG = "raytrain_at.error"
 
 _VAR = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?")
 
@@ -68,15 +79,20 @@ class PreparedRun:
     def worker_payload(self) -> dict[str, Any]:
         return {"run": self.config.model_dump(mode="json"), "train_path": self.train_path,
                 "heldout_path": self.heldout_path, "tracking_uri": self.tracking_uri,
-                "run_name": self.run_name, "run_tags": dict(self.run_tags)}
+                "run_name": self.run_name, "run_tags": dict(self.run_tags),
+                "run_folder": str(run_folder(self))}
 
 
 def _validate_dataset(path: str, key: str, config: RunConfig) -> None:
-    """The file is FFCV, its labels fit the model, and (train) it fills a global batch."""
+    """The file matches its recorded checksum, is FFCV, its labels fit the model, (train) it
+    fills a global batch, and (held-out) its provenance says it is not test data."""
     from raytrain_at.data.ffcv_loaders import inspect_beton
     from raytrain_at.data.inspection import beton_labels
-    from raytrain_at.data.write import is_test_data
 
+    if Path(path).is_file():  # (a missing file is named by inspect_beton below)
+        if key == "data.heldout":
+            require_provenance(path, key)  # without it the test-split check cannot see
+        verify_beton(path, key)
     if key == "data.heldout" and is_test_data(path):
         raise UserError(f"data.heldout {path!r} was written from a test split: checkpoints are "
                         "selected on held-out training data (write one with --split val, or "
@@ -135,8 +151,14 @@ def default_run_name(config: RunConfig) -> str:
 
 def prepare_run(config: RunConfig, *, run_name: str | None = None,
                 storage_path: str | None = None,
-                run_tags: dict[str, str] | None = None) -> PreparedRun:
-    """Validate a run on the driver (datasets, weights, tracking) before any worker starts."""
+                run_tags: dict[str, str] | None = None,
+                allow_change: frozenset[str] = frozenset()) -> PreparedRun:
+    """Validate a run on the driver (datasets, weights, tracking) before any worker starts.
+
+    A run name that has checkpoints resumes: its config must equal the latest checkpoint's
+    except for the keys in ``allow_change`` (:mod:`.resume_check`), whose accepted changes
+    become MLflow tags of the run.
+    """
     from raytrain_at.tracking.experiments import absolute_tracking_uri, check_tracking_server
     from raytrain_at.tracking.runs import default_tracking_uri
 
@@ -158,11 +180,29 @@ def prepare_run(config: RunConfig, *, run_name: str | None = None,
     else:
         local = Path(chosen).resolve()
         runs = str(local / "runs")
+    # Before anything is written: a resume with a changed config stops here.
+    tags = dict(run_tags or {})
+    tags.update(_accepted_changes(config, runs, name, allow_change))
     local.mkdir(parents=True, exist_ok=True)
     train, heldout = prepare_data(config, local)
     return PreparedRun(config=config, train_path=train, heldout_path=heldout, tracking_uri=uri,
-                       run_name=name, storage_path=runs, run_tags=dict(run_tags or {}),
+                       run_name=name, storage_path=runs, run_tags=tags,
                        shared_storage=explicit is not None)
+
+
+def _accepted_changes(config: RunConfig, runs: str, name: str,
+                      allow_change: frozenset[str]) -> dict[str, str]:
+    """The MLflow tags of the config changes a resume may make; raises on any other."""
+    if "://" not in runs and not Path(runs, name).is_dir():
+        saved = None  # a fresh local run: nothing to compare (and pyarrow need not list)
+    else:
+        saved = latest_saved_config(runs, name)
+    changes = check_resume_config(saved[0] if saved else None, config.model_dump(mode="json"),
+                                  allow_change, saved[1] if saved else "")
+    if changes:
+        user_line(f"resuming {name} with changed " + ", ".join(
+            f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items()))
+    return changed_tags(changes)
 
 
 def run_params(config: RunConfig, init_report: LoadReport | None) -> dict[str, Any]:
@@ -170,6 +210,8 @@ def run_params(config: RunConfig, init_report: LoadReport | None) -> dict[str, A
     what that load matched (``init.matched`` of ``init.total`` tensors, the layout, the modules
     left fresh and the normalisation taken from them)."""
     params: dict[str, Any] = dict(flatten(config))
+    if params.get("tracking.tracking_uri"):  # the URI may hold credentials
+        params["tracking.tracking_uri"] = without_userinfo(str(params["tracking.tracking_uri"]))
     if init_report is not None:
         params.update(init_report.as_params())
     return params
@@ -194,26 +236,21 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     config = RunConfig.model_validate(payload["run"])
     loop = WorkerLoop(config, place, payload["train_path"], payload["heldout_path"])
     checkpoint = ray.train.get_checkpoint()
+    restored: list[dict[str, Any]] = []
     if checkpoint is not None:
         # The newest checkpoint that passes its checksums; rank 0 says which newer ones failed
         # (its line reaches the console and console.log; every rank takes the same decision).
-        restore_first_good(checkpoint, lambda: earlier_checkpoints(checkpoint), loop.load,
+        restore_first_good(checkpoint, lambda: earlier_checkpoints(checkpoint),
+                           lambda folder: restored.extend(_restore(loop, folder, place.rank)),
                            say=user_line if place.rank == 0 else log.debug)
-    tracker = None
-    if place.rank == 0:
-        from raytrain_at.tracking.runs import TrainingRun
-
-        tracker = TrainingRun(payload["tracking_uri"], config.tracking.experiment,
-                              payload["run_name"])
-        tracker.log_params(run_params(config, loop.init_report))
-        tracker.set_tags(payload.get("run_tags") or {})
-        # Rank 0 alone speaks to the user and logs step metrics (the one place of that gating).
-        loop.on_progress = _progress_reporter(tracker, payload["run_name"])
+    # Rank 0 alone speaks to the user and tracks (the one place of that gating).
+    tracker = _start_tracking(payload, config, loop, restored) if place.rank == 0 else None
     scratch = Path(tempfile.mkdtemp(prefix="raytrain-at-ckpt-"))
 
     def report(metrics: dict[str, float], directory: Path | None) -> None:
+        # The epoch's metrics are in the tracking journal (and its copy in the checkpoint)
+        # already; MLflow gets them from the background sender, never before this report.
         if tracker is not None:
-            tracker.log_metrics(metrics, step=int(metrics["epoch"]))
             user_line(epoch_line(metrics, config.schedule.epochs))
         ckpt = ray.train.Checkpoint.from_directory(str(directory)) if directory else None
         ray.train.report(metrics, checkpoint=ckpt)
@@ -223,14 +260,69 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     try:
         loop.run(report, scratch)
         if tracker is not None:
-            _log_final_artifacts(tracker, loop, config)
-            tracker.finish()
+            _finish_tracking(tracker, loop, config)
     except BaseException:
         if tracker is not None:
-            tracker.finish("FAILED")
+            _mark_failed(tracker)
         raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _restore(loop, folder: Path, rank: int) -> list[dict[str, Any]]:
+    """Restore ``loop`` from a verified checkpoint folder; rank 0 also gets the tracking
+    records the checkpoint carries (those not delivered when it was written)."""
+    from raytrain_at.tracking.buffered import JOURNAL_FILE, read_journal
+
+    loop.load(folder)
+    return read_journal(folder / JOURNAL_FILE) if rank == 0 else []
+
+
+def _start_tracking(payload: dict[str, Any], config: RunConfig, loop,
+                    restored: list[dict[str, Any]]):
+    """Rank 0's MLflow run behind its journal: params, tags, step and epoch metrics are
+    buffered (never a wait on the server), the journal is copied into every checkpoint."""
+    from raytrain_at.tracking.buffered import (JOURNAL_FILE, BufferedRun,
+                                               use_short_client_timeouts)
+
+    use_short_client_timeouts()
+    tracker = BufferedRun(payload["tracking_uri"], config.tracking.experiment,
+                          payload["run_name"], Path(payload["run_folder"]) / JOURNAL_FILE,
+                          restored=restored, say=user_line)
+    tracker.log_params(run_params(config, loop.init_report))
+    tracker.set_tags(payload.get("run_tags") or {})
+    loop.on_progress = _progress_reporter(tracker, payload["run_name"])
+    loop.on_epoch_metrics = lambda metrics: tracker.log_metrics(metrics,
+                                                                step=int(metrics["epoch"]))
+    loop.checkpoint_extras = tracker.snapshot_into
+    return tracker
+
+
+def _finish_tracking(tracker, loop, config: RunConfig) -> None:
+    """Deliver the buffered records (a bounded wait), then the model and the run's end; one
+    line, and nothing lost, when the server does not answer in time."""
+    from raytrain_at.tracking.buffered import FINAL_FLUSH_S
+
+    if not tracker.flush(FINAL_FLUSH_S):
+        user_line(f"MLflow at {tracker.where} did not answer within {FINAL_FLUSH_S:.0f} s: "
+                  f"the run's model, its end and {tracker.pending} tracking records are not "
+                  f"logged (the records are kept in {tracker.journal} and the last "
+                  "checkpoint); run the same command again to resume the run and send them")
+        tracker.close()
+        return
+    _log_final_artifacts(tracker, loop, config)
+    tracker.finish()
+
+
+def _mark_failed(tracker) -> None:
+    """End the MLflow run FAILED, briefly; a failure here is logged, never raised, so the
+    error that failed the run is the one that propagates."""
+    from raytrain_at.tracking.buffered import FAILED_FLUSH_S
+
+    try:
+        tracker.finish("FAILED", timeout_s=FAILED_FLUSH_S)
+    except Exception as exc:  # noqa: BLE001 - the run's own error matters more
+        log.warning("could not mark the MLflow run FAILED: %s", first_lines(str(exc)))
 
 
 def earlier_checkpoints(latest) -> list:
@@ -286,8 +378,8 @@ def _log_final_artifacts(tracker, loop, config: RunConfig) -> None:
     selection = loop.selection
     tracker.set_tags({"raytrain_at.selected_by": loop.selected_by,
                       "raytrain_at.selected_epoch": selection.epoch})
-    tracker.log_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False),
-                     "config.yaml")
+    tracker.log_text(yaml.safe_dump(redacted_config_dump(config.model_dump(mode="json")),
+                                    sort_keys=False), "config.yaml")
 
 
 def run_single_process(prepared: PreparedRun) -> dict[str, float]:
@@ -339,19 +431,105 @@ def launch(prepared: PreparedRun, *, address: str | None = None):
     log_path = run_folder(prepared) / "console.log"
     from ray.train import TrainingFailedError
 
-    with worker_log_file(log_path):
+    with worker_log_file(log_path), sigterm_stops_gracefully() as stop:
         try:
             result = build_trainer(prepared).fit()
-        except TrainingFailedError as exc:
-            # Ray's message runs to a hundred lines (memory tables, actor lists): one line here,
-            # everything in the log.
-            raise RunFailed(f"run {prepared.run_name} failed: {first_lines(str(exc))} (the "
-                            f"workers' full output is in {log_path})") from exc
-        except Exception:
-            log.error("the workers' full output is in %s", log_path)
+        except BaseException as exc:
+            if stop.signal is not None:  # whatever Ray raised on its way down
+                _stopped_by_signal(prepared, stop.signal, exc)
+            if isinstance(exc, TrainingFailedError):
+                # Ray's message runs to a hundred lines (memory tables, actor lists): one line
+                # here, everything in the log.
+                line = failure_line(exc)
+                end_tracking_run(prepared, "FAILED", line)
+                raise RunFailed(f"run {prepared.run_name} failed: {line} (the "
+                                f"workers' full output is in {log_path})") from exc
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                end_tracking_run(prepared, "KILLED", "the driver was interrupted")
+            else:
+                end_tracking_run(prepared, "FAILED", first_lines(str(exc)))
+                log.error("the workers' full output is in %s", log_path)
             raise
+        if stop.signal is not None:
+            _stopped_by_signal(prepared, stop.signal, None)
     _attach_console_log(prepared, log_path)
     return result
+
+
+def _stopped_by_signal(prepared: PreparedRun, signum: int, cause: BaseException | None) -> None:
+    """Ray aborted the run on SIGTERM: KILLED in MLflow, one line. A checkpoint cut short fails
+    its checksums, so the resume takes the last complete one."""
+    end_tracking_run(prepared, "KILLED", f"stopped by signal {signum}")
+    raise RunFailed(f"run {prepared.run_name} stopped by signal {signum}: the same command "
+                    "resumes it from its last complete checkpoint") from cause
+
+
+def failure_line(error: BaseException) -> str:
+    """One line for a failed Ray Train run: a stop decided by the failure budget, or a worker
+    error that is not retried, in its own words; otherwise the first lines of Ray's message."""
+    from ray.train import ControllerError
+
+    if isinstance(error, ControllerError) and isinstance(error.controller_failure,
+                                                         RetriesStopped):
+        return str(error.controller_failure)
+    return first_lines(str(error))
+
+
+@dataclass
+class _Stop:
+    signal: int | None = None
+
+
+@contextmanager
+def sigterm_stops_gracefully() -> Iterator[_Stop]:
+    """While the block runs (main thread only), SIGTERM (a spot reclaim of the driver's node,
+    a job manager's stop) aborts the run as Ctrl-C does: Ray Train's own SIGINT handler (set by
+    ``fit``) asks its controller to stop the workers; before ``fit`` it interrupts. The
+    yielded object records the signal."""
+    stop = _Stop()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def on_sigterm(signum, frame) -> None:
+        stop.signal = signum
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler) and handler is not signal.default_int_handler:
+            handler(signal.SIGINT, frame)
+        else:
+            raise KeyboardInterrupt(f"signal {signum}")
+
+    previous_term, previous_int = signal.getsignal(signal.SIGTERM), signal.getsignal(
+        signal.SIGINT)
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+        signal.signal(signal.SIGINT, previous_int)  # Ray's handler refers to a finished run
+
+
+def end_tracking_run(prepared: PreparedRun, status: str, error: str) -> None:
+    """Mark the run's MLflow run ``status`` (FAILED, KILLED) with the error as the tag
+    ``raytrain_at.error``, unless it has ended already (rank 0 marks its own failures), so
+    no failed run stays RUNNING. Best effort: the run's own error is what the user must see."""
+    from mlflow.entities import RunStatus
+    from mlflow.tracking import MlflowClient
+
+    from raytrain_at.tracking.runs import find_run_id
+
+    try:
+        client = MlflowClient(tracking_uri=prepared.tracking_uri)
+        run_id = find_run_id(prepared.tracking_uri, prepared.config.tracking.experiment,
+                             prepared.run_name)
+        client.set_tag(run_id, ERROR_TAG, error[:5000])
+        if client.get_run(run_id).info.status == RunStatus.to_string(RunStatus.RUNNING):
+            client.set_terminated(run_id, status=status)
+    except LookupError:
+        pass  # no worker got as far as opening the run
+    except Exception as exc:  # noqa: BLE001 - keep the run's own error
+        log.warning("could not mark the MLflow run of %s %s: %s", prepared.run_name, status,
+                    exc)
 
 
 def run_folder(prepared: PreparedRun) -> Path:
@@ -395,6 +573,7 @@ def build_trainer(prepared: PreparedRun, callbacks: list | None = None):
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from raytrain_at.tracking.experiments import prepare_experiment
+    from raytrain_at.training.failure_budget import FailureBudgetCallback
 
     config = prepared.config
     # Created here, before any worker starts, with a location derived from the tracking URI:
@@ -407,11 +586,16 @@ def build_trainer(prepared: PreparedRun, callbacks: list | None = None):
         torch_config=TorchConfig(backend="nccl" if config.scaling.use_gpu else "gloo"),
         run_config=RayRunConfig(
             name=prepared.run_name, storage_path=prepared.storage_path,
-            callbacks=list(callbacks or []),
+            # Ray's type says UserCallback; its trainer hands other RayTrainCallbacks (such
+            # as this controller callback) to the controller as they are.
+            callbacks=cast(list, [FailureBudgetCallback(config.scaling.max_failures_per_hour),
+                                  *(callbacks or [])]),
             # Ray Train's own logs at WARNING unless -v (its worker lines reach console.log
             # whatever the level; the console shows rank 0's lines only).
             logging_config=LoggingConfig(log_level="INFO" if is_verbose() else "WARNING"),
-            failure_config=FailureConfig(max_failures=config.scaling.max_failures),
+            # Ray retries without limit; the callback keeps to the hourly budget and stops
+            # at once on a failure that a retry would repeat (.failure_budget).
+            failure_config=FailureConfig(max_failures=-1),
             # Every checkpoint carries the selected weights so far (selected.safetensors), so
             # keeping the latest ones loses no selection.
             checkpoint_config=CheckpointConfig(

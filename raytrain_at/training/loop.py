@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from raytrain_at.attacks import APGD, FGSM, PGD
 from raytrain_at.attacks.base import Attack
 from raytrain_at.config import RunConfig
-from raytrain_at.errors import RunFailed
+from raytrain_at.errors import NonFiniteLoss
 from raytrain_at.data.device_augment import DeviceAugment
 from raytrain_at.data.ffcv_loaders import eval_loader, inspect_beton, train_loader
 from raytrain_at.model_refs import init_normalisation, local_weights, named_as
@@ -39,6 +39,7 @@ from raytrain_at.models import (LoadReport, build_robust_model, load_backbone_we
                                 with_normalisation)
 from raytrain_at.models.model_files import MODEL_FILE, ModelSpec, save_model_file
 from raytrain_at.models.pixel_space import normalisation_of
+from raytrain_at.tracking.redact import redacted_config_dump
 from raytrain_at.training.checkpoint_manifest import write_manifest
 from raytrain_at.training.engine import (build_ema, build_engine, freeze_all_but_head,
                                          resolve_precision)
@@ -110,11 +111,6 @@ class _Interval:
 
     def __post_init__(self) -> None:
         self.time = self.epoch_start
-
-
-class NonFiniteLoss(RunFailed):
-    """The training loss became NaN or infinite: the run stops before the epoch's checkpoint,
-    so the last checkpoint written (the one a re-run resumes from) holds finite weights."""
 
 
 def _check_finite(loss: float, epoch: int, step: int) -> None:
@@ -210,7 +206,9 @@ def training_metadata(config: RunConfig, epoch: int,
     """What a model file records about its training (read back by ``register``): the epoch
     whose weights it holds and, for a selected model, what selected it."""
     meta = {"raytrain_at.epoch": str(epoch),
-            "raytrain_at.run_config": json.dumps(config.model_dump(mode="json"))}
+            # Without the tracking URI's credentials: model files travel to the registry.
+            "raytrain_at.run_config": json.dumps(
+                redacted_config_dump(config.model_dump(mode="json")))}
     if selected_by is not None:
         meta["raytrain_at.selected_by"] = selected_by
     return meta
@@ -234,7 +232,8 @@ class WorkerLoop:
             batch_size=config.per_worker_batch_size,
             resolution=config.data.resolution, rank=place.rank, world_size=place.world_size,
             seed=config.seed, num_workers=config.data.loader_workers,
-            flip=config.aug.preset != "basic", device=place.device)
+            flip=config.aug.preset != "basic", device=place.device,
+            timeout_s=config.data.loader_timeout_s)
         self.heldout_path = heldout_path
         self._heldout_data = None
         model, self.init_report = build_model_and_report(config)
@@ -267,6 +266,10 @@ class WorkerLoop:
         # Called every schedule.log_every_steps steps (the launcher gives it to rank 0 only);
         # None costs nothing: no host-device sync for progress.
         self.on_progress: Progress | None = None
+        # Rank 0's tracking: gets each epoch's metrics before its checkpoint is written, and
+        # adds its files (the undelivered tracking records) to each checkpoint it writes.
+        self.on_epoch_metrics: Callable[[dict[str, float]], None] | None = None
+        self.checkpoint_extras: Callable[[Path], None] | None = None
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -404,7 +407,8 @@ class WorkerLoop:
                 crop_pct=self.config.data.evaluation_crop_pct, rank=self.place.rank,
                 world_size=self.place.world_size, device=self.place.device,
                 num_workers=self.config.data.loader_workers,
-                indices=_first(self.config.data.heldout_size, self.heldout_path))
+                indices=_first(self.config.data.heldout_size, self.heldout_path),
+                timeout_s=self.config.data.loader_timeout_s)
         loader = self._heldout_data
         # Counts stay on the device until the end: a read per batch would stall the queue.
         correct = torch.zeros(2, dtype=torch.float64, device=self.place.device)
@@ -440,6 +444,8 @@ class WorkerLoop:
                      "augment_calls": self.augment.calls,
                      "config": self.config.model_dump(mode="json")}
             (directory / STATE_FILE).write_text(json.dumps(state))
+        if self.checkpoint_extras is not None:
+            self.checkpoint_extras(directory)
         # Last: the sizes and digests of what this rank wrote, checked before a resume.
         write_manifest(directory, self.place.rank, self.place.world_size)
 
@@ -451,11 +457,21 @@ class WorkerLoop:
         :class:`UserError` naming the file), the rest as safetensors and JSON. Which checkpoint
         to load is :func:`.checkpoint_manifest.restore_first_good`'s choice.
         """
+        # The config's learning rate and weight decay, not the checkpoint's: a resume allowed to
+        # change optim.lr or optim.weight_decay (--allow-change) trains with the new values,
+        # which the restored optimiser and scheduler states would otherwise put back.
+        groups = self.scheduler.optimizer.param_groups
+        base_lrs, decays = list(self.scheduler.base_lrs), [g["weight_decay"] for g in groups]
         path, _ = self.engine.load_checkpoint(str(directory), tag=DS_TAG,
                                               load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"no DeepSpeed checkpoint under {directory}")
+        self.scheduler.base_lrs = base_lrs
+        for group, base, decay, factor in zip(groups, base_lrs, decays,
+                                              self.scheduler.lr_lambdas, strict=True):
+            group.update(initial_lr=base, weight_decay=decay,
+                         lr=base * factor(self.scheduler.last_epoch))
         if self.ema is not None:
             self.ema.module.load_state_dict(load_file(str(directory / MODEL_FILE)))
         state = json.loads((directory / STATE_FILE).read_text())
@@ -494,6 +510,8 @@ class WorkerLoop:
                                     self.eval_model if self.place.rank == 0 else None)
             metrics.update(self.selection.report())
             metrics["epoch"] = self.epoch
+            if self.on_epoch_metrics is not None:
+                self.on_epoch_metrics(metrics)
             checkpoint = None
             if self.epoch % schedule.checkpoint_every == 0 or self.epoch == schedule.epochs:
                 checkpoint = checkpoint_root / f"epoch-{self.epoch:04d}-rank{self.place.rank}"

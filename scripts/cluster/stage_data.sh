@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Copies the FFCV datasets s3://$RAYTRAIN_AT_BUCKET/betons/*.beton to this node's fastest local
-# disk and makes them visible at $RAYTRAIN_AT_DATA (/mnt/raytrain-at-data), the same path on every
+# Copies the FFCV datasets s3://$RAYTRAIN_AT_BUCKET/betons/*.beton, each with its provenance
+# NAME.beton.json (split and sha256, written by `raytrain-at data write-ffcv`), to this node's
+# fastest local disk and makes them visible at $RAYTRAIN_AT_DATA (/mnt/raytrain-at-data), the same path on every
 # node: the driver expands $RAYTRAIN_AT_DATA in the recipe and validates the files (so the head
 # holds a copy too), then ships the expanded paths to the workers.
 #
@@ -92,15 +93,24 @@ exec 9> "$TARGET/.stage.lock"
 flock 9
 start=$(date +%s)
 if [[ "$SOURCE" == s3://* ]]; then
+    # Each file's provenance (NAME.beton.json: its split, for the test-split guard, and its
+    # sha256, checked when a run starts) travels with it.
     AWS_CONFIG_FILE=$S3_CONFIG "$AWS" s3 sync "$SOURCE" "$TARGET/" \
-        --exclude "*" --include "*.beton" --only-show-errors --no-progress
+        --exclude "*" --include "*.beton" --include "*.beton.json" \
+        --only-show-errors --no-progress
 else
     shopt -s nullglob
-    local_files=("${SOURCE%/}"/*.beton)
+    local_files=("${SOURCE%/}"/*.beton "${SOURCE%/}"/*.beton.json)
     (( ${#local_files[@]} == 0 )) || cp -u "${local_files[@]}" "$TARGET/"
 fi
 shopt -s nullglob
 files=("$TARGET"/*.beton)
+for file in "${files[@]}"; do
+    # Not fatal here: a run refuses such a file as held-out data (its split is unknown) and
+    # cannot check it against a checksum.
+    [[ -f "$file.json" ]] || echo "[stage] WARNING: $(basename "$file") has no" \
+        "$(basename "$file").json beside it at $SOURCE: upload the provenance write-ffcv wrote" >&2
+done
 if (( ${#files[@]} == 0 )); then
     # Not fatal: the cluster (and MLflow) still come up; a training run then names the missing
     # file. Upload the datasets and run this script again (or `ray up` again).

@@ -308,7 +308,7 @@ say "2. adversarial training from $CLEAN_REF; rank 1 killed mid-epoch 2"
 rm -f "$WORK/pids"/*.pid
 on_head raytrain-at train quickstart --address "$ADDRESS" --run-name adversarial \
     --set model.init="$CLEAN_REF" --set tracking.experiment=rehearsal \
-    --set schedule.epochs=2 --set scaling.max_failures=1 "${TRAIN_FAST[@]}" \
+    --set schedule.epochs=2 --set scaling.max_failures_per_hour=1 "${TRAIN_FAST[@]}" \
     > "$WORK/logs/adversarial.log" 2>&1 &
 TRAIN_PID=$!
 STARTED+=("$TRAIN_PID")
