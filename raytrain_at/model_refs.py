@@ -56,16 +56,53 @@ def is_mlflow_reference(reference: str) -> bool:
 
 
 # --------------------------------------------------------------------------- MLflow look-ups
+def find_model_run_id(tracking_uri: str, experiment: str, run_name: str) -> str:
+    """The run a ``run:EXPERIMENT/RUN_NAME`` reference names: the latest FINISHED run of this
+    tool (its ``raytrain_at.run_name`` tag) with that name, created by this process's user
+    (:func:`raytrain_at.tracking.creator.run_creator`). A run that merely carries the name,
+    still RUNNING or FAILED, or made by someone else is never the answer: an adversarial
+    recipe would otherwise start from whatever weights such a run holds.
+
+    Raises:
+        LookupError: no such run; the message says what the near misses lack.
+    """
+    from mlflow.tracking import MlflowClient
+
+    from raytrain_at.tracking.creator import MLFLOW_USER, run_creator
+    from raytrain_at.tracking.runs import RUN_NAME_TAG
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise LookupError(f"no MLflow run named {run_name!r} in experiment {experiment!r}")
+    creator = run_creator()
+    if "'" in run_name + creator:  # a filter string literal cannot hold one
+        raise LookupError(f"no MLflow run named {run_name!r} by {creator!r}")
+    named = f"tags.`{RUN_NAME_TAG}` = '{run_name}'"
+    wanted = (f"{named} and attributes.status = 'FINISHED' and "
+              f"tags.`{MLFLOW_USER}` = '{creator}'")
+    runs = client.search_runs([found.experiment_id], filter_string=wanted, max_results=1,
+                              order_by=["attributes.start_time DESC"])
+    if runs:
+        return runs[0].info.run_id
+    near = client.search_runs([found.experiment_id], filter_string=named, max_results=5)
+    if not near:
+        raise LookupError(f"no MLflow run named {run_name!r} in experiment {experiment!r}")
+    seen = ", ".join(f"{run.info.status} by {run.data.tags.get(MLFLOW_USER, 'nobody')}"
+                     for run in near)
+    raise LookupError(f"no FINISHED run named {run_name!r} by {creator!r} in experiment "
+                      f"{experiment!r} (runs of that name: {seen})")
+
+
 def run_name_reference(reference: str, tracking_uri: str) -> str:
     """``run:EXPERIMENT/RUN_NAME`` -> ``runs:/RUN_ID/model``: the model (selected epoch) of the
-    latest run of that name, e.g. a clean pre-training an adversarial recipe starts from."""
-    from raytrain_at.tracking.runs import find_run_id
-
+    latest finished run of that name by this user (:func:`find_model_run_id`), e.g. a clean
+    pre-training an adversarial recipe starts from."""
     experiment, sep, name = reference[len("run:"):].partition("/")
     if not (sep and experiment and name):
         raise UserError(f"{reference!r}: a run-name reference is run:EXPERIMENT/RUN_NAME")
     try:
-        run_id = find_run_id(tracking_uri, experiment, name)
+        run_id = find_model_run_id(tracking_uri, experiment, name)
     except LookupError as exc:
         raise UserError(f"{reference!r}: {exc} (train its recipe first)") from None
     return f"runs:/{run_id}/model"

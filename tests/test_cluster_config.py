@@ -3,19 +3,24 @@
 Ray's own schema accepts the config after Ray's own default-filling (`prepare_config` +
 `validate_config`, what `ray up` runs before it touches AWS). The node commands are then executed
 here, the way the launcher runs them, in a scratch HOME with stand-ins for `ray` and the `aws`
-CLI: the head's start commands really start the MLflow server (bound to this machine's private
-address and loopback, never 0.0.0.0), and a worker's start commands really write
-MLFLOW_TRACKING_URI from $RAY_HEAD_IP and stage the datasets before `ray start`.
+CLI: the head's start commands really start the MLflow server (MLflow's basic-auth app on a
+PostgreSQL store, bound to this machine's private address and loopback, never 0.0.0.0; the
+PostgreSQL is a private cluster of Debian's server in a temporary folder instead of the system
+one), and a worker's start commands really write MLFLOW_TRACKING_URI from $RAY_HEAD_IP and the
+cluster's MLflow account, and stage the datasets before `ray start`.
 """
 
 from __future__ import annotations
 
+import base64
 import copy
 import os
 import re
+import shutil
 import socket
 import stat
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -113,10 +118,27 @@ def test_mlflow_server_script_binds_privately_with_s3_artifacts(prepared) -> Non
     assert not any("start_mlflow" in cmd for cmd in prepared["worker_start_ray_commands"])
     script = (SCRIPTS / "start_mlflow.sh").read_text()
     assert re.search(r"\bmlflow\b.*\bserver\b", script.replace('"$MLFLOW" server', "mlflow server"))
+    assert '"$MLFLOW" server --app-name basic-auth' in script
     assert '--host "$HOST_IP"' in script  # never 0.0.0.0: see the refusal test below
     assert "--artifacts-destination" in script and "s3://$BUCKET/mlflow-artifacts" in script
-    assert "sqlite:///" in script and "nohup" in script and "mlflow.log" in script
-    assert "mlflow.pid" in script
+    # PostgreSQL by default (Debian's server on the head's socket); SQLite only when named.
+    assert "BACKEND=${MLFLOW_BACKEND_STORE_URI:-postgresql+psycopg2:///mlflow" in script
+    assert "nohup" in script and "mlflow.log" in script and "mlflow.pid" in script
+    # The password reaches the server through its environment, never its command line.
+    assert "MLFLOW_AUTH_ADMIN_PASSWORD=$SECRET" in script
+
+
+def test_head_generates_credentials_and_a_database_before_mlflow_starts(prepared) -> None:
+    start = prepared["head_start_ray_commands"]
+
+    def at(script: str) -> int:
+        return next(i for i, cmd in enumerate(start) if f"scripts/cluster/{script}" in cmd)
+
+    mlflow = at("start_mlflow.sh")
+    assert at("mlflow_credentials.sh") < mlflow and at("setup_postgres.sh") < mlflow
+    assert at("mlflow_credentials.sh") < at("node_env.sh")  # so the env file holds the account
+    assert at("schedule_backup.sh") < mlflow  # hourly pg_dump to S3
+    assert "~/.raytrain-at/mlflow-credentials" in prepared["cluster_synced_files"]
 
 
 def test_workers_get_the_tracking_uri_and_stage_data_before_ray_starts(prepared) -> None:
@@ -246,6 +268,15 @@ def test_worker_start_commands_export_tracking_uri_and_stage_data(prepared, node
     assert "~/.ray/auth_token" in prepared["cluster_synced_files"]
     (node["home"] / ".ray").mkdir()
     (node["home"] / ".ray" / "auth_token").write_text("synced-from-head")
+    # Nor without the head's MLflow account (cluster_synced_files too).
+    refused = _run(commands, env)
+    assert refused.returncode != 0 and "no MLflow credentials" in refused.stderr
+    assert "ray start" not in node["calls"].read_text()
+    account = node["home"] / ".raytrain-at" / "mlflow-credentials"
+    account.parent.mkdir(mode=0o700)
+    account.write_text("MLFLOW_TRACKING_USERNAME=raytrain-at\n"
+                       "MLFLOW_TRACKING_PASSWORD=SyncedFromHead0123456789\n")
+    account.chmod(0o600)
     node["calls"].write_text("")
     for attempt in range(2):  # a restart runs them again: idempotent
         result = _run(commands, env)
@@ -265,8 +296,13 @@ def test_worker_start_commands_export_tracking_uri_and_stage_data(prepared, node
     assert calls.index(syncs[0]) < calls.index(starts[0])
     assert link.is_symlink() and (link / "imagenet_train.beton").read_text() == "beton"
     assert Path(os.readlink(link)) == node["tmp"] / "nvme" / "raytrain-at-data"
-    env_file = (node["home"] / ".raytrain-at.env").read_text()
+    env_path = node["home"] / ".raytrain-at.env"
+    env_file = env_path.read_text()
     assert "export MLFLOW_TRACKING_URI=http://10.1.2.3:5000" in env_file
+    # The account reaches every job through the environment; the file is this user's alone.
+    assert "export MLFLOW_TRACKING_USERNAME=raytrain-at" in env_file
+    assert "export MLFLOW_TRACKING_PASSWORD=SyncedFromHead0123456789" in env_file
+    assert stat.S_IMODE(env_path.stat().st_mode) == 0o600
     # The storage root every node sees: a multi-node run refuses to start without one.
     assert "export RAYTRAIN_AT_STORAGE=s3://my-bucket/ray-results" in env_file
     assert "export RAYTRAIN_AT_BUCKET=my-bucket" in env_file
@@ -275,26 +311,67 @@ def test_worker_start_commands_export_tracking_uri_and_stage_data(prepared, node
     assert bashrc.count(".raytrain-at.env") == 2 and len(bashrc.splitlines()) == 1  # once
 
 
-def _get(url: str, host: str | None = None) -> tuple[int, str]:
-    request = urllib.request.Request(url, headers={"Host": host} if host else {})
+def _get(url: str, host: str | None = None, auth: tuple[str, str] | None = None,
+         body: bytes | None = None) -> tuple[int, str]:
+    headers = {"Host": host} if host else {}
+    if auth is not None:
+        headers["Authorization"] = "Basic " + base64.b64encode(":".join(auth).encode()).decode()
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+    request = urllib.request.Request(url, data=body, headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=3) as response:
+        with urllib.request.urlopen(request, timeout=5) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as err:
         return err.code, ""
 
 
-def test_head_start_commands_run_mlflow_on_private_ip_and_loopback(prepared, node) -> None:
+@pytest.fixture
+def private_postgres():
+    """A private PostgreSQL cluster (setup_postgres.sh --private) standing in for the head's
+    system one, which a test must not touch. Not in tmp_path: its folders are 0700, and run as
+    root the server runs as the `postgres` user."""
+    folder = Path(tempfile.mkdtemp(prefix="raytrain-at-pg-", dir="/tmp"))
+    folder.chmod(0o755)
+    try:
+        yield folder / "pg", free_local_port()
+    finally:
+        subprocess.run(["bash", str(SCRIPTS / "setup_postgres.sh"), "--stop", str(folder / "pg")],
+                       capture_output=True, timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# Slow: initdb, MLflow's PostgreSQL migrations and the basic-auth app's start take ~40 s here.
+@pytest.mark.slow
+def test_head_start_commands_run_authenticated_mlflow_on_postgres(prepared, node,
+                                                                  private_postgres) -> None:
+    """The head's start commands as `ray up` runs them: the account is generated (0600), the
+    database set up, the hourly dump scheduled, and MLflow's basic-auth app serves on the
+    private IP and loopback: without the account every API call gets 401, with it the call
+    works and lands in PostgreSQL."""
     ip = _private_ip()
     if ip is None:
         pytest.skip("this machine has no non-loopback IPv4 address")
-    env = dict(node["env"], MLFLOW_PORT=str(free_local_port()), MLFLOW_HOME=str(node["tmp"] / "mlflow"),
-               MLFLOW_LOG=str(node["tmp"] / "mlflow.log"), MLFLOW_WORKERS="1")
+    pg_folder, pg_port = private_postgres
+    backend = f"postgresql+psycopg2:///mlflow?host={pg_folder}&port={pg_port}"
+    crontab = node["tmp"] / "crontab"
+    crontab_stub = node["tmp"] / "bin" / "crontab"  # never this machine's crontab
+    crontab_stub.write_text(f'#!/usr/bin/env bash\nif [ "$1" = -l ]; then cat {crontab} '
+                            f'2>/dev/null; else cat > {crontab}; fi\n')
+    crontab_stub.chmod(0o755)
+    env = dict(node["env"], MLFLOW_PORT=str(free_local_port()),
+               MLFLOW_HOME=str(node["tmp"] / "mlflow"), MLFLOW_LOG=str(node["tmp"] / "mlflow.log"),
+               MLFLOW_WORKERS="1", MLFLOW_BACKEND_STORE_URI=backend,
+               MLFLOW_BACKUP_STORE=str(node["tmp"] / "backups"), MLFLOW_DISABLE_TELEMETRY="true")
     port = env["MLFLOW_PORT"]
+    # The system cluster (sudo, systemd) becomes the private one; every other command as is.
+    commands = [f"bash ~/raytrain-at/scripts/cluster/setup_postgres.sh --private {pg_folder} "
+                f"--port {pg_port}" if "setup_postgres.sh" in cmd else cmd
+                for cmd in prepared["head_start_ray_commands"]]
     stop = str(SCRIPTS / "start_mlflow.sh") + " --stop"
     try:
         assert _run([_first_setup_command(prepared, "my-bucket")], env).returncode == 0
-        result = _run(prepared["head_start_ray_commands"], env, timeout=120)
+        result = _run(commands, env, timeout=180)
         assert result.returncode == 0, result.stdout + result.stderr + (
             node["tmp"] / "mlflow.log").read_text()
         ray_start = next(c for c in node["calls"].read_text().splitlines()
@@ -306,22 +383,60 @@ def test_head_start_commands_run_mlflow_on_private_ip_and_loopback(prepared, nod
         assert token.read_text().strip() and stat.S_IMODE(token.stat().st_mode) == 0o600
         pid = int((node["tmp"] / "mlflow" / "mlflow.pid").read_text())
 
-        # Both addresses answer; the API refuses foreign Host headers (DNS-rebinding guard).
+        # The account: this user's alone, exported to jobs by the (0600) env file.
+        account_file = node["home"] / ".raytrain-at" / "mlflow-credentials"
+        assert stat.S_IMODE(account_file.stat().st_mode) == 0o600
+        assert stat.S_IMODE(account_file.parent.stat().st_mode) == 0o700
+        values = dict(line.split("=", 1) for line in account_file.read_text().split())
+        account = (values["MLFLOW_TRACKING_USERNAME"], values["MLFLOW_TRACKING_PASSWORD"])
+        assert len(account[1]) == 40
+        env_path = node["home"] / ".raytrain-at.env"
+        assert f"export MLFLOW_TRACKING_PASSWORD={account[1]}" in env_path.read_text()
+        assert stat.S_IMODE(env_path.stat().st_mode) == 0o600
+        # Nowhere else: not in the config, the server's command line (ps), its log.
+        assert account[1] not in CLUSTER_YAML.read_text()
+        assert account[1] not in Path(f"/proc/{pid}/cmdline").read_text()
+        assert account[1] not in (node["tmp"] / "mlflow.log").read_text()
+        assert account[1] not in node["calls"].read_text()
+
+        # Both addresses answer /health (open); the API wants the account.
         assert _get(f"http://{ip}:{port}/health") == (200, "OK")
         assert _get(f"http://127.0.0.1:{port}/health") == (200, "OK")
-        api = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1"
-        assert _get(api)[0] == 200
-        assert _get(api, host=f"{ip}:{port}")[0] == 200
-        assert _get(api, host="attacker.example")[0] == 403
+        api = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+        search = f"{api}/experiments/search?max_results=1"
+        create = f"{api}/experiments/create"
+        assert _get(search)[0] == 401
+        assert _get(create, body=b'{"name": "intruder"}')[0] == 401
+        assert _get(search, auth=(account[0], "wrong-password"))[0] == 401
+        assert _get(search, auth=account)[0] == 200
+        assert _get(search, host=f"{ip}:{port}", auth=account)[0] == 200
+        # The API refuses foreign Host headers (DNS-rebinding guard), account or not.
+        assert _get(search, host="attacker.example", auth=account)[0] == 403
+        assert _get(create, auth=account, body=b'{"name": "made-with-the-account"}')[0] == 200
+        # ... and the write is in PostgreSQL, not in some SQLite file.
+        libpq = backend.replace("postgresql+psycopg2:", "postgresql:")
+        names = subprocess.run(["psql", "-XtAq", "-d", libpq, "-c", "select name from experiments"],
+                               capture_output=True, text=True, timeout=30)
+        assert names.returncode == 0, names.stderr
+        assert "made-with-the-account" in names.stdout.split()
+        assert "intruder" not in names.stdout.split()
+        assert not list((node["tmp"] / "mlflow").glob("*.db*")) or all(
+            p.name.startswith("basic_auth") for p in (node["tmp"] / "mlflow").glob("*.db*"))
+        # The hourly dump, in this user's crontab (the stub's).
+        assert re.search(r"^17 \* \* \* \* bash .*/scripts/cluster/backup_mlflow\.sh",
+                         crontab.read_text(), re.M)
+
         listening = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True,
                                    text=True).stdout
         bound = sorted(line.split()[3] for line in listening.splitlines())
         assert bound == sorted([f"127.0.0.1:{port}", f"{ip}:{port}"]), bound
 
-        # Idempotent: a second start leaves the running server alone.
+        # Idempotent: a second start leaves the running server (and the account) alone.
         again = _run(["bash ~/raytrain-at/scripts/cluster/start_mlflow.sh"], env)
         assert again.returncode == 0 and "already running" in again.stdout
         assert int((node["tmp"] / "mlflow" / "mlflow.pid").read_text()) == pid
+        _run(["bash ~/raytrain-at/scripts/cluster/mlflow_credentials.sh"], env)
+        assert account_file.read_text().split()[1] == f"MLFLOW_TRACKING_PASSWORD={account[1]}"
     finally:
         subprocess.run(["bash", "-c", stop], env=env, capture_output=True, timeout=30)
     deadline = time.time() + 10

@@ -1,7 +1,9 @@
 """The cluster rehearsal (tests/support/cluster_rehearsal.sh): a Ray head and two worker nodes,
 each in a mount namespace of its own where its disk (HOME, TMPDIR, Ray temp folder, staged
 datasets) has the same path as the other nodes' and other content, an S3 store (moto) and the MLflow
-server, through which clean pre-training, the adversarial run from its reference with a killed
+server as on the cluster (basic-auth app, an unauthenticated write refused with 401, the account
+handed to every node through the environment; a private PostgreSQL store, dumped to the bucket at
+the end), through which clean pre-training, the adversarial run from its reference with a killed
 worker, the sharded evaluation with a killed driver and a lost node (equal to a single-process
 one when resumed), registration and a client loading the champion all pass. A probe first checks
 that a file the head writes under its HOME is not seen by the worker nodes' Ray tasks. The
@@ -43,7 +45,9 @@ def test_rehearsal_end_to_end_stops_every_process() -> None:
                      "[False, False]", "refused (exit", "clean model: runs:/",
                      "killed rank 1's worker process",
                      "completed 2 epochs after the kill", "killed the evaluation driver",
-                     "node2 lost (exit", "champion predicts 200 digits", "REHEARSAL PASSED"):
+                     "node2 lost (exit", "champion predicts 200 digits",
+                     "unauthenticated write: 401; the account from the environment: 200",
+                     "latest dump: mlflow-", "REHEARSAL PASSED"):
         assert expected in lines, (expected, output)
     assert not processes_of(str(work)), "processes of the rehearsal survived"
     assert not work.exists()  # nothing left behind without --keep

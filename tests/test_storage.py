@@ -140,20 +140,43 @@ def test_tracking_server_down_is_one_line():
     check_tracking_server("sqlite:///never-opened.db")  # no server to ask
 
 
-def test_run_name_reference_names_the_latest_run_of_that_name(tmp_path):
-    """``run:EXPERIMENT/RUN_NAME``: how an AT recipe names its clean pre-training."""
+def test_run_name_reference_names_the_latest_finished_run_of_that_name_by_this_user(tmp_path):
+    """``run:EXPERIMENT/RUN_NAME``: how an AT recipe names its clean pre-training. Only a
+    FINISHED run of this tool (its run-name tag) by this user counts: planted near misses
+    (RUNNING, another creator, the name without the tool's tag) are never the answer."""
     from mlflow.tracking import MlflowClient
 
     from raytrain_at.model_refs import run_name_reference
+    from raytrain_at.tracking.creator import MLFLOW_USER, run_creator
     from raytrain_at.tracking.runs import RUN_NAME_TAG
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     experiment = client.create_experiment("clean-pretraining",
                                           artifact_location=str(tmp_path / "artifacts"))
-    run = client.create_run(experiment, tags={RUN_NAME_TAG: "clean_convnext_tiny_cvst"})
-    reference = run_name_reference("run:clean-pretraining/clean_convnext_tiny_cvst", uri)
-    assert reference == f"runs:/{run.info.run_id}/model"
+    name = "clean_convnext_tiny_cvst"
+    ours = {RUN_NAME_TAG: name, MLFLOW_USER: run_creator()}
+    run = client.create_run(experiment, tags=ours)
+    client.set_terminated(run.info.run_id, "FINISHED")
+    reference = f"run:clean-pretraining/{name}"
+    assert run_name_reference(reference, uri) == f"runs:/{run.info.run_id}/model"
+    # Later runs that merely carry the name: none of them takes over.
+    client.create_run(experiment, tags=ours)  # still RUNNING
+    failed = client.create_run(experiment, tags=ours)
+    client.set_terminated(failed.info.run_id, "FAILED")
+    other = client.create_run(experiment, tags={RUN_NAME_TAG: name, MLFLOW_USER: "intruder"})
+    client.set_terminated(other.info.run_id, "FINISHED")
+    untagged = client.create_run(experiment, run_name=name, tags={MLFLOW_USER: run_creator()})
+    client.set_terminated(untagged.info.run_id, "FINISHED")
+    assert run_name_reference(reference, uri) == f"runs:/{run.info.run_id}/model"
+    # A newer finished run of ours does.
+    newer = client.create_run(experiment, tags=ours)
+    client.set_terminated(newer.info.run_id, "FINISHED")
+    assert run_name_reference(reference, uri) == f"runs:/{newer.info.run_id}/model"
+    lonely = client.create_run(experiment, tags={RUN_NAME_TAG: "planted", MLFLOW_USER: "x"})
+    client.set_terminated(lonely.info.run_id, "FINISHED")
+    with pytest.raises(UserError, match="no FINISHED run named 'planted'.*FINISHED by x"):
+        run_name_reference("run:clean-pretraining/planted", uri)
     with pytest.raises(UserError, match="clean_vit_small_cvst"):
         run_name_reference("run:clean-pretraining/clean_vit_small_cvst", uri)
     with pytest.raises(UserError, match="run:EXPERIMENT/RUN_NAME"):

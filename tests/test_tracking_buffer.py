@@ -82,6 +82,25 @@ def test_records_reach_mlflow_in_order_and_the_journal_empties(store, tmp_path) 
     assert not journal.exists()  # nothing left to deliver
 
 
+def test_a_buffered_run_names_its_creator_so_run_references_find_it(store, tmp_path,
+                                                                    monkeypatch) -> None:
+    """Training writes through the buffer: its run carries ``mlflow.user`` (the authenticated
+    user on the cluster), which a ``run:`` reference requires, and resolves once FINISHED."""
+    from raytrain_at.model_refs import find_model_run_id
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "trainer")
+    run = BufferedRun(store, "buffered", "by-trainer", tmp_path / JOURNAL_FILE,
+                      retry_s=FAST_RETRY)
+    run.log_metrics({"train_loss": 1.0}, step=1)
+    assert run.flush(30)
+    got = _run(store, "by-trainer")
+    assert got.data.tags["mlflow.user"] == "trainer"
+    with pytest.raises(LookupError, match="RUNNING by trainer"):
+        find_model_run_id(store, "buffered", "by-trainer")
+    assert run.finish()
+    assert find_model_run_id(store, "buffered", "by-trainer") == got.info.run_id
+
+
 def test_an_outage_keeps_records_and_replays_each_step_exactly_once(store, tmp_path) -> None:
     client = Outage(store)
     journal = tmp_path / JOURNAL_FILE

@@ -41,14 +41,14 @@ from mlflow.tracking import MlflowClient
 import raytrain_at
 from raytrain_at.errors import UserError
 from raytrain_at.evaluation.threats import NORMS
-from raytrain_at.model_refs import resolve_version, write_mlflow_model
+from raytrain_at.model_refs import find_model_run_id, resolve_version, write_mlflow_model
 from raytrain_at.registry.leaderboard_formats import SIZES
 from raytrain_at.registry.report_card import (HistoryLink, RunRef, VersionCard,
                                               leaderboard_card, model_card, summary_line,
                                               version_card, with_reevaluation)
 from raytrain_at.tracking.experiments import ensure_experiment
-from raytrain_at.tracking.runs import default_tracking_uri, find_run_id
 from raytrain_at.tracking.redact import without_userinfo
+from raytrain_at.tracking.runs import default_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +297,7 @@ class ModelRegistry:
         if reference.startswith("run:"):
             experiment, _, run_name = reference[len("run:"):].partition("/")
             try:
-                run_id = find_run_id(self.tracking_uri, experiment, run_name)
+                run_id = find_model_run_id(self.tracking_uri, experiment, run_name)
             except LookupError:
                 return None, False
         elif reference.startswith("runs:/"):
@@ -349,38 +349,92 @@ class ModelRegistry:
         return None if run.info.lifecycle_stage == "deleted" else run
 
     def _maybe_take_alias(self, registration: Registration, norm: str, value: float,
-                          comparable: str) -> None:
+                          comparable: str, rounds: int = 20) -> None:
+        """Give ``champion-<norm>`` to the best eligible version, this one included.
+
+        Several processes may register versions of one model against one MLflow server at
+        once, and MLflow has no compare-and-set for aliases. So the alias is not moved by a
+        single read-compare-set; each registrant instead converges it: read the holder and
+        every eligible version comparable with it (same radius, same data) with its metric,
+        set the alias to the best of them (a total order: higher metric, then the lower
+        version number), and repeat until a fresh read finds the holder already the best.
+
+        Why the last alias write W (by process P) is the best version v: metrics hang off a
+        version's logged model before the version exists, and never change. v's registrant
+        R made a final, stable read after v was created. If that read came after W, it saw
+        W's holder and found it at least as good as v. If it came before W, then P's own
+        final read (after W) came after v's creation too, and P found W's holder at least as
+        good as v. Either way nobody can leave the alias below a version that exists once
+        every registrant has returned.
+        """
         alias = champion_alias(norm)
-        client = self.client
-        try:
-            holder = client.get_model_version_by_alias(registration.name, alias)
-        except MlflowException:
-            holder = None
-        if holder is not None:
-            held = self.version_metrics(holder).get(f"robust_acc_{norm}")
-            if holder.tags.get(f"comparable.{norm}") != comparable:
+        metric = f"robust_acc_{norm}"
+        first_holder: str | None = None
+        for _ in range(rounds):
+            holder = self._alias_holder(registration.name, alias)
+            if first_holder is None:
+                first_holder = holder.version if holder is not None else ""
+            held_on = holder.tags.get(f"comparable.{norm}") if holder is not None else comparable
+            if holder is not None and held_on != comparable:
                 registration.alias_notes.append(
                     f"{alias} stays on v{holder.version}: measured at another radius or on "
-                    f"other data ({holder.tags.get(f'comparable.{norm}')} vs {comparable})")
+                    f"other data ({held_on} vs {comparable})")
                 return
-            if held is not None and value <= held:
-                registration.alias_notes.append(
-                    f"{alias} stays on v{holder.version} ({held:.4f} >= {value:.4f})")
+            best = self._best_version(registration.name, norm, comparable, holder)
+            if best is None:
                 return
-        _retry(lambda: client.set_registered_model_alias(registration.name, alias,
-                                                         registration.version), "alias")
-        previous = f"v{holder.version}" if holder is not None else "nobody"
-        note = (f"{alias} moved from {previous} to v{registration.version} "
-                f"(robust_acc_{norm} {value:.4f})")
-        self._record_alias_move(registration.name, note)
-        # The Models page lists registered models with their tags: one tag per norm says
-        # what the champion holds, where it was measured, so the list itself compares models.
-        _retry(lambda: client.set_registered_model_tag(
-            registration.name, f"robust_acc_{norm}",
-            f"{100 * value:.1f}% (v{registration.version}; {comparable})"), "champion tag")
-        registration.aliases_taken.append(alias)
-        registration.alias_notes.append(note)
-        log.info(note)
+            best_version, best_value = best
+            if holder is not None and str(holder.version) == best_version:
+                if best_version == registration.version:
+                    registration.aliases_taken.append(alias)
+                elif str(first_holder) == best_version:
+                    held = self.version_metrics(holder).get(metric)
+                    registration.alias_notes.append(
+                        f"{alias} stays on v{holder.version} ({held:.4f} >= {value:.4f})"
+                        if held is not None else f"{alias} stays on v{holder.version}")
+                else:
+                    registration.alias_notes.append(
+                        f"{alias} is on v{best_version}, registered meanwhile ({best_value:.4f})")
+                return
+            _retry(lambda v=best_version: self.client.set_registered_model_alias(
+                registration.name, alias, v), "alias")
+            previous = f"v{holder.version}" if holder is not None else "nobody"
+            note = f"{alias} moved from {previous} to v{best_version} ({metric} {best_value:.4f})"
+            self._record_alias_move(registration.name, note)
+            # The Models page lists registered models with their tags: one tag per norm says
+            # what the champion holds, where it was measured, so the list itself compares models.
+            _retry(lambda v=best_version, b=best_value: self.client.set_registered_model_tag(
+                registration.name, metric, f"{100 * b:.1f}% (v{v}; {comparable})"),
+                "champion tag")
+            if best_version == registration.version:
+                registration.alias_notes.append(note)
+                log.info(note)
+        raise UserError(f"{registration.name}: {alias} did not settle in {rounds} rounds of "
+                        "concurrent registrations; register again to re-check it")
+
+    def _alias_holder(self, name: str, alias: str):
+        try:
+            return self.client.get_model_version_by_alias(name, alias)
+        except MlflowException:
+            return None
+
+    def _best_version(self, name: str, norm: str, comparable: str,
+                      holder) -> tuple[str, float] | None:
+        """The eligible version of ``name`` with the highest ``robust_acc_<norm>`` measured on
+        ``comparable`` (ties: the earlier version), the current holder always a candidate."""
+        candidates = {str(v.version): v for v in self.client.search_model_versions(
+            f"name = '{name}'")
+            if v.tags.get("raytrain_at.eligible") == "true"
+            and v.tags.get(f"comparable.{norm}") == comparable}
+        if holder is not None:
+            candidates.setdefault(str(holder.version), holder)
+        scored = [(value, -int(number), number) for number, version in candidates.items()
+                  if (value := self.version_metrics(version).get(f"robust_acc_{norm}"))
+                  is not None]
+        if not scored:
+            return None
+        value, _, number = max(scored)
+        return number, value
 
     def _record_alias_move(self, name: str, note: str) -> None:
         """Append ``note`` (with its UTC time) to the model's alias history, folding in (and

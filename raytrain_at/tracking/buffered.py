@@ -34,6 +34,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from raytrain_at.tracking.creator import MLFLOW_USER, run_creator
 from raytrain_at.tracking.experiments import ensure_experiment
 from raytrain_at.tracking.redact import scrubbed, without_userinfo
 from raytrain_at.tracking.runs import RUN_NAME_TAG, param_text
@@ -153,6 +154,7 @@ class BufferedRun:
         self.where = without_userinfo(tracking_uri)
         self.experiment = experiment
         self.run_name = run_name
+        self.creator = run_creator()  # the ``mlflow.user`` a ``run:`` reference checks
         self.journal = Path(journal)
         self.run_id: str | None = None
         self._say = say
@@ -369,8 +371,9 @@ class BufferedRun:
             run_id = existing[0].info.run_id
             self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
         else:
-            run_id = self.client.create_run(experiment_id, run_name=self.run_name,
-                                            tags={RUN_NAME_TAG: self.run_name}).info.run_id
+            run_id = self.client.create_run(
+                experiment_id, run_name=self.run_name,
+                tags={RUN_NAME_TAG: self.run_name, MLFLOW_USER: self.creator}).info.run_id
         with self._cond:
             self.run_id = run_id
             self._cond.notify_all()

@@ -17,6 +17,7 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
+from raytrain_at.tracking.creator import MLFLOW_USER, run_creator
 from raytrain_at.tracking.experiments import ensure_experiment
 
 RUN_NAME_TAG = "raytrain_at.run_name"
@@ -46,7 +47,8 @@ class TrainingRun:
             self.client.update_run(self.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
         else:
             self.run_id = self.client.create_run(
-                self.experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name}).info.run_id
+                self.experiment_id, run_name=run_name,
+                tags={RUN_NAME_TAG: run_name, MLFLOW_USER: run_creator()}).info.run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Log params once (a resumed run already has them: MLflow refuses changed values)."""

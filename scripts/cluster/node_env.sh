@@ -85,6 +85,13 @@ if [[ -n "${RAY_HEAD_IP:-}" && ! -s "$TOKEN" ]]; then
     exit 1
 fi
 
+# The MLflow account (mlflow_credentials.sh on the head, cluster_synced_files to workers):
+# exported to every job; the env file is 0600 (mktemp) like the credentials themselves.
+CREDENTIALS=${RAYTRAIN_AT_MLFLOW_CREDENTIALS:-$HOME/.raytrain-at/mlflow-credentials}
+if [[ -n "${RAY_HEAD_IP:-}" && ! -s "$CREDENTIALS" ]]; then
+    echo "node_env.sh: no MLflow credentials at $CREDENTIALS (cluster_synced_files copies them)" >&2
+    exit 1
+fi
 tmp=$(mktemp "$ENV_FILE.XXXX")
 cat > "$tmp" <<ENV
 # Written by scripts/cluster/node_env.sh; rewritten at every Ray start.
@@ -106,6 +113,11 @@ export MLFLOW_ARTIFACTS_DESTINATION=$HOME/mlflow/artifacts
 export RAYTRAIN_AT_BETON_SOURCE=$HOME/raytrain-at-betons/
 ENV
 fi
+if [[ -s "$CREDENTIALS" ]]; then
+    sed -n 's/^\(MLFLOW_TRACKING_USERNAME\|MLFLOW_TRACKING_PASSWORD\)=\([A-Za-z0-9_.-]*\)$/export \1=\2/p' \
+        "$CREDENTIALS" >> "$tmp"
+fi
+chmod 600 "$tmp"
 mv "$tmp" "$ENV_FILE"
 
 BASHRC=${RAYTRAIN_AT_BASHRC:-$HOME/.bashrc}

@@ -10,8 +10,12 @@
 #                  ships to another names nothing (or something else) on the other node
 #   object store   moto's S3 server on 127.0.0.1 (a real S3 API): s3://$BUCKET, the same URIs
 #                  as on AWS, only AWS_ENDPOINT_URL differs
-#   MLflow         scripts/cluster/start_mlflow.sh on the head: SQLite backend, artifacts proxied
-#                  to s3://$BUCKET/mlflow-artifacts
+#   MLflow         scripts/cluster/start_mlflow.sh on the head, as cluster.yaml starts it: the
+#                  basic-auth app (the account of mlflow_credentials.sh, handed to every node's
+#                  processes through the environment as node_env.sh does), a PostgreSQL backend
+#                  (a private cluster of Debian's server, socket only: setup_postgres.sh
+#                  --private), artifacts proxied to s3://$BUCKET/mlflow-artifacts, a pg_dump to
+#                  s3://$BUCKET/mlflow-backup/postgres at the end (backup_mlflow.sh)
 #   Ray            `ray start --head` (0 CPUs, like the AWS head) and two worker nodes (1 CPU
 #                  each), each in its node's namespace (what it starts, raylet and workers,
 #                  inherits it), on ports of their own; every command gets the address
@@ -87,6 +91,10 @@ cleanup() {
     set +e
     for pid in "${STARTED[@]}"; do kill -TERM "$pid" 2>/dev/null; done
     [[ -n "${MLFLOW_HOME:-}" ]] && on_head bash "$ROOT/scripts/cluster/start_mlflow.sh" --stop >/dev/null
+    if [[ -n "${PG_DIR:-}" ]]; then
+        bash "$ROOT/scripts/cluster/setup_postgres.sh" --stop "$PG_DIR" >/dev/null 2>&1
+        (( KEEP || rc != 0 )) || rm -rf "$PG_DIR"
+    fi
     $PROCS stop "$WORK" || rc=1
     for pid in "${STARTED[@]}"; do kill -KILL "$pid" 2>/dev/null; done
     # A failed run keeps its folder: the logs say what went wrong.
@@ -98,6 +106,7 @@ trap 'exit 130' INT TERM
 
 mapfile -t PORTS < <($PROCS ports 24 3 61)  # 24 single ports, 3 worker-port ranges
 S3_PORT=${PORTS[0]}; MLFLOW_PORT=${PORTS[1]}; GCS_PORT=${PORTS[2]}; DASH_PORT=${PORTS[3]}
+PG_PORT=${PORTS[4]}  # names the private PostgreSQL's socket (it listens on no TCP port)
 ENDPOINT=http://127.0.0.1:$S3_PORT
 BUCKET=rehearsal-$(basename "$WORK" | tr 'A-Z_' 'a-z-')
 STORAGE=s3://$BUCKET/raytrain-at
@@ -105,11 +114,22 @@ ADDRESS=127.0.0.1:$GCS_PORT
 TRACKING=http://127.0.0.1:$MLFLOW_PORT
 mkdir -p "$WORK/pids" "$WORK/logs" "$WORK/ns" "$WORK/store" "$WORK/node"
 
+# The cluster's MLflow account, generated on the head's disk as `ray up` does
+# (mlflow_credentials.sh: 0600); node_env.sh hands it to every node's processes as
+# MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, and so does COMMON below.
+CREDENTIALS=$WORK/real/head/home/.raytrain-at/mlflow-credentials
+RAYTRAIN_AT_MLFLOW_CREDENTIALS=$CREDENTIALS bash "$ROOT/scripts/cluster/mlflow_credentials.sh" \
+    > /dev/null || fail "mlflow_credentials.sh"
+[[ $(stat -c %a "$CREDENTIALS") == 600 ]] || fail "the credentials file is not 0600"
+MLFLOW_USER=$(sed -n 's/^MLFLOW_TRACKING_USERNAME=//p' "$CREDENTIALS")
+MLFLOW_SECRET=$(sed -n 's/^MLFLOW_TRACKING_PASSWORD=//p' "$CREDENTIALS")
+
 # What every node's processes share (node_env.sh writes the same on a cluster). No credentials
-# in files: moto accepts any key.
+# in files but the one above: moto accepts any key.
 COMMON=(PATH="$BIN:/usr/bin:/bin" PYTHONPATH="$CODE" AWS_ACCESS_KEY_ID=rehearsal
         AWS_SECRET_ACCESS_KEY=rehearsal AWS_DEFAULT_REGION=us-east-1 AWS_ENDPOINT_URL="$ENDPOINT"
         RAYTRAIN_AT_STORAGE="$STORAGE" MLFLOW_TRACKING_URI="$TRACKING"
+        MLFLOW_TRACKING_USERNAME="$MLFLOW_USER" MLFLOW_TRACKING_PASSWORD="$MLFLOW_SECRET"
         RAY_AUTH_MODE=token RAY_AUTH_TOKEN="$("$PY" -c 'import secrets; print(secrets.token_hex(32))')"
         RAY_USAGE_STATS_ENABLED=0 RAYTRAIN_AT_PID_DIR="$WORK/pids" HF_HUB_OFFLINE=1
         OMP_NUM_THREADS=1 LANG=C.UTF-8
@@ -172,12 +192,29 @@ pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True).create
 EOF
 
 # ---------------------------------------------------------------- MLflow on the head
-say "MLflow tracking server on $TRACKING (SQLite, artifacts proxied to s3://$BUCKET)"
+# PostgreSQL: not under $WORK (0700): run as root, the server runs as the `postgres` user.
+PG_DIR=$(mktemp -d /tmp/rtr-pg-XXXX)
+chmod 755 "$PG_DIR"
+BACKEND=$(bash "$ROOT/scripts/cluster/setup_postgres.sh" --private "$PG_DIR" --port "$PG_PORT" \
+          2> "$WORK/logs/postgres-setup.log" | tail -n 1) \
+    || { cat "$WORK/logs/postgres-setup.log" >&2; fail "setup_postgres.sh --private"; }
+say "MLflow tracking server on $TRACKING (basic auth, PostgreSQL in $PG_DIR, artifacts" \
+    "proxied to s3://$BUCKET)"
 MLFLOW_HOME=$NODE/home/mlflow
 HEAD_ENV+=(RAYTRAIN_AT_BUCKET="$BUCKET" MLFLOW_HOME="$MLFLOW_HOME" MLFLOW_PORT="$MLFLOW_PORT"
            MLFLOW_HOST_IP=127.0.0.1 MLFLOW_BIN="$BIN/mlflow" MLFLOW_WORKERS=1
-           MLFLOW_LOG="$WORK/logs/mlflow.log" RAYTRAIN_AT_ENV_FILE=/nonexistent)
-on_head bash "$ROOT/scripts/cluster/start_mlflow.sh"
+           MLFLOW_LOG="$WORK/logs/mlflow.log" RAYTRAIN_AT_ENV_FILE=/nonexistent
+           RAYTRAIN_AT_PROJECT="$ROOT" MLFLOW_BACKEND_STORE_URI="$BACKEND")
+on_head bash "$ROOT/scripts/cluster/start_mlflow.sh" || { tail -n 20 "$WORK/logs/mlflow.log" >&2
+                                                         fail "start_mlflow.sh"; }
+# The registry lets no one in without the account: an unauthenticated write gets 401.
+status=$(curl -s -o /dev/null -w '%{http_code}' -X POST -H 'Content-Type: application/json' \
+         -d '{"name": "intruder"}' "$TRACKING/api/2.0/mlflow/experiments/create")
+[[ "$status" == 401 ]] || fail "an unauthenticated write got $status, not 401"
+status=$(curl -s -o /dev/null -w '%{http_code}' -u "$MLFLOW_USER:$MLFLOW_SECRET" \
+         "$TRACKING/api/2.0/mlflow/experiments/search?max_results=1")
+[[ "$status" == 200 ]] || fail "the cluster's account got $status from MLflow, not 200"
+say "   unauthenticated write: 401; the account from the environment: 200"
 
 # ---------------------------------------------------------------- datasets on every node
 # As stage_data.sh does on a cluster: the files written once (original pixels, so every copy
@@ -460,7 +497,8 @@ on_head raytrain-at register "$MODEL_REF" --name rehearsal-digits \
     || { cat "$WORK/logs/register.log" >&2; fail "register"; }
 mkdir -p "$WORK/client/home"
 (cd "$WORK/client" && env -i PATH="$BIN:/usr/bin:/bin" PYTHONPATH="$CODE" \
-    HOME="$WORK/client/home" MLFLOW_TRACKING_URI="$TRACKING" HF_HUB_OFFLINE=1 "$PY" - <<'EOF'
+    HOME="$WORK/client/home" MLFLOW_TRACKING_URI="$TRACKING" HF_HUB_OFFLINE=1 \
+    MLFLOW_TRACKING_USERNAME="$MLFLOW_USER" MLFLOW_TRACKING_PASSWORD="$MLFLOW_SECRET" "$PY" - <<'EOF'
 import torch
 import raytrain_at
 from raytrain_at.data.sources import digits_tensors
@@ -473,5 +511,13 @@ print(f"[rehearsal]    champion predicts 200 digits: accuracy {accuracy:.3f}")
 assert predicted.shape == (200,)
 EOF
 ) || fail "the client could not load and run the champion"
+
+# ---------------------------------------------------------------- 5. the registry's dump
+say "5. backup_mlflow.sh: a pg_dump of the registry in s3://$BUCKET/mlflow-backup/postgres"
+on_head bash "$ROOT/scripts/cluster/backup_mlflow.sh" > "$WORK/logs/backup.log" 2>&1 \
+    || { cat "$WORK/logs/backup.log" >&2; fail "backup_mlflow.sh"; }
+DUMP=$(on_head "$PY" "$ROOT/scripts/cluster/mlflow_backups.py" latest \
+       "s3://$BUCKET/mlflow-backup/postgres") || fail "no complete dump in the bucket"
+say "   latest dump: $DUMP"
 
 say "REHEARSAL PASSED"
