@@ -20,7 +20,7 @@ BACKUPS=${MLFLOW_BACKUP_STORE:-}
 [[ -n "$BACKUPS" ]] || BACKUPS=${BUCKET:+s3://$BUCKET/mlflow-backup/postgres}
 BACKUPS=${BACKUPS:-$MLFLOW_HOME/backups}
 PYTHON=${RAYTRAIN_AT_PYTHON:-$PROJECT/.venv/bin/python}
-TOOL=$(dirname "$0")/mlflow_backups.py
+TOOL=(-m raytrain_at.registry.store_dumps)
 fail() { echo "[backup] $*" >&2; exit 1; }
 [[ "$BACKEND" == postgresql* ]] || fail "the store is not PostgreSQL ($BACKEND): nothing to dump"
 PG_URI=${BACKEND/#postgresql+psycopg2:/postgresql:}
@@ -39,9 +39,9 @@ grep -Eq " TABLE [a-z_]+ runs " <<< "$listed" \
     || fail "the dump holds no MLflow tables: not uploading it"
 rows=$(psql -XtAq -d "$PG_URI" -c \
     "select (select count(*) from runs) + (select count(*) from registered_models)")
-if (( rows == 0 )) && "$PYTHON" "$TOOL" latest "$BACKUPS" > /dev/null; then
+if (( rows == 0 )) && "$PYTHON" "${TOOL[@]}" latest "$BACKUPS" > /dev/null; then
     fail "the store holds no runs or models while $BACKUPS has dumps: not adding an empty one"
 fi
-name=$("$PYTHON" "$TOOL" put "$BACKUPS" "$folder/mlflow.dump" --keep "$KEEP") \
+name=$("$PYTHON" "${TOOL[@]}" put "$BACKUPS" "$folder/mlflow.dump" --keep "$KEEP") \
     || fail "uploading to $BACKUPS failed"
 echo "[backup] $(date -u +%FT%TZ) $BACKUPS/$name ($(du -h "$folder/mlflow.dump" | cut -f1))"

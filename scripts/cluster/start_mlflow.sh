@@ -1,34 +1,16 @@
 #!/usr/bin/env bash
-# The MLflow tracking server of the cluster, on the head node (run by head_start_ray_commands).
-#
-#   backend store   PostgreSQL: by default Debian's server on the head (setup_postgres.sh, the
-#                   local socket, peer authentication); MLFLOW_BACKEND_STORE_URI in
-#                   ~/.raytrain-at.env names another one (an RDS address: postgresql://USER@HOST/
-#                   mlflow, its password in ~/.pgpass, never in a file of this repository).
-#                   When the database holds no tables the latest dump that backup_mlflow.sh wrote
-#                   (s3://$RAYTRAIN_AT_BUCKET/mlflow-backup/postgres/, or $MLFLOW_BACKUP_STORE) is
-#                   restored first: downloaded to a temporary file, its SHA-256 checked, restored
-#                   in one transaction. The server refuses to start (one line, exit 1) when that
-#                   fails, when the dumps cannot be listed, or when there is no dump although the
-#                   store was initialised before (its INITIALISED marker); set
-#                   RAYTRAIN_AT_MLFLOW_ALLOW_EMPTY=1 to start empty anyway. The very first start
-#                   (no marker, no dump) writes the marker. A sqlite:/// URI (one machine, no
-#                   dumps) is taken as given.
-#   authentication  MLflow's basic-auth app: every API call needs the account of
-#                   mlflow_credentials.sh (its file, 0600), unauthenticated ones get 401; /health
-#                   stays open. The users live in $MLFLOW_HOME/basic_auth.db, re-created when the
-#                   credentials change.
-#   artifacts       proxied by the server to s3://$RAYTRAIN_AT_BUCKET/mlflow-artifacts, so clients
-#                   (workers, your laptop) need no S3 credentials, only the head's IAM role does.
-#                   $AWS_ENDPOINT_URL, when set, names an S3-compatible store instead of AWS S3
-#                   (the rehearsal's, tests/support/cluster_rehearsal.sh); the s3:// URIs stay
-#                   the same.
-#   network         bound to the head's private IP (workers reach it there) and to 127.0.0.1
-#                   (what `ray attach cluster.yaml -p 5000` forwards to: Ray's SSH tunnel ends at
-#                   localhost on the head); never 0.0.0.0. gunicorn serves both addresses (uvicorn,
-#                   MLflow's default, binds only one). The security group opens only SSH to the
-#                   outside, and MLflow answers only Host headers naming these two addresses.
-#
+# The MLflow tracking server of the cluster, on the head node (run by head_start_ray_commands);
+# what each part does and why is in docs/cluster.md, "The registry".
+#   backend store   PostgreSQL (Debian's on the head via setup_postgres.sh, or the RDS address
+#                   MLFLOW_BACKEND_STORE_URI names in ~/.raytrain-at.env; sqlite:/// taken as
+#                   given); an empty database first gets the latest checked dump, or the server
+#                   refuses to start (raytrain_at/registry/store_dumps.py restore-if-empty)
+#   authentication  MLflow's basic-auth app with the account of mlflow_credentials.sh; 401
+#                   without it; only /health is open
+#   artifacts       proxied to s3://$RAYTRAIN_AT_BUCKET/mlflow-artifacts ($AWS_ENDPOINT_URL:
+#                   an S3-compatible store instead, as in the rehearsal)
+#   network         the head's private IP and 127.0.0.1 (Ray's SSH tunnel), never 0.0.0.0;
+#                   only Host headers naming these two are answered
 # Idempotent: a running server (pid file + live process) is left alone. Logs go to ~/mlflow.log.
 # Usage: start_mlflow.sh            start unless running, then wait until /health answers
 #        start_mlflow.sh --stop     stop the server this script started
@@ -100,55 +82,18 @@ chmod 700 "$MLFLOW_HOME"
 BACKUPS=${MLFLOW_BACKUP_STORE:-}
 [[ -n "$BACKUPS" ]] || BACKUPS=${BUCKET:+s3://$BUCKET/mlflow-backup/postgres}
 BACKUPS=${BACKUPS:-$MLFLOW_HOME/backups}
-BACKUP_TOOL=("$PROJECT/.venv/bin/python" "$(dirname "$0")/mlflow_backups.py")
-[[ -x "${BACKUP_TOOL[0]}" ]] || BACKUP_TOOL=("$(dirname "$MLFLOW")/python" "${BACKUP_TOOL[1]}")
+BACKUP_TOOL=("$PROJECT/.venv/bin/python" -m raytrain_at.registry.store_dumps)
+[[ -x "${BACKUP_TOOL[0]}" ]] || BACKUP_TOOL[0]=$(dirname "$MLFLOW")/python
 # libpq (psql, pg_restore) takes the URI without SQLAlchemy's driver suffix; messages name the
 # database without any password an URI may carry.
 PG_URI=${BACKEND/#postgresql+psycopg2:/postgresql:}
 SHOWN=$(sed -E 's#//[^/@]*@#//#; s#\?.*##' <<< "$BACKEND")
 
-restore_if_empty() {
-    local tables latest rc folder
-    tables=$(psql -XtAq -d "$PG_URI" -c "select count(*) from information_schema.tables
-        where table_schema = current_schema()" 2>&1) \
-        || refuse "PostgreSQL $SHOWN does not answer: $(head -n 1 <<< "$tables")"
-    (( tables == 0 )) || return 0
-    rc=0
-    latest=$("${BACKUP_TOOL[@]}" latest "$BACKUPS") || rc=$?
-    if (( rc == 3 )); then
-        rc=0
-        "${BACKUP_TOOL[@]}" initialised "$BACKUPS" || rc=$?
-        if (( rc == 0 )) && [[ "${RAYTRAIN_AT_MLFLOW_ALLOW_EMPTY:-0}" != 1 ]]; then
-            refuse "$SHOWN is empty and $BACKUPS has no dump, though the store was initialised" \
-                "(restore one by hand, or set RAYTRAIN_AT_MLFLOW_ALLOW_EMPTY=1 to start empty)"
-        fi
-        (( rc == 0 || rc == 3 )) || refuse "cannot read $BACKUPS"
-        echo "[mlflow] $SHOWN is empty and has no dump yet: a new store" >> "$LOG"
-        "${BACKUP_TOOL[@]}" mark "$BACKUPS" || refuse "cannot write the marker to $BACKUPS"
-        return 0
-    fi
-    (( rc == 0 )) || refuse "cannot list the dumps in $BACKUPS"
-    folder=$(mktemp -d "$MLFLOW_HOME/restore.XXXX")
-    # shellcheck disable=SC2064
-    trap "rm -rf '$folder'" EXIT
-    local reason
-    # One line in all: the tool's own message goes into the refusal.
-    reason=$("${BACKUP_TOOL[@]}" get "$BACKUPS" "$latest" "$folder/mlflow.dump" 2>&1) \
-        || refuse "downloading $BACKUPS/$latest failed (${reason#\[mlflow-backups\] }):" \
-                  "$SHOWN stays empty"
-    pg_restore --list "$folder/mlflow.dump" > /dev/null 2>&1 \
-        || refuse "$BACKUPS/$latest is not a pg_dump archive: $SHOWN stays empty"
-    # One transaction: a restore that fails half-way leaves the database empty, so the next
-    # start refuses again instead of serving a partial store.
-    if ! pg_restore --no-owner --no-privileges --exit-on-error --single-transaction \
-            -d "$PG_URI" "$folder/mlflow.dump" >> "$LOG" 2>&1; then
-        refuse "restoring $BACKUPS/$latest into $SHOWN failed (see $LOG): it stays empty"
-    fi
-    echo "[mlflow] restored $SHOWN from $BACKUPS/$latest"
-    rm -rf "$folder"
-}
 case "$BACKEND" in
-    postgresql*) restore_if_empty ;;
+    # An empty database gets the latest dump, or the server does not start (store_dumps.py).
+    postgresql*) { reason=$("${BACKUP_TOOL[@]}" restore-if-empty "$BACKUPS" "$PG_URI" \
+                            --shown "$SHOWN" --work "$MLFLOW_HOME" --log "$LOG" 2>&1 1>&3) \
+                       || refuse "${reason#\[mlflow-backups\] }"; } 3>&1 ;;
     sqlite:///*) ;;
     *) refuse "MLFLOW_BACKEND_STORE_URI must be postgresql://... or sqlite:///..." ;;
 esac

@@ -516,7 +516,7 @@ EOF
 say "5. backup_mlflow.sh: a pg_dump of the registry in s3://$BUCKET/mlflow-backup/postgres"
 on_head bash "$ROOT/scripts/cluster/backup_mlflow.sh" > "$WORK/logs/backup.log" 2>&1 \
     || { cat "$WORK/logs/backup.log" >&2; fail "backup_mlflow.sh"; }
-DUMP=$(on_head "$PY" "$ROOT/scripts/cluster/mlflow_backups.py" latest \
+DUMP=$(on_head "$PY" -m raytrain_at.registry.store_dumps latest \
        "s3://$BUCKET/mlflow-backup/postgres") || fail "no complete dump in the bucket"
 say "   latest dump: $DUMP"
 
