@@ -419,3 +419,54 @@ def test_one_evaluation_section_for_the_command_the_study_and_the_benchmark():
                             ({"n": 0}, "'n'")):
         with pytest.raises(UserError, match=culprit):
             evaluation_request(model_ref="m", data="digits", **values)
+
+
+def test_retried_units_give_one_process_records(robust_model_file, eval_home, tmp_path):
+    """What a retried evaluation task does: a worker process that ran one share runs the lost
+    worker's share next, one unit resumed from the partial record a killed attempt leaves
+    (its clean pass only). Its records equal one process's over every chunk, and the images and
+    labels one loader reads for all chunks equal each chunk's own (FFCV recycles its buffers
+    after a few batches: labels kept as views were overwritten by later batches' labels)."""
+    from dataclasses import replace
+
+    from raytrain_at.evaluation.autoattack import ROBUST
+    from raytrain_at.evaluation.runner import (EvalJob, evaluate_chunks, evaluate_units,
+                                               read_record, write_record)
+    from raytrain_at.models.model_files import file_sha256
+
+    data = str(Path(eval_home) / "datasets" / "digits_test.beton")
+    ids = tuple(range(16))  # 8 chunks of 2: more batches than FFCV keeps buffers for
+
+    def job(root: str) -> EvalJob:
+        return EvalJob(model_ref=robust_model_file,
+                       weights_sha256=file_sha256(Path(robust_model_file)), data_path=data,
+                       ids=ids, resolution=16, crop_pct=1.0, threats=(ThreatModel("linf", LINF),),
+                       version="apgdt", seed=0, batch_size=2, num_classes=10, state_root=root)
+
+    x_all, y_all = load_images(data, list(ids), resolution=16, crop_pct=1.0, batch_size=2,
+                               device=torch.device("cpu"))
+    for start in range(0, len(ids), 2):
+        x, y = load_images(data, list(ids[start:start + 2]), resolution=16, crop_pct=1.0,
+                           batch_size=2, device=torch.device("cpu"))
+        assert torch.equal(y_all[start:start + 2], y) and torch.equal(x_all[start:start + 2], x)
+
+    single, retried = job(str(tmp_path / "single")), job(str(tmp_path / "retried"))
+    (threat,) = single.threats
+    chunks = list(range(len(single.chunks())))
+    evaluate_chunks(single, chunks)
+    done = [read_record(single.record_path(threat, c)) for c in chunks]
+    assert all(r is not None and r.complete for r in done)
+    first = done[0]
+    assert first is not None
+    # The killed attempt's record of chunk 0: the clean pass saved, no attack finished.
+    write_record(retried.record_path(threat, 0),
+                 replace(first, status=[s if s == "misclassified" else ROBUST
+                                        for s in first.status],
+                         attacks_done=[], complete=False, max_perturbation=0.0, warnings={}))
+    evaluate_units(retried, [(c, threat.key) for c in chunks[1::2]])  # its own share
+    evaluate_units(retried, [(c, threat.key) for c in chunks[0::2]])  # the lost one, retried
+    again = [read_record(retried.record_path(threat, c)) for c in chunks]
+    assert [r.status for r in again if r] == [r.status for r in done if r]
+    assert [r.max_perturbation for r in again if r] == [r.max_perturbation for r in done if r]
+    # Labels come from the file, not from a recycled buffer: the clean accuracy is the model's.
+    assert sum(s != "misclassified" for r in done if r for s in r.status) >= len(ids) // 2

@@ -110,7 +110,10 @@ class DeviceBatches:
         for images, labels in watched_batches(iter(self.loader), self.timeout_s, self.info.path):
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-            yield images.float().div_(255.0), labels.long().view(-1)
+            # FFCV reuses a batch's buffers a few batches later, so what is yielded must own
+            # its memory (an evaluation keeps every batch): the float conversion copies the
+            # images; the labels, already int64, would otherwise be views into that buffer.
+            yield images.float().div_(255.0), labels.view(-1).to(torch.long, copy=True)
 
 
 def _label_pipeline(device: torch.device) -> list:

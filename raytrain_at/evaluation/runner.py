@@ -49,12 +49,13 @@ log = logging.getLogger(__name__)
 
 # 2: the data's full-file sha256 in the key, norm and eps in every record.
 FORMAT = 2
-# Retries of an evaluation task lost with its worker or node: none for now. With 3, the cluster
-# rehearsal (2026-12-07) saw a shard retried on the other node after its node was lost give a
-# merged result whose first chunk differed from one process's, clean predictions included;
-# until that is understood, a lost node ends the evaluation with one line and the same command
-# resumes from the records that are complete.
-TASK_RETRIES = 0
+# Retries of an evaluation task lost with its worker or node (a unit's result depends only on its
+# images, so a retry resuming the saved records changes nothing). 3: a spot cluster can lose a
+# node or two during one long evaluation; a task that keeps failing (a node that dies whenever
+# the shard starts) still ends the evaluation with one line, and the same command resumes.
+# (Retries were off for a day: the rehearsal's single-process reference was wrong, not the
+# retry: FFCV's recycled label buffers, fixed in DeviceBatches.)
+TASK_RETRIES = 3
 
 
 @dataclass(frozen=True)

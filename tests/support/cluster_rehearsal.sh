@@ -33,8 +33,10 @@
 #   2. adversarial training from that reference (model.init=runs:/ID/model); rank 1's worker
 #      process killed by PID mid-epoch 2 -> the run completes, at most one epoch lost
 #   3. sharded AutoAttack over both nodes; the driver killed by PID after the first records;
-#      re-run and node2 lost (its processes killed by PID): one line, no result; re-run on
-#      node1 -> the result equals a single-process evaluation's
+#      node2 lost (its processes killed by PID) in another evaluation: its shard is retried
+#      on node1 (evaluation units are idempotent, Ray retries their tasks) and the result
+#      equals one process's; re-run on node1 -> the result equals a single-process
+#      evaluation's
 #   4. register the model; a separate process that knows only the tracking URI loads the
 #      champion and predicts
 # Every process started is stopped by its PID at the end, pass or fail.
@@ -461,11 +463,23 @@ set +e
 wait "$EVAL_PID"
 rc=$?
 set -e
-LOST=$(grep -ho "error: .*" "$WORK/logs/eval-lost.log" | head -n 1 || true)
-(( rc != 0 )) && [[ "$LOST" == *"evaluation worker was lost"* ]] \
-    || { tail -n 30 "$WORK/logs/eval-lost.log" >&2; fail "a lost node was not one line"; }
-[[ ! -e "$HEAD_WORK/lost.json" ]] || fail "the evaluation that lost a node wrote a result"
-say "   node2 lost (exit $rc): $LOST"
+# Evaluation units are idempotent and their tasks retried: node2's shard runs again on node1,
+# and the result is what one process measures on the same 60 images.
+(( rc == 0 )) && [[ -s "$HEAD_WORK/lost.json" ]] \
+    || { tail -n 30 "$WORK/logs/eval-lost.log" >&2
+         fail "the evaluation that lost node2 did not complete on node1 (exit $rc)"; }
+grep -q "will be retried" "$WORK/logs/eval-lost.log" \
+    || fail "node2 was killed, yet no evaluation task of it was retried"
+on_head env -u RAYTRAIN_AT_STORAGE "${EVAL[@]}" --n 60 --state-dir "$NODE/work/single60-state" \
+    --out "$NODE/work/single60.json" > "$WORK/logs/eval-single60.log" 2>&1 \
+    || { tail -n 30 "$WORK/logs/eval-single60.log" >&2; fail "the single-process evaluation"; }
+on_head "$PY" - "$NODE/work/lost.json" "$NODE/work/single60.json" <<'EOF' \
+    || fail "the evaluation that lost node2 differs from the single-process one"
+import json, sys
+lost, single = (json.load(open(p))["threats"]["linf"] for p in sys.argv[1:])
+sys.exit(0 if lost["status"] == single["status"] else 1)
+EOF
+say "   node2 lost: its shard retried on node1, the result equals one process's (n=60)"
 say "   resuming the same evaluation on what is left (node1)"
 on_head "${EVAL[@]}" --workers 2 --address "$ADDRESS" --out "$NODE/work/sharded.json" \
     > "$WORK/logs/eval-resumed.log" 2>&1 \
