@@ -19,8 +19,10 @@ done
 if (( ${#need_apt[@]} )); then
     echo "[setup] installing Debian packages: ${need_apt[*]}"
     SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+    # On a cloud node's first boot unattended-upgrades holds dpkg's lock for minutes: wait for
+    # it (up to 15 min) instead of failing the node's set-up (every apt-get in scripts/ does).
+    $SUDO apt-get -o DPkg::Lock::Timeout=900 update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get -o DPkg::Lock::Timeout=900 install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
 PY=${PYTHON:-python3}

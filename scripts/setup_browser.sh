@@ -8,8 +8,8 @@ if command -v chromium >/dev/null 2>&1; then
 fi
 echo "[setup-browser] installing Debian's chromium"
 SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
-$SUDO apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+$SUDO apt-get -o DPkg::Lock::Timeout=900 update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends \
     chromium fonts-dejavu-core >/dev/null
 command -v chromium >/dev/null
 echo "[setup-browser] $(chromium --version 2>/dev/null || echo chromium installed)"

@@ -92,7 +92,7 @@ def sizes() -> Sizes:
 @pytest.fixture(scope="module")
 def device(sizes: Sizes) -> torch.device:
     if sizes.device == "cuda":
-        torch.backends.cudnn.benchmark = True  # as training sets it on CUDA
+        torch.backends.cudnn.benchmark = True  # as training sets it on CUDA (training/device_setup.py)
     return torch.device(sizes.device)
 
 

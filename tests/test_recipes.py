@@ -113,6 +113,28 @@ def test_imagenet_recipes_share_the_paper_setup(name):
         assert c.optim.warmup_epochs == 10
 
 
+@pytest.mark.parametrize("name", imagenet_recipes())
+def test_imagenet_recipes_feed_each_gpu_and_fit_the_clusters_nodes(name):
+    """The dry run asks Ray for 12 CPUs and a GPU per worker, 11 of them decoding: at about 1k
+    img/s per decoding core (BENCHMARKS.md) that meets the ~3.6k img/s a GPU eats, and a job of
+    the recipe's workers fits one 8-GPU node of every GPU type in cluster.yaml."""
+    import yaml
+
+    from raytrain_at.dry_run import ray_resources
+
+    c = cfg(name)
+    resources = ray_resources(c)
+    assert resources["per_worker"] == {"CPU": 12.0, "GPU": 1.0}, resources
+    assert c.data.loader_workers == 11 and c.data.loader_workers < c.scaling.cpus_per_worker
+    assert c.data.loader_workers * 1000 >= 3600
+    cluster = yaml.safe_load((Path(__file__).parents[1] / "cluster.yaml").read_text())
+    gpu_nodes = [t["resources"] for t in cluster["available_node_types"].values()
+                 if t["resources"].get("GPU")]
+    assert gpu_nodes
+    for node in gpu_nodes:
+        assert resources["total"]["CPU"] <= node["CPU"] and resources["total"]["GPU"] <= node["GPU"]
+
+
 # ------------------------------------------------------------------------------------ Table 2
 def test_table2_has_one_recipe_per_ours_row():
     assert len(recipes("table2_")) == TABLE2_OURS_ROWS

@@ -39,6 +39,7 @@ from raytrain_at.training.checkpoint_manifest import restore_first_good
 from raytrain_at.training.progress import epoch_line, progress_line
 from raytrain_at.training.resume_check import (changed_tags, check_resume_config,
                                                latest_saved_config)
+from raytrain_at.training.device_setup import prepare_worker_device
 from raytrain_at.training.single_rank import rank_environment, single_rank_environment
 
 if TYPE_CHECKING:  # timm-heavy; the driver's dry runs import this module without it
@@ -227,13 +228,15 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     context = ray.train.get_context()
     place = WorkerPlace(rank=context.get_world_rank(), world_size=context.get_world_size(),
                         device=ray.train.torch.get_device())
+    config = RunConfig.model_validate(payload["run"])
+    # Before anything is built: a GPU run without CUDA is one line here, not an NCCL error.
+    prepare_worker_device(config.scaling.use_gpu, place.device)
     # DeepSpeed reads these even when Ray has already initialised the process group.
     rank_environment(place.rank, place.world_size, context.get_local_rank(), 29500,
                      keep_existing=True)
     # model.init may name the clean run by reference (run:EXPERIMENT/NAME, runs:/ID/model,
     # models:/NAME@ALIAS): a worker on another node resolves it on the run's tracking server.
     os.environ.setdefault("MLFLOW_TRACKING_URI", payload["tracking_uri"])
-    config = RunConfig.model_validate(payload["run"])
     loop = WorkerLoop(config, place, payload["train_path"], payload["heldout_path"])
     checkpoint = ray.train.get_checkpoint()
     restored: list[dict[str, Any]] = []
@@ -394,6 +397,8 @@ def run_single_process(prepared: PreparedRun) -> dict[str, float]:
                         "(or --num-workers 1)")
     single_rank_environment(keep_existing=True)
     device = torch.device("cuda" if prepared.config.scaling.use_gpu else "cpu")
+    prepare_worker_device(prepared.config.scaling.use_gpu,
+                          device if torch.cuda.is_available() else torch.device("cpu"))
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     loop = WorkerLoop(prepared.config, WorkerPlace(0, 1, device), prepared.train_path,
                       prepared.heldout_path)

@@ -10,10 +10,10 @@ fi
 SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
 export DEBIAN_FRONTEND=noninteractive
 if ! apt-cache show python3.11-dev >/dev/null 2>&1; then
-    $SUDO apt-get update -qq
-    $SUDO apt-get install -y -qq software-properties-common >/dev/null
+    $SUDO apt-get -o DPkg::Lock::Timeout=900 update -qq
+    $SUDO apt-get -o DPkg::Lock::Timeout=900 install -y -qq software-properties-common >/dev/null
     $SUDO add-apt-repository -y ppa:deadsnakes/ppa >/dev/null
 fi
-$SUDO apt-get update -qq
-$SUDO apt-get install -y -qq python3.11 python3.11-venv python3.11-dev >/dev/null
+$SUDO apt-get -o DPkg::Lock::Timeout=900 update -qq
+$SUDO apt-get -o DPkg::Lock::Timeout=900 install -y -qq python3.11 python3.11-venv python3.11-dev >/dev/null
 echo "[install_python] $(python3.11 --version)"

@@ -21,7 +21,7 @@ if (( NO_CRON )); then
 fi
 if ! command -v crontab >/dev/null; then
     SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq cron >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get -o DPkg::Lock::Timeout=900 install -y -qq cron >/dev/null
 fi
 { crontab -l 2>/dev/null | grep -vF "$MARK" || true; echo "$LINE"; } | crontab -
 echo "[backup] hourly at :$MINUTE: $PROJECT/scripts/cluster/backup_mlflow.sh"

@@ -47,8 +47,8 @@ fi
 if ! BIN=$(pg_bin) || ! command -v psql >/dev/null || ! command -v pg_dump >/dev/null; then
     echo "[postgres] installing Debian's postgresql"
     export DEBIAN_FRONTEND=noninteractive
-    $SUDO apt-get update -qq
-    $SUDO apt-get install -y -qq postgresql postgresql-client >/dev/null
+    $SUDO apt-get -o DPkg::Lock::Timeout=900 update -qq
+    $SUDO apt-get -o DPkg::Lock::Timeout=900 install -y -qq postgresql postgresql-client >/dev/null
     BIN=$(pg_bin)
 fi
 ME=$(id -un)
