@@ -23,7 +23,7 @@ from raytrain_at.preflight.driver import check_data, check_mlflow, check_storage
 from raytrain_at.preflight.estimate import Estimate, estimate_run, instances_needed
 from raytrain_at.preflight.verdicts import (all_reduce_check, device_check, loader_check,
                                             step_check)
-from raytrain_at.preflight.worker import preflight_worker
+from raytrain_at.preflight.worker import ROWS_FILE, preflight_worker
 from raytrain_at.runtime.ray_init import init_ray
 from raytrain_at.runtime.storage import default_home, explicit_root
 from raytrain_at.tracking.experiments import prepare_experiment
@@ -114,7 +114,10 @@ def _worker_checks(prepared, settings: PreflightSettings, report: PreflightRepor
         torch_config=TorchConfig(backend="nccl" if config.scaling.use_gpu else "gloo"),
         run_config=RayRunConfig(name=prepared.run_name, storage_path=prepared.storage_path))
     result = trainer.fit()
-    report.rows = json.loads((result.metrics or {})["rows"])
+    if result.checkpoint is None:
+        raise UserError(f"preflight: the workers reported nothing (see {prepared.storage_path})")
+    with result.checkpoint.as_directory() as folder:
+        report.rows = json.loads((Path(folder) / ROWS_FILE).read_text())
     report.checks.append(device_check(report.rows, config))
     if any("error" in r for r in report.rows):
         return

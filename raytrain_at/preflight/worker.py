@@ -9,7 +9,9 @@ import shutil
 import socket
 import statistics
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +25,7 @@ from raytrain_at.training.single_rank import rank_environment
 
 # Bytes all-reduced per timed call: large enough for NCCL to reach its bus bandwidth, small
 # enough for a CPU worker's gloo in well under a second.
+ROWS_FILE = "preflight-rows.json"
 ALL_REDUCE_BYTES = {"cuda": 256 * 2**20, "cpu": 8 * 2**20}
 
 
@@ -130,4 +133,12 @@ def preflight_worker(payload: dict[str, Any]) -> None:
                              warmup=payload["warmup"], loader_batches=payload["loader_batches"])
     rows: list[Any] = [None] * place.world_size
     dist.all_gather_object(rows, row)
-    ray.train.report({"rows": json.dumps(rows)})
+    # Ray Train V2 keeps a report's metrics only with a checkpoint: rank 0 writes the rows as
+    # one (the driver reads it from the result), the others report none.
+    if place.rank == 0:
+        folder = Path(tempfile.mkdtemp(prefix="preflight-rows-"))
+        (folder / ROWS_FILE).write_text(json.dumps(rows))
+        ray.train.report({"workers": len(rows)},
+                         checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
+    else:
+        ray.train.report({"workers": len(rows)})
