@@ -13,6 +13,7 @@ from raytrain_at import __version__
 from raytrain_at.bench.commands import bench_app
 from raytrain_at.runtime.console import make_console, setup_console
 from raytrain_at.errors import RunFailed, UserError
+from raytrain_at.preflight.checks import PreflightBlocked
 from raytrain_at.evaluation.threats import (NORMS, PAPER_RESOLUTIONS, PAPER_SWEEP_EPS,
                                             THREAT_TITLES, parse_eps, parse_eps_list,
                                             parse_norms)
@@ -196,7 +197,6 @@ def preflight_command(
 def _run_preflight(config, address: str | None, storage_path: str | None,
                    instance: str | None) -> None:
     """The preflight; a blocker is one line on stderr and exit 1."""
-    from raytrain_at.preflight.checks import PreflightBlocked
     from raytrain_at.preflight.run import PreflightSettings, run_preflight
 
     settings = PreflightSettings(address=address, storage_path=storage_path, instance=instance)
