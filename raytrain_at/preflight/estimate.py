@@ -1,0 +1,64 @@
+"""The whole run's wall time and cost from the measured step (prices from prices.yaml)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raytrain_at.errors import UserError
+
+PRICES = Path(__file__).with_name("prices.yaml")
+
+
+@lru_cache(maxsize=1)
+def price_table() -> dict[str, Any]:
+    """The price table (``taken``: the date the prices were read)."""
+    return yaml.safe_load(PRICES.read_text())
+
+
+@dataclass(frozen=True)
+class Estimate:
+    steps_per_epoch: int
+    epochs: int
+    wall_s: float
+    instance: str
+    instances: int
+    on_demand_usd: float
+    spot_usd: float
+    prices_taken: str
+
+    def figure(self) -> str:
+        hours = self.wall_s / 3600
+        return (f"{self.epochs} ep x {self.steps_per_epoch} steps = {hours:.2f} h; "
+                f"{self.instances} x {self.instance}: ${self.on_demand_usd:,.2f} on-demand, "
+                f"${self.spot_usd:,.2f} spot (prices of {self.prices_taken})")
+
+
+def estimate_run(*, samples: int, global_batch: int, epochs: int, step_s: float,
+                 instance: str, instances: int = 1) -> Estimate:
+    """Wall time = epochs x steps per epoch x the measured step (workers step together, so the
+    slowest worker's median is the step), cost = wall hours x instances x the hourly price.
+
+    Raises:
+        UserError: an instance type the price table does not list.
+    """
+    table = price_table()["instances"]
+    if instance not in table:
+        raise UserError(f"--instance {instance!r} is not in the price table "
+                        f"({', '.join(sorted(table))}; raytrain_at/preflight/prices.yaml)")
+    steps = max(1, samples // global_batch)  # the loader drops the last partial batch
+    wall = epochs * steps * step_s
+    hours = wall / 3600 * instances
+    price = table[instance]
+    return Estimate(steps, epochs, wall, instance, instances,
+                    round(hours * float(price["on_demand"]), 2),
+                    round(hours * float(price["spot"]), 2), str(price_table()["taken"]))
+
+
+def instances_needed(workers: int, gpus_per_instance: int) -> int:
+    return max(1, math.ceil(workers / max(1, gpus_per_instance)))
