@@ -5,20 +5,21 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
-import yaml
-
+from raytrain_at.config_loader import FileKind
 from raytrain_at.errors import UserError
 
-PRICES = Path(__file__).with_name("prices.yaml")
+# The bundled instance prices (raytrain_at/preflight/prices.yaml), read by the project's one
+# YAML loader.
+PRICES = FileKind(noun="price table", folder="preflight",
+                  listing=lambda names: f"bundled: {', '.join(names)}")
 
 
 @lru_cache(maxsize=1)
 def price_table() -> dict[str, Any]:
     """The price table (``taken``: the date the prices were read)."""
-    return yaml.safe_load(PRICES.read_text())
+    return PRICES.read("prices")[0]
 
 
 @dataclass(frozen=True)
