@@ -153,8 +153,6 @@ def train(
     from raytrain_at.training.launch import launch, prepare_run, run_single_process
     from raytrain_at.training.resume_check import parse_allowed
 
-    # On by default on a cluster, where a wasted start costs money; on one machine the extra Ray
-    # Train start would slow the quickstart by far more than a few seconds.
     if preflight and not single_process:
         _run_preflight(load_config(recipe, overrides), address, storage_path, None)
 

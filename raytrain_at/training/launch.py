@@ -36,10 +36,10 @@ from raytrain_at.runtime.ray_init import init_ray
 from raytrain_at.runtime.storage import check_root, default_home, explicit_root, require_shared_root
 from raytrain_at.tracking.redact import redacted_config_dump, without_userinfo
 from raytrain_at.training.checkpoint_manifest import restore_first_good
+from raytrain_at.training.device_setup import prepare_worker_device
 from raytrain_at.training.progress import epoch_line, progress_line
 from raytrain_at.training.resume_check import (changed_tags, check_resume_config,
                                                latest_saved_config)
-from raytrain_at.training.device_setup import prepare_worker_device
 from raytrain_at.training.single_rank import rank_environment, single_rank_environment
 
 if TYPE_CHECKING:  # timm-heavy; the driver's dry runs import this module without it
@@ -396,9 +396,9 @@ def run_single_process(prepared: PreparedRun) -> dict[str, float]:
         raise UserError("--single-process runs one worker: set scaling.num_workers=1 "
                         "(or --num-workers 1)")
     single_rank_environment(keep_existing=True)
-    device = torch.device("cuda" if prepared.config.scaling.use_gpu else "cpu")
-    prepare_worker_device(prepared.config.scaling.use_gpu,
-                          device if torch.cuda.is_available() else torch.device("cpu"))
+    use_gpu = prepared.config.scaling.use_gpu
+    device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+    prepare_worker_device(use_gpu, device)
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     loop = WorkerLoop(prepared.config, WorkerPlace(0, 1, device), prepared.train_path,
                       prepared.heldout_path)
