@@ -3,12 +3,22 @@
 Every `import` and `from ... import` counts, at module level and inside functions alike: an
 import moved into a function still ties the two modules together, it only hides the cycle from
 Python's start-up.
+
+The sources are parsed in a fresh interpreter (this file run as a script), never in the test
+process: CPython 3.11 keeps `ast.parse`'s recursion counter in state shared by all threads, so a
+parse while another thread of the test process builds an AST (threads left by earlier tests)
+fails at random with "SystemError: AST constructor recursion depth mismatch" (CPython issue
+106905; CI hit it once). A child with one thread cannot race.
 """
 
 from __future__ import annotations
 
 import ast
-from dataclasses import dataclass
+import functools
+import json
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 
@@ -41,14 +51,54 @@ def _resolve(importer: str, is_package: bool, node: ast.ImportFrom) -> str:
     return ".".join(base + ([node.module] if node.module else []))
 
 
+@dataclass(frozen=True)
+class AttributeUse:
+    """One `name.attr` in the source (``yaml.safe_load``): which file, which line."""
+
+    path: str  # relative to the package's folder
+    line: int
+    dotted: str
+
+
 def imports(package_root: Path) -> tuple[set[str], list[Import]]:
     """The package's modules and every import statement's targets in them."""
+    scan = _scan_in_child(package_root.resolve())
+    return set(scan["modules"]), [Import(**imp) for imp in scan["imports"]]
+
+
+def attribute_uses(package_root: Path) -> list[AttributeUse]:
+    """Every `name.attr` expression in the package's modules (a name, then one attribute)."""
+    return [AttributeUse(**use) for use in _scan_in_child(package_root.resolve())["attributes"]]
+
+
+@functools.lru_cache(maxsize=None)
+def _scan_in_child(package_root: Path) -> dict:
+    done = subprocess.run([sys.executable, __file__, str(package_root)], capture_output=True,
+                          text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"parsing {package_root} failed:\n{done.stderr}")
+    return json.loads(done.stdout)
+
+
+def _scan(package_root: Path) -> dict:
+    """What the child prints: the modules, their imports and their `name.attr` uses."""
+    modules, found, attributes = _parse_package(package_root)
+    return {"modules": sorted(modules), "imports": [asdict(imp) for imp in found],
+            "attributes": [asdict(use) for use in attributes]}
+
+
+def _parse_package(package_root: Path) -> tuple[set[str], list[Import], list[AttributeUse]]:
     package = package_root.name
     files = {module_name(package_root, p): p for p in sorted(package_root.rglob("*.py"))}
     found: list[Import] = []
+    attributes: list[AttributeUse] = []
     for name, path in files.items():
         is_package = path.name == "__init__.py"
         tree = ast.parse(path.read_text(), filename=str(path))
+        attributes += [AttributeUse(str(path.relative_to(package_root)), node.lineno,
+                                    f"{node.value.id}.{node.attr}")
+                       for node in ast.walk(tree)
+                       if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)]
         in_function = {id(node) for func in ast.walk(tree)
                        if isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef))
                        for node in ast.walk(func)}
@@ -69,7 +119,7 @@ def imports(package_root: Path) -> tuple[set[str], list[Import]]:
                         target = target.rsplit(".", 1)[0]
                 if target != name:
                     found.append(Import(name, target, node.lineno, id(node) in in_function))
-    return set(files), found
+    return set(files), found, attributes
 
 
 def import_graph(package_root: Path) -> dict[str, set[str]]:
@@ -160,3 +210,7 @@ def loads_slow(module: str, modules: set[str], found: list[Import], slow: set[st
         parents = [".".join(current.split(".")[:i]) for i in range(1, current.count(".") + 1)]
         pending += sorted(top_level.get(current, set())) + parents
     return False
+
+
+if __name__ == "__main__":
+    print(json.dumps(_scan(Path(sys.argv[1]))))

@@ -4,11 +4,11 @@ and one-line errors naming the file and the key."""
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
 import yaml
+from import_graph import attribute_uses
 
 from raytrain_at.config import load_config
 from raytrain_at.config_loader import (
@@ -41,15 +41,9 @@ def test_every_shipped_yaml_is_read_by_the_loader(kind) -> None:
 
 def test_no_other_module_parses_yaml() -> None:
     # One loader: every other module goes through config_loader (writing YAML is fine).
-    readers = []
-    for path in PACKAGE.rglob("*.py"):
-        if path.name == "config_loader.py":
-            continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-                    and node.value.id == "yaml" and node.attr in ("safe_load", "load",
-                                                                  "full_load")):
-                readers.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+    readers = [f"{use.path}:{use.line}" for use in attribute_uses(PACKAGE)
+               if use.path != "config_loader.py"
+               and use.dotted in ("yaml.safe_load", "yaml.load", "yaml.full_load")]
     assert not readers
 
 
