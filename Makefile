@@ -14,7 +14,7 @@ demo: $(STAMP)
 	$(VENV)/bin/raytrain-at quickstart
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest --durations=15
 
 # The registry pages in a real browser (headless Debian chromium over a loopback mlflow server):
 # installs chromium once, then runs the two slow page checks (about 2 minutes on 2 cores). The

@@ -50,6 +50,7 @@ def test_bench_loader_prints_rates() -> None:
     assert out["versions"]["ffcv"] == "1.0.2" and out["versions"]["kornia"]
 
 
+@pytest.mark.slow  # 58 s on 2 cores: in CI's end-to-end stage
 def test_bench_step_times_the_worker_loop_without_ray_or_mlflow() -> None:
     out = _bench("step", "--model", "test_vit", "--resolution", "32", "--batch", "2", "--steps",
                  "1", "--warmup", "1", "--device", "cpu", absent=_ABSENT_ON_GPU_MACHINE)

@@ -41,6 +41,7 @@ def _digits(home: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
                        device=torch.device("cpu"))
 
 
+@pytest.mark.slow  # 64 s on 2 cores: in CI's end-to-end stage
 def test_cli_standard_linf_equals_direct_pyautoattack(robust_model_file, eval_home, tmp_path):
     from pyautoattack import AutoAttack
 
@@ -421,6 +422,7 @@ def test_one_evaluation_section_for_the_command_the_study_and_the_benchmark():
             evaluation_request(model_ref="m", data="digits", **values)
 
 
+@pytest.mark.slow  # 40 s on 2 cores: in CI's end-to-end stage
 def test_retried_units_give_one_process_records(robust_model_file, eval_home, tmp_path):
     """What a retried evaluation task does: a worker process that ran one share runs the lost
     worker's share next, one unit resumed from the partial record a killed attempt leaves

@@ -210,12 +210,15 @@ def _lookahead_against_plain_order(storage: Path, batches) -> dict:
             "augment_calls": int(states[0]["augment_calls"])}
 
 
+# About 70 s on 2 cores: CI's end-to-end stage (.ci/run) runs the tests of this fixture,
+# `make test` leaves them out (issue 32's budget).
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict:
     return run_in_spawned_process(_child, tmp_path_factory.mktemp("storage"),
                                   tmp_path_factory.mktemp("probe"), timeout=300)
 
 
+@pytest.mark.slow  # with the fixture above
 def test_linear_probing_leaves_the_backbone_bit_identical(trained) -> None:
     probe = trained["True"]
     assert probe["body_keys"] > 10 and probe["running_stat_keys"] > 0  # BatchNorm is there
@@ -224,12 +227,14 @@ def test_linear_probing_leaves_the_backbone_bit_identical(trained) -> None:
     assert probe["loss"] == probe["loss"]  # finite, not NaN
 
 
+@pytest.mark.slow  # with the fixture above
 def test_full_fine_tuning_moves_the_backbone(trained) -> None:
     full = trained["False"]
     assert len(full["body_changed"]) > full["body_keys"] // 2
     assert full["optimised"] > 0 and trained["True"]["optimised"] > 0
 
 
+@pytest.mark.slow  # with the fixture above
 def test_lookahead_epoch_equals_the_plain_order(trained) -> None:
     """Issue 9 (loading and augmentation overlapped with compute): the loop's one-batch lookahead
     leaves every live and EMA weight bit-identical to the plain order, and augments each batch
@@ -240,12 +245,14 @@ def test_lookahead_epoch_equals_the_plain_order(trained) -> None:
     assert check["augment_calls"] == BATCHES
 
 
+@pytest.mark.slow  # with the fixture above
 def test_the_step_on_its_own_equals_the_plain_order(trained) -> None:
     """``WorkerLoop.train_step`` without the epoch's batches (how the speed benchmark calls the
     one training step) trains exactly as the loop's epoch does."""
     assert trained["lookahead"]["single_steps_differ"] == []
 
 
+@pytest.mark.slow  # with the fixture above
 def test_training_epoch_never_waits_for_the_device_in_project_code(trained) -> None:
     """Issue 9: the loop's augmentation, attack, objective, EMA and bookkeeping queue work without
     reading results back (the loader's images are in [0, 1] by construction, so neither the

@@ -160,6 +160,7 @@ def _train_three_epochs(storage: str, out: str) -> None:
         (Path(out) / "error.txt").write_text(traceback.format_exc())
 
 
+@pytest.mark.slow  # 76 s on 2 cores: in CI's end-to-end stage
 def test_the_middle_best_epoch_is_logged_registered_and_handed_on(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
