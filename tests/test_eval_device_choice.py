@@ -156,9 +156,19 @@ def _job(tmp_path: Path):
                    state_key="device-choice")
 
 
+def _model_file(tmp_path: Path) -> str:
+    """An untrained 16 px test_resnet model file (the choice never looks at the weights)."""
+    from raytrain_at.models.model_files import ModelSpec, save_model_file
+
+    spec = ModelSpec(name="test_resnet", num_classes=10, resolution=16, crop_pct=1.0)
+    path = tmp_path / "model.safetensors"
+    save_model_file(path, spec.build(), spec)
+    return str(path)
+
+
 @pytest.mark.slow
-def test_evaluation_asks_ray_for_gpus_the_cluster_can_start(cpu_ray, launcher_config, tmp_path,
-                                                            monkeypatch, capsys):
+def test_evaluation_asks_ray_for_gpus_the_cluster_can_start(cpu_ray, launcher_config, eval_home,
+                                                            tmp_path, monkeypatch, capsys):
     """No GPU is up; cluster.yaml's GPU types (bootstrap file, then the GCS config) make the
     shards ask for a GPU each; without either, --address gets the one line and nothing runs."""
     import ray
@@ -166,6 +176,7 @@ def test_evaluation_asks_ray_for_gpus_the_cluster_can_start(cpu_ray, launcher_co
     from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
 
     from raytrain_at.cli import main
+    from raytrain_at.evaluation.evaluate import Evaluation, evaluation_request
     from raytrain_at.evaluation.runner import deal_units, pending_units, submit_shards
 
     assert ray.cluster_resources().get("GPU", 0) == 0
@@ -179,6 +190,11 @@ def test_evaluation_asks_ray_for_gpus_the_cluster_can_start(cpu_ray, launcher_co
     finally:
         for ref in refs:
             ray.cancel(ref, force=True)
+    # The evaluation command's own choice, the one its attacks, sweeps and corruptions use.
+    request = evaluation_request(model_ref=_model_file(tmp_path), data="digits",
+                                 address=cpu_ray, state_root=str(tmp_path / "eval-state"),
+                                 corruptions=True, eps_sweep=[2 / 255])
+    assert Evaluation(request).use_gpu is True
     # 2. The GCS's cluster config (what an autoscaler reports; Ray Train V2 reads it too).
     monkeypatch.setenv("HOME", str(tmp_path / "nowhere"))
     config = autoscaler_pb2.ClusterConfig()
