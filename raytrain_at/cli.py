@@ -322,7 +322,10 @@ def evaluate(
                                   "~/.raytrain_at/eval-state]"),
     address: str = typer.Option(None, help="Ray cluster address (auto on a cluster node)"),
     gpu: bool = typer.Option(None, "--gpu/--no-gpu",
-                             help="one GPU per worker [when the machine or cluster has GPUs]"),
+                             help="one GPU per worker (corruptions too) [where this machine "
+                             "has GPUs; with --address, where the cluster has GPUs up or node "
+                             "types with GPUs (the autoscaler starts them); one of the two is "
+                             "required with --address when it cannot tell]"),
     eps_sweep: str = typer.Option(None, help="also sweep radii: 'paper' (Table 5: 2,4,6,8/255) "
                                   "or a list like 1/255,2/255"),
     sweep_norm: str = typer.Option("linf", help="norm of the eps sweep"),

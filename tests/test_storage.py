@@ -104,12 +104,14 @@ def test_state_key_is_the_same_wherever_the_data_lies(eval_home, tmp_path):
                      batch_size=3) not in keys
 
 
-def test_shards_ask_a_gpu_each_where_the_cluster_has_gpus():
+def test_shards_ask_a_gpu_each_on_gpus_and_share_the_cpus_otherwise():
+    # Whether they run on GPUs: tests/test_eval_device_choice.py.
     gpu_cluster = {"CPU": 64.0, "GPU": 16.0}
-    assert shard_resources(None, 4, gpu_cluster) == (True, 1, 1)
-    assert shard_resources(None, 4, {"CPU": 8.0}) == (False, 2, 0)
-    assert shard_resources(False, 4, gpu_cluster) == (False, 16, 0)
-    assert shard_resources(True, 2, {"CPU": 2.0}) == (True, 1, 1)
+    assert shard_resources(True, 4, gpu_cluster) == (1, 1)
+    assert shard_resources(False, 4, {"CPU": 8.0}) == (2, 0)
+    assert shard_resources(False, 4, gpu_cluster) == (16, 0)
+    assert shard_resources(True, 2, {"CPU": 2.0}) == (1, 1)
+    assert shard_resources(False, 4, {"CPU": 0.0}) == (1, 0)  # a head advertising no CPU
 
 
 @pytest.mark.parametrize("state_dir, culprit", [

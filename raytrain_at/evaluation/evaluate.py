@@ -22,6 +22,7 @@ from raytrain_at.data.provenance import verify_beton
 from raytrain_at.errors import UserError
 from raytrain_at.evaluation import guards as checks
 from raytrain_at.evaluation.corruption_accuracy import corruption_accuracy_on_device
+from raytrain_at.evaluation.device_choice import evaluation_uses_gpu
 from raytrain_at.evaluation.result import (DataInfo, EpsSweep, EvaluationResult, GuardOutcome,
                                            ModelInfo, ResolutionPoint, ResolutionSweep, SweepPoint,
                                            ThreatResult, write_result)
@@ -47,7 +48,9 @@ class EvaluationRequest(EvaluationSettings):
         out: the result JSON (None: ``evaluation-<weights hash>.json`` here).
         state_root: where the resumable chunk records go (a folder or ``s3://``).
         address: the Ray cluster to join (None: local Ray when workers > 1).
-        use_gpu: one GPU per worker (None: when the machine or cluster has GPUs).
+        use_gpu: one GPU per worker (None: where this machine has GPUs; with ``address``, where
+            the cluster has GPUs up or node types that have them, else a one-line error asking
+            for True or False: :mod:`raytrain_at.evaluation.device_choice`).
         tracking_uri: the MLflow tracking URI that ``runs:/`` / ``models:/`` resolve against.
     """
 
@@ -137,6 +140,9 @@ class Evaluation:
         if request.address is not None:
             init_ray(request.address)
             require_shared_root(explicit, "evaluation")
+        # One device for the attacks, the sweeps and the corruptions, chosen before anything is
+        # written (with --address and nothing to tell by, the one line asking for the flag).
+        self.use_gpu = evaluation_uses_gpu(request.use_gpu, request.address)
         # The chunk records: under the shared storage root (every node writes, the driver
         # merges), else this machine's home.
         if request.state_root and explicit:
@@ -185,7 +191,8 @@ class Evaluation:
 
     def _run(self, job: EvalJob, label: str) -> dict[ThreatModel, ThreatOutcome]:
         r = self.request
-        run_job(job, workers=r.workers, address=r.address, use_gpu=r.use_gpu, description=label)
+        run_job(job, workers=r.workers, address=r.address, use_gpu=self.use_gpu,
+                description=label)
         return merge(job)
 
     def run(self) -> EvaluationResult:
@@ -212,7 +219,7 @@ class Evaluation:
                 model = resolve_model(r.model_ref, resolution=self.resolution,
                                       tracking_uri=r.tracking_uri).module
             corruption = corruption_accuracy_on_device(
-                model, r.model_ref, tracking_uri=r.tracking_uri, use_gpu=bool(r.use_gpu),
+                model, r.model_ref, tracking_uri=r.tracking_uri, use_gpu=self.use_gpu,
                 address=r.address, resolution=self.resolution, data_path=self.data_path,
                 ids=self.ids, crop_pct=self.spec.crop_pct, severity=r.severity, seed=r.seed,
                 batch_size=r.batch_size, protocol=r.corruption_protocol)

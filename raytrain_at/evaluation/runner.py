@@ -37,6 +37,7 @@ from raytrain_at.data.watchdog import default_loader_timeout
 from raytrain_at.errors import UserError
 from raytrain_at.evaluation.autoattack import (MISCLASSIFIED, ROBUST, VERSIONS, ChunkRecord,
                                                attack_chunk, build_autoattack)
+from raytrain_at.evaluation.device_choice import evaluation_uses_gpu
 from raytrain_at.evaluation.guards import capture_autoattack_warnings
 from raytrain_at.evaluation.kernels import attack_model
 from raytrain_at.evaluation.threats import ThreatModel
@@ -360,20 +361,18 @@ def _ray_evaluate_chunks(job_data: dict, units: list[Unit], device: str, threads
     evaluate_units(EvalJob.from_dict(job_data), units, device=device)
 
 
-def shard_resources(use_gpu: bool | None, workers: int,
-                    cluster: Mapping[str, float]) -> tuple[bool, int, int]:
-    """``(on GPU, CPUs, GPUs)`` one evaluation shard asks Ray for.
+def shard_resources(gpu: bool, workers: int, cluster: Mapping[str, float]) -> tuple[int, int]:
+    """``(CPUs, GPUs)`` one evaluation shard asks Ray for.
 
     Args:
-        use_gpu: True / False as asked; None: a GPU per shard when ``cluster`` has any (what
-            Tune's and the benchmark's evaluations use), CPU otherwise.
-        workers: shards running at once.
+        gpu: the shards run on GPUs (:func:`~raytrain_at.evaluation.device_choice.
+            evaluation_uses_gpu`): one GPU and one CPU each.
+        workers: shards running at once (on CPUs they share the cluster's CPUs).
         cluster: ``ray.cluster_resources()``.
     """
-    gpu = bool(cluster.get("GPU", 0)) if use_gpu is None else use_gpu
     if gpu:
-        return True, 1, 1
-    return False, max(1, int(cluster.get("CPU", workers)) // workers), 0
+        return 1, 1
+    return max(1, int(cluster.get("CPU", workers)) // workers), 0
 
 
 def run_job(job: EvalJob, *, workers: int = 1, address: str | None = None,
@@ -381,11 +380,15 @@ def run_job(job: EvalJob, *, workers: int = 1, address: str | None = None,
     """Evaluate every chunk of ``job`` (resuming), on ``workers`` Ray workers or in this process
     (one worker and no cluster address), with a progress bar over the attacked images.
 
-    ``use_gpu`` None: one GPU per shard where there are GPUs (see :func:`shard_resources`)."""
+    ``use_gpu`` None: a GPU per shard where this machine has GPUs, or with ``address`` where the
+    cluster has or can start GPU nodes (:func:`~raytrain_at.evaluation.device_choice.
+    evaluation_uses_gpu`)."""
     if job.version not in VERSIONS:
         raise UserError(f"unknown attack version {job.version!r}")
     if not (workers == 1 and address is None):
         init_ray(address)  # before the bar: an unreachable address is then one clean line
+    # Before the lease: "--gpu or --no-gpu" leaves nothing behind.
+    gpu = evaluation_uses_gpu(use_gpu, address)
     # Counted in images (over all threat models), so the bar shows images/s and an ETA. Off a
     # terminal it redraws once a minute: a log file gets a few updates, not hundreds.
     total = len(job.threats) * len(job.ids)
@@ -395,8 +398,6 @@ def run_job(job: EvalJob, *, workers: int = 1, address: str | None = None,
                    dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 60.0)
         try:
             if workers == 1 and address is None:
-                gpu = torch.cuda.is_available() if use_gpu is None else use_gpu
-
                 def on_record() -> None:
                     lease.check()
                     bar.update(finished_images(job) - bar.n)
@@ -404,12 +405,26 @@ def run_job(job: EvalJob, *, workers: int = 1, address: str | None = None,
                 evaluate_chunks(job, list(range(len(job.chunks()))),
                                 device="cuda" if gpu else "cpu", on_record=on_record)
                 return
-            _run_on_ray(job, workers, address, use_gpu, bar, lease)
+            _run_on_ray(job, workers, address, gpu, bar, lease)
         finally:
             bar.close()
 
 
-def _run_on_ray(job: EvalJob, workers: int, address: str | None, use_gpu: bool | None,
+def submit_shards(job: EvalJob, shares: list[list[Unit]], gpu: bool) -> list:
+    """Submit one Ray task per share of units, each asking for :func:`shard_resources`; returns
+    their object refs. Ray must be initialised."""
+    import ray
+
+    cpus, gpus = shard_resources(gpu, len(shares), ray.cluster_resources())
+    # A task whose worker or node dies (a spot preemption) runs again: a unit's result depends
+    # only on its images, so re-running one (resuming its saved record) changes nothing.
+    task = ray.remote(_ray_evaluate_chunks).options(num_cpus=cpus, num_gpus=gpus,
+                                                    max_retries=TASK_RETRIES)
+    return [task.remote(job.to_dict(), share, "cuda" if gpu else "cpu", cpus)
+            for share in shares]
+
+
+def _run_on_ray(job: EvalJob, workers: int, address: str | None, gpu: bool,
                 bar, lease: StateLease) -> None:
     import ray
     import ray.exceptions
@@ -418,13 +433,7 @@ def _run_on_ray(job: EvalJob, workers: int, address: str | None, use_gpu: bool |
     shares = deal_units(pending_units(job), workers)
     if not shares:
         return
-    gpu, cpus, gpus = shard_resources(use_gpu, len(shares), ray.cluster_resources())
-    # A task whose worker or node dies (a spot preemption) runs again: a unit's result depends
-    # only on its images, so re-running one (resuming its saved record) changes nothing.
-    task = ray.remote(_ray_evaluate_chunks).options(num_cpus=cpus, num_gpus=gpus,
-                                                    max_retries=TASK_RETRIES)
-    refs = [task.remote(job.to_dict(), share, "cuda" if gpu else "cpu", cpus)
-            for share in shares]
+    refs = submit_shards(job, shares, gpu)
     remaining = list(refs)
     # The workers' own output (pyautoattack's prints, warnings) goes to the job's console log.
     with worker_log_file(_console_log(job)):

@@ -277,7 +277,8 @@ def run_study(space: SearchSpace, options: StudyOptions = StudyOptions()) -> Stu
         if not any(r.status != "errored" for r in records):
             raise UserError(f"study {name}: every trial failed; first error: "
                             f"{records[0].error if records else 'no trial started'}")
-        best = evaluate_best(context, records, report_dir, tracking_uri)
+        best = evaluate_best(context, records, report_dir, tracking_uri,
+                             address=options.address)
         registered = None
         if best is not None and space.evaluation.register_best:
             registered = register_best(best, options.register_name or f"tune-{space.name}",
@@ -376,11 +377,14 @@ def ranked(records: list[TrialRecord], space: SearchSpace) -> list[TrialRecord]:
 
 
 def evaluate_best(context: _TrialContext, records: list[TrialRecord], report_dir: Path,
-                  tracking_uri: str) -> TrialRecord | None:
+                  tracking_uri: str, *, address: str | None = None) -> TrialRecord | None:
     """AutoAttack on the test data of the best completed trials' selected (best held-out
     epoch's EMA) weights, ``runs:/ID/model``: ``evaluation.top`` of them, or every one
     (``top: all``, the paper mode). Each trial's clean and robust accuracies also go to its own
     MLflow run (``autoattack_clean_acc``, ``autoattack_robust_acc_linf``, ...).
+
+    On a cluster (``address``) the evaluation (its corruptions too) runs on the trials' device,
+    ``scaling.use_gpu``; on this machine, a GPU where it has one.
 
     Returns:
         The best of them by the space's metric (None when nothing was evaluated).
@@ -404,8 +408,12 @@ def evaluate_best(context: _TrialContext, records: list[TrialRecord], report_dir
             **settings, model_ref=f"runs:/{record.run_id}/model", data=data,
             out=report_dir / f"evaluation-{record.trial_id}.json", tracking_uri=tracking_uri,
             # The study's storage root: on a cluster, every shard's node writes its chunk
-            # records there; one GPU per shard where the cluster has GPUs.
-            state_root=f"{context.storage_path}/eval-state", use_gpu=None)
+            # records there. The address sends even a one-worker evaluation (and the
+            # corruptions) to the cluster rather than to the driver's node (a head without
+            # GPUs); the trials' device is known before the first trial, so the study never ends
+            # on "--gpu or --no-gpu".
+            state_root=f"{context.storage_path}/eval-state", address=address,
+            use_gpu=config.scaling.use_gpu or (False if address is not None else None))
         log.info("evaluating trial %s (%s) with AutoAttack %s", record.trial_id, record.run_id,
                  spec.version)
         result, path = evaluate(request)

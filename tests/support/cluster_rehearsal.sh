@@ -398,8 +398,9 @@ say "   completed 2 epochs after the kill (epoch 2 re-run by PID $AGAIN): $MODEL
 fi
 
 # ---------------------------------------------------------------- 3. sharded AutoAttack
+# --no-gpu: a CPU cluster started with `ray start` has no node types to read (no GPU either).
 EVAL=(raytrain-at evaluate "$MODEL_REF" --data "$DATA/digits_test.beton" --norms linf
-      --version apgdt --n 40 --batch-size 10)
+      --version apgdt --n 40 --batch-size 10 --no-gpu)
 # The head's working folder: $NODE/work for its processes, $HEAD_WORK seen from here.
 HEAD_WORK=$WORK/real/head/work
 say "3. sharded AutoAttack over both nodes, driver killed after the first chunk records"
