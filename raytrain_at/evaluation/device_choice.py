@@ -28,8 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from raytrain_at.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -111,9 +109,10 @@ def read_bootstrap_node_types(path: str | Path = BOOTSTRAP_CONFIG) -> list[NodeT
         return None
     try:
         text = file.read_text()
-        # ``ray up`` writes JSON; a hand-placed one may be YAML (a superset of JSON).
-        config = json.loads(text) if text.lstrip().startswith("{") else yaml.safe_load(text)
-    except (OSError, ValueError, yaml.YAMLError) as exc:
+        # ``ray up`` writes it as JSON (its name notwithstanding). Read as JSON only: the
+        # project's YAML goes through config_loader, and this file is not one of its kinds.
+        config = json.loads(text)
+    except (OSError, ValueError) as exc:
         log.warning("cannot read the cluster's node types from %s (%s)", file, exc)
         return None
     if not isinstance(config, dict) or not config.get("available_node_types"):
