@@ -1,13 +1,14 @@
-"""bf16 runs accumulate and all-reduce their gradients in fp32, and such checkpoints restore exactly.
+"""bf16 runs accumulate and all-reduce gradients in fp32, and their checkpoints restore exactly.
 
-Two spawned CPU ranks (gloo) build the real engine (:func:`raytrain_at.training.engine.build_engine`)
-with ``scaling.precision=bf16`` at ZeRO stages 1 and 2, and each runs one backward on its own
-micro-batch: the all-reduce sums the two ranks' bf16 gradients. Each rank records the gradient
-partition DeepSpeed hands the torch AdamW at the step (the tensors the update is computed from)
-and, from a copy of the model with the same bf16 weights, both micro-batches' bf16 gradients. The
-recorded partition must be their mean summed in fp32; a sum in bf16 (what the all-reduce did
-before, without ``data_types.grad_accum_dtype`` and ``communication_data_type``) is off by about
-2^-9 of the largest gradient, far outside fp32's rounding.
+Two spawned CPU ranks (gloo) build the real engine
+(:func:`raytrain_at.training.engine.build_engine`) with ``scaling.precision=bf16`` at ZeRO stages
+1 and 2, and each runs one backward on its own micro-batch: the all-reduce sums the two ranks'
+bf16 gradients. Each rank records the gradient partition DeepSpeed hands the torch AdamW at the
+step (the tensors the update is computed from) and, from a copy of the model with the same bf16
+weights, both micro-batches' bf16 gradients. The recorded partition must be their mean summed in
+fp32; a sum in bf16 (what the all-reduce did before, without ``data_types.grad_accum_dtype`` and
+``communication_data_type``) is off by about 2^-9 of the largest gradient, far outside fp32's
+rounding.
 
 At stage 1 (the default) bf16 now steps through DeepSpeed's ``BF16_Optimizer`` instead of
 ``DeepSpeedZeroOptimizer``: a checkpoint it writes restores bit for bit (weights, fp32 master

@@ -2,7 +2,8 @@
 
 DeepSpeed owns the optimiser step (ZeRO stage 0/1/2; bf16 on GPU, fp32 on CPU, where it refuses
 fp16). Gradients are accumulated and all-reduced in fp32 also when the weights are bf16
-(:func:`deepspeed_config`), which ZeRO stage 0 cannot do: bf16 runs take stage 1 or 2. The optimiser is torch's fused AdamW (DeepSpeed's own AdamW compiles a C++ op), with the
+(:func:`deepspeed_config`), which ZeRO stage 0 cannot do: bf16 runs take stage 1 or 2.
+The optimiser is torch's fused AdamW (DeepSpeed's own AdamW compiles a C++ op), with the
 paper's betas (0.9, 0.95) and the usual no-decay rule: biases, norm weights and other 1-D
 parameters, and the backbone's ``no_weight_decay()`` set (positional embedding, class token) are
 not decayed.
