@@ -166,7 +166,8 @@ def _previous(deepspeed_config):
 
     def previous_deepspeed_config(config, precision: str) -> dict[str, Any]:
         settings = deepspeed_config(config, precision)
-        del settings["data_types"], settings["communication_data_type"]
+        settings.pop("data_types", None)
+        settings.pop("communication_data_type", None)
         return settings
 
     return previous_deepspeed_config
@@ -289,3 +290,31 @@ def test_checkpoint_written_before_fp32_accumulation_resumes(ranks) -> None:
         assert got["previous_loaded"]
         assert got["previous_fresh_differs"] == ["weights", "master", "moments", "schedule"]
         assert got["previous_restored_differs"] == []
+
+
+@pytest.mark.parametrize("overrides", [["scaling.precision=bf16"], ["scaling.use_gpu=true"]])
+def test_zero_stage_0_is_refused_where_the_workers_run_bf16(overrides: list[str]) -> None:
+    from raytrain_at.config import load_config
+    from raytrain_at.errors import UserError
+
+    with pytest.raises(UserError, match=r"^optim\.zero_stage 0 cannot accumulate bf16") as info:
+        load_config("quickstart", ["optim.zero_stage=0", *overrides])
+    assert "\n" not in str(info.value)
+    # fp32 workers keep stage 0, and bf16 ones stages 1 and 2.
+    assert load_config("quickstart", ["optim.zero_stage=0"]).optim.zero_stage == 0
+    for stage in (1, 2):
+        assert load_config("quickstart", [f"optim.zero_stage={stage}", *overrides])
+
+
+def test_engine_refuses_zero_stage_0_when_auto_resolves_to_bf16() -> None:
+    from raytrain_at.config import load_config
+    from raytrain_at.errors import UserError
+    from raytrain_at.training.engine import deepspeed_config
+
+    # A stage-0 config valid for CPU workers that a device resolves to bf16 (e.g. the benchmark).
+    config = load_config("quickstart", ["optim.zero_stage=0"])
+    with pytest.raises(UserError, match=r"^optim\.zero_stage 0 cannot accumulate bf16"):
+        deepspeed_config(config, "bf16")
+    settings = deepspeed_config(config, "fp32")
+    assert settings["zero_optimization"] == {"stage": 0}
+    assert settings["data_types"] == {"grad_accum_dtype": "fp32"}
