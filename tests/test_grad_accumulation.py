@@ -43,6 +43,7 @@ STEPS_PER_EPOCH = 4
 # fp32 rounding of a two-term sum, relative to the largest gradient; a bf16 sum is ~2e-3 off.
 FP32_TOLERANCE = 1e-6
 BF16_GAP = 1e-4
+EMA_DECAY = 0.5
 
 
 def _model() -> torch.nn.Module:
@@ -108,7 +109,7 @@ def _record_step_gradients(inner: torch.optim.Optimizer) -> dict[int, torch.Tens
 
 def _gradient_check(rank: int, stage: int) -> tuple[dict[str, Any], Any, Any]:
     """One bf16 step at ``stage``; the recorded partition against the fp32 and bf16 sums."""
-    from raytrain_at.training.engine import build_engine, build_optimizer
+    from raytrain_at.training.engine import build_ema, build_engine, build_optimizer
 
     config = _config(stage)
     per_rank = GLOBAL_BATCH // WORLD_SIZE
@@ -119,12 +120,23 @@ def _gradient_check(rank: int, stage: int) -> tuple[dict[str, Any], Any, Any]:
     # The groups build_engine hands DeepSpeed, in its order, by parameter name.
     groups = [[names[id(p)] for p in g["params"]]
               for g in build_optimizer(model, config).param_groups]
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ema = build_ema(model, EMA_DECAY)  # as WorkerLoop: from the fp32 weights, before the cast
+    assert ema is not None
     engine, optimizer, _ = build_engine(model, config, STEPS_PER_EPOCH, torch.device("cpu"))
     inner = optimizer.optimizer
     seen = _record_step_gradients(inner)
     x, y = _batch()
     engine.backward(_loss(engine, x[parts[rank]], y[parts[rank]]))
     engine.step()
+    ema.update(engine.module)
+    # The EMA follows the weights the new optimiser wrote back into the bf16 module.
+    stepped = dict(engine.module.named_parameters())
+    ema_error = max((ema_value - (EMA_DECAY * initial[n] + (1 - EMA_DECAY)
+                                  * stepped[n].detach().float())).abs().max().item()
+                    for n, ema_value in ema.module.named_parameters())
+    ema_moved = max((ema_value - initial[n]).abs().max().item()
+                    for n, ema_value in ema.module.named_parameters())
     fp32_error = bf16_error = largest = 0.0
     dtypes = set()
     assert len(inner.param_groups) == len(groups)
@@ -143,7 +155,9 @@ def _gradient_check(rank: int, stage: int) -> tuple[dict[str, Any], Any, Any]:
         bf16_error = max(bf16_error, (got - bf16).abs().max().item())
         largest = max(largest, fp32_sum.abs().max().item())
     result = {"optimizer": type(optimizer).__name__, "dtypes": sorted(dtypes),
-              "fp32_error": fp32_error, "bf16_error": bf16_error, "largest": largest}
+              "fp32_error": fp32_error, "bf16_error": bf16_error, "largest": largest,
+              "ema_dtypes": sorted({str(v.dtype) for v in ema.module.parameters()}),
+              "ema_error": ema_error, "ema_moved": ema_moved}
     return result, engine, optimizer
 
 
@@ -270,6 +284,15 @@ def test_bf16_gradients_are_summed_over_ranks_in_fp32(ranks, stage: int) -> None
         assert got["bf16_error"] > BF16_GAP * got["largest"]
         assert got["fp32_error"] <= FP32_TOLERANCE * got["largest"], (
             f"stage {stage} rank {rank}: the gradients DeepSpeed steps from are not an fp32 sum")
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_fp32_ema_follows_the_stepped_bf16_weights(ranks, stage: int) -> None:
+    for run in ranks:
+        got = run[str(stage)]
+        assert got["ema_dtypes"] == ["torch.float32"]
+        assert got["ema_moved"] > 1e-5  # the weights the EMA takes in moved
+        assert got["ema_error"] < 1e-6, "the EMA is not decay * start + (1 - decay) * weights"
 
 
 def test_bf16_optimizer_checkpoint_restores_exactly(ranks) -> None:
