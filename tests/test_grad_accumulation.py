@@ -15,8 +15,9 @@ At stage 1 (the default) bf16 now steps through DeepSpeed's ``BF16_Optimizer`` i
 partition, AdamW moments, LR schedule) and the next step is the same; a checkpoint written before
 the change (by ``DeepSpeedZeroOptimizer``, same file names) restores bit for bit too.
 
-One spawn runs everything (DeepSpeed's import and first ``initialize`` are the slow part); the
-tests read its results.
+One spawn runs everything (DeepSpeed's import and first ``initialize`` are the slow part; 40-70 s
+on 2 cores, so those tests are ``slow``: ``pytest -m slow tests/test_grad_accumulation.py``); the
+tests read its results. The fast suite keeps the config checks at the end.
 """
 
 from __future__ import annotations
@@ -272,6 +273,7 @@ def ranks(tmp_path_factory) -> list[dict[str, Any]]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD_SIZE)]
 
 
+@pytest.mark.slow  # one 2-rank DeepSpeed spawn: 40-70 s on 2 cores
 @pytest.mark.parametrize("stage", STAGES)
 def test_bf16_gradients_are_summed_over_ranks_in_fp32(ranks, stage: int) -> None:
     for rank, run in enumerate(ranks):
@@ -286,6 +288,7 @@ def test_bf16_gradients_are_summed_over_ranks_in_fp32(ranks, stage: int) -> None
             f"stage {stage} rank {rank}: the gradients DeepSpeed steps from are not an fp32 sum")
 
 
+@pytest.mark.slow  # one 2-rank DeepSpeed spawn: 40-70 s on 2 cores
 @pytest.mark.parametrize("stage", STAGES)
 def test_fp32_ema_follows_the_stepped_bf16_weights(ranks, stage: int) -> None:
     for run in ranks:
@@ -295,6 +298,7 @@ def test_fp32_ema_follows_the_stepped_bf16_weights(ranks, stage: int) -> None:
         assert got["ema_error"] < 1e-6, "the EMA is not decay * start + (1 - decay) * weights"
 
 
+@pytest.mark.slow  # one 2-rank DeepSpeed spawn: 40-70 s on 2 cores
 def test_bf16_optimizer_checkpoint_restores_exactly(ranks) -> None:
     for run in ranks:
         got = run["restore"]
@@ -306,6 +310,7 @@ def test_bf16_optimizer_checkpoint_restores_exactly(ranks) -> None:
         assert got["continued_differs"] == []
 
 
+@pytest.mark.slow  # one 2-rank DeepSpeed spawn: 40-70 s on 2 cores
 def test_checkpoint_written_before_fp32_accumulation_resumes(ranks) -> None:
     for run in ranks:
         got = run["restore"]
@@ -340,4 +345,6 @@ def test_engine_refuses_zero_stage_0_when_auto_resolves_to_bf16() -> None:
         deepspeed_config(config, "bf16")
     settings = deepspeed_config(config, "fp32")
     assert settings["zero_optimization"] == {"stage": 0}
+    # The two settings the (slow) 2-rank test shows at work, guarded in the fast suite too.
     assert settings["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert settings["communication_data_type"] == "fp32"
