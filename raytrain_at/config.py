@@ -141,6 +141,12 @@ class ObjectiveSection(StrictModel):
     trades_beta: float = Field(default=1.0, ge=0.0)
 
 
+# DeepSpeed 0.19.8 accumulates bf16 gradients in fp32 only under ZeRO 1 or 2 (stage 0 raises
+# "unsupported mix of model_dtype and grad_accum_dtype"); see training/engine.py.
+BF16_NEEDS_ZERO = ("optim.zero_stage 0 cannot accumulate bf16 gradients in fp32: use "
+                   "optim.zero_stage=1 (or 2), or scaling.precision=fp32")
+
+
 class OptimSection(StrictModel):
     """AdamW with linear warm-up then cosine decay per step (paper App. A.1).
 
@@ -218,10 +224,18 @@ class RunConfig(StrictModel):
         if self.aug.preset == "heavy" and per_worker % 2:
             raise ValueError(f"heavy augmentation (MixUp/CutMix) needs an even per-worker batch, "
                              f"got {per_worker}")
+        if self.optim.zero_stage == 0 and self.bf16_requested:
+            raise ValueError(BF16_NEEDS_ZERO)
         if self.objective.kind != "clean" and self.attack.kind == "none":
             raise ValueError(f"objective.kind {self.objective.kind!r} needs an attack "
                              "(attack.kind is 'none')")
         return self
+
+    @property
+    def bf16_requested(self) -> bool:
+        """Whether the workers run bf16: asked for, or ``auto`` on GPU workers."""
+        precision = self.scaling.precision
+        return precision == "bf16" or (precision == "auto" and self.scaling.use_gpu)
 
     @property
     def per_worker_batch_size(self) -> int:

@@ -1,7 +1,9 @@
 """DeepSpeed engine construction: config, optimiser groups, LR schedule, EMA.
 
 DeepSpeed owns the optimiser step (ZeRO stage 0/1/2; bf16 on GPU, fp32 on CPU, where it refuses
-fp16). The optimiser is torch's fused AdamW (DeepSpeed's own AdamW compiles a C++ op), with the
+fp16). Gradients are accumulated and all-reduced in fp32 also when the weights are bf16
+(:func:`deepspeed_config`), which ZeRO stage 0 cannot do: bf16 runs take stage 1 or 2.
+The optimiser is torch's fused AdamW (DeepSpeed's own AdamW compiles a C++ op), with the
 paper's betas (0.9, 0.95) and the usual no-decay rule: biases, norm weights and other 1-D
 parameters, and the backbone's ``no_weight_decay()`` set (positional embedding, class token) are
 not decayed.
@@ -20,7 +22,8 @@ import torch.nn as nn
 from timm.optim import param_groups_weight_decay  # pyright: ignore[reportPrivateImportUsage]
 from timm.utils.model_ema import ModelEmaV3
 
-from raytrain_at.config import RunConfig
+from raytrain_at.config import BF16_NEEDS_ZERO, RunConfig
+from raytrain_at.errors import UserError
 from raytrain_at.models.pixel_space import unwrap
 from raytrain_at.training.safe_loading import use_weights_only_loading
 from raytrain_at.training.schedules import lr_factor
@@ -36,7 +39,14 @@ def resolve_precision(config: RunConfig, device: torch.device) -> str:
 
 
 def deepspeed_config(config: RunConfig, precision: str) -> dict[str, Any]:
-    """The DeepSpeed JSON config of a run (per-worker micro batch, ZeRO stage, precision)."""
+    """The DeepSpeed JSON config of a run (per-worker micro batch, ZeRO stage, precision).
+
+    Raises:
+        UserError: bf16 with ZeRO stage 0, which cannot accumulate gradients in fp32.
+    """
+    if precision == "bf16" and config.optim.zero_stage == 0:
+        # Config validation refuses this where it knows the precision; "auto" resolves here.
+        raise UserError(BF16_NEEDS_ZERO)
     return {
         "train_micro_batch_size_per_gpu": config.per_worker_batch_size,
         "gradient_accumulation_steps": 1,
@@ -44,6 +54,14 @@ def deepspeed_config(config: RunConfig, precision: str) -> dict[str, Any]:
         "zero_optimization": {"stage": config.optim.zero_stage},
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": False},
+        # Gradients in fp32 whatever the weights are: bf16 keeps 8 bits of mantissa, and a sum of
+        # the ranks' gradients in it loses the small contributions (the paper's fp16 AMP keeps
+        # fp32 master gradients). With bf16 weights DeepSpeed 0.19.8 then steps ZeRO-1 through
+        # its BF16_Optimizer (fp32 gradient buffers beside the partitioned fp32 master weights)
+        # and ZeRO-2 through fp32 gradient partitions; without the communication type both would
+        # cast the fp32 buffers to bf16 for the all-reduce. fp32 runs are unchanged.
+        "data_types": {"grad_accum_dtype": "fp32"},
+        "communication_data_type": "fp32",
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
