@@ -1,17 +1,24 @@
-"""Preflight: the estimate, the loader verdict, and the driver's blockers (no Ray start)."""
+"""Preflight: the estimate, the loader verdict, the driver's blockers, the workers' meeting and
+the clean-up (no Ray start; the end-to-end runs are in test_preflight_e2e.py)."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from ray.train import WorkerGroupError
 
 from raytrain_at.config import load_config
 from raytrain_at.errors import UserError
 from raytrain_at.preflight.driver import check_storage, check_weights
 from raytrain_at.preflight.estimate import estimate_run, price_table
+from raytrain_at.preflight.run import remove_run_folder, worker_failure_line
 from raytrain_at.preflight.verdicts import loader_check
+from raytrain_at.preflight.worker import ROWS_FILE
 from tests.support.cli_runner import run_cli
 
 
@@ -78,3 +85,93 @@ def test_preflight_cli_blocker_is_one_line_and_exit_1(case: str, tmp_path: Path)
     assert out.returncode == 1, out.stderr
     assert len(errors) == 1 and f"preflight {case}:" in errors[0]
     assert "Traceback" not in out.stderr
+
+
+# Two ranks of one gloo group, with no Ray: three rounds of worker_rows, in which no rank, rank 1
+# and then rank 0 lack their device. The measure step runs an all-reduce, the collective a rank
+# that lacks its device never enters: were that rank to skip it, the other would wait in it
+# until the group's 20 s timeout and fail.
+_RANK = r"""
+import datetime, json, sys
+import torch, torch.distributed as dist
+from raytrain_at.preflight.gather import worker_rows
+
+rank, store, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
+                        timeout=datetime.timedelta(seconds=20))
+rounds = []
+for failing in (None, 1, 0):
+    measured = []
+
+    def measure():
+        total = torch.ones(1)
+        dist.all_reduce(total)
+        measured.append(float(total))
+        return {"measured": float(total)}
+
+    device = {"rank": rank, **({"error": "no CUDA device"} if rank == failing else {})}
+    rounds.append({"rows": worker_rows(device, 2, measure), "measured": measured})
+dist.destroy_process_group()
+with open(out, "w") as handle:
+    json.dump(rounds, handle)
+"""
+
+
+def test_a_rank_without_its_device_stops_every_rank_before_any_other_collective(tmp_path: Path):
+
+    store = tmp_path / "store"
+    outs = [tmp_path / f"rank{rank}.json" for rank in (0, 1)]
+    procs = [subprocess.Popen([sys.executable, "-c", _RANK, str(rank), str(store), str(out)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank, out in enumerate(outs)]
+    logs = [proc.communicate(timeout=120)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], logs
+    for out in outs:
+        healthy, rank1_fails, rank0_fails = json.loads(out.read_text())
+        assert healthy["measured"] == [2.0]
+        assert healthy["rows"] == [{"rank": 0, "measured": 2.0}, {"rank": 1, "measured": 2.0}]
+        for case, failing in ((rank1_fails, 1), (rank0_fails, 0)):
+            assert case["measured"] == []  # neither rank went on to the all-reduce
+            assert [("error" in row) for row in case["rows"]] == [failing == 0, failing == 1]
+
+
+def test_the_loader_margin_turns_measured_figures_into_a_blocker():
+    # Worker 0 of `raytrain-at preflight quickstart` on 2 cores (2026-12-07): a 1,200x margin.
+    config = load_config("quickstart")
+    measured = [{"rank": 0, "loader_images_per_s": 107758.4, "step_images_per_s": 89.3},
+                {"rank": 1, "loader_images_per_s": 98000.0, "step_images_per_s": 90.1}]
+    assert loader_check(measured, config).passed
+    assert loader_check(measured, config, margin=1000.0).passed
+    check = loader_check(measured, config, margin=1200.0)
+    assert check.blocker is not None
+    assert check.blocker.startswith("worker 1's loader gives 98000.0 img/s")
+    assert "below --loader-margin 1200 x its step's 90.1 img/s" in check.blocker
+
+
+def test_the_run_folder_is_removed_and_a_missing_one_is_no_error(tmp_path: Path):
+    runs = tmp_path / "runs"
+    (runs / "preflight-1234abcd" / "checkpoint_000000").mkdir(parents=True)
+    (runs / "preflight-1234abcd" / "checkpoint_000000" / ROWS_FILE).write_text("[]")
+    (runs / "another-run").mkdir()
+    remove_run_folder(str(runs), "preflight-1234abcd")
+    assert sorted(p.name for p in runs.iterdir()) == ["another-run"]
+    remove_run_folder(str(runs), "preflight-1234abcd")  # already gone: nothing to do
+
+
+def test_a_failed_worker_is_one_line_naming_its_rank_and_error():
+    error = WorkerGroupError("long Ray text\nmore lines", {
+        1: RuntimeError("CUDA error: out of memory\nCompile with TORCH_USE_CUDA_DSA"),
+        0: ValueError("")})
+    assert worker_failure_line(error) == "worker 0 failed: ValueError"
+    del error.worker_failures[0]
+    assert worker_failure_line(error) == "worker 1 failed: RuntimeError: CUDA error: out of memory"
+
+
+def test_an_unknown_instance_is_refused_before_any_check(tmp_path: Path):
+    env = {**os.environ, "RAYTRAIN_AT_HOME": str(tmp_path / "home"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    out = run_cli(["preflight", "quickstart", "--instance", "p9.huge",
+                   "--storage-path", str(tmp_path / "runs")], env=env, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("error: --instance 'p9.huge' is not")
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
