@@ -186,20 +186,24 @@ def preflight_command(
     storage_path: str = typer.Option(None, help="where Ray keeps checkpoints"),
     instance: str = typer.Option(None, help="instance type priced in the estimate "
                                  "[p4d.24xlarge for a GPU run, else local]"),
+    loader_margin: float = typer.Option(1.0, min=0.0, help="the loader must deliver this many "
+                                        "times the step's img/s (above 1: headroom)"),
 ) -> None:
     """Check a run on its own Ray workers before it spends money: device, all-reduce, storage,
     MLflow, data, weights, the real step and the loader's rate, wall time and cost."""
     from raytrain_at.config import load_config
 
-    _run_preflight(load_config(recipe, list(set_ or [])), address, storage_path, instance)
+    _run_preflight(load_config(recipe, list(set_ or [])), address, storage_path, instance,
+                   loader_margin=loader_margin)
 
 
 def _run_preflight(config, address: str | None, storage_path: str | None,
-                   instance: str | None) -> None:
+                   instance: str | None, *, loader_margin: float = 1.0) -> None:
     """The preflight; a blocker is one line on stderr and exit 1."""
     from raytrain_at.preflight.run import PreflightSettings, run_preflight
 
-    settings = PreflightSettings(address=address, storage_path=storage_path, instance=instance)
+    settings = PreflightSettings(address=address, storage_path=storage_path, instance=instance,
+                                 loader_margin=loader_margin)
     try:
         run_preflight(config, settings, make_console())
     except PreflightBlocked as exc:
