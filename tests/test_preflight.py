@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from ray.train import WorkerGroupError
 
 from raytrain_at.config import load_config
@@ -17,8 +18,10 @@ from raytrain_at.errors import UserError
 from raytrain_at.preflight.driver import check_storage, check_weights
 from raytrain_at.preflight.estimate import estimate_run, price_table
 from raytrain_at.preflight.run import remove_run_folder, worker_failure_line
-from raytrain_at.preflight.verdicts import loader_check
-from raytrain_at.preflight.worker import ROWS_FILE
+from raytrain_at.preflight import worker
+from raytrain_at.preflight.verdicts import device_check, loader_check
+from raytrain_at.preflight.worker import ROWS_FILE, device_row
+from raytrain_at.training.loop import WorkerPlace
 from tests.support.cli_runner import run_cli
 
 
@@ -175,3 +178,23 @@ def test_an_unknown_instance_is_refused_before_any_check(tmp_path: Path):
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip().splitlines()[-1].startswith("error: --instance 'p9.huge' is not")
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_device_check_that_raises_is_an_error_row_not_an_exception(monkeypatch):
+    # A node whose driver is older than torch's CUDA build raises on the first CUDA call: the
+    # rank must still reach the gather of device rows (see the two-rank test above).
+    def broken(device, want_gpu):
+        raise RuntimeError("CUDA driver version is insufficient for CUDA runtime version\nmore")
+
+    place = WorkerPlace(rank=1, world_size=2, device=torch.device("cpu"))
+    config = load_config("quickstart")
+    assert "error" not in device_row(config, place)
+    assert device_row(load_config("quickstart", ["scaling.use_gpu=true"]), place)["error"] == (
+        "no CUDA device on this worker")
+    monkeypatch.setattr(worker, "device_facts", broken)
+    row = device_row(config, place)
+    assert row["rank"] == 1 and row["torch"] == torch.__version__
+    assert row["error"] == ("the device check raised RuntimeError: CUDA driver version is "
+                            "insufficient for CUDA runtime version")
+    check = device_check([{**row, "rank": 0, "node": "n0"}, row], config)
+    assert check.blocker is not None and check.blocker.startswith("worker 0 on n0: the device")

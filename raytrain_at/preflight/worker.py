@@ -115,7 +115,14 @@ def device_row(config: RunConfig, place: WorkerPlace) -> dict[str, Any]:
     """This worker's device facts, with an ``error`` where it lacks the device the recipe asks
     for (no collective here: a failing rank must still reach :func:`.gather.worker_rows`)."""
     row: dict[str, Any] = {"rank": place.rank, "node": socket.gethostname(),
-                           **device_facts(place.device, config.scaling.use_gpu)}
+                           "torch": torch.__version__, "cuda_build": torch.version.cuda}
+    try:
+        row.update(device_facts(place.device, config.scaling.use_gpu))
+    except Exception as exc:  # noqa: BLE001 - a broken driver raises whatever CUDA says
+        lines = str(exc).strip().splitlines()
+        row["error"] = f"the device check raised {type(exc).__name__}" + (
+            f": {lines[0][:160]}" if lines else "")
+        return row
     if config.scaling.use_gpu and place.device.type != "cuda":
         row["error"] = "no CUDA device on this worker"
     return row
