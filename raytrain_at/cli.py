@@ -135,7 +135,9 @@ def train(
                                            "may change, e.g. --allow-change schedule.epochs "
                                            "(KEY[,KEY]; repeatable)"),
     # Off by default for now: on the multi-node rehearsal it ran before train's own checks
-    # and failed where they give the one-line refusal (2026-12-07).
+    # and failed where they give the one-line refusal (2026-12-07). It now runs after them
+    # and refuses a multi-node run without a storage root itself; on by default with
+    # --address is still to be shown on the rehearsal (docs/preflight.md).
     preflight: bool = typer.Option(False, "--preflight/--no-preflight", help="run `raytrain-at "
                                    "preflight` first"),
 ) -> None:
@@ -153,11 +155,10 @@ def train(
     from raytrain_at.training.launch import launch, prepare_run, run_single_process
     from raytrain_at.training.resume_check import parse_allowed
 
-    if preflight and not single_process:
-        _run_preflight(load_config(recipe, overrides), address, storage_path, None)
-
     prepared = prepare_run(load_config(recipe, overrides), run_name=run_name,
                            storage_path=storage_path, allow_change=parse_allowed(allow_change))
+    if preflight and not single_process:  # after train's own checks: their refusals come first
+        _run_preflight(load_config(recipe, overrides), address, storage_path, None)
     if single_process:
         print(f"run {prepared.run_name}: {run_single_process(prepared)}")
         return

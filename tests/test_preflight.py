@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,10 +16,11 @@ from ray.train import WorkerGroupError
 
 from raytrain_at.config import load_config
 from raytrain_at.errors import UserError
+from raytrain_at.runtime import storage
 from raytrain_at.preflight.driver import check_storage, check_weights
 from raytrain_at.preflight.estimate import estimate_run, price_table
 from raytrain_at.preflight.run import remove_run_folder, worker_failure_line
-from raytrain_at.preflight import worker
+from raytrain_at.preflight import run, worker
 from raytrain_at.preflight.verdicts import device_check, loader_check
 from raytrain_at.preflight.worker import ROWS_FILE, device_row
 from raytrain_at.training.loop import WorkerPlace
@@ -198,3 +200,39 @@ def test_a_device_check_that_raises_is_an_error_row_not_an_exception(monkeypatch
                             "insufficient for CUDA runtime version")
     check = device_check([{**row, "rank": 0, "node": "n0"}, row], config)
     assert check.blocker is not None and check.blocker.startswith("worker 0 on n0: the device")
+
+
+def test_a_multi_node_cluster_without_a_storage_root_is_a_storage_blocker(monkeypatch):
+    # Rank 0's rows would land on a worker node's own disk: refused before any worker starts,
+    # in the words of train's own refusal.
+
+    def no_workers(*args, **kwargs):
+        raise AssertionError("the workers were started")
+
+    monkeypatch.setattr(run, "init_ray", lambda address: None)
+    monkeypatch.setattr(storage, "alive_nodes", lambda: 3)
+    monkeypatch.setattr(run, "TorchTrainer", no_workers)
+    report = run.PreflightReport()
+    prepared = SimpleNamespace(config=load_config("quickstart"), shared_storage=False,
+                               storage_path="/nowhere/runs", run_name="preflight-00000000")
+    run._worker_checks(prepared, run.PreflightSettings(address="auto"), report)
+    [check] = report.checks
+    assert check.name == "storage" and check.blocker is not None
+    assert check.blocker.startswith("the preflight on a 3-node Ray cluster needs a storage root")
+    assert "RAYTRAIN_AT_STORAGE" in check.blocker
+    prepared.shared_storage = True
+    monkeypatch.setattr(run, "_run_workers", lambda prepared, settings: None)
+    report = run.PreflightReport()
+    run._worker_checks(prepared, run.PreflightSettings(address="auto"), report)
+    assert [(c.name, c.blocker) for c in report.checks] == [
+        ("workers", "the workers reported no figures")]
+
+
+def test_train_with_preflight_refuses_its_own_bad_input_before_the_preflight(tmp_path: Path):
+    env = {**os.environ, "RAYTRAIN_AT_HOME": str(tmp_path / "home"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    out = run_cli(["train", "quickstart", "--preflight", "--run-name", "../escape",
+                   "--storage-path", str(tmp_path / "runs")], env=env, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("error: run name '../escape':")
+    assert "preflight" not in out.stdout and not (tmp_path / "runs").exists()

@@ -31,7 +31,8 @@ from raytrain_at.preflight.verdicts import (all_reduce_check, device_check, load
                                             step_check)
 from raytrain_at.preflight.worker import ROWS_FILE, preflight_worker
 from raytrain_at.runtime.ray_init import init_ray
-from raytrain_at.runtime.storage import default_home, explicit_root, filesystem
+from raytrain_at.runtime.storage import (default_home, explicit_root, filesystem,
+                                         require_shared_root)
 from raytrain_at.tracking.experiments import prepare_experiment
 from raytrain_at.tracking.runs import default_tracking_uri
 from raytrain_at.training.launch import failure_line, prepare_run, scaling_config
@@ -120,6 +121,14 @@ def _worker_checks(prepared, settings: PreflightSettings, report: PreflightRepor
                                      "GPU: use --address for a cluster, or --set "
                                      "scaling.use_gpu=false"))
         return
+    init_ray(settings.address)
+    try:
+        # As train's own check: rank 0's rows, written on a worker node's local disk, would
+        # not reach the driver ("the workers reported no figures").
+        require_shared_root("set" if prepared.shared_storage else None, "the preflight")
+    except UserError as exc:
+        report.checks.append(blocked("storage", str(exc)))
+        return
     try:
         rows = _run_workers(prepared, settings)
     except TrainingFailedError as exc:
@@ -150,9 +159,8 @@ def _worker_checks(prepared, settings: PreflightSettings, report: PreflightRepor
 
 
 def _run_workers(prepared, settings: PreflightSettings) -> list[dict[str, Any]] | None:
-    """The workers' rows, read from rank 0's report (None: it reported none)."""
+    """The workers' rows, read from rank 0's report (None: it reported none); Ray is up."""
     config = prepared.config
-    init_ray(settings.address)
     payload = {**prepared.worker_payload(), "steps": settings.steps, "warmup": settings.warmup,
                "loader_batches": settings.loader_batches}
     trainer = TorchTrainer(
