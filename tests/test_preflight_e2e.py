@@ -59,7 +59,7 @@ def _assert_passed(out, batch: int) -> None:
 
 def test_preflight_quickstart_passes_with_step_loader_and_cost(tmp_path: Path):
     out = run_cli(["preflight", "quickstart", "--storage-path", str(tmp_path / "runs")],
-                  env=_env(tmp_path), cwd=tmp_path)
+                  env=_env(tmp_path), cwd=tmp_path, timeout=600)
     _assert_passed(out, batch=32)
     assert "│ device     │ 2 x CPU" in out.stdout  # both of the recipe's workers
     _assert_no_leftovers(tmp_path)
@@ -92,7 +92,7 @@ def test_preflight_of_an_imagenet_shaped_recipe_passes(tmp_path: Path):
             "--set", "scaling.cpus_per_worker=1", "--set", "data.loader_workers=1",
             "--set", "schedule.global_batch_size=2",
             "--set", f"data.train={train}", "--set", f"data.heldout={heldout}"]
-    out = run_cli(args, env=_env(tmp_path), cwd=tmp_path)
+    out = run_cli(args, env=_env(tmp_path), cwd=tmp_path, timeout=600)
     _assert_passed(out, batch=2)
     # (the data row folds at spaces: one word each)
     assert "imagenet_train.beton" in out.stdout and "ImageNet-shaped" in out.stdout
@@ -107,7 +107,7 @@ def test_a_loader_of_one_worker_below_the_margin_is_a_one_line_blocker(tmp_path:
     args = ["preflight", "quickstart", "--storage-path", str(tmp_path / "runs"),
             "--set", "data.loader_workers=1", "--set", "scaling.num_workers=1",
             "--loader-margin", "1000000"]
-    out = run_cli(args, env=_env(tmp_path), cwd=tmp_path)
+    out = run_cli(args, env=_env(tmp_path), cwd=tmp_path, timeout=600)
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert out.returncode == 1, out.stderr[-3000:]
     assert len(errors) == 1, out.stderr[-3000:]
