@@ -135,7 +135,9 @@ def train(
                                            "may change, e.g. --allow-change schedule.epochs "
                                            "(KEY[,KEY]; repeatable)"),
     # Off by default for now: on the multi-node rehearsal it ran before train's own checks
-    # and failed where they give the one-line refusal (2026-12-07).
+    # and failed where they give the one-line refusal (2026-12-07). It now runs after them
+    # and refuses a multi-node run without a storage root itself; on by default with
+    # --address is still to be shown on the rehearsal (docs/preflight.md).
     preflight: bool = typer.Option(False, "--preflight/--no-preflight", help="run `raytrain-at "
                                    "preflight` first"),
 ) -> None:
@@ -153,11 +155,10 @@ def train(
     from raytrain_at.training.launch import launch, prepare_run, run_single_process
     from raytrain_at.training.resume_check import parse_allowed
 
-    if preflight and not single_process:
-        _run_preflight(load_config(recipe, overrides), address, storage_path, None)
-
     prepared = prepare_run(load_config(recipe, overrides), run_name=run_name,
                            storage_path=storage_path, allow_change=parse_allowed(allow_change))
+    if preflight and not single_process:  # after train's own checks: their refusals come first
+        _run_preflight(load_config(recipe, overrides), address, storage_path, None)
     if single_process:
         print(f"run {prepared.run_name}: {run_single_process(prepared)}")
         return
@@ -186,20 +187,24 @@ def preflight_command(
     storage_path: str = typer.Option(None, help="where Ray keeps checkpoints"),
     instance: str = typer.Option(None, help="instance type priced in the estimate "
                                  "[p4d.24xlarge for a GPU run, else local]"),
+    loader_margin: float = typer.Option(1.0, min=0.0, help="the loader must deliver this many "
+                                        "times the step's img/s (above 1: headroom)"),
 ) -> None:
     """Check a run on its own Ray workers before it spends money: device, all-reduce, storage,
     MLflow, data, weights, the real step and the loader's rate, wall time and cost."""
     from raytrain_at.config import load_config
 
-    _run_preflight(load_config(recipe, list(set_ or [])), address, storage_path, instance)
+    _run_preflight(load_config(recipe, list(set_ or [])), address, storage_path, instance,
+                   loader_margin=loader_margin)
 
 
 def _run_preflight(config, address: str | None, storage_path: str | None,
-                   instance: str | None) -> None:
+                   instance: str | None, *, loader_margin: float = 1.0) -> None:
     """The preflight; a blocker is one line on stderr and exit 1."""
     from raytrain_at.preflight.run import PreflightSettings, run_preflight
 
-    settings = PreflightSettings(address=address, storage_path=storage_path, instance=instance)
+    settings = PreflightSettings(address=address, storage_path=storage_path, instance=instance,
+                                 loader_margin=loader_margin)
     try:
         run_preflight(config, settings, make_console())
     except PreflightBlocked as exc:

@@ -40,10 +40,8 @@ class Estimate:
                 f"${self.spot_usd:,.2f} spot (prices of {self.prices_taken})")
 
 
-def estimate_run(*, samples: int, global_batch: int, epochs: int, step_s: float,
-                 instance: str, instances: int = 1) -> Estimate:
-    """Wall time = epochs x steps per epoch x the measured step (workers step together, so the
-    slowest worker's median is the step), cost = wall hours x instances x the hourly price.
+def check_instance(instance: str) -> None:
+    """Refuse an instance type the estimate cannot price.
 
     Raises:
         UserError: an instance type the price table does not list.
@@ -52,6 +50,18 @@ def estimate_run(*, samples: int, global_batch: int, epochs: int, step_s: float,
     if instance not in table:
         raise UserError(f"--instance {instance!r} is not in the price table "
                         f"({', '.join(sorted(table))}; raytrain_at/preflight/prices.yaml)")
+
+
+def estimate_run(*, samples: int, global_batch: int, epochs: int, step_s: float,
+                 instance: str, instances: int = 1) -> Estimate:
+    """Wall time = epochs x steps per epoch x the measured step (workers step together, so the
+    slowest worker's median is the step), cost = wall hours x instances x the hourly price.
+
+    Raises:
+        UserError: an instance type the price table does not list.
+    """
+    check_instance(instance)
+    table = price_table()["instances"]
     steps = max(1, samples // global_batch)  # the loader drops the last partial batch
     wall = epochs * steps * step_s
     hours = wall / 3600 * instances

@@ -12,6 +12,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from pyarrow.fs import FileType
+from ray.train import RunConfig as RayRunConfig
+from ray.train import TrainingFailedError
+from ray.train.torch import TorchConfig, TorchTrainer
 from rich.console import Console
 from rich.table import Table
 
@@ -20,15 +25,17 @@ from raytrain_at.data.ffcv_loaders import inspect_beton
 from raytrain_at.errors import UserError
 from raytrain_at.preflight.checks import Check, blocked, passed, raise_first_blocker
 from raytrain_at.preflight.driver import check_data, check_mlflow, check_storage, check_weights
-from raytrain_at.preflight.estimate import Estimate, estimate_run, instances_needed
+from raytrain_at.preflight.estimate import (Estimate, check_instance, estimate_run,
+                                            instances_needed)
 from raytrain_at.preflight.verdicts import (all_reduce_check, device_check, loader_check,
                                             step_check)
 from raytrain_at.preflight.worker import ROWS_FILE, preflight_worker
 from raytrain_at.runtime.ray_init import init_ray
-from raytrain_at.runtime.storage import default_home, explicit_root
+from raytrain_at.runtime.storage import (default_home, explicit_root, filesystem,
+                                         require_shared_root)
 from raytrain_at.tracking.experiments import prepare_experiment
 from raytrain_at.tracking.runs import default_tracking_uri
-from raytrain_at.training.launch import prepare_run, scaling_config
+from raytrain_at.training.launch import failure_line, prepare_run, scaling_config
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +54,8 @@ class PreflightSettings:
     steps: int = 3
     warmup: int = 1
     loader_batches: int = 8
+    # The loader must deliver at least this many times the step's images/s (1: as fast).
+    loader_margin: float = 1.0
 
 
 @dataclass
@@ -71,6 +80,8 @@ def run_preflight(config: RunConfig, settings: PreflightSettings, console: Conso
     Raises:
         UserError: the first blocker, as the line that says what to change.
     """
+    if settings.instance is not None:
+        check_instance(settings.instance)  # a typo is a usage error, before any check runs
     start = time.perf_counter()
     report = PreflightReport()
     root = explicit_root(settings.storage_path, config.tracking.storage_path) or str(
@@ -101,28 +112,40 @@ def _prepare(config: RunConfig, settings: PreflightSettings, report: PreflightRe
 
 
 def _worker_checks(prepared, settings: PreflightSettings, report: PreflightReport) -> None:
-    """One Ray Train run of ``preflight_worker`` on the job's own worker placement."""
-    from ray.train import RunConfig as RayRunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
+    """One Ray Train run of ``preflight_worker`` on the job's own worker placement; its run
+    folder is removed afterwards, whatever the outcome (the rows are read before)."""
     config = prepared.config
+    if config.scaling.use_gpu and not torch.cuda.is_available() and settings.address is None:
+        # The embedded Ray of a machine without a GPU would wait for one for ever.
+        report.checks.append(blocked("device", "scaling.use_gpu is true but this machine has no "
+                                     "GPU: use --address for a cluster, or --set "
+                                     "scaling.use_gpu=false"))
+        return
     init_ray(settings.address)
-    payload = {**prepared.worker_payload(), "steps": settings.steps, "warmup": settings.warmup,
-               "loader_batches": settings.loader_batches}
-    trainer = TorchTrainer(
-        preflight_worker, train_loop_config=payload, scaling_config=scaling_config(config),
-        torch_config=TorchConfig(backend="nccl" if config.scaling.use_gpu else "gloo"),
-        run_config=RayRunConfig(name=prepared.run_name, storage_path=prepared.storage_path))
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise UserError(f"preflight: the workers reported nothing (see {prepared.storage_path})")
-    with result.checkpoint.as_directory() as folder:
-        report.rows = json.loads((Path(folder) / ROWS_FILE).read_text())
+    try:
+        # As train's own check: rank 0's rows, written on a worker node's local disk, would
+        # not reach the driver ("the workers reported no figures").
+        require_shared_root("set" if prepared.shared_storage else None, "the preflight")
+    except UserError as exc:
+        report.checks.append(blocked("storage", str(exc)))
+        return
+    try:
+        rows = _run_workers(prepared, settings)
+    except TrainingFailedError as exc:
+        report.checks.append(blocked("workers", f"{worker_failure_line(exc)} (the workers' "
+                                     "output is in Ray's session logs)"))
+        return
+    finally:
+        remove_run_folder(prepared.storage_path, prepared.run_name)
+    if rows is None:
+        report.checks.append(blocked("workers", "the workers reported no figures"))
+        return
+    report.rows = rows
     report.checks.append(device_check(report.rows, config))
     if any("error" in r for r in report.rows):
         return
     report.checks += [all_reduce_check(report.rows), step_check(report.rows),
-                      loader_check(report.rows, config)]
+                      loader_check(report.rows, config, margin=settings.loader_margin)]
     step_s = max(r["step_s_median"] for r in report.rows)
     samples = min(inspect_beton(prepared.train_path).num_samples,
                   config.data.train_size or 10**12)
@@ -133,6 +156,48 @@ def _worker_checks(prepared, settings: PreflightSettings, report: PreflightRepor
                                    epochs=config.schedule.epochs, step_s=step_s,
                                    instance=instance, instances=instances)
     report.checks.append(passed("estimate", "ok", report.estimate.figure()))
+
+
+def _run_workers(prepared, settings: PreflightSettings) -> list[dict[str, Any]] | None:
+    """The workers' rows, read from rank 0's report (None: it reported none); Ray is up."""
+    config = prepared.config
+    payload = {**prepared.worker_payload(), "steps": settings.steps, "warmup": settings.warmup,
+               "loader_batches": settings.loader_batches}
+    trainer = TorchTrainer(
+        preflight_worker, train_loop_config=payload, scaling_config=scaling_config(config),
+        torch_config=TorchConfig(backend="nccl" if config.scaling.use_gpu else "gloo"),
+        run_config=RayRunConfig(name=prepared.run_name, storage_path=prepared.storage_path))
+    result = trainer.fit()
+    if result.checkpoint is None:
+        return None
+    with result.checkpoint.as_directory() as folder:
+        return json.loads((Path(folder) / ROWS_FILE).read_text())
+
+
+def worker_failure_line(error: BaseException) -> str:
+    """One line for a worker that raised: the lowest failed rank's own error (Ray's whole
+    message runs to many lines), else the first lines of Ray's."""
+    failures = getattr(error, "worker_failures", None) or {}
+    if failures:
+        rank = min(failures)
+        cause = failures[rank]
+        text = str(cause).strip().splitlines()
+        return f"worker {rank} failed: {type(cause).__name__}" + (f": {text[0][:200]}"
+                                                                   if text else "")
+    return failure_line(error)
+
+
+def remove_run_folder(storage_path: str, run_name: str) -> None:
+    """Delete the preflight's Ray run folder ``storage_path/run_name`` (local or s3://): it
+    holds only the rows' checkpoint, which the report has read. Best effort: a folder that
+    cannot be deleted is logged, not raised (the preflight's verdict stands)."""
+    fs, base = filesystem(storage_path)
+    folder = f"{base.rstrip('/')}/{run_name}"
+    try:
+        if fs.get_file_info(folder).type != FileType.NotFound:
+            fs.delete_dir(folder)
+    except OSError as exc:
+        log.warning("could not remove the preflight's run folder %s: %s", folder, exc)
 
 
 def report_table(report: PreflightReport, config: RunConfig) -> Table:

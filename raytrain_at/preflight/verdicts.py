@@ -48,18 +48,28 @@ def step_check(rows: list[dict[str, Any]]) -> Check:
                   f"{kind} {mib:.0f} MiB")
 
 
-def loader_check(rows: list[dict[str, Any]], config: RunConfig) -> Check:
-    """A worker whose loader delivers fewer images per second than its step takes is a
-    blocker: the GPU (or CPU) would wait on decoding for the whole run."""
+def loader_check(rows: list[dict[str, Any]], config: RunConfig, margin: float = 1.0) -> Check:
+    """A worker whose loader delivers fewer than ``margin`` x the images per second its step
+    takes is a blocker: the GPU (or CPU) would wait on decoding for the whole run.
+
+    Args:
+        rows: the workers' rows (``loader_images_per_s``, ``step_images_per_s``).
+        config: the run's config, for the settings the blocker names.
+        margin: how many times the step's rate the loader must reach (1: as fast; above 1
+            leaves room for what the preflight's loader pass does not share its CPUs with).
+    """
     for row in rows:
         loader, step = row["loader_images_per_s"], row["step_images_per_s"]
-        if loader < step:
+        if loader < margin * step:
+            than = ("slower than" if margin == 1 else
+                    f"below --loader-margin {margin:g} x")
             return blocked("loader", f"worker {row['rank']}'s loader gives {loader:.1f} img/s "
-                           f"with data.loader_workers={config.data.loader_workers}, slower "
-                           f"than its step's {step:.1f} img/s: raise data.loader_workers (and "
-                           f"scaling.cpus_per_worker={config.scaling.cpus_per_worker:g} with it)")
+                           f"with data.loader_workers={config.data.loader_workers}, {than} "
+                           f"its step's {step:.1f} img/s: raise data.loader_workers (and "
+                           f"scaling.cpus_per_worker={config.scaling.cpus_per_worker:g} with "
+                           "it)")
     slowest = min(rows, key=lambda r: r["loader_images_per_s"])
     return passed("loader", "ok", f"{slowest['loader_images_per_s']:.1f} img/s per worker "
-                  f"with {config.data.loader_workers} loader workers "
+                  f"with data.loader_workers={config.data.loader_workers} "
                   f"({slowest['loader_images_per_s'] / slowest['step_images_per_s']:.1f}x the "
                   "step)")

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from raytrain_at.bench.common import peak_memory, reset_peak_memory, synchronize, timed_calls
 from raytrain_at.bench.step import build_worker_step
 from raytrain_at.config import RunConfig
+from raytrain_at.preflight.gather import worker_rows
 from raytrain_at.training.loop import WorkerPlace
 from raytrain_at.training.single_rank import rank_environment
 
@@ -94,10 +95,9 @@ def loader_rate(loader, batches: int) -> dict[str, Any]:
 
 def measure_worker(config: RunConfig, place: WorkerPlace, train_path: str, *, steps: int,
                    warmup: int, loader_batches: int) -> dict[str, Any]:
-    """Every worker-side figure of one worker (its process group must exist)."""
-    row: dict[str, Any] = {"rank": place.rank, "node": socket.gethostname(),
-                           **device_facts(place.device, config.scaling.use_gpu),
-                           **all_reduce_bandwidth(place.device)}
+    """The measured figures of one worker beside its device row: all-reduce, loader, step
+    (its process group must exist; every rank calls it, or none)."""
+    row: dict[str, Any] = dict(all_reduce_bandwidth(place.device))
     reset_peak_memory(place.device)
     loop, variant = build_worker_step(config, place, train_path)
     row.update(loader_rate(loop.train_data, loader_batches))
@@ -111,9 +111,27 @@ def measure_worker(config: RunConfig, place: WorkerPlace, train_path: str, *, st
     return row
 
 
+def device_row(config: RunConfig, place: WorkerPlace) -> dict[str, Any]:
+    """This worker's device facts, with an ``error`` where it lacks the device the recipe asks
+    for (no collective here: a failing rank must still reach :func:`.gather.worker_rows`)."""
+    row: dict[str, Any] = {"rank": place.rank, "node": socket.gethostname(),
+                           "torch": torch.__version__, "cuda_build": torch.version.cuda}
+    try:
+        row.update(device_facts(place.device, config.scaling.use_gpu))
+    except Exception as exc:  # noqa: BLE001 - a broken driver raises whatever CUDA says
+        lines = str(exc).strip().splitlines()
+        row["error"] = f"the device check raised {type(exc).__name__}" + (
+            f": {lines[0][:160]}" if lines else "")
+        return row
+    if config.scaling.use_gpu and place.device.type != "cuda":
+        row["error"] = "no CUDA device on this worker"
+    return row
+
+
 def preflight_worker(payload: dict[str, Any]) -> None:
-    """Ray Train worker entry: measure this worker, gather every worker's row on each rank,
-    and report them (rank 0's report is the one the driver reads)."""
+    """Ray Train worker entry: check this worker's device, measure it where every worker has
+    its device, gather every worker's row on each rank, and report them (rank 0's report is
+    the one the driver reads)."""
     import ray.train
     import ray.train.torch
 
@@ -124,21 +142,18 @@ def preflight_worker(payload: dict[str, Any]) -> None:
                      keep_existing=True)
     os.environ.setdefault("MLFLOW_TRACKING_URI", payload["tracking_uri"])
     config = RunConfig.model_validate(payload["run"])
-    row: dict[str, Any]
-    if config.scaling.use_gpu and place.device.type != "cuda":
-        row = {"rank": place.rank, "node": socket.gethostname(),
-               **device_facts(place.device, True), "error": "no CUDA device on this worker"}
-    else:
-        row = measure_worker(config, place, payload["train_path"], steps=payload["steps"],
-                             warmup=payload["warmup"], loader_batches=payload["loader_batches"])
-    rows: list[Any] = [None] * place.world_size
-    dist.all_gather_object(rows, row)
+    rows = worker_rows(
+        device_row(config, place), place.world_size,
+        lambda: measure_worker(config, place, payload["train_path"], steps=payload["steps"],
+                               warmup=payload["warmup"],
+                               loader_batches=payload["loader_batches"]))
     # Ray Train V2 keeps a report's metrics only with a checkpoint: rank 0 writes the rows as
-    # one (the driver reads it from the result), the others report none.
+    # one (the driver reads it from the result), the others report none. The report copies
+    # the folder to the run's storage before it returns, so the local one can go.
     if place.rank == 0:
-        folder = Path(tempfile.mkdtemp(prefix="preflight-rows-"))
-        (folder / ROWS_FILE).write_text(json.dumps(rows))
-        ray.train.report({"workers": len(rows)},
-                         checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
+        with tempfile.TemporaryDirectory(prefix="preflight-rows-") as folder:
+            (Path(folder) / ROWS_FILE).write_text(json.dumps(rows))
+            ray.train.report({"workers": len(rows)},
+                             checkpoint=ray.train.Checkpoint.from_directory(folder))
     else:
         ray.train.report({"workers": len(rows)})
