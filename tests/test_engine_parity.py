@@ -14,18 +14,15 @@ One spawn runs all three stages one after the other (DeepSpeed's import and firs
 
 from __future__ import annotations
 
-import os
-import time
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
-from torch.multiprocessing.spawn import ProcessException
 
-from raytrain_at.runtime.ports import free_local_port
+from tests.support.gloo_ranks import rank_environment, spawn_ranks
+
 
 # The runs these tests compare take about 50 s on 2 cores: CI's end-to-end stage
 # (.ci/run) runs these tests, `make test` leaves them out (issue 32's budget).
@@ -68,9 +65,7 @@ def _params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
     """One rank: every stage in turn; writes ``rank{r}.pt`` (or ``rank{r}.err``)."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)  # two ranks on two cores
+    rank_environment(rank, WORLD_SIZE, port)
     try:
         import deepspeed
 
@@ -129,18 +124,7 @@ def _reference() -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("ds-parity")
-    ctx = mp.spawn(_worker, args=(free_local_port(), str(out)), nprocs=WORLD_SIZE, join=False)
-    deadline = time.monotonic() + 300
-    try:
-        # join() returns False whenever one rank ends while another still runs.
-        while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
-            if time.monotonic() > deadline:
-                for process in ctx.processes:
-                    process.kill()
-                pytest.fail("the DeepSpeed ranks did not finish in 300 s")
-    except ProcessException as exc:  # a rank failed: show its traceback
-        errors = "\n".join(p.read_text() for p in sorted(out.glob("*.err")))
-        pytest.fail(f"DeepSpeed ranks failed: {exc}\n{errors}")
+    spawn_ranks(_worker, out, WORLD_SIZE)
     ranks = [torch.load(out / f"rank{r}.pt") for r in range(WORLD_SIZE)]
     with torch.random.fork_rng():
         initial = _params(_model())

@@ -23,19 +23,16 @@ tests read its results. The fast suite keeps the config checks at the end.
 from __future__ import annotations
 
 import json
-import os
-import time
 import traceback
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
-from torch.multiprocessing.spawn import ProcessException
 
-from raytrain_at.runtime.ports import free_local_port
+from tests.support.gloo_ranks import rank_environment, spawn_ranks
+
 
 STAGES = (1, 2)
 WORLD_SIZE = 2
@@ -237,9 +234,7 @@ def _restore_checks(rank: int, engine, optimizer, out_dir: str) -> dict[str, Any
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
     """One rank; writes ``rank{r}.json`` (or ``rank{r}.err``)."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)  # two ranks on two cores
+    rank_environment(rank, WORLD_SIZE, port)
     try:
         import deepspeed
 
@@ -258,18 +253,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict[str, Any]]:
     out = tmp_path_factory.mktemp("grad-accum")
-    ctx = mp.spawn(_worker, args=(free_local_port(), str(out)), nprocs=WORLD_SIZE, join=False)
-    deadline = time.monotonic() + 300
-    try:
-        # join() returns False whenever one rank ends while another still runs.
-        while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
-            if time.monotonic() > deadline:
-                for process in ctx.processes:
-                    process.kill()
-                pytest.fail("the DeepSpeed ranks did not finish in 300 s")
-    except ProcessException as exc:  # a rank failed: show its traceback
-        errors = "\n".join(p.read_text() for p in sorted(out.glob("*.err")))
-        pytest.fail(f"DeepSpeed ranks failed: {exc}\n{errors}")
+    spawn_ranks(_worker, out, WORLD_SIZE)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD_SIZE)]
 
 
