@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.support.gloo_ranks import rank_environment, spawn_ranks
+from tests.support.gloo_ranks import rank_environment, spawn_ranks, tiny_convnext_cvst
 
 
 # The runs these tests compare take about 50 s on 2 cores: CI's end-to-end stage
@@ -34,14 +34,6 @@ GLOBAL_BATCH = 16
 STEPS = 3
 STEPS_PER_EPOCH = 2  # warm-up over 2 steps (quickstart: 1 epoch): LRs 1e-3, 2e-3, 2e-3
 TOLERANCE = 1e-5
-
-
-def _model() -> torch.nn.Module:
-    from raytrain_at.models import create_robust_model
-
-    torch.manual_seed(0)
-    return create_robust_model("convnext_tiny_cvst", num_classes=10, depths=(1, 1, 1, 1),
-                               dims=(16, 32, 64, 128))
 
 
 def _config(stage: int):
@@ -78,7 +70,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         for stage in STAGES:
             config = _config(stage)
             assert config.per_worker_batch_size == per_rank
-            engine, optimizer, _ = build_engine(_model(), config, STEPS_PER_EPOCH,
+            engine, optimizer, _ = build_engine(tiny_convnext_cvst(), config, STEPS_PER_EPOCH,
                                                 torch.device("cpu"))
             losses, lrs = [], []
             for x, y in _batches():
@@ -105,7 +97,7 @@ def _reference() -> dict:
     results = {}
     for stage in STAGES:
         config = _config(stage)
-        model = _model()
+        model = tiny_convnext_cvst()
         optimizer = build_optimizer(model, config)
         scheduler = build_scheduler(optimizer, config, STEPS_PER_EPOCH)
         losses, lrs = [], []
@@ -127,7 +119,7 @@ def runs(tmp_path_factory) -> dict:
     spawn_ranks(_worker, out, WORLD_SIZE)
     ranks = [torch.load(out / f"rank{r}.pt") for r in range(WORLD_SIZE)]
     with torch.random.fork_rng():
-        initial = _params(_model())
+        initial = _params(tiny_convnext_cvst())
         reference = _reference()
     return {"ranks": ranks, "reference": reference, "initial": initial}
 

@@ -31,7 +31,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.support.gloo_ranks import rank_environment, spawn_ranks
+from tests.support.gloo_ranks import rank_environment, spawn_ranks, tiny_convnext_cvst
 
 
 STAGES = (1, 2)
@@ -42,14 +42,6 @@ STEPS_PER_EPOCH = 4
 FP32_TOLERANCE = 1e-6
 BF16_GAP = 1e-4
 EMA_DECAY = 0.5
-
-
-def _model() -> torch.nn.Module:
-    from raytrain_at.models import create_robust_model
-
-    torch.manual_seed(0)
-    return create_robust_model("convnext_tiny_cvst", num_classes=10, depths=(1, 1, 1, 1),
-                               dims=(16, 32, 64, 128))
 
 
 def _config(stage: int):
@@ -112,7 +104,7 @@ def _gradient_check(rank: int, stage: int) -> tuple[dict[str, Any], Any, Any]:
     config = _config(stage)
     per_rank = GLOBAL_BATCH // WORLD_SIZE
     parts = [slice(r * per_rank, (r + 1) * per_rank) for r in range(WORLD_SIZE)]
-    model = _model()
+    model = tiny_convnext_cvst()
     grads = _micro_batch_gradients(model, parts)
     names = {id(p): n for n, p in model.named_parameters()}
     # The groups build_engine hands DeepSpeed, in its order, by parameter name.
@@ -202,8 +194,8 @@ def _restore_checks(rank: int, engine, optimizer, out_dir: str) -> dict[str, Any
     current_config = engine_module.deepspeed_config
     engine_module.deepspeed_config = _previous(current_config)
     try:
-        old, old_optimizer, _ = engine_module.build_engine(_model(), config, STEPS_PER_EPOCH,
-                                                           torch.device("cpu"))
+        old, old_optimizer, _ = engine_module.build_engine(
+            tiny_convnext_cvst(), config, STEPS_PER_EPOCH, torch.device("cpu"))
     finally:
         engine_module.deepspeed_config = current_config
     old.backward(_loss(old, x[part], y[part]))
@@ -215,7 +207,7 @@ def _restore_checks(rank: int, engine, optimizer, out_dir: str) -> dict[str, Any
     result: dict[str, Any] = {"previous_optimizer": type(old_optimizer).__name__}
     for name, directory in written.items():
         fresh, fresh_optimizer, _ = engine_module.build_engine(
-            _model(), config, STEPS_PER_EPOCH, torch.device("cpu"))
+            tiny_convnext_cvst(), config, STEPS_PER_EPOCH, torch.device("cpu"))
         result[f"{name}_fresh_differs"] = _differing(saved[name], _state(fresh, fresh_optimizer))
         path, _ = fresh.load_checkpoint(directory, tag="t", load_optimizer_states=True,
                                         load_lr_scheduler_states=True)

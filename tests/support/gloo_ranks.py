@@ -43,3 +43,13 @@ def spawn_ranks(worker: Callable[[int, int, str], None], out: Path, world_size: 
     except ProcessException as exc:  # a rank failed: show its traceback
         errors = "\n".join(p.read_text() for p in sorted(out.glob("*.err")))
         pytest.fail(f"ranks failed: {exc}\n{errors}")
+
+
+def tiny_convnext_cvst() -> torch.nn.Module:
+    """ConvNeXt-T + ConvStem at one block per stage and narrow widths, seeded: the model the
+    DeepSpeed rank tests train (the real architecture, small enough for two CPU ranks)."""
+    from raytrain_at.models import create_robust_model
+
+    torch.manual_seed(0)
+    return create_robust_model("convnext_tiny_cvst", num_classes=10, depths=(1, 1, 1, 1),
+                               dims=(16, 32, 64, 128))
