@@ -41,6 +41,15 @@ def test_multi_node_run_without_a_root_stops_naming_the_setting():
     require_shared_root("s3://bucket/x", "evaluation", nodes=3)
 
 
+def test_a_local_root_that_cannot_be_made_is_one_line(tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(UserError, match="a-file is not a folder") as info:
+        check_root(str(tmp_path / "a-file" / "runs" / "deeper"))
+    assert "\n" not in str(info.value)
+    check_root(str(tmp_path / "new" / "runs"))  # creatable: fine, and nothing is made yet
+    assert not (tmp_path / "new").exists()
+
+
 @pytest.fixture(scope="module")
 def store():
     with object_store(bucket="rehearsal-bucket") as endpoint:

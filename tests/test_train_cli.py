@@ -52,6 +52,26 @@ def test_unreadable_checkpoint_stops_before_workers(tmp_path) -> None:
     assert not (tmp_path / "home" / "runs").exists()
 
 
+def test_unwritable_storage_root_stops_before_workers(tmp_path) -> None:
+    (tmp_path / "a-file").write_text("x")  # a folder under a file cannot be made, even by root
+    result = _train(tmp_path, "quickstart", "--storage-path", str(tmp_path / "a-file" / "runs"))
+    assert result.returncode == 2, result.stderr[-500:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "a-file/runs cannot be created" in lines[0], lines
+    assert "Traceback" not in result.stderr
+    assert (tmp_path / "a-file").read_text() == "x"
+
+
+def test_preflight_runs_by_default_on_a_cluster_only() -> None:
+    from raytrain_at.cli import preflight_wanted
+
+    assert preflight_wanted(None, address="auto", single_process=False)
+    assert not preflight_wanted(None, address=None, single_process=False)
+    assert not preflight_wanted(False, address="auto", single_process=False)
+    assert preflight_wanted(True, address=None, single_process=False)
+    assert not preflight_wanted(True, address="auto", single_process=True)
+
+
 def test_cloud_storage_path_stays_a_uri(tmp_path, monkeypatch) -> None:
     """`--storage-path s3://...` (the cluster's checkpoints) is handed to Ray as a URI; the
     bundled data goes to the local home. The bucket must exist (an S3 store on 127.0.0.1)."""

@@ -113,8 +113,11 @@ def _s3(endpoint: str | None, region: str | None):
 
 
 def check_root(root: str) -> None:
-    """One-line errors for an object store that does not answer or a bucket that is missing
-    (local folders are created on first use and need no check)."""
+    """One-line errors for an object store that does not answer, a bucket that is missing, or a
+    local folder that cannot be created (checked without creating it: nothing is written yet)."""
+    if "://" not in root:
+        _check_local_root(root)
+        return
     if not root.startswith("s3://"):
         return
     import pyarrow.fs as pafs
@@ -130,6 +133,16 @@ def check_root(root: str) -> None:
                         f"({reason})") from None
     if info.type == pafs.FileType.NotFound:
         raise UserError(f"storage root {root}: bucket {bucket!r} does not exist at {endpoint}")
+
+
+def _check_local_root(root: str) -> None:
+    """The nearest existing folder above ``root`` must be a writable folder."""
+    path = Path(root).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not a folder" if not existing.is_dir() else "is not writable"
+        raise UserError(f"storage root {root} cannot be created ({existing} {what}): set "
+                        "--storage-path or tracking.storage_path to a writable folder")
 
 
 # Conditional writes: what a lease needs (create only when absent; replace only what was read).
