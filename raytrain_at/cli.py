@@ -134,12 +134,12 @@ def train(
     allow_change: list[str] = typer.Option(None, "--allow-change", help="config keys a resume "
                                            "may change, e.g. --allow-change schedule.epochs "
                                            "(KEY[,KEY]; repeatable)"),
-    # Off by default for now: on the multi-node rehearsal it ran before train's own checks
-    # and failed where they give the one-line refusal (2026-12-07). It now runs after them
-    # and refuses a multi-node run without a storage root itself; on by default with
-    # --address is still to be shown on the rehearsal (docs/preflight.md).
-    preflight: bool = typer.Option(False, "--preflight/--no-preflight", help="run `raytrain-at "
-                                   "preflight` first"),
+    # On a cluster (--address) by default: there a wrong device, a starved loader or an
+    # unwritable storage root costs GPU-hours; on one machine the preflight's own Ray Train
+    # start would add minutes to a run of minutes, so there it is asked for.
+    preflight: bool = typer.Option(None, "--preflight/--no-preflight", show_default=False,
+                                   help="run `raytrain-at preflight` first [default: on with "
+                                   "--address, else off]"),
 ) -> None:
     """Adversarially train a model with Ray Train + DeepSpeed, tracked in MLflow."""
     from raytrain_at.config import load_config
@@ -157,7 +157,8 @@ def train(
 
     prepared = prepare_run(load_config(recipe, overrides), run_name=run_name,
                            storage_path=storage_path, allow_change=parse_allowed(allow_change))
-    if preflight and not single_process:  # after train's own checks: their refusals come first
+    # After train's own checks: their refusals come first.
+    if preflight_wanted(preflight, address=address, single_process=single_process):
         _run_preflight(load_config(recipe, overrides), address, storage_path, None)
     if single_process:
         print(f"run {prepared.run_name}: {run_single_process(prepared)}")
@@ -177,6 +178,14 @@ def train(
         print(f"latest checkpoint: {path}")
     _print_model_reference(prepared)
     print(f"full log: {run_folder(prepared) / 'console.log'}")
+
+
+def preflight_wanted(flag: bool | None, *, address: str | None, single_process: bool) -> bool:
+    """Whether ``train`` runs the preflight: as asked, else on a cluster (``--address``) only;
+    never for a single-process run (it has no Ray workers to check)."""
+    if single_process:
+        return False
+    return flag if flag is not None else address is not None
 
 
 @app.command("preflight")

@@ -329,11 +329,32 @@ say "   refused (exit $rc): $(grep -h "RAYTRAIN_AT_STORAGE" "$WORK/logs/no-root.
 fi
 
 # ---------------------------------------------------------------- 1. clean pre-training
-say "1. clean pre-training on both nodes"
+say "1. clean pre-training on both nodes, after the preflight (on by default with --address)"
 on_head raytrain-at train quickstart --address "$ADDRESS" --run-name clean \
     --set objective.kind=clean --set attack.kind=none --set tracking.experiment=rehearsal \
     --set schedule.epochs=1 "${TRAIN_FAST[@]}" > "$WORK/logs/clean.log" 2>&1 \
     || { tail -n 40 "$WORK/logs/clean.log" >&2; fail "clean pre-training"; }
+# The preflight's table came first, with no blocker and the worker figures of both nodes'
+# workers, and its MLflow run is on the server.
+grep -q "^ *preflight quickstart: .*2 worker(s)" "$WORK/logs/clean.log" \
+    && ! grep -q "BLOCKER" "$WORK/logs/clean.log" \
+    && grep -Eq "│ device +│ 2 x CPU" "$WORK/logs/clean.log" \
+    && grep -Eq "│ step +│ ok" "$WORK/logs/clean.log" \
+    && grep -Eq "│ loader +│ ok" "$WORK/logs/clean.log" \
+    && grep -Eq "│ estimate +│ ok" "$WORK/logs/clean.log" \
+    || { cat "$WORK/logs/clean.log" >&2; fail "train --address ran no passing preflight first"; }
+on_head "$PY" - <<'EOF' || fail "the preflight's MLflow run is missing"
+import os, sys
+from mlflow.tracking import MlflowClient
+client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+experiment = client.get_experiment_by_name("preflight")
+runs = client.search_runs([experiment.experiment_id]) if experiment else []
+print(f"[rehearsal]    preflight: {len(runs)} MLflow run(s), step "
+      f"{runs[0].data.metrics.get('step_images_per_s', 0):.1f} img/s per worker" if runs
+      else "[rehearsal]    preflight: no MLflow run")
+sys.exit(0 if runs else 1)
+EOF
+say "   $(grep -h "^ *preflight quickstart" "$WORK/logs/clean.log" | head -n 1 | xargs)"
 CLEAN_REF=$(on_head "$PY" - <<'EOF'
 from raytrain_at.tracking.runs import find_run_id
 import os
@@ -345,7 +366,8 @@ say "   clean model: $CLEAN_REF"
 # ---------------------------------------------------------------- 2. adversarial training
 say "2. adversarial training from $CLEAN_REF; rank 1 killed mid-epoch 2"
 rm -f "$WORK/pids"/*.pid
-on_head raytrain-at train quickstart --address "$ADDRESS" --run-name adversarial \
+# --no-preflight: the preflight ran before step 1 on the same nodes.
+on_head raytrain-at train quickstart --address "$ADDRESS" --run-name adversarial --no-preflight \
     --set model.init="$CLEAN_REF" --set tracking.experiment=rehearsal \
     --set schedule.epochs=2 --set scaling.max_failures_per_hour=1 "${TRAIN_FAST[@]}" \
     > "$WORK/logs/adversarial.log" 2>&1 &
