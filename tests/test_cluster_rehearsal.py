@@ -3,7 +3,7 @@ each in a mount namespace of its own where its disk (HOME, TMPDIR, Ray temp fold
 datasets) has the same path as the other nodes' and other content, an S3 store (moto) and the MLflow
 server as on the cluster (basic-auth app, an unauthenticated write refused with 401, the account
 handed to every node through the environment; a private PostgreSQL store, dumped to the bucket at
-the end), through which clean pre-training, the adversarial run from its reference with a killed
+the end), through which the preflight (on by default with --address) and clean pre-training, the adversarial run from its reference with a killed
 worker, the sharded evaluation with a killed driver and a lost node (equal to a single-process
 one when resumed), registration and a client loading the champion all pass. A probe first checks
 that a file the head writes under its HOME is not seen by the worker nodes' Ray tasks. The
@@ -42,7 +42,7 @@ def test_rehearsal_end_to_end_stops_every_process() -> None:
     assert result.returncode == 0, output
     lines = result.stdout
     for expected in ("the head's written-by-the-head seen by the worker nodes' tasks: "
-                     "[False, False]", "refused (exit", "clean model: runs:/",
+                     "[False, False]", "refused (exit", "preflight: 1 MLflow run(s), step ", "clean model: runs:/",
                      "killed rank 1's worker process",
                      "completed 2 epochs after the kill", "killed the evaluation driver",
                      "node2 lost: its shard retried on node1", "champion predicts 200 digits",
