@@ -11,11 +11,11 @@ and raises :class:`UserError` naming it, before any decoding starts.
 
 Every batch is awaited at most ``timeout_s`` (:mod:`raytrain_at.data.watchdog`).
 
-On CUDA every loader is a :class:`DeviceLoader`: FFCV 1.0.2 runs each epoch in a thread of its
-own (``EpochIterator``), and a new thread's current CUDA device is 0 whatever the rank's is, so on
-an 8-GPU node every rank would open a context (about 500 MB) on GPU 0 and FFCV's streams and
-events would sit on the wrong device. The loader builds its epoch thread on its own device and
-the thread selects that device before it decodes anything.
+Every loader comes from :func:`device_loader`: FFCV 1.0.2 runs each epoch in a thread of its own
+(``EpochIterator``), and a new thread's current CUDA device is 0 whatever the rank's is, so on an
+8-GPU node every rank would open a context (a few hundred MB) on GPU 0 and FFCV's streams could
+sit on the wrong device. A CUDA loader builds its epoch thread under its own device and the thread
+selects that device before it decodes anything; a CPU loader selects no device at all.
 """
 
 from __future__ import annotations
