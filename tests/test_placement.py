@@ -99,6 +99,9 @@ def test_scaling_config_reads_the_clusters_bootstrap_file(tmp_path, monkeypatch,
             "scaling.placement=strict_pack"]))
 
 
+# Slow: starting Ray takes 8-16 s here. auto keeps PACK for CPU runs, so the quickstart itself
+# never asks for STRICT_PACK; this is the forced case.
+@pytest.mark.slow
 def test_quickstart_workers_schedule_strictly_packed_on_local_ray() -> None:
     """The quickstart's two 1-CPU workers, STRICT_PACK, on a 2-CPU local Ray: Ray places the
     group (what Ray Train's worker group waits for) within seconds."""
