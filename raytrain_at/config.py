@@ -184,6 +184,9 @@ class ScalingSection(StrictModel):
     num_workers: int = Field(default=2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0.0)
+    # Ray's placement of the workers (training.placement): auto = STRICT_PACK when a GPU job
+    # fits one node of the cluster (its collectives stay on that node's NVLink), else PACK.
+    placement: Literal["auto", "pack", "strict_pack", "spread"] = "auto"
     # Worker-group failures Ray Train recovers from (from the latest good checkpoint) in any
     # sliding hour; None: no limit (spot capacity, where reclaims are routine). A failure that
     # retrying cannot fix (a non-finite loss, a bad input) stops the run whatever the budget.

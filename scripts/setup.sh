@@ -2,12 +2,25 @@
 # One-time, idempotent set-up of a fresh Debian machine: the system packages FFCV compiles
 # against, a virtual environment in .venv, and the project with its pinned stack.
 # A second run finds the stamp file and does nothing.
+#
+# RAYTRAIN_AT_GPU_STACK (cluster nodes only: cluster.yaml's setup_commands set it) names a file
+# that pins torch to a CUDA build the node image's driver runs (scripts/cluster/gpu_stack.env):
+# the driver is checked first, then that torch comes from PyTorch's CUDA wheel index and stays
+# through the project's install. Unset (a laptop, CI, the local twin), torch comes from the
+# machine's own registry as before.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 STAMP="$VENV/.raytrain-at-installed"
-if [[ -f "$STAMP" && "$STAMP" -nt pyproject.toml ]]; then
+GPU_STACK=${RAYTRAIN_AT_GPU_STACK:-}
+if [[ -f "$STAMP" && "$STAMP" -nt pyproject.toml
+      && ( -z "$GPU_STACK" || "$STAMP" -nt "$GPU_STACK" ) ]]; then
     exit 0
+fi
+if [[ -n "$GPU_STACK" ]]; then
+    bash scripts/cluster/check_driver.sh "$GPU_STACK"
+    # shellcheck source=cluster/gpu_stack.env
+    source "$GPU_STACK"
 fi
 
 # FFCV builds from source against OpenCV and libjpeg-turbo, found through pkg-config; torch.compile
@@ -63,10 +76,22 @@ else
 fi
 
 "${install[@]}" --upgrade pip "setuptools<81" wheel  # the project pins setuptools<81
+# The GPU stack's torch first, from PyTorch's CUDA index (cluster nodes only).
+pins=()
+if [[ -n "$GPU_STACK" ]]; then
+    torch_pins=("torch==$RAYTRAIN_AT_TORCH_VERSION" "torchvision==$RAYTRAIN_AT_TORCHVISION_VERSION")
+    echo "[setup] ${torch_pins[*]} from $RAYTRAIN_AT_TORCH_INDEX"
+    "${install[@]}" --index-url "$RAYTRAIN_AT_TORCH_INDEX" "${torch_pins[@]}"
+    # The installs below resolve against the default index (FFCV pulls torch in through
+    # pytorch-pfn-extras): the constraint keeps the CUDA build just installed (torch==2.14.1
+    # matches 2.14.1+cu130).
+    printf '%s\n' "${torch_pins[@]}" > "$VENV/gpu-stack-constraints.txt"
+    pins=(--constraint "$VENV/gpu-stack-constraints.txt")
+fi
 # FFCV's setup.py imports numpy and needs pkg-config at build time: build it without isolation
 # after numpy is in the environment.
-"${install[@]}" numpy pillow
-"${install[@]}" --no-build-isolation "ffcv==1.0.2"
-"${install[@]}" -e ".[dev]"
+"${install[@]}" "${pins[@]}" numpy pillow
+"${install[@]}" "${pins[@]}" --no-build-isolation "ffcv==1.0.2"
+"${install[@]}" "${pins[@]}" -e ".[dev]"
 touch "$STAMP"
 echo "[setup] environment ready in $VENV"

@@ -456,3 +456,85 @@ def test_mlflow_script_refuses_to_bind_everywhere(node) -> None:
                MLFLOW_HOME=str(node["tmp"] / "mlflow"))
     result = _run(["bash ~/raytrain-at/scripts/cluster/start_mlflow.sh"], env)
     assert result.returncode == 2 and "refusing to bind" in result.stderr
+
+
+# ------------------------------------------------------------------ NCCL and EFA on GPU nodes
+def _gpu_probes(node, gpu: bool, efa: bool) -> dict:
+    """The node's env with stand-ins for nvidia-smi, EFA's fi_info and the image's aws-ofi-nccl."""
+    tmp = node["tmp"]
+    probes = tmp / "probes"
+    (probes / "ofi-nccl" / "lib").mkdir(parents=True, exist_ok=True)
+    (probes / "ofi-nccl" / "lib" / "libnccl-net-ofi.so").write_text("")
+    smi, fi_info = probes / "nvidia-smi", probes / "fi_info"
+    smi.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA A100-SXM4-40GB'\n" if gpu else
+                   "#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2; exit 9\n")
+    fi_info.write_text('#!/bin/sh\n[ "$1 $2 $3 $4" = "-p efa -t FI_EP_RDM" ] && echo "provider: '
+                       'efa"\n' if efa else "#!/bin/sh\necho 'fi_getinfo: -61 (No data)'; exit 1\n")
+    for probe in (smi, fi_info):
+        probe.chmod(0o755)
+    return dict(node["env"], RAYTRAIN_AT_NVIDIA_SMI=str(smi), RAYTRAIN_AT_FI_INFO=str(fi_info),
+                RAYTRAIN_AT_OFI_NCCL=str(probes / "ofi-nccl"), RAYTRAIN_AT_EFA_LIB="/efa-lib")
+
+
+NCCL_NAMES = ("NCCL_DEBUG", "NCCL_SOCKET_IFNAME", "FI_PROVIDER", "FI_EFA_USE_DEVICE_RDMA",
+              "NCCL_NET_PLUGIN", "LD_LIBRARY_PATH")
+
+
+def _node_settings(env: dict, command: str) -> dict[str, str]:
+    """Run one node_env.sh command, then what a `ray start` after it (a bash that sources the env
+    file) sees of the NCCL/EFA variables."""
+    result = _run([command], env)
+    assert result.returncode == 0, result.stderr
+    printed = _run(["source ~/.raytrain-at.env; source ~/.raytrain-at.env; "
+                    + "; ".join(f'echo "{n}=${{{n}:-}}"' for n in NCCL_NAMES)], env)
+    return {k: v for k, v in (line.split("=", 1) for line in printed.stdout.splitlines()) if v}
+
+
+def test_gpu_nodes_get_nccl_settings_and_efa_nodes_the_efa_ones(prepared, node) -> None:
+    command = _first_setup_command(prepared, "my-bucket")
+    efa = _node_settings(_gpu_probes(node, gpu=True, efa=True), command)
+    ofi = f"{node['tmp']}/probes/ofi-nccl/lib"
+    assert efa == {"NCCL_DEBUG": "WARN", "NCCL_SOCKET_IFNAME": "^lo,docker", "FI_PROVIDER": "efa",
+                   "FI_EFA_USE_DEVICE_RDMA": "1", "NCCL_NET_PLUGIN": "ofi",
+                   "LD_LIBRARY_PATH": f"{ofi}:/efa-lib"}  # sourced twice, listed once
+    # A GPU node launched without EFA interfaces (cluster.yaml's default): NCCL's, no EFA.
+    plain = _node_settings(_gpu_probes(node, gpu=True, efa=False), command)
+    assert plain == {"NCCL_DEBUG": "WARN", "NCCL_SOCKET_IFNAME": "^lo,docker"}
+    # The head (CPU, nvidia-smi fails or is absent): none, even where EFA would answer.
+    assert _node_settings(_gpu_probes(node, gpu=False, efa=True), command) == {}
+
+
+def test_local_twin_gets_no_nccl_or_efa_settings(node) -> None:
+    twin = yaml.safe_load((ROOT / "cluster_local.yaml").read_text())
+    env = dict(node["env"], RAYTRAIN_AT_NVIDIA_SMI=str(node["tmp"] / "no-nvidia-smi"))
+    assert _node_settings(env, twin["setup_commands"][0]) == {}
+
+
+def _efa_block() -> dict:
+    """The EFA node_config block docs/cluster.md tells users to add, as YAML."""
+    docs = (ROOT / "docs" / "cluster.md").read_text()
+    section = docs[docs.index("### Jobs larger than one node: EFA"):]
+    block = section[section.index("```yaml\n") + 8:]
+    return yaml.safe_load(block[:block.index("```")])
+
+
+def test_documented_efa_interfaces_pass_rays_checks(prepared) -> None:
+    """Ray's schema accepts the documented EFA block on a p4d type, and the AWS launcher's own
+    step turns its interfaces into the subnets and groups it launches with."""
+    from ray.autoscaler._private.aws.config import (
+        _configure_subnets_and_groups_from_network_interfaces)
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    block = _efa_block()
+    interfaces = block["NetworkInterfaces"]
+    assert [i["NetworkCardIndex"] for i in interfaces] == [0, 1, 2, 3]  # p4d: 4 EFA cards
+    assert {i["InterfaceType"] for i in interfaces} == {"efa"}
+    assert [i["DeviceIndex"] for i in interfaces] == [0, 1, 1, 1]
+    raw = _raw()
+    node_type = raw["available_node_types"]["gpu.a100.ondemand"]
+    assert node_type["node_config"]["InstanceType"] == "p4d.24xlarge"
+    node_type["node_config"].update(block)
+    validate_config(prepare_config(raw))
+    launched = _configure_subnets_and_groups_from_network_interfaces(node_type["node_config"])
+    assert launched["SubnetIds"] == ["subnet-EDIT"] * 4
+    assert block["Placement"]["GroupName"] == "raytrain-at"

@@ -99,3 +99,76 @@ def test_bad_loader_settings(indexed_beton, kwargs, fragment) -> None:
 def test_missing_file(tmp_path) -> None:
     with pytest.raises(UserError, match="nothing.beton' does not exist"):
         train_loader(tmp_path / "nothing.beton", batch_size=4)
+
+
+# ------------------------------------------------------------------ the epoch thread's device
+def _record_cuda_selection(monkeypatch) -> list[tuple[str, int, str]]:
+    """Record torch.cuda.set_device / torch.cuda.device calls with the thread that made them,
+    instead of making them (test only: this machine may have no GPU, and cuda:3 is a fake)."""
+    import contextlib
+    import threading
+
+    calls: list[tuple[str, int, str]] = []
+
+    def set_device(index) -> None:
+        calls.append(("set_device", int(index), threading.current_thread().name))
+
+    @contextlib.contextmanager
+    def device(index):
+        calls.append(("device", int(index), threading.current_thread().name))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setattr(torch.cuda, "device", device)
+    return calls
+
+
+def _cpu_pipelines() -> dict:
+    from ffcv.fields.decoders import IntDecoder
+    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+    from ffcv.transforms import ToTensor
+
+    return {"image": [RandomResizedCropRGBImageDecoder((16, 16)), ToTensor()],
+            "label": [IntDecoder(), ToTensor()]}
+
+
+def test_epoch_thread_selects_the_loaders_cuda_device(indexed_beton, monkeypatch) -> None:
+    """FFCV's epoch thread starts on CUDA device 0: the loader's thread selects its own device
+    (cuda:3 here) before it decodes, and builds its streams under that device."""
+    import threading
+
+    from ffcv.loader.epoch_iterator import EpochIterator
+
+    from raytrain_at.data.ffcv_loaders import device_loader
+
+    calls = _record_cuda_selection(monkeypatch)
+    loader = device_loader(str(indexed_beton), device=torch.device("cuda", 3), batch_size=40,
+                           num_workers=1, pipelines=_cpu_pipelines())
+    for epoch in range(2):
+        epoch_iterator = iter(loader)
+        assert isinstance(epoch_iterator, EpochIterator)
+        labels = [int(i) for _, batch in epoch_iterator for i in batch.view(-1)]
+        assert sorted(labels) == list(range(N))
+        epoch_iterator.join(timeout=10)
+        main = threading.current_thread().name
+        assert calls == [("device", 3, main), ("set_device", 3, epoch_iterator.name)], calls
+        assert epoch_iterator.name != main
+        calls.clear()
+    assert loader.next_epoch == 2
+
+
+def test_cpu_loaders_select_no_cuda_device(indexed_beton, monkeypatch) -> None:
+    calls = _record_cuda_selection(monkeypatch)
+    for loader in (train_loader(indexed_beton, batch_size=10, resolution=16, num_workers=1),
+                   eval_loader(indexed_beton, batch_size=16, resolution=16, num_workers=1)):
+        assert len(_epoch_ids(loader)) > 0
+    assert calls == []
+
+
+def test_cuda_index_is_read_in_the_callers_thread(monkeypatch) -> None:
+    from raytrain_at.data.ffcv_loaders import cuda_index
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 5)
+    assert cuda_index(torch.device("cuda", 2)) == 2
+    assert cuda_index(torch.device("cuda")) == 5  # the caller's current device
+    assert cuda_index(torch.device("cpu")) is None

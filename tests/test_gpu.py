@@ -192,3 +192,54 @@ def test_evaluation_path_equals_plain_pyautoattack(attacked, sizes, device, kern
     assert ours.robust == attacked["plain"]
     if device.type == "cpu":  # the same kernels either way: every break holds
         assert ours.unconfirmed == 0
+
+
+# ------------------------------------------------------------------ FFCV's thread, on its rank's GPU
+_CONTEXTS_PROBE = r"""
+import ctypes, json, sys
+import torch
+from raytrain_at.data.ffcv_loaders import train_loader
+
+torch.cuda.set_device(1)  # as Ray Train does for the rank whose device is cuda:1
+loader = train_loader(sys.argv[1], batch_size=16, resolution=32, device="cuda:1", num_workers=1)
+for epoch in range(2):
+    for images, labels in loader:
+        assert images.device == torch.device("cuda", 1)
+torch.cuda.synchronize(1)
+# The driver's own answer: is a primary context active on each device (no torch call creates one).
+cuda = ctypes.CDLL("libcuda.so.1")
+active = []
+for ordinal in range(torch.cuda.device_count()):
+    dev, flags, on = ctypes.c_int(), ctypes.c_uint(), ctypes.c_int()
+    assert cuda.cuDeviceGet(ctypes.byref(dev), ordinal) == 0
+    assert cuda.cuDevicePrimaryCtxGetState(dev, ctypes.byref(flags), ctypes.byref(on)) == 0
+    active.append(bool(on.value))
+print(json.dumps(active))
+"""
+
+
+def test_ffcv_loader_on_cuda_1_opens_no_context_on_another_gpu(tmp_path, record_property) -> None:
+    """A rank's loader for cuda:1 iterates two epochs in a fresh process: the driver then holds a
+    context on GPU 1 only (FFCV's epoch thread, left alone, would open one on GPU 0)."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from raytrain_at.data.ffcv_writer import WriteOptions, write_beton
+    from raytrain_at.data.sources import Sample
+
+    if os.environ.get(SIZES_ENV) == "cpu-smoke" or torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    rng = np.random.default_rng(0)
+    samples = [Sample(label=i % 10, pixels=rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+               for i in range(64)]
+    beton = write_beton(samples, tmp_path / "small.beton",
+                        WriteOptions(write_mode="raw", max_resolution=None, num_workers=1))
+    probe = subprocess.run([sys.executable, "-c", _CONTEXTS_PROBE, str(beton)],
+                           capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    active = json.loads(probe.stdout.strip().splitlines()[-1])
+    _record(record_property, contexts_active=active)
+    assert active[1], active
+    assert not any(on for ordinal, on in enumerate(active) if ordinal != 1), active

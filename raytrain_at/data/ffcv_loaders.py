@@ -10,14 +10,23 @@ Every loader first checks the file (exists, is FFCV, not truncated, has ``image`
 and raises :class:`UserError` naming it, before any decoding starts.
 
 Every batch is awaited at most ``timeout_s`` (:mod:`raytrain_at.data.watchdog`).
+
+Every loader comes from :func:`device_loader`: FFCV 1.0.2 runs each epoch in a thread of its own
+(``EpochIterator``), and a new thread's current CUDA device is 0 whatever the rank's is, so on an
+8-GPU node every rank would open a context (a few hundred MB) on GPU 0 and FFCV's streams could
+sit on the wrong device. A CUDA loader builds its epoch thread under its own device and the thread
+selects that device before it decodes anything; a CPU loader selects no device at all.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -79,6 +88,70 @@ def _check_indices(indices: np.ndarray | None, info: BetonInfo) -> None:
 def _check_resolution(resolution: int) -> None:
     if not isinstance(resolution, int) or resolution < 16 or resolution > 2048:
         raise UserError(f"resolution {resolution!r} is not an integer in [16, 2048]")
+
+
+def cuda_index(device: torch.device) -> int | None:
+    """The CUDA device index a loader for ``device`` binds its epoch thread to; None off CUDA.
+
+    ``cuda`` without an index means the caller's current device, read here in the caller's
+    thread (the epoch thread would read 0).
+    """
+    if device.type != "cuda":
+        return None
+    return torch.cuda.current_device() if device.index is None else int(device.index)
+
+
+@cache
+def _loader_class() -> type:
+    """FFCV's ``Loader`` whose epoch threads run on the loader's CUDA device (built on first use:
+    importing FFCV is slow, and every FFCV import here is lazy)."""
+    from ffcv.loader import Loader
+    from ffcv.loader.epoch_iterator import EpochIterator
+    from ffcv.pipeline.compiler import Compiler
+
+    class DeviceEpochIterator(EpochIterator):
+        def __init__(self, loader: Any, order: Any, device_index: int | None) -> None:
+            # Set before FFCV's constructor, which starts the thread (run() reads it).
+            self.device_index = device_index
+            # FFCV creates its CUDA streams and takes the consumer's current stream here: on
+            # the loader's device, not on whatever device the caller's thread has current.
+            on_device = (nullcontext() if device_index is None
+                         else torch.cuda.device(device_index))
+            with on_device:
+                super().__init__(loader, order)
+
+        def run(self) -> None:
+            if self.device_index is not None:
+                torch.cuda.set_device(self.device_index)
+            super().run()
+
+    class DeviceLoader(Loader):
+        device_index: int | None = None
+
+        def __iter__(self):
+            # FFCV 1.0.2's Loader.__iter__ (ffcv is pinned) with the bound iterator: the next
+            # epoch's order, truncated to whole batches, compiled on first use.
+            Compiler.set_num_threads(self.num_workers)
+            order = self.next_traversal_order()[:len(self) * self.batch_size]
+            self.next_epoch += 1
+            if self.code is None or self.recompile:
+                self.generate_code()
+            return DeviceEpochIterator(self, order, self.device_index)
+
+    return DeviceLoader
+
+
+def device_loader(path: str, *, device: torch.device, **loader_args: Any):
+    """An FFCV ``Loader`` whose epoch threads run on ``device`` (see the module docstring).
+
+    Args:
+        path: the .beton file.
+        device: where the pipelines put the batches; its CUDA index (if any) is the threads'.
+        loader_args: FFCV ``Loader`` arguments.
+    """
+    loader = _loader_class()(path, **loader_args)
+    loader.device_index = cuda_index(device)
+    return loader
 
 
 class DeviceBatches:
@@ -160,7 +233,6 @@ def train_loader(path: str | Path, *, batch_size: int, resolution: int = 224, ra
         timeout_s: longest wait for one batch (``data.loader_timeout_s``).
     """
     from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
-    from ffcv.loader import Loader
     from ffcv.transforms import RandomHorizontalFlip
 
     info = inspect_beton(path)
@@ -173,12 +245,13 @@ def train_loader(path: str | Path, *, batch_size: int, resolution: int = 224, ra
                                                   ratio=(3 / 4, 4 / 3))]
     if flip:
         image_ops.append(RandomHorizontalFlip())
-    loader = Loader(str(info.path), batch_size=batch_size, num_workers=num_workers,
-                    order=ShardedOrder(rank, world_size, shuffle=True), seed=seed,
-                    os_cache=os_cache, drop_last=drop_last,
-                    indices=indices,  # pyright: ignore[reportArgumentType]  # FFCV: any sequence
-                    pipelines={"image": image_ops + _image_tail(device),
-                               "label": _label_pipeline(device)})
+    loader = device_loader(str(info.path), device=device, batch_size=batch_size,
+                           num_workers=num_workers,
+                           order=ShardedOrder(rank, world_size, shuffle=True), seed=seed,
+                           os_cache=os_cache, drop_last=drop_last,
+                           indices=indices,  # pyright: ignore[reportArgumentType]  # any sequence
+                           pipelines={"image": image_ops + _image_tail(device),
+                                      "label": _label_pipeline(device)})
     if len(loader) == 0:
         raise UserError(f"dataset file {str(info.path)!r}: {info.num_samples} samples over "
                         f"{world_size} workers give no full batch of {batch_size}")
@@ -195,8 +268,6 @@ def eval_loader(path: str | Path, *, batch_size: int, resolution: int = 224,
     ``indices`` restricts the file to a subset (e.g. the first n images) before sharding;
     ``timeout_s`` bounds the wait for one batch (see the module docstring).
     """
-    from ffcv.loader import Loader
-
     from raytrain_at.data.eval_decoder import BicubicCenterCropDecoder
 
     info = inspect_beton(path)
@@ -205,11 +276,12 @@ def eval_loader(path: str | Path, *, batch_size: int, resolution: int = 224,
         raise UserError(f"crop_pct {crop_pct} is not in (0, 1]")
     device = torch.device(device)
     _check_indices(indices, info)
-    loader = Loader(str(info.path), batch_size=batch_size, num_workers=num_workers,
-                    order=ShardedOrder(rank, world_size, shuffle=False), drop_last=False,
-                    indices=indices,  # pyright: ignore[reportArgumentType]  # FFCV: any sequence
-                    pipelines={"image": [BicubicCenterCropDecoder(resolution, crop_pct)]
-                               + _image_tail(device),
-                               "label": _label_pipeline(device)})
+    loader = device_loader(str(info.path), device=device, batch_size=batch_size,
+                           num_workers=num_workers,
+                           order=ShardedOrder(rank, world_size, shuffle=False), drop_last=False,
+                           indices=indices,  # pyright: ignore[reportArgumentType]  # any sequence
+                           pipelines={"image": [BicubicCenterCropDecoder(resolution, crop_pct)]
+                                      + _image_tail(device),
+                                      "label": _label_pipeline(device)})
     return DeviceBatches(loader, device, info, timeout_s)
 

@@ -43,11 +43,13 @@ class NodeType:
         name: the type's name (``gpu.a100.spot``).
         gpus: GPUs one node of the type has.
         max_nodes: how many the autoscaler may start; None: no limit.
+        cpus: CPUs one node of the type has; None when not given.
     """
 
     name: str
     gpus: float
     max_nodes: int | None
+    cpus: float | None = None
 
     @property
     def can_start_gpus(self) -> bool:
@@ -57,7 +59,8 @@ class NodeType:
 def node_types_from_cluster_config(config: Any) -> list[NodeType]:
     """The node types of a GCS ``ClusterConfig`` proto (``max_count`` -1 is no limit)."""
     return [NodeType(group.name, float(group.resources.get("GPU", 0)),
-                     None if group.max_count < 0 else int(group.max_count))
+                     None if group.max_count < 0 else int(group.max_count),
+                     cpus=float(group.resources["CPU"]) if "CPU" in group.resources else None)
             for group in config.node_group_configs]
 
 
@@ -81,7 +84,8 @@ def node_types_from_bootstrap(config: Mapping[str, Any]) -> list[NodeType]:
             if cluster_max is not None and limit is not None:
                 limit = min(int(limit), int(cluster_max))
         found.append(NodeType(str(name), float(resources.get("GPU", 0)),
-                              None if limit is None else int(limit)))
+                              None if limit is None else int(limit),
+                              cpus=float(resources["CPU"]) if "CPU" in resources else None))
     return found
 
 

@@ -559,11 +559,26 @@ def _attach_console_log(prepared: PreparedRun, path: Path) -> None:
 
 
 def scaling_config(config: RunConfig):
-    """Ray Train's ``ScalingConfig`` of a run: what it asks Ray for."""
+    """Ray Train's ``ScalingConfig`` of a run: what it asks Ray for, placed as
+    ``scaling.placement`` says (:mod:`raytrain_at.training.placement`).
+
+    Raises:
+        UserError: ``strict_pack`` for a job that no known node of the cluster can hold.
+    """
     from ray.train import ScalingConfig
 
-    return ScalingConfig(num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu,
-                         resources_per_worker={"CPU": config.scaling.cpus_per_worker})
+    from raytrain_at.training.placement import cluster_nodes, placement_strategy
+
+    scaling = config.scaling
+    wants_nodes = scaling.placement == "strict_pack" or (scaling.placement == "auto"
+                                                        and scaling.use_gpu)
+    nodes = cluster_nodes() if wants_nodes else None
+    strategy = placement_strategy(scaling.placement, num_workers=scaling.num_workers,
+                                  use_gpu=scaling.use_gpu,
+                                  cpus_per_worker=scaling.cpus_per_worker, nodes=nodes)
+    return ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                         resources_per_worker={"CPU": scaling.cpus_per_worker},
+                         placement_strategy=strategy)
 
 
 def build_trainer(prepared: PreparedRun, callbacks: list | None = None):

@@ -28,7 +28,7 @@ CHANGED_TAG_PREFIX = "raytrain_at.changed."
 # Where the run lives or how it is launched, not what it computes: these may differ freely.
 OPERATIONAL_KEYS = frozenset({
     "tracking.run_name", "tracking.storage_path", "tracking.tracking_uri",
-    "scaling.max_failures_per_hour", "schedule.log_every_steps",
+    "scaling.max_failures_per_hour", "scaling.placement", "schedule.log_every_steps",
 })
 
 

@@ -16,6 +16,9 @@
 #   MLFLOW_DISABLE_TELEMETRY=true  MLflow 3.17's telemetry thread sets and unsets an environment
 #                        variable while other threads iterate the environment: a KeyError that
 #                        killed a training worker in the cluster rehearsal
+#   NCCL_* and FI_*      on GPU nodes only (nvidia-smi answers), the EFA ones only where an EFA
+#                        device is up (p4d/p5 with EFA interfaces: docs/cluster.md); the head
+#                        (CPU) and the local twin get none. Each is explained where it is written.
 #
 # Usage: node_env.sh [--bucket NAME] [--region REGION] [LOCAL TWIN OPTIONS]
 #   --bucket, --region   set once by the first setup command; later calls keep the stored values
@@ -116,6 +119,43 @@ fi
 if [[ -s "$CREDENTIALS" ]]; then
     sed -n 's/^\(MLFLOW_TRACKING_USERNAME\|MLFLOW_TRACKING_PASSWORD\)=\([A-Za-z0-9_.-]*\)$/export \1=\2/p' \
         "$CREDENTIALS" >> "$tmp"
+fi
+# NCCL on GPU nodes. NVIDIA_SMI / FI_INFO / OFI_NCCL: where the image has them (overridable
+# for tests, which have neither a GPU nor EFA).
+NVIDIA_SMI=${RAYTRAIN_AT_NVIDIA_SMI:-nvidia-smi}
+FI_INFO=${RAYTRAIN_AT_FI_INFO:-/opt/amazon/efa/bin/fi_info}
+OFI_NCCL=${RAYTRAIN_AT_OFI_NCCL:-/opt/amazon/ofi-nccl}
+EFA_LIB=${RAYTRAIN_AT_EFA_LIB:-/opt/amazon/efa/lib}
+if "$NVIDIA_SMI" -L >/dev/null 2>&1; then
+    cat >> "$tmp" <<'ENV'
+# NCCL's warnings (a transport falling back, a failed collective) reach the worker logs; INFO
+# would print every ring and channel of every rank.
+export NCCL_DEBUG=WARN
+# The interface NCCL's bootstrap and socket transport use: not loopback (other nodes cannot reach
+# it) and not Docker's bridge (the DLAMI runs dockerd; docker0 is a local-only address).
+export NCCL_SOCKET_IFNAME=^lo,docker
+ENV
+    # EFA only where the device is up: fi_info lists the efa provider's RDM endpoints once
+    # the node was launched with EFA interfaces (otherwise FI_PROVIDER=efa leaves libfabric
+    # without a provider and the plugin's initialisation fails on every rank).
+    if [[ -x "$FI_INFO" ]] && "$FI_INFO" -p efa -t FI_EP_RDM >/dev/null 2>&1; then
+        cat >> "$tmp" <<'ENV'
+# libfabric's provider for aws-ofi-nccl: EFA, never a TCP provider that would hide a broken EFA.
+export FI_PROVIDER=efa
+# GPUDirect RDMA: EFA reads and writes GPU memory directly (A100 on p4d, H100 on p5 support it).
+export FI_EFA_USE_DEVICE_RDMA=1
+ENV
+        if [[ -f "$OFI_NCCL/lib/libnccl-net-ofi.so" ]]; then
+            # torch's wheel brings its own NCCL, which loads a network plugin only by name:
+            # NCCL_NET_PLUGIN=ofi dlopens libnccl-net-ofi.so (the DLAMI's aws-ofi-nccl), found
+            # through LD_LIBRARY_PATH with libfabric's libraries. Without it NCCL's multi-node
+            # collectives run over TCP sockets.
+            cat >> "$tmp" <<ENV
+export NCCL_NET_PLUGIN=ofi
+case ":\${LD_LIBRARY_PATH:-}:" in *":$OFI_NCCL/lib:"*) ;; *) export LD_LIBRARY_PATH="$OFI_NCCL/lib:$EFA_LIB\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}" ;; esac
+ENV
+        fi
+    fi
 fi
 chmod 600 "$tmp"
 mv "$tmp" "$ENV_FILE"
