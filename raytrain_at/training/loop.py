@@ -43,6 +43,7 @@ from raytrain_at.tracking.redact import redacted_config_dump
 from raytrain_at.training.checkpoint_manifest import write_manifest
 from raytrain_at.training.engine import (build_ema, build_engine, freeze_all_but_head,
                                          resolve_precision)
+from raytrain_at.training.memory_format import keep_channels_last
 from raytrain_at.training.objectives import StepLoss, training_step_loss
 from raytrain_at.training.schedules import radius_factor
 from raytrain_at.training.selection import Selection, selection_description, selection_metric
@@ -241,7 +242,8 @@ class WorkerLoop:
         self.model_spec = run_model_spec(config, normalisation_of(model))
         model = model.to(place.device)
         if config.scaling.channels_last and place.device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
+            # Stored so that DeepSpeed's flat ZeRO buffers keep the weights channels_last.
+            model = keep_channels_last(model)
         # Before DeepSpeed casts the module to bf16: the EMA starts from the fp32 weights and
         # stays fp32 (each update lerps the bf16 live weights into it in fp32).
         self.ema = build_ema(model, config.optim.ema_decay)
