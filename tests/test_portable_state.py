@@ -20,6 +20,7 @@ rounds more, see there).
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 import traceback
@@ -165,12 +166,15 @@ def _wait_for(path: Path) -> None:
 def _run(rank: int, world: int, root: Path, save: bool) -> None:
     """The saving job trains, saves (a folder per rank, merged by rank 0), records; every job
     then restores, records, takes one more step and records."""
+    from raytrain_at.errors import UserError
+    from raytrain_at.training.portable_state import PORTABLE_FILE
+
     train_path = (root / "train_path").read_text()
     batches = _batches()
     clock = time.perf_counter()
     for name, stage, precision in VARIANTS:
-        def mark(what: str) -> None:
-            if rank == 0:
+        def mark(what: str, name: str = name) -> None:
+            if rank == 0:  # where the time goes, printed by the fixture
                 with open(root / "timings.txt", "a") as handle:
                     handle.write(f"world {world} {name} {what} "
                                  f"{time.perf_counter() - clock:.1f}\n")
@@ -212,6 +216,20 @@ def _run(rank: int, world: int, root: Path, save: bool) -> None:
             torch.save({"fresh": fresh, "restored": restored, "stepped": stepped,
                         "lines": lines}, root / f"world{world}-{name}.pt")
         del loop
+    if world == 1:
+        # A checkpoint written before the portable file existed: at another size, one line.
+        name, stage, precision = VARIANTS[0]
+        old = root / "without-portable"
+        shutil.copytree(root / "checkpoints" / name, old)
+        (old / PORTABLE_FILE).unlink()
+        loop = _loop(stage, precision, rank, world, train_path)
+        try:
+            loop.load(old)
+            message = None
+        except UserError as exc:
+            message = str(exc)
+        (root / "without-portable.json").write_text(json.dumps({"message": message,
+                                                                "folder": str(old)}))
 
 
 @pytest.fixture(scope="module")
@@ -302,3 +320,11 @@ def test_the_manifest_catches_a_truncated_portable_state(runs, tmp_path) -> None
     path.write_bytes(path.read_bytes()[:-100])
     problem = checkpoint_problem(copy)
     assert problem is not None and problem.startswith(f"{PORTABLE_FILE} is ")
+
+
+def test_an_older_checkpoint_at_another_size_says_which_size_resumes_it(runs) -> None:
+    record = json.loads((runs["out"] / "without-portable.json").read_text())
+    assert record["message"] == (
+        f"the checkpoint {record['folder']} was written by 2 workers without "
+        "portable_state.safetensors, so its ZeRO optimiser state loads only into 2 workers: "
+        "resume it with --num-workers 2")
