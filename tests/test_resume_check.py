@@ -51,6 +51,17 @@ def test_a_changed_key_is_refused_in_one_line_unless_allowed() -> None:
                                       "raytrain_at.changed.schedule.epochs": f"{epochs} -> 9"}
 
 
+def test_a_resume_on_another_number_of_workers_needs_no_allow_change() -> None:
+    # Same global batch at every size; the optimiser state re-partitions (portable_state).
+    saved, current = _json(["scaling.num_workers=2"]), _json(["scaling.num_workers=4"])
+    assert check_resume_config(saved, current, frozenset(), "ckpt_1") == {}
+    # The global batch is what the mathematics depends on: changing it is still refused.
+    with pytest.raises(UserError, match=r"schedule\.global_batch_size: 64 -> 128"):
+        check_resume_config(saved, _json(["scaling.num_workers=4",
+                                          "schedule.global_batch_size=128"]),
+                            frozenset(), "ckpt_1")
+
+
 def test_allow_change_of_an_unknown_key_and_a_fresh_run() -> None:
     current = _json([])
     with pytest.raises(UserError, match="^--allow-change names optim.lrr: no such config key$"):

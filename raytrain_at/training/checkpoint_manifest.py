@@ -146,3 +146,9 @@ def restore_first_good(latest: CheckpointSource,
 
 def _lazily(earlier: Callable[[], Iterable[CheckpointSource]]) -> Iterator[CheckpointSource]:
     yield from earlier()
+
+
+def manifest_world_size(directory: Path) -> int:
+    """The number of ranks that wrote the checkpoint in ``directory`` (rank 0's manifest; a
+    checkpoint :func:`checkpoint_problem` passed has one)."""
+    return int(_read_manifest(directory / manifest_name(0)).get("world_size", 1))

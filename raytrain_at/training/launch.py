@@ -277,7 +277,8 @@ def _restore(loop, folder: Path, rank: int) -> list[dict[str, Any]]:
     records the checkpoint carries (those not delivered when it was written)."""
     from raytrain_at.tracking.buffered import JOURNAL_FILE, read_journal
 
-    loop.load(folder)
+    # Rank 0 says when the checkpoint's world size differs (its line reaches the console).
+    loop.load(folder, say=user_line if rank == 0 else log.debug)
     return read_journal(folder / JOURNAL_FILE) if rank == 0 else []
 
 

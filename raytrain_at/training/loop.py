@@ -45,6 +45,8 @@ from raytrain_at.training.engine import (build_ema, build_engine, freeze_all_but
                                          resolve_precision)
 from raytrain_at.training.memory_format import keep_channels_last
 from raytrain_at.training.objectives import StepLoss, training_step_loss
+from raytrain_at.training.portable_state import (PORTABLE_FILE, is_partitioned,
+                                                 load_engine_state, save_portable_state)
 from raytrain_at.training.schedules import radius_factor
 from raytrain_at.training.selection import Selection, selection_description, selection_metric
 
@@ -435,6 +437,11 @@ class WorkerLoop:
         """Write this rank's part of a checkpoint into ``directory``."""
         directory.mkdir(parents=True, exist_ok=True)
         self.engine.save_checkpoint(str(directory), tag=DS_TAG)
+        if is_partitioned(self.engine):
+            # ZeRO's shards load only into this world size; this file into any (all ranks
+            # gather it, rank 0 writes it).
+            save_portable_state(self.engine, directory / PORTABLE_FILE, self.place.rank,
+                                self.place.world_size)
         if self.place.rank == 0:
             # The evaluated weights (EMA when kept) with their model spec: what `evaluate` and
             # `register` read, and where a resumed run gets its EMA back from.
@@ -451,8 +458,11 @@ class WorkerLoop:
         # Last: the sizes and digests of what this rank wrote, checked before a resume.
         write_manifest(directory, self.place.rank, self.place.world_size)
 
-    def load(self, directory: Path) -> None:
+    def load(self, directory: Path, say: Callable[[str], None] = log.info) -> None:
         """Restore weights, optimiser, LR schedule, EMA, epoch and augmentation count.
+
+        A checkpoint of another world size restores its optimiser state re-partitioned
+        (:mod:`.portable_state`), and ``say`` gets one line saying so.
 
         Every file is read without unpickling objects: DeepSpeed's through the engine's
         weights-only loading (:mod:`.safe_loading`: a planted object is a one-line
@@ -464,11 +474,7 @@ class WorkerLoop:
         # which the restored optimiser and scheduler states would otherwise put back.
         groups = self.scheduler.optimizer.param_groups
         base_lrs, decays = list(self.scheduler.base_lrs), [g["weight_decay"] for g in groups]
-        path, _ = self.engine.load_checkpoint(str(directory), tag=DS_TAG,
-                                              load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
-        if path is None:
-            raise RuntimeError(f"no DeepSpeed checkpoint under {directory}")
+        load_engine_state(self.engine, directory, DS_TAG, self.place.world_size, say)
         self.scheduler.base_lrs = base_lrs
         for group, base, decay, factor in zip(groups, base_lrs, decays,
                                               self.scheduler.lr_lambdas, strict=True):

@@ -26,9 +26,12 @@ STATE_FILE = "loop_state.json"
 CHANGED_TAG_PREFIX = "raytrain_at.changed."
 
 # Where the run lives or how it is launched, not what it computes: these may differ freely.
+# The worker count too: the global batch is the config's at every size, and a checkpoint of
+# another size restores its optimiser state re-partitioned (training.portable_state).
 OPERATIONAL_KEYS = frozenset({
     "tracking.run_name", "tracking.storage_path", "tracking.tracking_uri",
-    "scaling.max_failures_per_hour", "scaling.placement", "schedule.log_every_steps",
+    "scaling.max_failures_per_hour", "scaling.placement", "scaling.num_workers",
+    "schedule.log_every_steps",
 })
 
 
