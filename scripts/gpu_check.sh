@@ -9,7 +9,8 @@
 #                                      and, when $OUT is set, to $OUT/gpu_check.json
 #   scripts/gpu_check.sh --cpu-smoke   here: the same parts at tiny sizes on the CPU (the tests)
 #
-# Options: --parts LIST (a subset of versions,tests,step,t_step,eval,loader,compiled),
+# Options: --parts LIST (a subset of versions,preflight,tests,step,t_step,eval,loader,
+# compiled),
 # --budget-s SECONDS (default 480 on the GPU; 1200 for the smoke, whose budgets only guard against
 # a hang on a busy machine), --out FILE. Each part runs its commands within its own time budget
 # (and what is left of the whole): a part out of time is stopped with everything it started and
@@ -21,7 +22,7 @@ WHEELS=${GPU_CHECK_WHEELS:-$ROOT/.whl}
 if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON=$ROOT/.venv/bin/python; else PYTHON=python3; fi
 fi
-PARTS_ALL=(versions tests step t_step eval loader compiled)
+PARTS_ALL=(versions preflight tests step t_step eval loader compiled)
 
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%d", b - a }'; }
@@ -134,6 +135,9 @@ main() {
             local tiny="--model test_vit --resolution 32 --steps 1 --warmup 1 --device cpu"
             case "$part" in
                 versions) run_part versions 60 "$PYTHON -m tests.support.gpu_wheels verify" ;;
+                preflight) run_part preflight 240 "$PYTHON -m raytrain_at.preflight.in_process \
+                    --model test_vit --resolution 32 --batch 4 --steps 1 --warmup 1 \
+                    --loader-batches 2 --device cpu" ;;
                 tests) run_part tests 480 "$PYTHON -m pytest -m gpu tests/test_gpu.py -q \
                     -p no:cacheprovider --junitxml=$WORK/tests.xml" ;;
                 # Two batches: the step rows and t_step(B) from one process (on the GPU the
@@ -150,23 +154,29 @@ main() {
             esac
         else
             local gpu="--steps 8 --warmup 3 --device cuda"
+            # The part budgets sum to the whole check's 480 s (tests/test_gpu_check.py checks).
             case "$part" in
-                versions) run_part versions 15 "$PYTHON -m tests.support.gpu_wheels verify \
+                versions) run_part versions 10 "$PYTHON -m tests.support.gpu_wheels verify \
                     $manifest" ;;
-                tests) run_part tests 150 "$PYTHON -m pytest -m gpu tests/test_gpu.py -q \
+                # The preflight's worker checks in this process (Ray does not travel), at the
+                # paper recipe's per-GPU micro-batch: a blocker here says the rest is moot.
+                preflight) run_part preflight 60 "$PYTHON -m raytrain_at.preflight.in_process \
+                    --model convnext_tiny_cvst --batch 174 --steps 5 --warmup 2 \
+                    --loader-batches 8 --device cuda" ;;
+                tests) run_part tests 100 "$PYTHON -m pytest -m gpu tests/test_gpu.py -q \
                     -p no:cacheprovider --junitxml=$WORK/tests.xml" ;;
                 # The paper's per-GPU batch: its global batch over its 8 GPUs (1,392 / 8, 864 / 8).
-                step) run_part step 110 "$bench step --model convnext_tiny_cvst --batch 174 $gpu" \
+                step) run_part step 90 "$bench step --model convnext_tiny_cvst --batch 174 $gpu" \
                     "$bench step --model vit_base_cvst --batch 108 $gpu" ;;
-                t_step) run_part t_step 60 "$bench step --model convnext_tiny_cvst --batch 27 \
-                    --batch 44 --batch 87 --batch 174 --no-reference $gpu" "$bench step \
-                    --model vit_base_cvst --batch 27 --batch 54 --batch 108 --no-reference $gpu" ;;
-                eval) run_part eval 70 "$bench eval --model convnext_tiny_cvst --n 128 \
+                t_step) run_part t_step 40 "$bench step --model convnext_tiny_cvst --batch 27 \
+                    --batch 87 --batch 174 --no-reference $gpu" "$bench step \
+                    --model vit_base_cvst --batch 27 --batch 108 --no-reference $gpu" ;;
+                eval) run_part eval 50 "$bench eval --model convnext_tiny_cvst --n 128 \
                     --batch 128 --kernels exact --device cuda" "$bench eval --model \
                     convnext_tiny_cvst --n 128 --batch 128 --kernels fast --device cuda" ;;
-                loader) run_part loader 50 "$bench loader --images 4096 --batch 256 --workers 4 \
+                loader) run_part loader 30 "$bench loader --images 4096 --batch 256 --workers 4 \
                     --workers 12 --aug-batch 256 --step-repeats 2 --device cuda" ;;
-                compiled) run_part compiled 140 "$bench step --model convnext_tiny_cvst \
+                compiled) run_part compiled 100 "$bench step --model convnext_tiny_cvst \
                     --batch 174 --compile --no-reference $gpu" "$bench step --model \
                     vit_base_cvst --batch 108 --compile --no-reference $gpu" ;;
             esac

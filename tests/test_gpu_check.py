@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -38,7 +39,7 @@ _ENV = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "MKL_NUM
         "PYTHONPATH": str(ROOT)}
 # The smoke's step part times two batches, so it gives t_step(B) too (its t_step part, more
 # batches without the reference, is for the GPU).
-FAST_PARTS = "versions,tests,step,eval,loader"
+FAST_PARTS = "versions,preflight,tests,step,eval,loader"
 GPU_TESTS = {"test_worker_loop_loss_falls_under_deepspeed",
              "test_ema_stays_fp32_while_the_engine_runs_its_precision",
              "test_project_code_never_waits_for_the_device",
@@ -65,6 +66,31 @@ def _smoke(tmp_path: Path, parts: str) -> dict:
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> dict:
     return _smoke(tmp_path_factory.mktemp("smoke"), FAST_PARTS)
+
+
+@pytest.mark.slow  # the CPU smoke run behind them
+def test_cpu_smoke_preflight_runs_the_worker_checks_without_ray(smoke) -> None:
+    (doc,) = smoke["parts"]["preflight"]["records"]
+    assert [c["name"] for c in doc["checks"]] == ["device", "all-reduce", "step", "loader"]
+    (row,) = doc["rows"]
+    assert row["step_images_per_s"] > 0 and row["loader_images_per_s"] > 0
+    assert row["batch"] == doc["batch"] == 4 and doc["blocker"] is None
+    assert smoke["goals"]["preflight: no blocker at the recipe's micro-batch"]["met"] is True
+
+
+def _gpu_budgets() -> dict[str, int]:
+    """Each part's budget on the GPU, as gpu_check.sh's GPU branch gives it."""
+    text = SCRIPT.read_text()
+    gpu = text[text.index('local gpu="'):text.index("esac", text.index('local gpu="'))]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"run_part (\w+) (\d+) ", gpu)}
+
+
+def test_gpu_part_budgets_fit_the_whole_check() -> None:
+    budgets = _gpu_budgets()
+    names = [p for p in re.search(r"PARTS_ALL=\(([^)]*)\)", SCRIPT.read_text()).group(1).split()]
+    assert sorted(budgets) == sorted(names) and names[:2] == ["versions", "preflight"]
+    assert budgets["versions"] <= 10 and budgets["preflight"] <= 60
+    assert sum(budgets.values()) <= 480, budgets
 
 
 @pytest.mark.slow  # the CPU smoke run behind them: 4-5 min on 2 cores (CI's slow list)

@@ -88,7 +88,8 @@ def read_part(work: Path, name: str) -> dict[str, Any]:
             continue
         if name == "tests" and (work / "tests.xml").exists():
             records = _junit(work / "tests.xml")
-        elif rc == "0" or (name == "versions" and out.strip()):  # a mismatch shows its versions
+        # A version mismatch shows its versions, a preflight blocker its checks (exit 1 both).
+        elif rc == "0" or (name in ("versions", "preflight") and out.strip()):
             records.append(json.loads(out))
         if rc in ("124", "137"):
             whole = " (what was left of the overall budget)" if float(limit) < budget else ""
@@ -157,6 +158,9 @@ def summarise(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 doc["ratio_ours_over_plain"], 1.5)
             goals["AutoAttack identical per image (fast kernels)"] = goal(
                 doc["identical_per_image"], True)
+    for doc in parts.get("preflight", {}).get("records", []):
+        goals["preflight: no blocker at the recipe's micro-batch"] = goal(
+            doc["blocker"] is None, True)
     outcomes = {r["test"]: r["outcome"] for r in parts.get("tests", {}).get("records", [])}
     for title, test in (("DeepSpeed run: loss falls",
                          "test_worker_loop_loss_falls_under_deepspeed"),
