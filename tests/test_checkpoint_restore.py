@@ -216,6 +216,24 @@ def _child(storage: str, out: str) -> None:
         newest = Path(out) / "checkpoint-epoch2"
         loop.save(newest)
         problems = [checkpoint_problem(checkpoint), checkpoint_problem(newest)]
+        # Epoch 2 changed no selection: its checkpoint holds no copy of epoch 1's weights,
+        # and a resume from it reads them from epoch 1's checkpoint, as the launcher does.
+        from ray.train import Checkpoint
+
+        from raytrain_at.training.loop import SELECTED_FILE, STATE_FILE
+        from raytrain_at.training.selected_weights import selected_from_earlier
+
+        newest_files = sorted(p.name for p in newest.glob("*.safetensors"))
+        holds_selection = loop.save(Path(out) / "checkpoint-epoch2-again")
+        try:
+            restored.load(newest)
+            without_lookup = ""
+        except UserError as exc:
+            without_lookup = str(exc)
+        restored.selection.weights = None  # what it held must come back from epoch 1's
+        restored.load(newest, lambda epoch, name: selected_from_earlier(
+            [Checkpoint.from_directory(str(checkpoint))], epoch, name, STATE_FILE))
+        resumed_vs_continued = _compare(_snapshot(restored), _snapshot(loop))
         optim_file = next(newest.glob("state/*optim_states.pt"))
         optim_file.write_bytes(optim_file.read_bytes()[: optim_file.stat().st_size // 2])
         lines: list[str] = []
@@ -269,6 +287,8 @@ def _child(storage: str, out: str) -> None:
             "restored_vs_saved": _compare(saved, after_load),
             "continued": _compare(continued, continued_restored),
             "manifest_problems": problems,
+            "newest_files": newest_files, "newest_holds_selection": holds_selection,
+            "without_lookup": without_lookup, "resumed_vs_continued": resumed_vs_continued,
             "fallback_chosen": chosen.path == str(checkpoint),
             "fallback_lines": lines,
             "fallback_vs_saved": _compare(saved, after_fallback),
@@ -332,6 +352,17 @@ def test_training_continues_identically(result) -> None:
     assert continued == {key: [] for key in continued}, continued
     assert result["epochs"][2:] == [2, 2]
     assert result["augment_calls"][2:] == [FIRST_EPOCH_BATCHES + CONTINUED_BATCHES] * 2
+
+
+def test_a_checkpoint_that_changed_no_selection_points_to_the_one_that_holds_it(result) -> None:
+    # Epoch 1 is selected; epoch 2's checkpoint writes its own weights only (no second copy).
+    assert result["newest_files"] == ["model.safetensors"]
+    assert result["newest_holds_selection"] is False
+    # Resumed from it, the loop is the one that wrote it, bit for bit, the selected weights
+    # (epoch 1's, read from epoch 1's checkpoint) included; without the lookup, one line.
+    resumed = result["resumed_vs_continued"]
+    assert resumed == {key: [] for key in resumed}, resumed
+    assert "selected weights in the checkpoint of epoch 1" in result["without_lookup"]
 
 
 def test_truncated_latest_checkpoint_falls_back_to_the_one_before(result) -> None:

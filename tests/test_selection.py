@@ -5,6 +5,8 @@ epochs whose held-out scores are 0.5, 0.9, 0.7 (the held-out evaluation is repla
 numbers so that the middle epoch is the best one for certain; everything else is real), logs the
 run to MLflow as training does, registers ``runs:/ID/model``, and hands it to a next run as
 ``model.init``: each of them must hold epoch 2's EMA weights, and ``final_model`` epoch 3's.
+No checkpoint holds a second copy of weights: epoch 3's points to epoch 2's, and a resume from it
+(new format, and as checkpoints were written before with a copy inside) restores epoch 2's.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import pytest
 import torch
 
 from raytrain_at.config import load_config
-from raytrain_at.training.selection import Selection, selection_description, selection_metric
+from raytrain_at.training.selection import (Selection, checkpoint_score, selection_description,
+                                            selection_metric)
 from tests.worker_loop_helpers import (FixedBatches, digit_batches, run_in_spawned_process,
                                        single_rank_environment)
 
@@ -54,6 +57,47 @@ def test_selection_keeps_the_best_and_the_earlier_of_ties() -> None:
     assert selection.report() == {"selected_epoch": 2.0, "selected_heldout_robust_accuracy": 0.6}
 
 
+def test_selected_weights_are_written_once_and_their_holder_ranks_first() -> None:
+    """Which file of each checkpoint holds the selection: the selected epoch's model file, a
+    copy only in the first checkpoint after a selection whose epoch was not checkpointed, and
+    nothing while an earlier checkpoint holds it; holders outrank every other checkpoint."""
+    selection = Selection("heldout_robust_accuracy")
+    files = {}
+    # Checkpoints at epochs 1, 2, 4, 5, 6 (none at 3); the best epochs are 1, 3 (0.8), 5.
+    for epoch, score in enumerate([0.5, 0.4, 0.8, 0.7, 0.9, 0.6], start=1):
+        selection.consider(epoch, {"heldout_robust_accuracy": score}, None)
+        if epoch != 3:
+            files[epoch] = selection.file_for(epoch, "model", "selected")
+            if files[epoch] is not None:  # as WorkerLoop.save records it
+                selection.stored_in = (epoch, files[epoch])
+    assert files == {1: "model", 2: None, 4: "selected", 5: "model", 6: None}
+    assert selection.state()["stored_in"] == [5, "model"]
+    restored = Selection("heldout_robust_accuracy")
+    restored.restore(selection.state(), None)
+    assert restored.stored_in == (5, "model") and restored.file_for(7, "model", "s") is None
+    # A checkpoint of epoch 2 holding the selection outranks one of epoch 999 that does not.
+    assert checkpoint_score(2, True) > checkpoint_score(999, False) > checkpoint_score(3, False)
+    assert checkpoint_score(3, True) > checkpoint_score(2, True)
+
+
+def test_a_checkpoint_is_uploaded_in_the_background(monkeypatch) -> None:
+    """Ray Train gets each checkpoint to upload asynchronously, deleting it afterwards (the
+    worker's report returns before the upload; a real run: tests/test_training_ray.py)."""
+    import ray.train
+
+    from raytrain_at.training.launch import report_to_ray
+
+    calls = []
+    monkeypatch.setattr(ray.train, "report", lambda metrics, **kw: calls.append((metrics, kw)))
+    report_to_ray({"epoch": 1}, Path("/nonexistent/epoch-0001-rank0"))
+    report_to_ray({"epoch": 2}, None)
+    [(metrics, first), (_, second)] = calls
+    assert metrics == {"epoch": 1} and first["checkpoint"].path == "/nonexistent/epoch-0001-rank0"
+    assert first["checkpoint_upload_mode"] == ray.train.CheckpointUploadMode.ASYNC
+    assert first["delete_local_checkpoint_after_upload"] is True
+    assert second["checkpoint"] is None
+
+
 def test_without_held_out_data_the_final_epoch_is_selected() -> None:
     selection = Selection("heldout_robust_accuracy")
     for epoch in (1, 2, 3):
@@ -77,7 +121,12 @@ def _train_three_epochs(storage: str, out: str) -> None:
         from raytrain_at.registry.mlflow_registry import ModelRegistry
         from raytrain_at.tracking.runs import TrainingRun
         from raytrain_at.training.launch import _log_final_artifacts, prepare_data
-        from raytrain_at.training.loop import SELECTED_FILE, WorkerLoop, WorkerPlace, build_model
+        from ray.train import Checkpoint
+
+        from raytrain_at.training.checkpoint_manifest import write_manifest
+        from raytrain_at.training.loop import (SELECTED_FILE, STATE_FILE, WorkerLoop,
+                                               WorkerPlace, build_model)
+        from raytrain_at.training.selected_weights import selected_from_earlier
 
         deepspeed.init_distributed(dist_backend="gloo")
         config = load_config("quickstart", [
@@ -106,7 +155,8 @@ def _train_three_epochs(storage: str, out: str) -> None:
         assert loop.augment.label_smoothing == 0.2
         ema_after: dict[int, dict[str, torch.Tensor]] = {}
         reported: list[dict] = []
-        in_checkpoint: dict[int, dict[str, torch.Tensor]] = {}
+        folders: dict[int, Path] = {}
+        files: dict[int, list[str]] = {}
 
         def report(metrics, directory):  # as Ray Train's worker entry reports
             tracker.log_metrics(metrics, step=int(metrics["epoch"]))
@@ -114,7 +164,8 @@ def _train_three_epochs(storage: str, out: str) -> None:
             reported.append(dict(metrics))
             ema_after[epoch] = _keyed({k: v.clone()
                                        for k, v in loop.ema.module.state_dict().items()})
-            in_checkpoint[epoch] = _keyed(load_file(str(directory / SELECTED_FILE)))
+            folders[epoch] = directory
+            files[epoch] = sorted(p.name for p in directory.glob("*.safetensors"))
 
         loop.run(report, Path(storage) / "ckpt")
         ema_dtypes = sorted({str(v.dtype) for v in loop.ema.module.state_dict().values()
@@ -127,6 +178,29 @@ def _train_three_epochs(storage: str, out: str) -> None:
             reference = ema_after[epoch]
             return state.keys() == reference.keys() and all(
                 torch.equal(state[k], v) for k, v in reference.items())
+
+        # Resume from epoch 3's checkpoint, which holds no selected weights: they come from
+        # epoch 2's model file, found among the older checkpoints as a resume finds them.
+        def earlier(epoch, name):
+            return selected_from_earlier([Checkpoint.from_directory(str(folders[e]))
+                                          for e in (2, 1)], epoch, name, STATE_FILE)
+
+        loop.selection.weights = None
+        loop.load(folders[3], earlier)
+        resumed = [loop.selection.epoch, list(loop.selection.stored_in),
+                   same_as(loop.selection.weights, 2)]
+        # A checkpoint written before this record: its own copy, no pointer; the next
+        # checkpoint then writes the selection again (the old one ranks last at Ray).
+        state = json.loads((folders[3] / STATE_FILE).read_text())
+        del state["selection"]["stored_in"]
+        (folders[3] / STATE_FILE).write_text(json.dumps(state))
+        loop.save_selected(folders[3] / SELECTED_FILE)
+        write_manifest(folders[3], 0, 1)
+        loop.selection.weights = None
+        loop.load(folders[3])
+        legacy = [loop.selection.epoch, loop.selection.stored_in,
+                  same_as(loop.selection.weights, 2),
+                  loop.selection.file_for(4, "model.safetensors", SELECTED_FILE)]
 
         def weights(reference: str) -> dict[str, torch.Tensor]:
             return resolve_model(reference, tracking_uri=uri).module.state_dict()
@@ -143,7 +217,10 @@ def _train_three_epochs(storage: str, out: str) -> None:
         run = mlflow.tracking.MlflowClient(uri).get_run(tracker.run_id)
         (Path(out) / "result.json").write_text(json.dumps({
             "selected": [r.get("selected_epoch") for r in reported],
-            "checkpoint_holds_2": [same_as(in_checkpoint[e], 2) for e in (2, 3)],
+            "files": files,
+            "model_file_of_2_is_2": same_as(load_file(str(folders[2] / "model.safetensors")), 2),
+            "scores": [r.get("checkpoint_score") for r in reported],
+            "resumed": resumed, "legacy": legacy,
             "logged_is_2": same_as(weights(f"runs:/{tracker.run_id}/model"), 2),
             "logged_is_3": same_as(weights(f"runs:/{tracker.run_id}/model"), 3),
             "final_is_3": same_as(weights(f"runs:/{tracker.run_id}/final_model"), 3),
@@ -166,7 +243,12 @@ def test_the_middle_best_epoch_is_logged_registered_and_handed_on(tmp_path: Path
     out.mkdir()
     result = run_in_spawned_process(_train_three_epochs, tmp_path, out, timeout=300)
     assert result["selected"] == [1.0, 2.0, 2.0]
-    assert result["checkpoint_holds_2"] == [True, True]
+    # The selection's weights are written once: epoch 2's model file; no copy anywhere.
+    assert result["files"] == {e: ["model.safetensors"] for e in ("1", "2", "3")}
+    assert result["model_file_of_2_is_2"]
+    assert result["scores"] == [checkpoint_score(1, True), checkpoint_score(2, True), 3.0]
+    assert result["resumed"] == [2, [2, "model.safetensors"], True]
+    assert result["legacy"] == [2, None, True, "selected.safetensors"]
     # Epochs 2 and 3 differ, so "is epoch 2" says something.
     assert result["logged_is_2"] and not result["logged_is_3"]
     assert result["final_is_3"]

@@ -1,20 +1,26 @@
 """Ray Train + DeepSpeed end to end on CPU (gloo, 2 workers, bundled digits): the loss decreases,
 the MLflow run holds params, per-epoch metrics and the weights, re-running the same run name
 resumes instead of starting over, and a worker killed mid-epoch (by its PID) is replaced and the
-run completes from the last checkpoint."""
+run completes from the last checkpoint. Checkpoints are uploaded in the background: every kept
+one is complete, the workers' scratch folders are gone, and the selected weights are in the
+selected epoch's checkpoint only, which Ray's retention keeps."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 from plain_mlflow import artifact_folders
 
 from raytrain_at.config import flatten, load_config
+from raytrain_at.training.checkpoint_manifest import checkpoint_problem
 from raytrain_at.training.launch import launch, prepare_run
 from raytrain_at.training.loop import PID_DIR_ENV
 
@@ -43,8 +49,29 @@ def _run_of(client: MlflowClient, experiment: str):
     return runs[0]
 
 
+def _scratch_folders() -> set[Path]:
+    """The workers' checkpoint scratch folders (the workers inherit this TMPDIR)."""
+    return set(Path(tempfile.gettempdir()).glob("raytrain-at-ckpt-*"))
+
+
+def _check_kept_checkpoints(run: Path, selected_epoch: int) -> Path:
+    """Every kept checkpoint is complete and none holds a copy of the selected weights; the
+    selected epoch's own checkpoint is kept. Returns it."""
+    from raytrain_at.training.loop import SELECTED_FILE, STATE_FILE
+
+    kept = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())
+    assert kept and all(checkpoint_problem(folder) is None for folder in kept), kept
+    assert not any((folder / SELECTED_FILE).exists() for folder in kept)
+    epochs = {json.loads((folder / STATE_FILE).read_text())["epoch"]: folder for folder in kept}
+    assert selected_epoch in epochs, (selected_epoch, epochs)
+    return epochs[selected_epoch]
+
+
 @pytest.mark.slow  # about 110 s; .ci/run runs it after the fast suite
 def test_two_worker_run_trains_tracks_and_resumes(ray_local, tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    scratch_before = _scratch_folders()
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     overrides = FAST + ["schedule.epochs=2", f"tracking.tracking_uri={uri}"]
     prepared = prepare_run(load_config("quickstart", overrides), run_name="resume-me",
@@ -64,6 +91,10 @@ def test_two_worker_run_trains_tracks_and_resumes(ray_local, tmp_path) -> None:
     assert folders["quickstart"].is_relative_to(tmp_path), folders
     assert not any("session_" in str(folder) for folder in folders.values()), folders
     assert {m.key for m in client.get_metric_history(run.info.run_id, "heldout_robust_accuracy")}
+    # The uploads ran in the background, yet the run waited for them before cleaning up.
+    assert _scratch_folders() <= scratch_before
+    store = tmp_path / "store" / "runs" / "resume-me"
+    _check_kept_checkpoints(store, int(result.metrics["selected_epoch"]))
 
     # Same run name, one more epoch: resumes at epoch 2 instead of starting over.
     again = prepare_run(load_config("quickstart", FAST + ["schedule.epochs=3",
@@ -75,6 +106,14 @@ def test_two_worker_run_trains_tracks_and_resumes(ray_local, tmp_path) -> None:
     run = _run_of(client, "quickstart")
     assert [s for s, _ in _history(client, run.info.run_id, "train_loss")] == [1, 2, 3]
     assert run.data.tags["raytrain_at.changed.schedule.epochs"] == "2 -> 3"
+    # After the resume, the selected weights are still those of the selected epoch's own
+    # checkpoint, whichever epoch that is, and the run logged them as its model.
+    selected = int(run.data.tags["raytrain_at.selected_epoch"])
+    holder = _check_kept_checkpoints(store, selected)
+    logged = Path(client.download_artifacts(run.info.run_id, "model/model.safetensors",
+                                            str(tmp_path)))
+    expected, got = load_file(str(holder / "model.safetensors")), load_file(str(logged))
+    assert expected.keys() == got.keys() and all(v.equal(got[k]) for k, v in expected.items())
 
     # A truncated newest checkpoint: tests/fault_battery/test_resume_faults.py.
 

@@ -40,6 +40,7 @@ from raytrain_at.training.device_setup import prepare_worker_device
 from raytrain_at.training.progress import epoch_line, progress_line
 from raytrain_at.training.resume_check import (changed_tags, check_resume_config,
                                                latest_saved_config)
+from raytrain_at.training.selection import SCORE_KEY
 from raytrain_at.training.single_rank import rank_environment, single_rank_environment
 
 if TYPE_CHECKING:  # timm-heavy; the driver's dry runs import this module without it
@@ -244,7 +245,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         # The newest checkpoint that passes its checksums; rank 0 says which newer ones failed
         # (its line reaches the console and console.log; every rank takes the same decision).
         restore_first_good(checkpoint, lambda: earlier_checkpoints(checkpoint),
-                           lambda folder: restored.extend(_restore(loop, folder, place.rank)),
+                           lambda folder: restored.extend(
+                               _restore(loop, folder, place.rank, checkpoint)),
                            say=user_line if place.rank == 0 else log.debug)
     # Rank 0 alone speaks to the user and tracks (the one place of that gating).
     tracker = _start_tracking(payload, config, loop, restored) if place.rank == 0 else None
@@ -255,30 +257,53 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         # already; MLflow gets them from the background sender, never before this report.
         if tracker is not None:
             user_line(epoch_line(metrics, config.schedule.epochs))
-        ckpt = ray.train.Checkpoint.from_directory(str(directory)) if directory else None
-        ray.train.report(metrics, checkpoint=ckpt)
-        if directory is not None:
-            shutil.rmtree(directory, ignore_errors=True)
+        report_to_ray(metrics, directory)
 
     try:
         loop.run(report, scratch)
         if tracker is not None:
             _finish_tracking(tracker, loop, config)
+        # Ray waits for the uploads only after this function returns: before the scratch
+        # folder goes, the last checkpoint must be uploaded (and Ray has deleted its copy).
+        ray.train.get_all_reported_checkpoints(
+            consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
     except BaseException:
         if tracker is not None:
             _mark_failed(tracker)
         raise
     finally:
+        # On a failure an upload may be cut short: the resume's checksums refuse what it left.
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _restore(loop, folder: Path, rank: int) -> list[dict[str, Any]]:
-    """Restore ``loop`` from a verified checkpoint folder; rank 0 also gets the tracking
-    records the checkpoint carries (those not delivered when it was written)."""
+def report_to_ray(metrics: dict[str, float], directory: Path | None) -> None:
+    """Report an epoch to Ray Train, uploading its checkpoint folder in the background.
+
+    Ray's single upload thread copies the folder to the run's storage (about 1 GB for ViT-B
+    on S3) while the next epoch trains, in report order, and deletes it afterwards; a failed
+    upload fails this worker (Ray raises it in the training thread), so the run retries from
+    its last checkpoint instead of going on without one.
+    """
+    import ray.train
+
+    ckpt = ray.train.Checkpoint.from_directory(str(directory)) if directory else None
+    ray.train.report(metrics, checkpoint=ckpt,
+                     checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                     delete_local_checkpoint_after_upload=True)
+
+
+def _restore(loop, folder: Path, rank: int, latest) -> list[dict[str, Any]]:
+    """Restore ``loop`` from a verified checkpoint folder (the selected weights from the
+    older checkpoint of ``latest``'s run that holds them, where needed); rank 0 also gets the
+    tracking records the checkpoint carries (those not delivered when it was written)."""
     from raytrain_at.tracking.buffered import JOURNAL_FILE, read_journal
+    from raytrain_at.training.loop import STATE_FILE
+    from raytrain_at.training.selected_weights import selected_from_earlier
 
     # Rank 0 says when the checkpoint's world size differs (its line reaches the console).
-    loop.load(folder, say=user_line if rank == 0 else log.debug)
+    loop.load(folder, lambda epoch, name: selected_from_earlier(
+        earlier_checkpoints(latest), epoch, name, STATE_FILE),
+              say=user_line if rank == 0 else log.debug)
     return read_journal(folder / JOURNAL_FILE) if rank == 0 else []
 
 
@@ -617,9 +642,10 @@ def build_trainer(prepared: PreparedRun, callbacks: list | None = None):
             # Ray retries without limit; the callback keeps to the hourly budget and stops
             # at once on a failure that a retry would repeat (.failure_budget).
             failure_config=FailureConfig(max_failures=-1),
-            # Every checkpoint carries the selected weights so far (selected.safetensors), so
-            # keeping the latest ones loses no selection.
+            # Ray keeps the best two by score and always the latest: the score ranks the
+            # checkpoints holding selected weights first (.selection.checkpoint_score), so
+            # the one holding the current selection stays, which later ones only point to.
             checkpoint_config=CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute="epoch",
+                num_to_keep=2, checkpoint_score_attribute=SCORE_KEY,
                 checkpoint_score_order="max")),
     )

@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from raytrain_at.attacks import APGD, FGSM, PGD
 from raytrain_at.attacks.base import Attack
 from raytrain_at.config import RunConfig
-from raytrain_at.errors import NonFiniteLoss
+from raytrain_at.errors import NonFiniteLoss, UserError
 from raytrain_at.data.device_augment import DeviceAugment
 from raytrain_at.data.ffcv_loaders import eval_loader, inspect_beton, train_loader
 from raytrain_at.model_refs import init_normalisation, local_weights, named_as
@@ -48,14 +48,20 @@ from raytrain_at.training.objectives import StepLoss, training_step_loss
 from raytrain_at.training.portable_state import (PORTABLE_FILE, is_partitioned,
                                                  load_engine_state, save_portable_state)
 from raytrain_at.training.schedules import radius_factor
-from raytrain_at.training.selection import Selection, selection_description, selection_metric
+from raytrain_at.training.selection import (SCORE_KEY, Selection, checkpoint_score,
+                                            selection_description, selection_metric)
 
 log = logging.getLogger(__name__)
 
 DS_TAG = "state"
 STATE_FILE = "loop_state.json"
-# The selected (best held-out) epoch's evaluated weights, in every checkpoint (rank 0).
+# The selected (best held-out) epoch's evaluated weights (rank 0), in the first checkpoint after
+# a selection whose own epoch was not checkpointed (.selection says where they are otherwise);
+# checkpoints written before that rule have a copy in each.
 SELECTED_FILE = "selected.safetensors"
+# Where the selected weights are, once a checkpoint holds them: another checkpoint's epoch and
+# file name; a resume whose checkpoint does not hold them itself reads them from there.
+SelectedLookup = Callable[[int, str], dict[str, torch.Tensor]]
 # Test hook: a worker writes its PID here so a test can kill it mid-epoch.
 PID_DIR_ENV = "RAYTRAIN_AT_PID_DIR"
 
@@ -433,8 +439,9 @@ class WorkerLoop:
         return {"heldout_clean_accuracy": clean / count, "heldout_robust_accuracy": robust / count}
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self, directory: Path) -> None:
-        """Write this rank's part of a checkpoint into ``directory``."""
+    def save(self, directory: Path) -> bool:
+        """Write this rank's part of a checkpoint into ``directory``; returns whether the
+        checkpoint holds the selected weights (the same answer on every rank)."""
         directory.mkdir(parents=True, exist_ok=True)
         self.engine.save_checkpoint(str(directory), tag=DS_TAG)
         if is_partitioned(self.engine):
@@ -442,12 +449,18 @@ class WorkerLoop:
             # gather it, rank 0 writes it).
             save_portable_state(self.engine, directory / PORTABLE_FILE, self.place.rank,
                                 self.place.world_size)
+        # The selected weights once: this epoch's model file when it is the selected one, else
+        # a copy only while no checkpoint holds them (.selection).
+        holder = self.selection.file_for(self.epoch, MODEL_FILE, SELECTED_FILE)
+        if holder is not None:
+            self.selection.stored_in = (self.epoch, holder)
         if self.place.rank == 0:
             # The evaluated weights (EMA when kept) with their model spec: what `evaluate` and
             # `register` read, and where a resumed run gets its EMA back from.
             save_model_file(directory / MODEL_FILE, self.eval_model, self.model_spec,
                             training_metadata(self.config, self.epoch))
-            self.save_selected(directory / SELECTED_FILE)
+            if holder == SELECTED_FILE:
+                self.save_selected(directory / SELECTED_FILE)
             # The augmentation draws depend on its call count: a resumed run must go on from it.
             state = {"epoch": self.epoch, "selection": self.selection.state(),
                      "augment_calls": self.augment.calls,
@@ -457,8 +470,10 @@ class WorkerLoop:
             self.checkpoint_extras(directory)
         # Last: the sizes and digests of what this rank wrote, checked before a resume.
         write_manifest(directory, self.place.rank, self.place.world_size)
+        return holder is not None
 
-    def load(self, directory: Path, say: Callable[[str], None] = log.info) -> None:
+    def load(self, directory: Path, earlier: SelectedLookup | None = None,
+             say: Callable[[str], None] = log.info) -> None:
         """Restore weights, optimiser, LR schedule, EMA, epoch and augmentation count.
 
         A checkpoint of another world size restores its optimiser state re-partitioned
@@ -467,7 +482,9 @@ class WorkerLoop:
         Every file is read without unpickling objects: DeepSpeed's through the engine's
         weights-only loading (:mod:`.safe_loading`: a planted object is a one-line
         :class:`UserError` naming the file), the rest as safetensors and JSON. Which checkpoint
-        to load is :func:`.checkpoint_manifest.restore_first_good`'s choice.
+        to load is :func:`.checkpoint_manifest.restore_first_good`'s choice. Rank 0 gets the
+        selected weights from this checkpoint or, where an earlier one holds them, through
+        ``earlier`` (epoch, file name -> weights; the launcher reads the run's checkpoints).
         """
         # The config's learning rate and weight decay, not the checkpoint's: a resume allowed to
         # change optim.lr or optim.weight_decay (--allow-change) trains with the new values,
@@ -484,10 +501,27 @@ class WorkerLoop:
             self.ema.module.load_state_dict(load_file(str(directory / MODEL_FILE)))
         state = json.loads((directory / STATE_FILE).read_text())
         self.epoch = int(state["epoch"])
-        selected = directory / SELECTED_FILE
-        self.selection.restore(state.get("selection") or {},
-                               load_file(str(selected)) if selected.is_file() else None)
+        selection = state.get("selection") or {}
+        weights = (self._selected_weights(directory, selection, earlier)
+                   if self.place.rank == 0 else None)
+        self.selection.restore(selection, weights)
         self.augment.calls = int(state["augment_calls"])
+
+    def _selected_weights(self, directory: Path, selection: dict,
+                          earlier: SelectedLookup | None) -> dict[str, torch.Tensor] | None:
+        """The selected weights a checkpoint's state points to (see :meth:`load`)."""
+        stored = selection.get("stored_in")
+        if stored is None:
+            # Written before checkpoints recorded where: each holds its own copy, if any.
+            legacy = directory / SELECTED_FILE
+            return load_file(str(legacy)) if legacy.is_file() else None
+        epoch, name = int(stored[0]), str(stored[1])
+        if epoch == self.epoch:
+            return load_file(str(directory / name))
+        if earlier is None:
+            raise UserError(f"the checkpoint in {directory} keeps its selected weights in the "
+                            f"checkpoint of epoch {epoch}, which this resume cannot read")
+        return earlier(epoch, name)
 
     def save_selected(self, path: Path, extra: dict[str, str] | None = None) -> Path:
         """Write the selected epoch's weights (rank 0) as a model file, or the current ones
@@ -523,5 +557,7 @@ class WorkerLoop:
             checkpoint = None
             if self.epoch % schedule.checkpoint_every == 0 or self.epoch == schedule.epochs:
                 checkpoint = checkpoint_root / f"epoch-{self.epoch:04d}-rank{self.place.rank}"
-                self.save(checkpoint)
+                holds = self.save(checkpoint)
+                # What Ray Train's retention ranks by (keeps the holder of the selection).
+                metrics = dict(metrics, **{SCORE_KEY: checkpoint_score(self.epoch, holds)})
             report(metrics, checkpoint)
