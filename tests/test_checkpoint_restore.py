@@ -254,6 +254,18 @@ def _child(storage: str, out: str) -> None:
                 refusals[name] = str(exc)
             markers[name] = [str(planted), checkpoint_problem(planted.parents[1]),
                              marker.exists()]
+        # A checkpoint whose conv weights ZeRO holds NHWC (a CUDA run with channels_last)
+        # into this NCHW run: the flat optimiser state would pair other elements; refused.
+        nhwc = Path(out) / "checkpoint-nhwc"
+        shutil.copytree(checkpoint, nhwc)
+        state_file = nhwc / STATE_FILE
+        state_file.write_text(json.dumps(dict(json.loads(state_file.read_text()),
+                                              nhwc_weights=True)))
+        try:
+            restored.load(nhwc)
+            refusals["layout"] = None
+        except UserError as exc:
+            refusals["layout"] = str(exc)
         # The payload is live: DeepSpeed's own loader (which the engine wraps) runs it.
         live = Path(out) / "canary-live-ran"
         planted = _plant(checkpoint, Path(out) / "planted-live", "state/mp_rank_00_model_states.pt",
@@ -388,6 +400,12 @@ def test_pickle_payload_in_a_checkpoint_never_runs(result) -> None:
         assert re.fullmatch(rf"checkpoint file {re.escape(path)} holds a pickled object that is "
                             r"not training state \(Unsupported global: GLOBAL (builtins\.)?exec\): "
                             "refused to load it", message), message
+
+
+def test_a_checkpoint_of_another_conv_layout_is_refused(result) -> None:
+    message = result["refusals"]["layout"]
+    assert message is not None and "checkpoint-nhwc" in message
+    assert "channels_last" in message and "\n" not in message
 
 
 def test_a_non_finite_loss_stops_the_run_before_its_checkpoint(result) -> None:

@@ -43,7 +43,7 @@ from raytrain_at.tracking.redact import redacted_config_dump
 from raytrain_at.training.checkpoint_manifest import write_manifest
 from raytrain_at.training.engine import (build_ema, build_engine, freeze_all_but_head,
                                          resolve_precision)
-from raytrain_at.training.memory_format import keep_channels_last
+from raytrain_at.training.memory_format import channels_last_weights, keep_channels_last
 from raytrain_at.training.objectives import StepLoss, training_step_loss
 from raytrain_at.training.portable_state import (PORTABLE_FILE, is_partitioned,
                                                  load_engine_state, save_portable_state)
@@ -252,6 +252,9 @@ class WorkerLoop:
         if config.scaling.channels_last and place.device.type == "cuda":
             # Stored so that DeepSpeed's flat ZeRO buffers keep the weights channels_last.
             model = keep_channels_last(model)
+        # The order of the conv weights' elements in ZeRO's flat optimiser state follows the
+        # layout: a checkpoint restores only into a run with the same one (checked in load).
+        self.nhwc_weights = bool(channels_last_weights(model))
         # Before DeepSpeed casts the module to bf16: the EMA starts from the fp32 weights and
         # stays fp32 (each update lerps the bf16 live weights into it in fp32).
         self.ema = build_ema(model, config.optim.ema_decay)
@@ -463,7 +466,7 @@ class WorkerLoop:
                 self.save_selected(directory / SELECTED_FILE)
             # The augmentation draws depend on its call count: a resumed run must go on from it.
             state = {"epoch": self.epoch, "selection": self.selection.state(),
-                     "augment_calls": self.augment.calls,
+                     "augment_calls": self.augment.calls, "nhwc_weights": self.nhwc_weights,
                      "config": self.config.model_dump(mode="json")}
             (directory / STATE_FILE).write_text(json.dumps(state))
         if self.checkpoint_extras is not None:
@@ -489,6 +492,14 @@ class WorkerLoop:
         # The config's learning rate and weight decay, not the checkpoint's: a resume allowed to
         # change optim.lr or optim.weight_decay (--allow-change) trains with the new values,
         # which the restored optimiser and scheduler states would otherwise put back.
+        state = json.loads((directory / STATE_FILE).read_text())
+        if bool(state.get("nhwc_weights", False)) != self.nhwc_weights:
+            layouts = {True: "channels_last (a CUDA run with scaling.channels_last)",
+                       False: "NCHW"}
+            raise UserError(f"the checkpoint in {directory} holds its conv weights "
+                            f"{layouts[not self.nhwc_weights]}, this run "
+                            f"{layouts[self.nhwc_weights]}: resume it on the kind of device and "
+                            "with the scaling.channels_last it was written with")
         groups = self.scheduler.optimizer.param_groups
         base_lrs, decays = list(self.scheduler.base_lrs), [g["weight_decay"] for g in groups]
         load_engine_state(self.engine, directory, DS_TAG, self.place.world_size, say)
@@ -499,7 +510,6 @@ class WorkerLoop:
                          lr=base * factor(self.scheduler.last_epoch))
         if self.ema is not None:
             self.ema.module.load_state_dict(load_file(str(directory / MODEL_FILE)))
-        state = json.loads((directory / STATE_FILE).read_text())
         self.epoch = int(state["epoch"])
         selection = state.get("selection") or {}
         weights = (self._selected_weights(directory, selection, earlier)
