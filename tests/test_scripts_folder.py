@@ -10,7 +10,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # with a private mode for the rehearsal and the battery, hourly dumps) added the head's shell
 # steps, its Python moved into the package (registry/store_dumps.py). The GPU check's successor
 # (issue 30) is to move gpu_check.sh's logic into the package and bring this back down.
-LINES_LIMIT = 900
+# 2026-12-07 evening: the cluster's pinned GPU stack (gpu_stack.sh, check_driver.sh, setup.sh's
+# cluster branch, node_env.sh's NCCL/EFA settings) added about 100 lines of node set-up.
+LINES_LIMIT = 1050
 
 
 def test_scripts_are_shell_scripts_under_the_line_limit() -> None:

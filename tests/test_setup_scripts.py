@@ -1,6 +1,6 @@
 """The set-up scripts a node runs at its first boot wait for dpkg's lock (unattended-upgrades
 holds it there for minutes) instead of failing the node, and the cluster's nodes install a torch
-CUDA build their image's driver runs (scripts/cluster/gpu_stack.env), refusing an older driver
+CUDA build their image's driver runs (scripts/cluster/gpu_stack.sh), refusing an older driver
 in one line before installing anything."""
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ def test_every_apt_get_call_waits_for_the_package_lock() -> None:
 
 # ------------------------------------------------------------------ the cluster's GPU stack
 ROOT = SCRIPTS.parent
-GPU_STACK = SCRIPTS / "cluster" / "gpu_stack.env"
+GPU_STACK = SCRIPTS / "cluster" / "gpu_stack.sh"
 # The oldest Linux driver each CUDA release runs on (NVIDIA's CUDA Toolkit release notes, "CUDA
-# Toolkit and Corresponding Driver Versions"): an independent copy of what gpu_stack.env claims.
+# Toolkit and Corresponding Driver Versions"): an independent copy of what gpu_stack.sh claims.
 CUDA_MIN_DRIVER = {"12.6": "560.28.03", "12.8": "570.26", "12.9": "575.51.03",
                    "13.0": "580.65.06"}
 
@@ -69,7 +69,7 @@ def test_only_the_cluster_setup_installs_the_gpu_stack() -> None:
 
     cluster = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     (setup,) = [c for c in cluster["setup_commands"] if "scripts/setup.sh" in c]
-    assert "RAYTRAIN_AT_GPU_STACK=scripts/cluster/gpu_stack.env" in setup
+    assert "RAYTRAIN_AT_GPU_STACK=scripts/cluster/gpu_stack.sh" in setup
     # One image for every node type (the &dlami anchor the pinned pair's comment sits on).
     images = {t["node_config"]["ImageId"] for t in cluster["available_node_types"].values()}
     assert len(images) == 1 and "base-oss-nvidia-driver-gpu-ubuntu-22.04" in images.pop()
@@ -109,7 +109,7 @@ def test_check_driver_refuses_a_driver_older_than_the_pinned_build(tmp_path, dri
 
 def test_setup_stops_at_an_old_driver_before_installing_anything(tmp_path) -> None:
     env = dict(_fake_smi(tmp_path, "570.86.15"), VENV=str(tmp_path / "venv"),
-               RAYTRAIN_AT_GPU_STACK="scripts/cluster/gpu_stack.env")
+               RAYTRAIN_AT_GPU_STACK="scripts/cluster/gpu_stack.sh")
     result = subprocess.run(["bash", str(SCRIPTS / "setup.sh")], env=env, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 1 and "older than 580.65.06" in result.stderr

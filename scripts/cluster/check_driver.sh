@@ -3,10 +3,10 @@
 # before anything is installed (otherwise torch installs fine and every worker later finds no
 # CUDA device). A node without nvidia-smi (the CPU head) has no driver to check.
 #
-# Usage: check_driver.sh GPU_STACK_FILE   (scripts/cluster/gpu_stack.env)
+# Usage: check_driver.sh GPU_STACK_FILE   (scripts/cluster/gpu_stack.sh)
 set -euo pipefail
 STACK=${1:?usage: check_driver.sh GPU_STACK_FILE}
-# shellcheck source=gpu_stack.env
+# shellcheck source=gpu_stack.sh
 source "$STACK"
 SMI=${RAYTRAIN_AT_NVIDIA_SMI:-nvidia-smi}
 command -v "$SMI" >/dev/null 2>&1 || exit 0
