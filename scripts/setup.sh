@@ -4,7 +4,7 @@
 # A second run finds the stamp file and does nothing.
 #
 # RAYTRAIN_AT_GPU_STACK (cluster nodes only: cluster.yaml's setup_commands set it) names a file
-# that pins torch to a CUDA build the node image's driver runs (scripts/cluster/gpu_stack.env):
+# that pins torch to a CUDA build the node image's driver runs (scripts/cluster/gpu_stack.sh):
 # the driver is checked first, then that torch comes from PyTorch's CUDA wheel index and stays
 # through the project's install. Unset (a laptop, CI, the local twin), torch comes from the
 # machine's own registry as before.
@@ -19,7 +19,7 @@ if [[ -f "$STAMP" && "$STAMP" -nt pyproject.toml
 fi
 if [[ -n "$GPU_STACK" ]]; then
     bash scripts/cluster/check_driver.sh "$GPU_STACK"
-    # shellcheck source=cluster/gpu_stack.env
+    # shellcheck source=cluster/gpu_stack.sh
     source "$GPU_STACK"
 fi
 
