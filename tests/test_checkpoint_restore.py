@@ -223,7 +223,8 @@ def _child(storage: str, out: str) -> None:
         from raytrain_at.training.loop import SELECTED_FILE, STATE_FILE
         from raytrain_at.training.selected_weights import selected_from_earlier
 
-        newest_files = sorted(p.name for p in newest.glob("*.safetensors"))
+        newest_files = sorted(p.name for p in newest.glob("*.safetensors")
+                              if p.name != "portable_state.safetensors")  # optimiser state
         holds_selection = loop.save(Path(out) / "checkpoint-epoch2-again")
         try:
             restored.load(newest)

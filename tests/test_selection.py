@@ -165,7 +165,8 @@ def _train_three_epochs(storage: str, out: str) -> None:
             ema_after[epoch] = _keyed({k: v.clone()
                                        for k, v in loop.ema.module.state_dict().items()})
             folders[epoch] = directory
-            files[epoch] = sorted(p.name for p in directory.glob("*.safetensors"))
+            files[epoch] = sorted(p.name for p in directory.glob("*.safetensors")
+                                   if p.name != "portable_state.safetensors")  # optimiser state
 
         loop.run(report, Path(storage) / "ckpt")
         ema_dtypes = sorted({str(v.dtype) for v in loop.ema.module.state_dict().values()
