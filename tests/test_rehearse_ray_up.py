@@ -42,8 +42,12 @@ def _prepared(raw: dict) -> dict:
 
 
 def _scripts_run(commands: list[str]) -> list[str]:
-    """The project scripts a command list runs, in order (options stripped)."""
-    return [m for cmd in commands for m in re.findall(r"scripts/[\w/]+\.sh", cmd)]
+    """The project scripts a command list runs, in order (options stripped).
+
+    A script named as an environment variable's value (`VAR=scripts/...`) is a file the run reads,
+    not one it runs: the GPU stack file cluster.yaml hands setup.sh is such an option.
+    """
+    return [m for cmd in commands for m in re.findall(r"(?<!=)\bscripts/[\w/]+\.sh", cmd)]
 
 
 # ------------------------------------------------------------------ the twin, offline
@@ -63,6 +67,10 @@ def test_twin_runs_the_same_scripts_as_the_aws_cluster() -> None:
     # Only node_env.sh takes other options; the bucket line users edit stays in cluster.yaml.
     assert "--no-bucket" in local["setup_commands"][0]
     assert "CHANGE-ME" in aws["setup_commands"][0]
+    # The CUDA torch pin is the AWS nodes' alone: the CPU twin keeps the set-up CI uses.
+    stack = "RAYTRAIN_AT_GPU_STACK=scripts/cluster/gpu_stack.sh"
+    assert any(stack in cmd for cmd in aws["setup_commands"])
+    assert not any("RAYTRAIN_AT_GPU_STACK" in cmd for cmd in local["setup_commands"])
 
 
 def test_twin_ray_ports_are_explicit_and_not_rays_defaults() -> None:
