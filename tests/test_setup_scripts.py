@@ -33,8 +33,13 @@ CUDA_MIN_DRIVER = {"12.6": "560.28.03", "12.8": "570.26", "12.9": "575.51.03",
 
 
 def _stack() -> dict[str, str]:
-    return dict(line.split("=", 1) for line in GPU_STACK.read_text().splitlines()
-                if line and not line.startswith("#"))
+    """The variables gpu_stack.sh sets, as bash sources it."""
+    names = re.findall(r"^(RAYTRAIN_AT_\w+)=", GPU_STACK.read_text(), flags=re.M)
+    printed = subprocess.run(
+        ["bash", "-c", f'source "{GPU_STACK}"; for n in {" ".join(names)}; do '
+                       'printf "%s=%s\\n" "$n" "${!n}"; done'],
+        capture_output=True, text=True, check=True, timeout=30).stdout
+    return dict(line.split("=", 1) for line in printed.splitlines())
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -114,3 +119,62 @@ def test_setup_stops_at_an_old_driver_before_installing_anything(tmp_path) -> No
                             text=True, timeout=60)
     assert result.returncode == 1 and "older than 580.65.06" in result.stderr
     assert not (tmp_path / "venv").exists()
+
+
+# ------------------------------------------------------------- the image frozen at the pin
+PIN_AMI = SCRIPTS / "cluster" / "pin_ami.sh"
+
+
+def _fake_aws(tmp_path, answer: str) -> dict:
+    """An ``aws`` on PATH that records its arguments and prints ``answer`` (EC2's text output)."""
+    import os
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    aws = bin_dir / "aws"
+    aws.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > "{tmp_path}/aws-args"\n'
+                   f'printf "%s\\n" "{answer}"\n')
+    aws.chmod(0o755)
+    return {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8",
+            "TMPDIR": os.environ.get("TMPDIR", "/tmp")}
+
+
+def _pin(tmp_path, answer: str, *args: str) -> tuple[subprocess.CompletedProcess, Path]:
+    config = tmp_path / "cluster.yaml"
+    config.write_text((ROOT / "cluster.yaml").read_text())
+    done = subprocess.run(["bash", str(PIN_AMI), "--config", str(config), *args],
+                          env=_fake_aws(tmp_path, answer), capture_output=True, text=True,
+                          timeout=30)
+    return done, config
+
+
+def test_pin_ami_writes_the_releases_id_into_every_node_type(tmp_path) -> None:
+    import yaml
+
+    done, config = _pin(tmp_path, "ami-0123456789abcdef0")
+    assert done.returncode == 0, done.stderr
+    images = {t["node_config"]["ImageId"]
+              for t in yaml.safe_load(config.read_text())["available_node_types"].values()}
+    assert images == {"ami-0123456789abcdef0"}
+    # Looked up by the pinned release's name, in the config's region.
+    asked = (tmp_path / "aws-args").read_text().splitlines()
+    stack = _stack()
+    assert stack["RAYTRAIN_AT_DLAMI_RELEASE"] in stack["RAYTRAIN_AT_DLAMI_NAME"]
+    assert f"Name=name,Values={stack['RAYTRAIN_AT_DLAMI_NAME']}" in asked
+    assert asked[asked.index("--region") + 1] == "us-west-2" and "amazon" in asked
+    # Only the ImageId line changed.
+    before = (ROOT / "cluster.yaml").read_text().splitlines()
+    after = config.read_text().splitlines()
+    assert [i for i, (a, b) in enumerate(zip(before, after)) if a != b] == [
+        next(i for i, line in enumerate(before) if "ImageId: &dlami" in line)]
+
+
+@pytest.mark.parametrize("answer", ["None", "ami-0aaa ami-0bbb", ""])
+def test_pin_ami_leaves_the_config_alone_unless_one_image_is_found(tmp_path, answer) -> None:
+    done, config = _pin(tmp_path, answer, "--region", "eu-west-1")
+    assert done.returncode == 1
+    (line,) = done.stderr.splitlines()
+    assert "eu-west-1" in line and "unchanged" in line
+    assert config.read_text() == (ROOT / "cluster.yaml").read_text()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("cluster.yaml")] == [
+        "cluster.yaml"]

@@ -8,6 +8,8 @@
 # (AWS's release notes of the 20261006 Base OSS Ubuntu 22.04 images: driver 595.91.07, CUDA
 # stacks 12.8-13.2, EFA installer 1.50.0, aws-ofi-nccl 1.21.1 under /opt/amazon/ofi-nccl).
 RAYTRAIN_AT_DLAMI_RELEASE=20261006
+# Its name in EC2 (scripts/cluster/pin_ami.sh looks the release up by it in your region).
+RAYTRAIN_AT_DLAMI_NAME="Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04) $RAYTRAIN_AT_DLAMI_RELEASE"
 RAYTRAIN_AT_DLAMI_DRIVER=595.91.07
 # torch's CUDA build: the tested torch (the one `make setup` installs here) from PyTorch's CUDA
 # 13.0 wheel index. Its kernels need a driver of CUDA 13.0's branch or newer: NVIDIA's CUDA 13.0
