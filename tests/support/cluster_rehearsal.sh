@@ -31,7 +31,8 @@
 #   0. a multi-node run without a storage root stops with one line naming the setting
 #   1. clean pre-training (2 workers, one per node) -> its selected epoch is runs:/ID/model
 #   2. adversarial training from that reference (model.init=runs:/ID/model); rank 1's worker
-#      process killed by PID mid-epoch 2 -> the run completes, at most one epoch lost
+#      process killed by PID in epoch 2 or 3 once epoch 1's checkpoint is committed (uploads
+#      are asynchronous) -> the run completes from a committed checkpoint
 #   3. sharded AutoAttack over both nodes; the driver killed by PID after the first records;
 #      node2 lost (its processes killed by PID) in another evaluation: its shard is retried
 #      on node1 (evaluation units are idempotent, Ray retries their tasks) and the result
@@ -367,35 +368,56 @@ EOF
 say "   clean model: $CLEAN_REF"
 
 # ---------------------------------------------------------------- 2. adversarial training
-say "2. adversarial training from $CLEAN_REF; rank 1 killed mid-epoch 2"
+say "2. adversarial training from $CLEAN_REF; rank 1 killed once epoch 1's checkpoint is in"
 rm -f "$WORK/pids"/*.pid
 # --no-preflight: the preflight ran before step 1 on the same nodes.
 on_head raytrain-at train quickstart --address "$ADDRESS" --run-name adversarial --no-preflight \
     --set model.init="$CLEAN_REF" --set tracking.experiment=rehearsal \
-    --set schedule.epochs=2 --set scaling.max_failures_per_hour=1 "${TRAIN_FAST[@]}" \
+    --set schedule.epochs=3 --set scaling.max_failures_per_hour=1 "${TRAIN_FAST[@]}" \
     > "$WORK/logs/adversarial.log" 2>&1 &
 TRAIN_PID=$!
 STARTED+=("$TRAIN_PID")
+# Checkpoints upload asynchronously (Ray V2): epoch 1's counts once Ray has committed it, which
+# its checkpoint manager's snapshot in the store records. The kill comes after that, while rank
+# 1 trains a later epoch: the resume must start from a committed checkpoint, not from scratch.
+# Prints the epoch (0-based) rank 1 is in when both hold; exit 1 when the run ends first.
+KILL_EPOCH=$(on_head "$PY" - "$WORK/pids" "$BUCKET" "$TRAIN_PID" <<'EOF'
+import json, os, sys, time
+from pathlib import Path
+import boto3
+pids, bucket, train = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+key = "raytrain-at/runs/adversarial/checkpoint_manager_snapshot.json"
+for _ in range(2400):
+    if not Path(f"/proc/{train}").exists():
+        sys.exit(1)
+    if (pids / "rank1-epoch1.pid").exists():
+        try:
+            state = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+        except s3.exceptions.NoSuchKey:
+            state = {}
+        if state.get("latest_checkpoint_result"):
+            print(max(int(p.stem.split("epoch")[1]) for p in pids.glob("rank1-epoch*.pid")))
+            sys.exit(0)
+    time.sleep(0.25)
+sys.exit(1)
+EOF
+) || KILL_EPOCH=""
 KILLED=""
-for _ in $(seq 1200); do
-    if [[ -s "$WORK/pids/rank1-epoch1.pid" ]]; then
-        sleep 1.5  # mid-epoch
-        KILLED=$(cat "$WORK/pids/rank1-epoch1.pid")
-        FIRST_EPOCH=$(cat "$WORK/pids/rank0-epoch0.pid" "$WORK/pids/rank1-epoch0.pid")
-        kill -KILL "$KILLED" && say "   killed rank 1's worker process (PID $KILLED) in epoch 2"
-        break
-    fi
-    kill -0 "$TRAIN_PID" 2>/dev/null || break
-    sleep 0.5
-done
+if [[ -n "$KILL_EPOCH" ]]; then
+    KILLED=$(cat "$WORK/pids/rank1-epoch$KILL_EPOCH.pid")
+    FIRST_EPOCH=$(cat "$WORK/pids/rank0-epoch0.pid" "$WORK/pids/rank1-epoch0.pid")
+    kill -KILL "$KILLED" \
+        && say "   killed rank 1's worker process (PID $KILLED) in epoch $((KILL_EPOCH + 1))"
+fi
 wait "$TRAIN_PID" || { tail -n 40 "$WORK/logs/adversarial.log" >&2; fail "adversarial training"; }
-[[ -n "$KILLED" ]] || fail "rank 1 never reached epoch 2"
-AGAIN=$(cat "$WORK/pids/rank1-epoch1.pid")
-[[ "$AGAIN" != "$KILLED" ]] || fail "epoch 2 was not run again by a new worker"
-grep -q "done: epoch 2/2" "$WORK/logs/adversarial.log" \
-    || { tail -n 20 "$WORK/logs/adversarial.log" >&2; fail "the run did not complete 2 epochs"; }
-# At most one epoch lost: epoch 1 was not trained again (its files would name new PIDs); the
-# new workers resumed from its checkpoint.
+[[ -n "$KILLED" ]] || fail "rank 1 was not in epoch 2 or 3 once epoch 1's checkpoint was in"
+AGAIN=$(cat "$WORK/pids/rank1-epoch$KILL_EPOCH.pid")
+[[ "$AGAIN" != "$KILLED" ]] || fail "epoch $((KILL_EPOCH + 1)) was not run again by a new worker"
+grep -q "done: epoch 3/3" "$WORK/logs/adversarial.log" \
+    || { tail -n 20 "$WORK/logs/adversarial.log" >&2; fail "the run did not complete 3 epochs"; }
+# Resumed from a committed checkpoint: epoch 1 was not trained again (its files would name new
+# PIDs).
 [[ "$(cat "$WORK/pids/rank0-epoch0.pid" "$WORK/pids/rank1-epoch0.pid")" == "$FIRST_EPOCH" ]] \
     || fail "epoch 1 was trained again after the kill"
 MODEL_REF=$(grep -h "^model: runs:/" "$WORK/logs/adversarial.log" | tail -n 1 | cut -d' ' -f2 \
@@ -417,9 +439,9 @@ client = MlflowClient(uri)
 run = client.get_run(find_run_id(uri, "rehearsal", "adversarial"))
 steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "train_loss")})
 print(f"[rehearsal]    MLflow run {run.info.status}, train_loss at epochs {steps}")
-sys.exit(0 if run.info.status == "FINISHED" and steps == [1, 2] else 1)
+sys.exit(0 if run.info.status == "FINISHED" and steps == [1, 2, 3] else 1)
 EOF
-say "   completed 2 epochs after the kill (epoch 2 re-run by PID $AGAIN): $MODEL_REF"
+say "   completed 3 epochs after the kill (epoch $((KILL_EPOCH + 1)) re-run by PID $AGAIN): $MODEL_REF"
 fi
 
 # ---------------------------------------------------------------- 3. sharded AutoAttack
