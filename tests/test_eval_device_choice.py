@@ -128,8 +128,11 @@ def cpu_ray():
     ray.shutdown()
 
 
-def _pending_bundles(address: str, timeout_s: float = 20.0) -> list[tuple[dict, int]]:
-    """The resource bundles the autoscaler is asked for (the GCS's pending requests)."""
+def _pending_bundles(address: str, expected: int, timeout_s: float = 20.0
+                     ) -> list[tuple[dict, int]]:
+    """The resource bundles the autoscaler is asked for (the GCS's pending requests), once they
+    count ``expected`` requests or the time is up: the GCS reports tasks one by one, so a busy
+    machine can show the first shard's request before the second's."""
     from ray._raylet import GcsClient
     from ray.autoscaler.v2.sdk import get_cluster_resource_state
 
@@ -139,7 +142,7 @@ def _pending_bundles(address: str, timeout_s: float = 20.0) -> list[tuple[dict, 
         state = get_cluster_resource_state(client)
         found = [(dict(r.request.resources_bundle), r.count)
                  for r in state.pending_resource_requests]
-        if found or time.monotonic() > deadline:
+        if sum(count for _, count in found) >= expected or time.monotonic() > deadline:
             return found
         time.sleep(0.2)
 
@@ -186,7 +189,8 @@ def test_evaluation_asks_ray_for_gpus_the_cluster_can_start(cpu_ray, launcher_co
     shares = deal_units(pending_units(job), 2)
     refs = submit_shards(job, shares, evaluation_uses_gpu(None, cpu_ray))
     try:
-        assert _pending_bundles(cpu_ray) == [({"CPU": 1.0, "GPU": 1.0}, len(shares))]
+        assert _pending_bundles(cpu_ray, len(shares)) == [({"CPU": 1.0, "GPU": 1.0},
+                                                            len(shares))]
     finally:
         for ref in refs:
             ray.cancel(ref, force=True)
